@@ -1,0 +1,62 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from registry.api.limits import BodyLimitMiddleware
+from registry.api.problems import PROBLEM_RESPONSES, install_problem_handlers
+from registry.api.routes import base_models, bricks, health
+from registry.service import Registry
+from registry.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("brickyard.api")
+
+_MULTIPART_SLACK = 64 * 1024
+
+
+def create_app(settings: Settings | None = None, *, registry: Registry | None = None) -> FastAPI:
+    """Build the application.
+
+    Args:
+        settings: configuration; default read from the environment.
+        registry: an open `Registry` to serve (tests share one); default opened from
+            ``settings`` on start-up and closed on shutdown.
+    """
+    settings = settings or (registry.settings if registry is not None else Settings())
+    owns_registry = registry is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if owns_registry:
+            app.state.registry = Registry.open(settings)
+        try:
+            yield
+        finally:
+            if owns_registry:
+                app.state.registry.close()
+
+    app = FastAPI(
+        title="Brickyard",
+        version="0.1.0",
+        summary="Registry and composition service for LoRA adapter bricks",
+        lifespan=lifespan,
+        responses=PROBLEM_RESPONSES,
+    )
+    if registry is not None:
+        app.state.registry = registry
+    limits = settings.limits
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=limits.max_adapter_bytes + limits.max_config_bytes + limits.max_metadata_bytes + _MULTIPART_SLACK,
+    )
+    install_problem_handlers(app)
+    for module in (health, base_models, bricks):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,136 @@
+"""RFC 9457 problem details: the one place where errors become HTTP responses.
+
+Every `BrickyardError` renders as ``application/problem+json`` with ``type``, ``title``,
+``status``, ``detail``, ``instance``, ``errors`` (every individual problem) and the error's
+extra members. Request validation errors and Starlette's own HTTP errors (unknown route,
+wrong method, malformed body) get the same shape. Anything unexpected is logged and
+answered as a 500 problem that reveals nothing internal.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from registry.errors import BrickyardError
+
+__all__ = ["PROBLEM_MEDIA_TYPE", "PROBLEM_RESPONSES", "Problem", "install_problem_handlers", "problem_response"]
+
+log = logging.getLogger("brickyard.api")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "https://brickyard.dev/problems/"
+
+_HTTP_CODES = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Unauthorized"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    406: ("not-acceptable", "Not acceptable"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    416: ("range-not-satisfiable", "Range not satisfiable"),
+    422: ("invalid-input", "Invalid input"),
+}
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="URI identifying the problem type")
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[str] = Field(default_factory=list, description="every individual problem found")
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Client error (problem details)"},
+    "5XX": {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Server error (problem details)"},
+}
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    errors: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """Build a problem+json response."""
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        "errors": errors or [],
+    }
+    for key, value in (extra or {}).items():
+        body.setdefault(key, value)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def _from_error(request: Request, exc: BrickyardError) -> JSONResponse:
+    if exc.status >= 500:
+        log.error("%s on %s %s: %s", exc.code, request.method, request.url.path, exc)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if exc.status == 503:
+        headers = {"Retry-After": "1"}
+    return problem_response(
+        exc.status,
+        exc.code,
+        exc.title,
+        exc.detail,
+        instance=request.url.path,
+        errors=exc.errors,
+        extra=exc.extra,
+        headers=headers,
+    )
+
+
+def _from_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error.get("loc", ()))
+        errors.append(f"{location}: {error.get('msg', 'invalid')}")
+    return problem_response(
+        422, "invalid-input", "Invalid input", "the request is invalid", instance=request.url.path, errors=errors
+    )
+
+
+def _from_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code, title = _HTTP_CODES.get(exc.status_code, ("http-error", "HTTP error"))
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    return problem_response(
+        exc.status_code, code, title, detail, instance=request.url.path, headers=dict(exc.headers or {}) or None
+    )
+
+
+def _from_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(
+        500, "internal", "Internal error", "an unexpected error occurred; it has been logged", instance=request.url.path
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(BrickyardError, _from_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _from_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _from_http)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _from_unexpected)

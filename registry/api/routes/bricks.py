@@ -1,0 +1,110 @@
+"""Bricks: register (multipart upload), list, show, download files, patch, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile, status
+from fastapi.responses import FileResponse
+
+from registry.api.deps import RegistryDep
+from registry.api.files import file_response
+from registry.api.schemas import BrickFileOut, BrickOut, Page
+from registry.inputs import BrickPatchIn
+
+router = APIRouter(prefix="/v1/bricks", tags=["bricks"])
+
+NamePath = Annotated[str, Path(max_length=100, description="brick name")]
+VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="brick version")]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def register_brick(
+    registry: RegistryDep,
+    metadata: Annotated[
+        str,
+        Form(description="JSON: name, base_model, description, examples, tags, and optional version, license, metrics"),
+    ],
+    adapter_config: Annotated[UploadFile, File(description="adapter_config.json (PEFT LoRA)")],
+    adapter_weights: Annotated[UploadFile, File(description="adapter_model.safetensors")],
+) -> BrickOut:
+    """Register a LoRA brick. Everything is validated before anything is stored."""
+    brick = registry.register_brick(metadata, adapter_config.file, adapter_weights.file)
+    return BrickOut.of(brick)
+
+
+@router.get("")
+def list_bricks(
+    registry: RegistryDep,
+    base_model: Annotated[str | None, Query(max_length=100)] = None,
+    tag: Annotated[str | None, Query(max_length=64)] = None,
+    all_versions: bool = False,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[BrickOut]:
+    """Bricks by name (latest version of each unless ``all_versions``), a page at a time."""
+    page = registry.list_bricks(base_model=base_model, tag=tag, all_versions=all_versions, cursor=cursor, limit=limit)
+    return Page[BrickOut](items=[BrickOut.of(b) for b in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{name}")
+def get_brick(name: NamePath, registry: RegistryDep) -> BrickOut:
+    """The latest version of a brick."""
+    return BrickOut.of(registry.get_brick(name))
+
+
+@router.get("/{name}/versions")
+def list_brick_versions(
+    name: NamePath,
+    registry: RegistryDep,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[BrickOut]:
+    """Every version of a brick, newest first."""
+    registry.get_brick(name)
+    page = registry.list_bricks(all_versions=True, name=name, cursor=cursor, limit=limit)
+    return Page[BrickOut](items=[BrickOut.of(b) for b in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{name}/versions/{version}")
+def get_brick_version(name: NamePath, version: VersionPath, registry: RegistryDep) -> BrickOut:
+    """One version of a brick."""
+    return BrickOut.of(registry.get_brick(name, version))
+
+
+@router.patch("/{name}/versions/{version}")
+def patch_brick_version(name: NamePath, version: VersionPath, body: BrickPatchIn, registry: RegistryDep) -> BrickOut:
+    """Change the description, examples or tags of a brick version."""
+    return BrickOut.of(registry.update_brick(name, version, body))
+
+
+@router.delete("/{name}/versions/{version}")
+def delete_brick_version(name: NamePath, version: VersionPath, registry: RegistryDep) -> BrickOut:
+    """Delete a brick version; answers the deleted brick. Its number is never reused."""
+    return BrickOut.of(registry.delete_brick(name, version))
+
+
+@router.get("/{name}/versions/{version}/files")
+def list_brick_files(name: NamePath, version: VersionPath, registry: RegistryDep) -> list[BrickFileOut]:
+    """The stored files of a brick version."""
+    return [
+        BrickFileOut(filename=f.filename, sha256=f.sha256, size_bytes=f.size_bytes, media_type=f.media_type)
+        for f in registry.brick_files(name, version)
+    ]
+
+
+@router.get(
+    "/{name}/versions/{version}/files/{filename}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
+)
+def get_brick_file(
+    name: NamePath,
+    version: VersionPath,
+    filename: Annotated[str, Path(max_length=200)],
+    request: Request,
+    registry: RegistryDep,
+) -> FileResponse:
+    """A stored file, byte-identical to the upload (HTTP Range supported)."""
+    file, path = registry.brick_file(name, version, filename)
+    return file_response(request, path, media_type=file.media_type, filename=file.filename, etag=file.sha256)

@@ -1,0 +1,145 @@
+"""Response models of the REST API (request models live in `registry.inputs`, shared with
+the CLI and the Python API)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, Field
+
+from registry import domain
+
+__all__ = ["BaseModelDetail", "BaseModelOut", "BrickFileOut", "BrickOut", "Page"]
+
+T = TypeVar("T")
+
+
+class BrickOut(BaseModel):
+    """A registered brick version."""
+
+    name: str
+    version: int
+    base_model: str
+    description: str
+    examples: list[str]
+    tags: list[str]
+    sha256: str = Field(description="sha256 of adapter_model.safetensors")
+    config_sha256: str = Field(description="sha256 of adapter_config.json")
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str] = Field(description="leaf names of the adapted modules")
+    module_count: int = Field(description="number of adapted modules")
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    size_bytes: int
+    license: str | None
+    metrics: dict[str, float]
+    created_at: datetime
+    updated_at: datetime
+    created_by: str | None
+
+    @classmethod
+    def of(cls, brick: domain.Brick) -> BrickOut:
+        """From the domain object."""
+        return cls(
+            name=brick.name,
+            version=brick.version,
+            base_model=brick.base_model,
+            description=brick.description,
+            examples=list(brick.examples),
+            tags=list(brick.tags),
+            sha256=brick.sha256,
+            config_sha256=brick.config_sha256,
+            rank=brick.rank,
+            lora_alpha=brick.lora_alpha,
+            use_rslora=brick.use_rslora,
+            target_modules=list(brick.target_modules),
+            module_count=len(brick.modules),
+            rank_pattern=dict(brick.rank_pattern),
+            alpha_pattern=dict(brick.alpha_pattern),
+            size_bytes=brick.size_bytes,
+            license=brick.license,
+            metrics=dict(brick.metrics),
+            created_at=brick.created_at,
+            updated_at=brick.updated_at,
+            created_by=brick.created_by,
+        )
+
+
+class BaseModelOut(BaseModel):
+    """A registered base model (summary)."""
+
+    name: str
+    path: str
+    description: str
+    architecture: str
+    dtype: str
+    parameter_count: int
+    size_bytes: int
+    fingerprint: str
+    linear_module_count: int
+    aliases: list[str]
+    created_at: datetime
+    created_by: str | None
+
+    @classmethod
+    def of(cls, base: domain.BaseModel) -> BaseModelOut:
+        """From the domain object."""
+        return cls(
+            name=base.name,
+            path=base.path,
+            description=base.description,
+            architecture=base.architecture,
+            dtype=base.dtype,
+            parameter_count=base.parameter_count,
+            size_bytes=base.size_bytes,
+            fingerprint=base.fingerprint,
+            linear_module_count=len(base.linear_modules),
+            aliases=list(base.aliases),
+            created_at=base.created_at,
+            created_by=base.created_by,
+        )
+
+
+class LinearShapeOut(BaseModel):
+    """Shape of a linear module."""
+
+    out_features: int
+    in_features: int
+    fan_in_fan_out: bool
+
+
+class BaseModelDetail(BaseModelOut):
+    """A base model with the shape of every linear module."""
+
+    linear_modules: dict[str, LinearShapeOut]
+
+    @classmethod
+    def of(cls, base: domain.BaseModel) -> BaseModelDetail:
+        """From the domain object."""
+        summary = BaseModelOut.of(base).model_dump()
+        modules = {
+            name: LinearShapeOut(
+                out_features=s.out_features, in_features=s.in_features, fan_in_fan_out=s.fan_in_fan_out
+            )
+            for name, s in base.linear_modules.items()
+        }
+        return cls(**summary, linear_modules=modules)
+
+
+class BrickFileOut(BaseModel):
+    """A stored file of a brick."""
+
+    filename: str
+    sha256: str
+    size_bytes: int
+    media_type: str
+
+
+class Page(BaseModel, Generic[T]):
+    """A page of results; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    items: list[T]
+    next_cursor: str | None = None

@@ -1,0 +1,169 @@
+"""Content-addressed blob storage.
+
+Bytes are first *staged*: streamed into a temporary file (hashing as they go, stopping at
+a size limit), then *committed*: fsync'd and renamed to ``sha256/<ab>/<digest>``. A name
+under ``sha256/`` therefore always holds complete, verified bytes; a crash leaves at worst
+a file under ``tmp/`` that `LocalBlobStore.sweep_staging` removes.
+
+`BlobStore` is the interface the service uses; an S3-compatible store can implement it
+(staging to a local temporary file, committing with a conditional PUT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from registry.errors import PayloadTooLarge
+
+__all__ = ["BlobStore", "LocalBlobStore", "StagedBlob"]
+
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """Bytes written to a private temporary file, not yet visible in the store."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+class BlobStore(Protocol):
+    """What the service needs from a blob store."""
+
+    def stage(self, source: BinaryIO, *, max_bytes: int, what: str) -> StagedBlob: ...
+    def stage_bytes(self, data: bytes) -> StagedBlob: ...
+    def commit(self, staged: StagedBlob) -> bool: ...
+    def discard(self, staged: StagedBlob) -> None: ...
+    def exists(self, sha256: str) -> bool: ...
+    def path(self, sha256: str) -> Path: ...
+    def open(self, sha256: str) -> BinaryIO: ...
+    def delete(self, sha256: str) -> None: ...
+    def digests(self) -> Iterator[str]: ...
+
+
+class LocalBlobStore:
+    """Blobs in a local directory: ``<root>/sha256/ab/abcdef...`` and ``<root>/tmp/``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._objects = self.root / "sha256"
+        self._staging = self.root / "tmp"
+        self._objects.mkdir(parents=True, exist_ok=True)
+        self._staging.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, source: BinaryIO, *, max_bytes: int, what: str = "upload") -> StagedBlob:
+        """Copy ``source`` into a staging file, hashing it, refusing more than ``max_bytes``.
+
+        Raises:
+            PayloadTooLarge: ``source`` holds more than ``max_bytes`` (nothing is left behind).
+        """
+        digest = hashlib.sha256()
+        size = 0
+        fd, name = tempfile.mkstemp(dir=self._staging, prefix="stage-")
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PayloadTooLarge(
+                            f"{what} is larger than the limit of {max_bytes} bytes",
+                            extra={"limit_bytes": max_bytes},
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return StagedBlob(path=path, sha256=digest.hexdigest(), size=size)
+
+    def stage_bytes(self, data: bytes) -> StagedBlob:
+        """Stage an in-memory byte string."""
+        fd, name = tempfile.mkstemp(dir=self._staging, prefix="stage-")
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        return StagedBlob(path=Path(name), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+    def commit(self, staged: StagedBlob) -> bool:
+        """Make a staged blob visible under its sha256 (durably: fsync file and directory).
+
+        Returns:
+            True when the blob is new, False when identical bytes were already stored
+            (the staged copy is then discarded).
+        """
+        target = self.path(staged.sha256)
+        if target.exists():
+            staged.path.unlink(missing_ok=True)
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(staged.path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(staged.path, 0o444)
+        os.replace(staged.path, target)
+        _fsync_dir(target.parent)
+        return True
+
+    def discard(self, staged: StagedBlob) -> None:
+        """Remove a staged blob that will not be committed."""
+        staged.path.unlink(missing_ok=True)
+
+    def exists(self, sha256: str) -> bool:
+        """Whether a committed blob with this digest exists."""
+        return self.path(sha256).is_file()
+
+    def path(self, sha256: str) -> Path:
+        """Local path of a committed blob (it may not exist)."""
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self._objects / sha256[:2] / sha256
+
+    def open(self, sha256: str) -> BinaryIO:
+        """Open a committed blob for reading."""
+        return open(self.path(sha256), "rb")
+
+    def delete(self, sha256: str) -> None:
+        """Delete a committed blob (no error if it is absent)."""
+        self.path(sha256).unlink(missing_ok=True)
+
+    def digests(self) -> Iterator[str]:
+        """sha256 of every committed blob."""
+        for shard in sorted(self._objects.iterdir()):
+            if shard.is_dir():
+                for blob in sorted(shard.iterdir()):
+                    if len(blob.name) == 64:
+                        yield blob.name
+
+    def verify(self, sha256: str) -> bool:
+        """Whether the blob's bytes still hash to its name."""
+        digest = hashlib.sha256()
+        with self.open(sha256) as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest() == sha256
+
+    def sweep_staging(self, older_than_s: float = 3600.0) -> int:
+        """Remove staging files left by crashed uploads; returns how many were removed."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for leftover in self._staging.iterdir():
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""SQL persistence: typed tables, engine and session management, migrations."""

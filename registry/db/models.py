@@ -1,0 +1,170 @@
+"""SQLAlchemy 2 typed tables. The schema itself is owned by Alembic (``migrations/``);
+a test checks these models and the migrations do not drift."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from registry import domain
+
+__all__ = ["Base", "BaseModelRow", "BrickNameRow", "BrickRow", "BrickTagRow", "utcnow"]
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, in UTC."""
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite returns naive datetimes; every stored time is UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a constraint naming convention (stable migration names)."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class BaseModelRow(Base):
+    """A registered base model."""
+
+    __tablename__ = "base_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text, default="")
+    architecture: Mapped[str] = mapped_column(String(200))
+    dtype: Mapped[str] = mapped_column(String(16))
+    parameter_count: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    linear_modules: Mapped[dict[str, Any]] = mapped_column(JSON)
+    aliases: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(100))
+
+    def to_domain(self) -> domain.BaseModel:
+        """The domain object for this row."""
+        return domain.BaseModel(
+            name=self.name,
+            path=self.path,
+            description=self.description,
+            architecture=self.architecture,
+            dtype=self.dtype,
+            parameter_count=self.parameter_count,
+            size_bytes=self.size_bytes,
+            fingerprint=self.fingerprint,
+            linear_modules={k: domain.LinearShape(*v) for k, v in self.linear_modules.items()},
+            config=self.config,
+            aliases=tuple(self.aliases),
+            created_at=_aware(self.created_at),
+            created_by=self.created_by,
+        )
+
+
+class BrickNameRow(Base):
+    """One row per brick name: hands out version numbers, never reusing a deleted one."""
+
+    __tablename__ = "brick_names"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BrickRow(Base):
+    """One version of a brick. Bytes live in the blob store under ``sha256``/``config_sha256``."""
+
+    __tablename__ = "bricks"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_bricks_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), ForeignKey("brick_names.name"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
+    description: Mapped[str] = mapped_column(Text)
+    examples: Mapped[list[Any]] = mapped_column(JSON)
+    license: Mapped[str | None] = mapped_column(String(100))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    config_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    config_size_bytes: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    lora_alpha: Mapped[float] = mapped_column(Float)
+    use_rslora: Mapped[bool] = mapped_column(Boolean)
+    target_modules: Mapped[list[Any]] = mapped_column(JSON)
+    modules: Mapped[list[Any]] = mapped_column(JSON)
+    rank_pattern: Mapped[dict[str, Any]] = mapped_column(JSON)
+    alpha_pattern: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(100))
+
+    base_model: Mapped[BaseModelRow] = relationship(lazy="joined", innerjoin=True)
+    tag_rows: Mapped[list[BrickTagRow]] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", passive_deletes=True, order_by="BrickTagRow.tag"
+    )
+
+    def to_domain(self) -> domain.Brick:
+        """The domain object for this row."""
+        return domain.Brick(
+            name=self.name,
+            version=self.version,
+            base_model=self.base_model.name,
+            description=self.description,
+            examples=tuple(self.examples),
+            tags=tuple(t.tag for t in self.tag_rows),
+            sha256=self.sha256,
+            config_sha256=self.config_sha256,
+            size_bytes=self.size_bytes,
+            config_size_bytes=self.config_size_bytes,
+            rank=self.rank,
+            lora_alpha=self.lora_alpha,
+            use_rslora=self.use_rslora,
+            target_modules=tuple(self.target_modules),
+            modules=tuple(self.modules),
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern),
+            license=self.license,
+            metrics=dict(self.metrics),
+            created_at=_aware(self.created_at),
+            updated_at=_aware(self.updated_at),
+            created_by=self.created_by,
+        )
+
+
+class BrickTagRow(Base):
+    """A tag on a brick version."""
+
+    __tablename__ = "brick_tags"
+
+    brick_id: Mapped[int] = mapped_column(ForeignKey("bricks.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)

@@ -1,0 +1,145 @@
+"""Domain objects: what the stores return and the service, API and CLI speak in.
+
+Frozen dataclasses, free of ORM and HTTP concerns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+__all__ = ["BaseModel", "BaseModelDraft", "Brick", "BrickDraft", "BrickFile", "BrickPatch", "LinearShape", "Page"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """Shape of one linear module of a base model (``out x in``; Conv1D stores ``in x out``)."""
+
+    out_features: int
+    in_features: int
+    fan_in_fan_out: bool = False
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A registered base model: what was read from its config and safetensors headers."""
+
+    name: str
+    path: str
+    description: str
+    architecture: str
+    dtype: str
+    parameter_count: int
+    size_bytes: int
+    fingerprint: str
+    linear_modules: Mapping[str, LinearShape]
+    config: Mapping[str, object]
+    aliases: tuple[str, ...]
+    created_at: datetime
+    created_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Brick:
+    """One version of a registered LoRA brick."""
+
+    name: str
+    version: int
+    base_model: str
+    description: str
+    examples: tuple[str, ...]
+    tags: tuple[str, ...]
+    sha256: str
+    config_sha256: str
+    size_bytes: int
+    config_size_bytes: int
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    modules: tuple[str, ...]
+    rank_pattern: Mapping[str, int]
+    alpha_pattern: Mapping[str, float]
+    license: str | None
+    metrics: Mapping[str, float]
+    created_at: datetime
+    updated_at: datetime
+    created_by: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """``name@version``, the label used in messages and recipes."""
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class BrickFile:
+    """A stored file of a brick: its public name and the blob holding its bytes."""
+
+    filename: str
+    sha256: str
+    size_bytes: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing; ``next_cursor`` is None on the last page."""
+
+    items: list[T] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class BaseModelDraft:
+    """Everything needed to record a base model (what the inspector read)."""
+
+    name: str
+    path: str
+    description: str
+    architecture: str
+    dtype: str
+    parameter_count: int
+    size_bytes: int
+    fingerprint: str
+    linear_modules: Mapping[str, LinearShape]
+    config: Mapping[str, object]
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BrickDraft:
+    """A validated brick about to be stored (its blobs are already in the blob store)."""
+
+    name: str
+    base_model: str
+    description: str
+    examples: tuple[str, ...]
+    tags: tuple[str, ...]
+    sha256: str
+    config_sha256: str
+    size_bytes: int
+    config_size_bytes: int
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    modules: tuple[str, ...]
+    rank_pattern: Mapping[str, int]
+    alpha_pattern: Mapping[str, float]
+    license: str | None
+    metrics: Mapping[str, float]
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class BrickPatch:
+    """Fields a PATCH may change; None leaves a field as it is."""
+
+    description: str | None = None
+    examples: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None

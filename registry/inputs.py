@@ -1,0 +1,136 @@
+"""Validation of what users send, shared by the REST API, the CLI and the Python API.
+
+Names are ASCII by design: a brick name ends up in URLs, file names and recipes, and
+unicode look-alikes ("bаse" with a Cyrillic a) would make two different bricks look the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
+
+from registry.errors import InvalidInput
+
+__all__ = [
+    "NAME_PATTERN",
+    "BaseModelCreate",
+    "BrickMetadata",
+    "BrickPatchIn",
+    "Name",
+    "Tag",
+    "parse_json_model",
+    "validation_errors",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+M = TypeVar("M", bound="BaseModel")
+
+TAG_PATTERN = r"^[a-z0-9][a-z0-9._:-]{0,63}$"
+
+
+def _no_dot_dot(value: str) -> str:
+    if ".." in value:
+        raise ValueError("must not contain '..'")
+    return value
+
+
+Name = Annotated[
+    str,
+    StringConstraints(pattern=NAME_PATTERN, max_length=100),
+    AfterValidator(_no_dot_dot),
+    Field(description="1-100 ASCII letters, digits, '.', '_', '-'; starts with a letter or digit; no '..'"),
+]
+Tag = Annotated[
+    str,
+    BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
+    StringConstraints(pattern=TAG_PATTERN, max_length=64),
+    AfterValidator(_no_dot_dot),
+    Field(description="lower-case ASCII letters, digits, '.', '_', ':', '-' (1-64)"),
+]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=8000)]
+Example = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+
+
+def _finite_metrics(value: dict[str, float]) -> dict[str, float]:
+    bad = [k for k, v in value.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"metrics must be finite numbers (not NaN or Inf): {', '.join(sorted(bad))}")
+    return value
+
+
+MetricName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
+
+
+class BrickMetadata(BaseModel):
+    """The ``metadata`` of a brick registration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    base_model: Name
+    description: Description = Field(description="what the brick can do, in plain words")
+    examples: list[Example] = Field(default_factory=list, max_length=64, description="example inputs")
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    version: int | None = Field(None, ge=1, le=2**31 - 1, description="explicit version; default next free")
+    license: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+    metrics: Annotated[dict[MetricName, float], AfterValidator(_finite_metrics)] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
+class BrickPatchIn(BaseModel):
+    """Fields a PATCH of a brick version may change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: Description | None = None
+    examples: list[Example] | None = Field(None, max_length=64)
+    tags: list[Tag] | None = Field(None, max_length=32)
+
+
+class BaseModelCreate(BaseModel):
+    """Registration of a base model from a local directory on the server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
+        description="local Hugging Face model directory (config.json + safetensors), as seen by the server"
+    )
+    description: Annotated[str, StringConstraints(max_length=8000)] = ""
+    aliases: list[Annotated[str, StringConstraints(min_length=1, max_length=300)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="other names adapters may record as base_model_name_or_path (e.g. a Hub id)",
+    )
+
+
+def validation_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    """Flatten a pydantic error into ``"field.path: message"`` lines."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        location = ".".join(str(part) for part in error["loc"])
+        where = ".".join(p for p in (prefix, location) if p)
+        lines.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return lines
+
+
+def parse_json_model(model: type[M], raw: str | bytes | dict[str, Any], *, what: str) -> M:
+    """Validate ``raw`` (a JSON text or an already parsed object) as ``model``.
+
+    Raises:
+        InvalidInput: listing every problem, prefixed with ``what``.
+    """
+    try:
+        data = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"{what} is not valid JSON", errors=[f"{what}: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{what} must be a JSON object", errors=[f"{what}: expected an object"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid {what}", errors=validation_errors(exc, what)) from None

@@ -1,0 +1,300 @@
+"""The use cases: register, inspect, list, patch and delete base models and bricks.
+
+`Registry` is the Python API; the REST routes and the CLI are thin layers over it. Its
+collaborators (store, blob store) are passed in, so tests and other deployments can
+swap them. Order of work on registration: validate everything, then write the blobs,
+then the row: a failure leaves no row, and no visible partial file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from composer.basemodel import find_linear_modules, read_base_model
+from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
+from registry import domain
+from registry.blobs import LocalBlobStore
+from registry.db.migrate import ensure_schema
+from registry.db.session import Database
+from registry.errors import (
+    BaseModelNotFound,
+    BrickNotFound,
+    FileNotFound,
+    InvalidBaseModel,
+    InvalidInput,
+    PayloadTooLarge,
+    VersionExists,
+)
+from registry.inputs import BaseModelCreate, BrickMetadata, BrickPatchIn, parse_json_model
+from registry.settings import Settings
+from registry.spec import inspect_adapter
+from registry.store import Store
+
+__all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry"]
+
+log = logging.getLogger("brickyard")
+
+CONFIG_FILENAME = "adapter_config.json"
+WEIGHTS_FILENAME = "adapter_model.safetensors"
+
+
+class Registry:
+    """Brickyard's service layer over a SQL store and a blob store."""
+
+    def __init__(self, settings: Settings, store: Store, blobs: LocalBlobStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.blobs = blobs
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> Registry:
+        """Connect to the configured database and blob store.
+
+        The embedded SQLite default migrates itself; any other database must be at the
+        latest schema (`registry.errors.SchemaOutOfDate` names ``brickyard db upgrade``).
+        """
+        settings = settings or Settings()
+        settings.home.mkdir(parents=True, exist_ok=True)
+        db = Database.from_url(settings.sqlalchemy_url)
+        try:
+            ensure_schema(db.engine, auto_upgrade=settings.is_embedded_sqlite)
+        except BaseException:
+            db.dispose()
+            raise
+        return cls(settings, Store(db), LocalBlobStore(settings.blob_root))
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.store.db.dispose()
+
+    # -- base models -------------------------------------------------------------------
+
+    def add_base_model(
+        self, request: BaseModelCreate | Mapping[str, Any], *, actor: str | None = None
+    ) -> domain.BaseModel:
+        """Register a base model from a local directory; only config and headers are read.
+
+        Raises:
+            InvalidInput: invalid name or fields.
+            InvalidBaseModel: the directory is not a readable HF safetensors model.
+            BaseModelExists: the name is taken.
+        """
+        if not isinstance(request, BaseModelCreate):
+            request = parse_json_model(BaseModelCreate, dict(request), what="base model")
+        path = Path(request.path).expanduser()
+        try:
+            layout = read_base_model(path, max_header_bytes=self.settings.limits.max_header_bytes)
+            linear = find_linear_modules(layout)
+        except ComposerInvalidBaseModel as exc:
+            raise InvalidBaseModel(exc.message, errors=exc.problems) from None
+        if not linear:
+            raise InvalidBaseModel(
+                f"no linear modules found in {path}", errors=["the model has no adaptable linear layers"]
+            )
+        draft = domain.BaseModelDraft(
+            name=request.name,
+            path=str(path.resolve()),
+            description=request.description,
+            architecture=layout.architecture,
+            dtype=layout.dtype,
+            parameter_count=layout.parameter_count,
+            size_bytes=layout.size_bytes,
+            fingerprint=layout.fingerprint(),
+            linear_modules={
+                name: domain.LinearShape(m.out_features, m.in_features, m.fan_in_fan_out) for name, m in linear.items()
+            },
+            config=dict(layout.config),
+            aliases=tuple(request.aliases),
+        )
+        base = self.store.add_base_model(draft, actor=actor)
+        log.info("registered base model %s (%s, %d parameters)", base.name, base.architecture, base.parameter_count)
+        return base
+
+    def get_base_model(self, name: str) -> domain.BaseModel:
+        """The base model called ``name`` (`BaseModelNotFound` otherwise)."""
+        return self.store.get_base_model(name)
+
+    def list_base_models(self) -> list[domain.BaseModel]:
+        """Every registered base model."""
+        return self.store.list_base_models()
+
+    # -- bricks ------------------------------------------------------------------------
+
+    def register_brick(
+        self,
+        metadata: BrickMetadata | Mapping[str, Any] | str | bytes,
+        config: bytes | BinaryIO,
+        weights: BinaryIO,
+        *,
+        actor: str | None = None,
+    ) -> domain.Brick:
+        """Validate and store a brick: ``adapter_config.json`` bytes and the weights stream.
+
+        Args:
+            metadata: name, base_model, description, examples, tags, version, license, metrics.
+            config: the adapter config (bytes or a binary file).
+            weights: the ``adapter_model.safetensors`` stream (read once, never buffered whole).
+            actor: who registers it (token name), recorded on the brick.
+
+        Raises:
+            PayloadTooLarge: a file exceeds a size limit.
+            UnsupportedMediaType: the weights are not safetensors.
+            InvalidInput / InvalidAdapter: every problem with metadata, config and weights.
+            BrickExists: the same weights are registered already.
+            VersionExists: the explicit version is taken.
+        """
+        limits = self.settings.limits
+        problems: list[str] = []
+        meta: BrickMetadata | None = None
+        if isinstance(metadata, (str, bytes)) and len(metadata) > limits.max_metadata_bytes:
+            raise PayloadTooLarge(
+                f"metadata is larger than the limit of {limits.max_metadata_bytes} bytes",
+                extra={"limit_bytes": limits.max_metadata_bytes},
+            )
+        try:
+            meta = metadata if isinstance(metadata, BrickMetadata) else _parse_metadata(metadata)
+        except InvalidInput as exc:
+            problems.extend(exc.errors or [exc.detail])
+        config_bytes = _read_bounded(config, limits.max_config_bytes, CONFIG_FILENAME)
+        staged = self.blobs.stage(weights, max_bytes=limits.max_adapter_bytes, what=WEIGHTS_FILENAME)
+        try:
+            base: domain.BaseModel | None = None
+            if meta is not None:
+                try:
+                    base = self.store.get_base_model(meta.base_model)
+                except BaseModelNotFound:
+                    problems.append(f"metadata.base_model: no base model named {meta.base_model!r} is registered")
+            if staged.size == 0:
+                problems.append(f"adapter_weights: {WEIGHTS_FILENAME} is empty")
+                spec = None
+            else:
+                spec = inspect_adapter(
+                    config_bytes, staged.path, base, max_header_bytes=limits.max_header_bytes, extra_problems=problems
+                )
+            if spec is None or meta is None:
+                raise InvalidInput("the brick cannot be registered", errors=problems)
+            self.store.ensure_new_weights(staged.sha256)
+            if meta.version is not None:
+                self._ensure_version_free(meta.name, meta.version)
+            config_blob = self.blobs.stage_bytes(config_bytes)
+            draft = domain.BrickDraft(
+                name=meta.name,
+                base_model=meta.base_model,
+                description=meta.description,
+                examples=tuple(meta.examples),
+                tags=tuple(meta.tags),
+                sha256=staged.sha256,
+                config_sha256=config_blob.sha256,
+                size_bytes=staged.size,
+                config_size_bytes=len(config_bytes),
+                rank=spec.settings.r,
+                lora_alpha=spec.settings.lora_alpha,
+                use_rslora=spec.settings.use_rslora,
+                target_modules=spec.target_modules,
+                modules=spec.modules,
+                rank_pattern=dict(spec.settings.rank_pattern),
+                alpha_pattern=dict(spec.settings.alpha_pattern),
+                license=meta.license,
+                metrics=dict(meta.metrics),
+                version=meta.version,
+            )
+        except BaseException:
+            self.blobs.discard(staged)
+            raise
+        # Bytes first, row second: a crash in between leaves an unreferenced blob for
+        # `brickyard fsck` to collect, never a row without its bytes.
+        self.blobs.commit(staged)
+        self.blobs.commit(config_blob)
+        brick = self.store.add_brick(draft, actor=actor)
+        log.info("registered brick %s (%s, %d bytes)", brick.ref, brick.sha256[:12], brick.size_bytes)
+        return brick
+
+    def _ensure_version_free(self, name: str, version: int) -> None:
+        try:
+            self.store.get_brick(name, version)
+        except BrickNotFound:
+            return
+        raise VersionExists(f"{name}@{version} already exists", extra={"name": name, "version": version})
+
+    def get_brick(self, name: str, version: int | None = None) -> domain.Brick:
+        """A brick version; the latest when ``version`` is None (`BrickNotFound` otherwise)."""
+        return self.store.get_brick(name, version)
+
+    def list_bricks(
+        self,
+        *,
+        name: str | None = None,
+        base_model: str | None = None,
+        tag: str | None = None,
+        all_versions: bool = False,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> domain.Page[domain.Brick]:
+        """A page of bricks (latest version of each name unless ``all_versions``)."""
+        if not 1 <= limit <= 500:
+            raise InvalidInput("invalid limit", errors=["limit: must be between 1 and 500"])
+        return self.store.list_bricks(
+            name=name,
+            base_model=base_model,
+            tag=tag.lower() if tag else None,
+            all_versions=all_versions,
+            cursor=cursor,
+            limit=limit,
+        )
+
+    def update_brick(
+        self, name: str, version: int, patch: BrickPatchIn | Mapping[str, Any], *, actor: str | None = None
+    ) -> domain.Brick:
+        """Change description, examples or tags of a brick version."""
+        if not isinstance(patch, BrickPatchIn):
+            patch = parse_json_model(BrickPatchIn, dict(patch), what="patch")
+        change = domain.BrickPatch(
+            description=patch.description,
+            examples=tuple(patch.examples) if patch.examples is not None else None,
+            tags=tuple(patch.tags) if patch.tags is not None else None,
+        )
+        return self.store.update_brick(name, version, change)
+
+    def delete_brick(self, name: str, version: int, *, actor: str | None = None) -> domain.Brick:
+        """Delete a brick version. Its blobs stay until `brickyard fsck` collects them
+        (another brick or a cached composition may share them)."""
+        brick = self.store.delete_brick(name, version)
+        log.info("deleted brick %s (by %s)", brick.ref, actor or "anonymous")
+        return brick
+
+    def brick_files(self, name: str, version: int) -> list[domain.BrickFile]:
+        """The stored files of a brick version."""
+        brick = self.store.get_brick(name, version)
+        return [
+            domain.BrickFile(CONFIG_FILENAME, brick.config_sha256, brick.config_size_bytes, "application/json"),
+            domain.BrickFile(WEIGHTS_FILENAME, brick.sha256, brick.size_bytes, "application/octet-stream"),
+        ]
+
+    def brick_file(self, name: str, version: int, filename: str) -> tuple[domain.BrickFile, Path]:
+        """A stored file of a brick version and the local path of its bytes.
+
+        Raises:
+            BrickNotFound: no such brick version.
+            FileNotFound: no such file.
+        """
+        for file in self.brick_files(name, version):
+            if file.filename == filename:
+                return file, self.blobs.path(file.sha256)
+        raise FileNotFound(
+            f"{name}@{version} has no file {filename[:100]!r}",
+            errors=[f"files are {CONFIG_FILENAME} and {WEIGHTS_FILENAME}"],
+        )
+
+
+def _parse_metadata(raw: Mapping[str, Any] | str | bytes) -> BrickMetadata:
+    return parse_json_model(BrickMetadata, raw if isinstance(raw, (str, bytes)) else dict(raw), what="metadata")
+
+
+def _read_bounded(source: bytes | BinaryIO, limit: int, what: str) -> bytes:
+    data = source if isinstance(source, bytes) else source.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes", extra={"limit_bytes": limit})
+    return data

