@@ -8,6 +8,7 @@ then the row: a failure leaves no row, and no visible partial file.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from registry.errors import (
     BaseModelNotFound,
     BrickNotFound,
     FileNotFound,
+    InvalidAdapter,
     InvalidBaseModel,
     InvalidInput,
     PayloadTooLarge,
@@ -162,20 +164,24 @@ class Registry:
         staged = self.blobs.stage(weights, max_bytes=limits.max_adapter_bytes, what=WEIGHTS_FILENAME)
         try:
             base: domain.BaseModel | None = None
-            if meta is not None:
+            base_name = meta.base_model if meta is not None else _claimed_base_model(metadata)
+            if base_name is not None:
                 try:
-                    base = self.store.get_base_model(meta.base_model)
+                    base = self.store.get_base_model(base_name)
                 except BaseModelNotFound:
-                    problems.append(f"metadata.base_model: no base model named {meta.base_model!r} is registered")
+                    problems.append(f"metadata.base_model: no base model named {base_name!r} is registered")
+            adapter_problems: list[str] = []
+            spec = None
             if staged.size == 0:
                 problems.append(f"adapter_weights: {WEIGHTS_FILENAME} is empty")
-                spec = None
             else:
                 spec = inspect_adapter(
-                    config_bytes, staged.path, base, max_header_bytes=limits.max_header_bytes, extra_problems=problems
+                    config_bytes, staged.path, base, max_header_bytes=limits.max_header_bytes, problems=adapter_problems
                 )
-            if spec is None or meta is None:
-                raise InvalidInput("the brick cannot be registered", errors=problems)
+            if problems or adapter_problems or spec is None or meta is None:
+                error = InvalidAdapter if adapter_problems else InvalidInput
+                target = f" for base model {base.name!r}" if base is not None else ""
+                raise error(f"the brick cannot be registered{target}", errors=problems + adapter_problems)
             self.store.ensure_new_weights(staged.sha256)
             if meta.version is not None:
                 self._ensure_version_free(meta.name, meta.version)
@@ -291,6 +297,17 @@ class Registry:
 
 def _parse_metadata(raw: Mapping[str, Any] | str | bytes) -> BrickMetadata:
     return parse_json_model(BrickMetadata, raw if isinstance(raw, (str, bytes)) else dict(raw), what="metadata")
+
+
+def _claimed_base_model(raw: Any) -> str | None:
+    """The base model named by metadata that failed validation, to check the adapter
+    against it anyway and report every problem in one answer."""
+    try:
+        data = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except (ValueError, RecursionError):
+        return None
+    name = data.get("base_model") if isinstance(data, Mapping) else None
+    return name if isinstance(name, str) and 0 < len(name) <= 100 else None
 
 
 def _read_bounded(source: bytes | BinaryIO, limit: int, what: str) -> bytes:

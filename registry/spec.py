@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config
+from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
 from composer.errors import InvalidAdapter as ComposerInvalidAdapter
 from composer.errors import InvalidTensorFile
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
 from registry import domain
-from registry.errors import InvalidAdapter, UnsupportedMediaType
+from registry.errors import UnsupportedMediaType
 
 __all__ = ["AdapterSpec", "inspect_adapter"]
 
@@ -46,8 +46,8 @@ def inspect_adapter(
     base: domain.BaseModel | None,
     *,
     max_header_bytes: int,
-    extra_problems: list[str] | None = None,
-) -> AdapterSpec:
+    problems: list[str],
+) -> AdapterSpec | None:
     """Validate an adapter (config bytes + weights file) against ``base``.
 
     Args:
@@ -56,30 +56,29 @@ def inspect_adapter(
         base: the base model the brick claims to adapt; None when it is unknown (the
             config and weights are then checked on their own, to report all problems).
         max_header_bytes: bound on the safetensors header.
-        extra_problems: problems found elsewhere (metadata) to report in the same error.
+        problems: every problem found is appended here, prefixed with the part it is in.
 
     Returns:
-        `AdapterSpec`.
+        `AdapterSpec`, or None when a problem was found (or ``base`` is None).
 
     Raises:
         UnsupportedMediaType: the weights are not safetensors (a pickle, a zip, ...).
-        InvalidAdapter: every problem with config, weights and compatibility.
     """
-    problems = list(extra_problems or [])
+    found: list[str] = []
     _refuse_other_formats(weights_path)
-    settings = _settings(config_bytes, problems)
-    header = _header(weights_path, max_header_bytes, problems)
+    settings = _settings(config_bytes, found)
+    header = _header(weights_path, max_header_bytes, found)
     modules: tuple[str, ...] = ()
     if header is not None and base is not None:
-        modules = _check_tensors(header, settings, base, problems)
-        if not problems:
+        modules = _check_tensors(header, settings, base, found)
+        if not found:
             bad = find_nonfinite(weights_path, header)
-            problems.extend(f"adapter_weights: tensor {name!r} contains NaN or Inf values" for name in bad)
+            found.extend(f"adapter_weights: tensor {name!r} contains NaN or Inf values" for name in bad)
     if settings is not None and base is not None:
-        _check_base_name(settings, base, problems)
-    if problems or settings is None or base is None:
-        target = f" for base model {base.name!r}" if base is not None else ""
-        raise InvalidAdapter(f"the brick cannot be registered{target}", errors=problems[:_MAX_REPORTED])
+        _check_base_name(settings, base, found)
+    problems.extend(found[:_MAX_REPORTED])
+    if found or settings is None or base is None:
+        return None
     return AdapterSpec(settings=settings, modules=modules)
 
 
@@ -127,7 +126,12 @@ def _check_tensors(
         mapping = map_adapter_tensors(header.tensors)
     except ComposerInvalidAdapter as exc:
         problems.extend(f"adapter_weights: {p}" for p in exc.problems)
-        return ()
+        # Keep checking the well-formed part, so that every problem is reported at once.
+        pairs = [n for n in header.tensors if split_lora_key(n) is not None]
+        try:
+            mapping = map_adapter_tensors(pairs)
+        except ComposerInvalidAdapter:
+            return ()
     for module, (a_name, b_name) in mapping.modules.items():
         if len(problems) >= _MAX_REPORTED:
             break

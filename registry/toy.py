@@ -10,11 +10,20 @@ default zero-init every merge is trivially the base model and proves nothing.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["LLAMA_PROJECTIONS", "make_base_model", "make_lora", "make_tokenizer"]
+__all__ = [
+    "LLAMA_PROJECTIONS",
+    "make_base_model",
+    "make_lora",
+    "make_synthetic_llama",
+    "make_synthetic_lora",
+    "make_tokenizer",
+]
 
 Family = Literal["llama", "gpt2"]
 
@@ -181,7 +190,11 @@ def make_lora(
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads a transformers attribute deprecated in v5; harmless, but it would
+        # fail every caller that runs with warnings as errors.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -194,4 +207,174 @@ def make_lora(
         data = json.loads(config_path.read_text())
         data["base_model_name_or_path"] = base_model_name_or_path
         config_path.write_text(json.dumps(data, indent=2))
+    return out_dir
+
+
+def make_synthetic_llama(
+    out_dir: Path,
+    *,
+    num_layers: int = 24,
+    hidden: int = 1024,
+    intermediate: int = 4096,
+    vocab: int = 32000,
+    num_heads: int = 16,
+    num_kv_heads: int = 16,
+    dtype: str = "bfloat16",
+    shard_bytes: int = 200 * 1000 * 1000,
+    seed: int = 0,
+) -> Path:
+    """Write a Llama-shaped model of random weights straight with safetensors (no
+    transformers model is built, so a 0.5B model takes seconds), sharded like
+    ``save_pretrained``: ``model-0000i-of-0000n.safetensors`` plus the index.
+
+    Weights are N(0, 0.02); the model loads with ``AutoModelForCausalLM`` but is not meant to
+    produce sensible text. No tokenizer is written.
+
+    Args:
+        out_dir: target directory (created).
+        num_layers, hidden, intermediate, vocab, num_heads, num_kv_heads: the shape.
+        dtype: torch dtype name of the weights.
+        shard_bytes: a new shard starts when the next tensor would exceed this size.
+        seed: torch seed.
+
+    Returns:
+        ``out_dir``.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    torch_dtype = getattr(torch, dtype)
+    head_dim = hidden // num_heads
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        dtype=dtype,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}"
+        shapes += [
+            (f"{prefix}.input_layernorm.weight", (hidden,)),
+            (f"{prefix}.self_attn.q_proj.weight", (num_heads * head_dim, hidden)),
+            (f"{prefix}.self_attn.k_proj.weight", (num_kv_heads * head_dim, hidden)),
+            (f"{prefix}.self_attn.v_proj.weight", (num_kv_heads * head_dim, hidden)),
+            (f"{prefix}.self_attn.o_proj.weight", (hidden, num_heads * head_dim)),
+            (f"{prefix}.post_attention_layernorm.weight", (hidden,)),
+            (f"{prefix}.mlp.gate_proj.weight", (intermediate, hidden)),
+            (f"{prefix}.mlp.up_proj.weight", (intermediate, hidden)),
+            (f"{prefix}.mlp.down_proj.weight", (hidden, intermediate)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        nbytes = math.prod(shape) * itemsize
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += nbytes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, group in enumerate(groups, start=1):
+        file = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, shape in group:
+            if len(shape) == 1:
+                tensors[name] = torch.ones(shape, dtype=torch_dtype)
+            else:
+                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch_dtype)
+            weight_map[name] = file
+            total += tensors[name].numel() * itemsize
+        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+        del tensors
+    index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+    config.to_json_file(out_dir / "config.json")
+    return out_dir
+
+
+def make_synthetic_lora(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    r: int = 16,
+    alpha: float = 32,
+    target_modules: Sequence[str] = LLAMA_PROJECTIONS,
+    rank_pattern: Mapping[str, int] | None = None,
+    use_rslora: bool = False,
+    dtype: str = "float32",
+    scale: float = 0.02,
+    seed: int = 1,
+) -> Path:
+    """Write a PEFT LoRA adapter of random factors for a model written by
+    `make_synthetic_llama` (or any Llama-layout checkpoint), straight with safetensors.
+
+    ``target_modules`` are suffixes of module names (``q_proj`` ...); ``rank_pattern`` keys
+    are suffixes too. Both A and B are random, N(0, scale).
+
+    Returns:
+        ``out_dir``.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base_dir = Path(base_dir)
+    index_path = base_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(base_dir / file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    patterns = dict(rank_pattern or {})
+    generator = torch.Generator().manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    tensors = {}
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        suffix = module.rsplit(".", 1)[-1]
+        if len(shape) != 2 or suffix not in target_modules or not module.startswith("model.layers."):
+            continue
+        rank = patterns.get(suffix, r)
+        out_features, in_features = shape
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, in_features, generator=generator) * scale).to(torch_dtype)
+        tensors[f"{key}.lora_B.weight"] = (torch.randn(out_features, rank, generator=generator) * scale).to(torch_dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_dir),
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(target_modules),
+        "rank_pattern": patterns,
+        "alpha_pattern": {},
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out_dir

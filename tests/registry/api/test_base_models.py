@@ -36,7 +36,11 @@ def test_register_sharded_base_model_reads_headers(client: Any, llama_base: Path
     modules = body["linear_modules"]
     # 2 layers x 7 projections + the untied lm_head
     assert len(modules) == 15
-    assert modules["model.layers.0.self_attn.k_proj"] == {"out_features": 16, "in_features": 32, "fan_in_fan_out": False}
+    assert modules["model.layers.0.self_attn.k_proj"] == {
+        "out_features": 16,
+        "in_features": 32,
+        "fan_in_fan_out": False,
+    }
     assert modules["model.layers.1.mlp.down_proj"] == {"out_features": 32, "in_features": 64, "fan_in_fan_out": False}
     assert client.get("/v1/base-models/tiny-llama").json() == body
     listed = client.get("/v1/base-models").json()

@@ -14,7 +14,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_register_brick_answers_201_with_the_stored_brick(client: Any, llama_base: Path, loras: dict[str, Path]) -> None:
+def test_register_brick_answers_201_with_the_stored_brick(
+    client: Any, llama_base: Path, loras: dict[str, Path]
+) -> None:
     register_base(client, llama_base)
     response = upload(client, loras["r4"])
     assert response.status_code == 201, response.text
@@ -143,7 +145,9 @@ def test_unsatisfiable_range_is_416_problem(client: Any, llama_base: Path, loras
     assert response.json()["type"].endswith("/range-not-satisfiable")
 
 
-def test_list_filters_and_cursor_pagination(client: Any, llama_base: Path, llama_base_single: Path, loras: dict[str, Path]) -> None:
+def test_list_filters_and_cursor_pagination(
+    client: Any, llama_base: Path, llama_base_single: Path, loras: dict[str, Path]
+) -> None:
     register_base(client, llama_base)
     register_base(client, llama_base_single, name="other-llama")
     upload(client, loras["r4"], metadata=brick_metadata("alpha", tags=["x"]))
