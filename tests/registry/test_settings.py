@@ -1,0 +1,43 @@
+"""Settings come from BRICKYARD_* environment variables, with sane defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from registry.settings import Settings
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in ("BRICKYARD_HOME", "BRICKYARD_DATABASE_URL", "BRICKYARD_BLOB_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = Settings()
+    assert settings.home == tmp_path / ".brickyard"
+    assert settings.sqlalchemy_url == f"sqlite:///{tmp_path / '.brickyard' / 'brickyard.db'}"
+    assert settings.is_embedded_sqlite
+    assert settings.blob_root == tmp_path / ".brickyard" / "blobs"
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.embedding.resolved_model_path().joinpath("config.json").exists()
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BRICKYARD_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("BRICKYARD_DATABASE_URL", "postgresql://u:p@db:5432/brickyard")
+    monkeypatch.setenv("BRICKYARD_LIMITS__MAX_ADAPTER_BYTES", "1234")
+    monkeypatch.setenv("BRICKYARD_EMBEDDING__MODEL_PATH", str(tmp_path / "model"))
+    settings = Settings()
+    assert settings.home == tmp_path / "h"
+    assert settings.sqlalchemy_url == "postgresql+psycopg://u:p@db:5432/brickyard"
+    assert not settings.is_embedded_sqlite
+    assert settings.limits.max_adapter_bytes == 1234
+    assert settings.embedding.resolved_model_path() == tmp_path / "model"
+
+
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("BRICKYARD_PORT", "99999")
+    with pytest.raises(ValidationError):
+        Settings()
