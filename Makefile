@@ -1,0 +1,43 @@
+# Brickyard: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+
+.PHONY: install demo test lint typecheck bench clean
+
+install: $(STAMP)
+
+# torch is pinned to 2.13.0 in pyproject.toml: pip takes the CPU build from this machine's
+# wheel directory instead of downloading several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/brickyard demo --workdir .demo
+
+lint: install
+	$(BIN)/ruff check registry composer tests bench migrations
+	$(BIN)/ruff format --check registry composer tests bench migrations
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+typecheck: install
+	$(BIN)/mypy registry composer
+
+bench: install
+	$(BIN)/python bench/compose_speed.py
+	$(BIN)/python bench/retrieval_quality.py
+	$(BIN)/python bench/retrieval_latency.py
+
+clean:
+	rm -rf .demo .bench .pytest_cache .ruff_cache .mypy_cache

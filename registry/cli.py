@@ -1,0 +1,396 @@
+"""The ``brickyard`` command line: thin commands over the clients in `registry.client`.
+
+Without ``--url`` (or ``BRICKYARD_URL``) commands work on the local registry in
+``BRICKYARD_HOME``; with it they talk to a server. Heavy libraries (torch, transformers,
+sentence-transformers) are imported only by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from registry.errors import BrickyardError
+
+__all__ = ["app", "main"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="brickyard",
+    help="Registry and composition service for LoRA adapter bricks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+base_app = typer.Typer(help="Base models: register, list, show.", no_args_is_help=True)
+brick_app = typer.Typer(help="Bricks: push, list, show, pull, edit, remove.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(brick_app, name="brick")
+app.add_typer(db_app, name="db")
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", envvar="BRICKYARD_URL", help="Brickyard server; default: the local registry"),
+]
+
+
+@contextmanager
+def _client(url: str | None) -> Iterator[Any]:
+    if url:
+        from registry.client import RemoteClient
+
+        client: Any = RemoteClient(url)
+    else:
+        from registry.client import LocalClient
+
+        client = LocalClient.open()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _fail(exc: BrickyardError) -> None:
+    err_console.print(f"[bold red]error[/] ({exc.code}): {exc.detail}")
+    for line in exc.errors:
+        err_console.print(f"  - {line}", markup=False, highlight=False)
+    for key, value in exc.extra.items():
+        err_console.print(f"  {key}: {json.dumps(value, default=str)}", markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+def _parse_ref(ref: str) -> tuple[str, int | None]:
+    """``name`` or ``name@version``."""
+    name, _, version = ref.partition("@")
+    if not version:
+        return name, None
+    if not version.isdigit():
+        raise typer.BadParameter(f"{ref!r}: the version after '@' must be a number")
+    return name, int(version)
+
+
+def _show_record(record: Any, *, skip: tuple[str, ...] = ()) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in record.model_dump(mode="json").items():
+        if key in skip:
+            continue
+        text = (
+            ", ".join(map(str, value))
+            if isinstance(value, list)
+            else json.dumps(value)
+            if isinstance(value, dict)
+            else str(value)
+        )
+        table.add_row(key, text)
+    console.print(table)
+
+
+# -- serve & db -------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="interface to bind (default BRICKYARD_HOST or 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default BRICKYARD_PORT or 8000)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Run the REST API with uvicorn."""
+    import uvicorn
+
+    from registry.settings import Settings
+
+    settings = Settings()
+    uvicorn.run(
+        "registry.api.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=log_level,
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all database migrations (BRICKYARD_DATABASE_URL)."""
+    from registry.db.migrate import current_revision, upgrade
+    from registry.db.session import make_engine
+    from registry.settings import Settings
+
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        before = current_revision(engine)
+        upgrade(engine)
+        after = current_revision(engine)
+    finally:
+        engine.dispose()
+    console.print(f"database at revision [bold]{after}[/] (was {before or 'empty'})")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the schema revision of the database and the one this code needs."""
+    from registry.db.migrate import current_revision, head_revision
+    from registry.db.session import make_engine
+    from registry.settings import Settings
+
+    engine = make_engine(Settings().sqlalchemy_url)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    state = "[green]up to date[/]" if current == head else "[yellow]out of date: run `brickyard db upgrade`[/]"
+    console.print(f"database: {current or 'empty'}; code: {head}; {state}")
+
+
+# -- base models ------------------------------------------------------------------------
+
+
+@base_app.command("add")
+def base_add(
+    path: Annotated[Path, typer.Argument(help="local Hugging Face model directory")],
+    name: Annotated[str, typer.Option("--name", "-n", help="name to register it under")],
+    description: Annotated[str, typer.Option("--description", "-d")] = "",
+    alias: Annotated[list[str] | None, typer.Option(help="another name adapters may record (repeatable)")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Register a base model (reads only its config and safetensors headers)."""
+    try:
+        with _client(url) as client:
+            base = client.add_base_model(
+                name, str(path if url else path.resolve()), description=description, aliases=alias or []
+            )
+    except BrickyardError as exc:
+        _fail(exc)
+    console.print(
+        f"registered base model [bold]{base.name}[/]: {base.architecture}, {base.dtype}, "
+        f"{base.parameter_count:,} parameters, {base.linear_module_count} linear modules"
+    )
+
+
+@base_app.command("list")
+def base_list(url: UrlOption = None) -> None:
+    """List base models."""
+    try:
+        with _client(url) as client:
+            bases = client.list_base_models()
+    except BrickyardError as exc:
+        _fail(exc)
+    table = Table("name", "architecture", "dtype", "parameters", "fingerprint", "path")
+    for base in bases:
+        table.add_row(
+            base.name, base.architecture, base.dtype, f"{base.parameter_count:,}", base.fingerprint[:12], base.path
+        )
+    console.print(table)
+
+
+@base_app.command("show")
+def base_show(name: str, url: UrlOption = None) -> None:
+    """Show a base model."""
+    try:
+        with _client(url) as client:
+            base = client.get_base_model(name)
+    except BrickyardError as exc:
+        _fail(exc)
+    _show_record(base, skip=("linear_modules",))
+
+
+# -- bricks -----------------------------------------------------------------------------
+
+
+@brick_app.command("push")
+def brick_push(
+    adapter_dir: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json + safetensors)")],
+    name: Annotated[str, typer.Option("--name", "-n")],
+    base: Annotated[str, typer.Option("--base", "-b", help="registered base model name")],
+    description: Annotated[str, typer.Option("--description", "-d", help="what the brick can do")],
+    example: Annotated[list[str] | None, typer.Option("--example", "-e", help="an example input (repeatable)")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="a tag (repeatable)")] = None,
+    version: Annotated[int | None, typer.Option(help="explicit version; default the next free")] = None,
+    license: Annotated[str | None, typer.Option(help="license identifier")] = None,
+    metric: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (repeatable)")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Register an adapter directory as a brick."""
+    metadata: dict[str, Any] = {
+        "name": name,
+        "base_model": base,
+        "description": description,
+        "examples": example or [],
+        "tags": tag or [],
+    }
+    if version is not None:
+        metadata["version"] = version
+    if license is not None:
+        metadata["license"] = license
+    if metric:
+        metadata["metrics"] = dict(_parse_metric(m) for m in metric)
+    try:
+        with _client(url) as client:
+            brick = client.register_brick(adapter_dir, metadata)
+    except BrickyardError as exc:
+        _fail(exc)
+    console.print(
+        f"registered [bold]{brick.name}@{brick.version}[/] on {brick.base_model}: rank {brick.rank}, "
+        f"{brick.module_count} modules ({', '.join(brick.target_modules)}), sha256 {brick.sha256[:12]}"
+    )
+
+
+def _parse_metric(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return key, float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected NAME=NUMBER") from None
+
+
+@brick_app.command("list")
+def brick_list(
+    base: Annotated[str | None, typer.Option("--base", "-b", help="only bricks of this base model")] = None,
+    tag: Annotated[str | None, typer.Option("--tag", "-t")] = None,
+    all_versions: Annotated[bool, typer.Option("--all-versions", help="every version, not only the latest")] = False,
+    limit: Annotated[int, typer.Option(help="at most this many")] = 100,
+    url: UrlOption = None,
+) -> None:
+    """List bricks (latest version of each)."""
+    from registry.client import iter_bricks
+
+    table = Table("brick", "base model", "rank", "modules", "tags", "size", "description")
+    try:
+        with _client(url) as client:
+            for count, brick in enumerate(
+                iter_bricks(client, base_model=base, tag=tag, all_versions=all_versions, limit=min(limit, 500))
+            ):
+                if count >= limit:
+                    break
+                table.add_row(
+                    f"{brick.name}@{brick.version}",
+                    brick.base_model,
+                    str(brick.rank),
+                    ",".join(brick.target_modules),
+                    ",".join(brick.tags),
+                    _size(brick.size_bytes),
+                    brick.description if len(brick.description) <= 60 else brick.description[:57] + "...",
+                )
+    except BrickyardError as exc:
+        _fail(exc)
+    console.print(table)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+@brick_app.command("show")
+def brick_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")], url: UrlOption = None) -> None:
+    """Show a brick version (the latest by default)."""
+    name, version = _parse_ref(ref)
+    try:
+        with _client(url) as client:
+            brick = client.get_brick(name, version)
+    except BrickyardError as exc:
+        _fail(exc)
+    _show_record(brick)
+
+
+@brick_app.command("pull")
+def brick_pull(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the adapter into")],
+    url: UrlOption = None,
+) -> None:
+    """Download a brick as a PEFT adapter directory."""
+    name, version = _parse_ref(ref)
+    try:
+        with _client(url) as client:
+            version = version or client.get_brick(name).version
+            paths = client.download_brick(name, version, out)
+    except BrickyardError as exc:
+        _fail(exc)
+    console.print(f"wrote {name}@{version} to {out}: {', '.join(p.name for p in paths)}")
+
+
+@brick_app.command("edit")
+def brick_edit(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    description: Annotated[str | None, typer.Option("--description", "-d")] = None,
+    example: Annotated[list[str] | None, typer.Option("--example", "-e", help="replaces all examples")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="replaces all tags")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Change the description, examples or tags of a brick version."""
+    name, version = _parse_ref(ref)
+    if version is None:
+        raise typer.BadParameter("name the version to edit: NAME@VERSION")
+    changes: dict[str, Any] = {}
+    if description is not None:
+        changes["description"] = description
+    if example is not None:
+        changes["examples"] = example
+    if tag is not None:
+        changes["tags"] = tag
+    try:
+        with _client(url) as client:
+            brick = client.update_brick(name, version, **changes)
+    except BrickyardError as exc:
+        _fail(exc)
+    console.print(f"updated [bold]{brick.name}@{brick.version}[/]")
+
+
+@brick_app.command("rm")
+def brick_rm(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Delete a brick version."""
+    name, version = _parse_ref(ref)
+    if version is None:
+        raise typer.BadParameter("name the version to delete: NAME@VERSION")
+    if not yes and not typer.confirm(f"delete {name}@{version}?"):
+        raise typer.Exit(1)
+    try:
+        with _client(url) as client:
+            brick = client.delete_brick(name, version)
+    except BrickyardError as exc:
+        _fail(exc)
+    console.print(f"deleted [bold]{brick.name}@{brick.version}[/]")
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where to build models and keep the demo registry")] = Path(".demo"),
+) -> None:
+    """Build a tiny base model and bricks, serve them on SQLite, register and list over REST."""
+    from registry.demo import run_demo
+
+    sys.exit(run_demo(workdir, console))
+
+
+def main() -> None:
+    """Entry point of the ``brickyard`` script."""
+    app()

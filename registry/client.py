@@ -1,0 +1,304 @@
+"""Python clients: `RemoteClient` talks to a Brickyard server over HTTP, `LocalClient`
+drives a local `Registry` in-process. Both speak the REST API's response models
+(`registry.api.schemas`), so code written against one works with the other; the CLI
+uses whichever the user configured.
+
+Errors come back as the same `registry.errors` classes the server raised, rebuilt from
+the problem details (``type`` names the class).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from registry import errors
+from registry.api.schemas import BaseModelDetail, BaseModelOut, BrickFileOut, BrickOut, Page
+
+__all__ = ["BrickyardClient", "LocalClient", "RemoteClient", "error_from_problem"]
+
+CONFIG_FILENAME = "adapter_config.json"
+WEIGHTS_FILENAME = "adapter_model.safetensors"
+
+
+class BrickyardClient(Protocol):
+    """Operations shared by the local and the remote client."""
+
+    def add_base_model(
+        self, name: str, path: str, *, description: str = "", aliases: Sequence[str] = ()
+    ) -> BaseModelDetail: ...
+    def list_base_models(self) -> list[BaseModelOut]: ...
+    def get_base_model(self, name: str) -> BaseModelDetail: ...
+    def register_brick(self, adapter_dir: Path, metadata: Mapping[str, Any]) -> BrickOut: ...
+    def list_bricks(
+        self,
+        *,
+        base_model: str | None = None,
+        tag: str | None = None,
+        all_versions: bool = False,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[BrickOut]: ...
+    def get_brick(self, name: str, version: int | None = None) -> BrickOut: ...
+    def update_brick(self, name: str, version: int, **changes: Any) -> BrickOut: ...
+    def delete_brick(self, name: str, version: int) -> BrickOut: ...
+    def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]: ...
+    def close(self) -> None: ...
+
+
+def _adapter_files(adapter_dir: Path) -> tuple[Path, Path]:
+    config, weights = adapter_dir / CONFIG_FILENAME, adapter_dir / WEIGHTS_FILENAME
+    missing = [p.name for p in (config, weights) if not p.is_file()]
+    if missing:
+        hint = ""
+        if "adapter_model.safetensors" in missing and (adapter_dir / "adapter_model.bin").exists():
+            hint = " (found adapter_model.bin: convert it to safetensors)"
+        raise errors.InvalidInput(
+            f"{adapter_dir} is not a PEFT adapter directory", errors=[f"missing {', '.join(missing)}{hint}"]
+        )
+    return config, weights
+
+
+# -- remote -----------------------------------------------------------------------------
+
+_ERRORS_BY_CODE: dict[str, type[errors.BrickyardError]] = {
+    cls.code: cls
+    for cls in (getattr(errors, name) for name in errors.__all__)
+    if isinstance(cls, type) and issubclass(cls, errors.BrickyardError)
+}
+
+
+def error_from_problem(status: int, body: Any) -> errors.BrickyardError:
+    """Rebuild the `BrickyardError` a server answered with (problem details)."""
+    if not isinstance(body, dict):
+        return errors.BrickyardError(f"server answered {status}: {str(body)[:200]}")
+    code = str(body.get("type", "")).rsplit("/", 1)[-1]
+    cls = _ERRORS_BY_CODE.get(code)
+    if cls is None:
+        cls = next((c for c in _ERRORS_BY_CODE.values() if c.status == status), errors.BrickyardError)
+    known = {"type", "title", "status", "detail", "instance", "errors"}
+    extra = {k: v for k, v in body.items() if k not in known}
+    return cls(str(body.get("detail", f"HTTP {status}")), errors=body.get("errors") or [], extra=extra)
+
+
+class RemoteClient:
+    """A client for a Brickyard server.
+
+    Args:
+        url: the server, e.g. ``http://127.0.0.1:8000``.
+        token: API token sent as ``Authorization: Bearer``.
+        timeout: seconds per request (uploads and downloads stream).
+        http: an ``httpx.Client`` to use instead of a new one (tests pass an in-process one).
+    """
+
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 300.0, http: Any | None = None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self._http = http if http is not None else httpx.Client(base_url=self.url, timeout=timeout)
+        self._http.headers.update(headers)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> RemoteClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise errors.ServiceUnavailable(f"cannot reach Brickyard at {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
+            raise error_from_problem(response.status_code, body)
+        return response.json()
+
+    def add_base_model(
+        self, name: str, path: str, *, description: str = "", aliases: Sequence[str] = ()
+    ) -> BaseModelDetail:
+        """Register a base model (``path`` is read by the server, on its file system)."""
+        body = {"name": name, "path": path, "description": description, "aliases": list(aliases)}
+        return BaseModelDetail.model_validate(self._request("POST", "/v1/base-models", json=body))
+
+    def list_base_models(self) -> list[BaseModelOut]:
+        """Every base model."""
+        return [BaseModelOut.model_validate(b) for b in self._request("GET", "/v1/base-models")]
+
+    def get_base_model(self, name: str) -> BaseModelDetail:
+        """One base model."""
+        return BaseModelDetail.model_validate(self._request("GET", f"/v1/base-models/{name}"))
+
+    def register_brick(self, adapter_dir: Path, metadata: Mapping[str, Any]) -> BrickOut:
+        """Upload a PEFT adapter directory as a brick (the weights are streamed)."""
+        config, weights = _adapter_files(adapter_dir)
+        with open(config, "rb") as config_file, open(weights, "rb") as weights_file:
+            files = {
+                "adapter_config": (CONFIG_FILENAME, config_file, "application/json"),
+                "adapter_weights": (WEIGHTS_FILENAME, weights_file, "application/octet-stream"),
+            }
+            data = {"metadata": json.dumps(dict(metadata))}
+            return BrickOut.model_validate(self._request("POST", "/v1/bricks", data=data, files=files))
+
+    def list_bricks(
+        self,
+        *,
+        base_model: str | None = None,
+        tag: str | None = None,
+        all_versions: bool = False,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[BrickOut]:
+        """A page of bricks."""
+        params: dict[str, Any] = {"all_versions": all_versions, "limit": limit}
+        for key, value in (("base_model", base_model), ("tag", tag), ("cursor", cursor)):
+            if value is not None:
+                params[key] = value
+        return Page[BrickOut].model_validate(self._request("GET", "/v1/bricks", params=params))
+
+    def get_brick(self, name: str, version: int | None = None) -> BrickOut:
+        """A brick version (latest when ``version`` is None)."""
+        path = f"/v1/bricks/{name}" if version is None else f"/v1/bricks/{name}/versions/{version}"
+        return BrickOut.model_validate(self._request("GET", path))
+
+    def update_brick(self, name: str, version: int, **changes: Any) -> BrickOut:
+        """Patch description, examples or tags."""
+        return BrickOut.model_validate(self._request("PATCH", f"/v1/bricks/{name}/versions/{version}", json=changes))
+
+    def delete_brick(self, name: str, version: int) -> BrickOut:
+        """Delete a brick version."""
+        return BrickOut.model_validate(self._request("DELETE", f"/v1/bricks/{name}/versions/{version}"))
+
+    def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]:
+        """Download a brick version's files into ``out_dir`` (a PEFT adapter directory)."""
+        listing = self._request("GET", f"/v1/bricks/{name}/versions/{version}/files")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for entry in (BrickFileOut.model_validate(f) for f in listing):
+            target = out_dir / entry.filename
+            self.download_file(f"/v1/bricks/{name}/versions/{version}/files/{entry.filename}", target)
+            written.append(target)
+        return written
+
+    def download_file(self, path: str, target: Path) -> None:
+        """Stream one file to ``target`` (written to a temporary name, then renamed)."""
+        partial = target.with_name(target.name + ".partial")
+        with self._http.stream("GET", path) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise error_from_problem(response.status_code, response.json())
+            with open(partial, "wb") as out:
+                for chunk in response.iter_bytes(1 << 20):
+                    out.write(chunk)
+        partial.replace(target)
+
+
+# -- local ------------------------------------------------------------------------------
+
+
+class LocalClient:
+    """The client interface over an in-process `Registry` (no server needed)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    @classmethod
+    def open(cls, settings: Any = None) -> LocalClient:
+        """Open the registry configured by ``settings`` (default: the environment)."""
+        from registry.service import Registry
+
+        return cls(Registry.open(settings))
+
+    def close(self) -> None:
+        """Release the database."""
+        self.registry.close()
+
+    def __enter__(self) -> LocalClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_base_model(
+        self, name: str, path: str, *, description: str = "", aliases: Sequence[str] = ()
+    ) -> BaseModelDetail:
+        """Register a base model from a local directory."""
+        request = {"name": name, "path": path, "description": description, "aliases": list(aliases)}
+        return BaseModelDetail.of(self.registry.add_base_model(request))
+
+    def list_base_models(self) -> list[BaseModelOut]:
+        """Every base model."""
+        return [BaseModelOut.of(b) for b in self.registry.list_base_models()]
+
+    def get_base_model(self, name: str) -> BaseModelDetail:
+        """One base model."""
+        return BaseModelDetail.of(self.registry.get_base_model(name))
+
+    def register_brick(self, adapter_dir: Path, metadata: Mapping[str, Any]) -> BrickOut:
+        """Register a PEFT adapter directory as a brick."""
+        config, weights = _adapter_files(adapter_dir)
+        with open(weights, "rb") as weights_file:
+            return BrickOut.of(self.registry.register_brick(dict(metadata), config.read_bytes(), weights_file))
+
+    def list_bricks(
+        self,
+        *,
+        base_model: str | None = None,
+        tag: str | None = None,
+        all_versions: bool = False,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[BrickOut]:
+        """A page of bricks."""
+        page = self.registry.list_bricks(
+            base_model=base_model, tag=tag, all_versions=all_versions, cursor=cursor, limit=limit
+        )
+        return Page[BrickOut](items=[BrickOut.of(b) for b in page.items], next_cursor=page.next_cursor)
+
+    def get_brick(self, name: str, version: int | None = None) -> BrickOut:
+        """A brick version (latest when ``version`` is None)."""
+        return BrickOut.of(self.registry.get_brick(name, version))
+
+    def update_brick(self, name: str, version: int, **changes: Any) -> BrickOut:
+        """Patch description, examples or tags."""
+        return BrickOut.of(self.registry.update_brick(name, version, changes))
+
+    def delete_brick(self, name: str, version: int) -> BrickOut:
+        """Delete a brick version."""
+        return BrickOut.of(self.registry.delete_brick(name, version))
+
+    def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]:
+        """Copy a brick version's files into ``out_dir``."""
+        import shutil
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for entry in self.registry.brick_files(name, version):
+            _, source = self.registry.brick_file(name, version, entry.filename)
+            target = out_dir / entry.filename
+            shutil.copyfile(source, target)
+            written.append(target)
+        return written
+
+
+def iter_bricks(client: BrickyardClient, **filters: Any) -> Iterator[BrickOut]:
+    """Every brick matching ``filters``, following the pages."""
+    cursor = None
+    while True:
+        page = client.list_bricks(cursor=cursor, **filters)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor

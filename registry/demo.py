@@ -1,0 +1,171 @@
+"""``brickyard demo``: the whole flow on a fresh machine, with nothing downloaded.
+
+Builds a tiny random Llama base model and a few LoRA bricks locally, starts the API on
+the embedded SQLite database, registers everything over REST, lists it, and prints what
+it did at each step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["DEMO_BRICKS", "run_demo"]
+
+DEMO_BRICKS = [
+    {
+        "name": "sentiment",
+        "description": "Classify the sentiment of a product review as positive or negative.",
+        "examples": ["The battery died after two days, very disappointed.", "Best headphones I ever owned!"],
+        "tags": ["classification", "english"],
+        "lora": {"r": 4, "alpha": 8, "target_modules": ("q_proj", "v_proj"), "seed": 11},
+    },
+    {
+        "name": "translate-ro-en",
+        "description": "Translate customer emails from Romanian to English.",
+        "examples": ["Bună ziua, comanda mea nu a ajuns încă.", "Vă mulțumesc pentru ajutor!"],
+        "tags": ["translation", "romanian"],
+        "lora": {"r": 8, "alpha": 16, "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj"), "seed": 12},
+    },
+    {
+        "name": "summarize",
+        "description": "Summarize a news article in one sentence.",
+        "examples": ["The city council voted on Tuesday to expand the bike lane network by 40 km ..."],
+        "tags": ["summarization", "english"],
+        "lora": {
+            "r": 4,
+            "alpha": 8,
+            "target_modules": ("gate_proj", "up_proj", "down_proj"),
+            "use_rslora": True,
+            "seed": 13,
+        },
+    },
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not become ready within {timeout_s:.0f} s")
+
+
+def build_models(workdir: Path, console: Console) -> tuple[Path, dict[str, Path]]:
+    """Build (once) the tiny base model and one adapter per demo brick under ``workdir``."""
+    from transformers.utils import logging as hf_logging
+
+    from registry.toy import make_base_model, make_lora
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    models = workdir / "models"
+    base = models / "tiny-llama"
+    if not (base / "config.json").exists():
+        make_base_model(base, num_layers=2, hidden=64, intermediate=128, max_shard_size="100KB")
+        console.print(f"built a tiny Llama base model in {base}")
+    adapters = {}
+    for spec in DEMO_BRICKS:
+        target = models / str(spec["name"])
+        if not (target / "adapter_config.json").exists():
+            make_lora(base, target, **spec["lora"])  # type: ignore[arg-type]
+            console.print(f"built LoRA brick {spec['name']} in {target}")
+        adapters[str(spec["name"])] = target
+    return base, adapters
+
+
+def run_demo(workdir: Path, console: Console) -> int:
+    """Run the demo; returns the process exit code."""
+    from registry.client import RemoteClient, iter_bricks
+    from registry.errors import BaseModelExists, BrickExists
+
+    workdir = workdir.resolve()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console.rule("[bold]1. build a tiny base model and LoRA bricks (local, no downloads)")
+    base_dir, adapters = build_models(workdir, console)
+
+    console.rule("[bold]2. start the Brickyard API on SQLite")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "BRICKYARD_HOME": str(workdir / "home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("BRICKYARD_DATABASE_URL", None)
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed in finally
+    server = subprocess.Popen(
+        [sys.executable, "-m", "registry", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_ready(url, server)
+        console.print(f"serving {url} (data in {workdir / 'home'}, log in {workdir / 'server.log'})")
+        with RemoteClient(url) as client:
+            console.rule("[bold]3. register the base model over REST")
+            try:
+                base = client.add_base_model("tiny-llama", str(base_dir), description="demo base model")
+                console.print(
+                    f"POST /v1/base-models -> {base.name}: {base.architecture}, {base.parameter_count:,} parameters, "
+                    f"{base.linear_module_count} linear modules, fingerprint {base.fingerprint[:12]}"
+                )
+            except BaseModelExists:
+                console.print("tiny-llama is already registered")
+
+            console.rule("[bold]4. register the bricks over REST")
+            for spec in DEMO_BRICKS:
+                metadata = {k: spec[k] for k in ("name", "description", "examples", "tags")}
+                metadata["base_model"] = "tiny-llama"
+                try:
+                    brick = client.register_brick(adapters[str(spec["name"])], metadata)
+                    console.print(
+                        f"POST /v1/bricks -> {brick.name}@{brick.version}: rank {brick.rank}, "
+                        f"{brick.module_count} modules, sha256 {brick.sha256[:12]}"
+                    )
+                except BrickExists as exc:
+                    console.print(f"{spec['name']}: {exc.detail}")
+
+            console.rule("[bold]5. list them")
+            table = Table("brick", "rank", "modules", "tags", "description")
+            for brick in iter_bricks(client, base_model="tiny-llama"):
+                table.add_row(
+                    f"{brick.name}@{brick.version}",
+                    str(brick.rank),
+                    ",".join(brick.target_modules),
+                    ",".join(brick.tags),
+                    brick.description,
+                )
+            console.print("GET /v1/bricks?base_model=tiny-llama")
+            console.print(table)
+        console.rule("[bold green]demo finished")
+        return 0
+    except Exception as exc:  # noqa: BLE001 - report any failure of the demo plainly
+        console.print(f"[bold red]demo failed:[/] {exc}")
+        console.print(f"server log: {workdir / 'server.log'}")
+        return 1
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

@@ -1,0 +1,115 @@
+"""The ``brickyard`` command line, on the local registry (both backends) and against a
+server; and its start-up staying free of the heavy ML libraries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from registry.cli import app
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, settings: Any) -> Any:
+    monkeypatch.setenv("BRICKYARD_HOME", str(settings.home))
+    monkeypatch.setenv("BRICKYARD_DATABASE_URL", settings.database_url)
+    monkeypatch.delenv("BRICKYARD_URL", raising=False)
+    monkeypatch.setenv("COLUMNS", "250")  # no wrapping of table cells
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True) -> Any:
+        result = runner.invoke(app, list(args), catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return run
+
+
+def test_base_and_brick_commands_end_to_end(cli: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path) -> None:
+    out = cli("base", "add", str(llama_base), "--name", "tiny-llama", "--description", "tiny").output
+    assert "registered base model tiny-llama" in out
+    assert "tiny-llama" in cli("base", "list").output
+    assert "LlamaForCausalLM" in cli("base", "show", "tiny-llama").output
+
+    out = cli(
+        "brick", "push", str(loras["r4"]), "--name", "sentiment", "--base", "tiny-llama",
+        "--description", "classify review sentiment", "-e", "great phone", "-t", "english", "--metric", "acc=0.9",
+    ).output  # fmt: skip
+    assert "registered sentiment@1" in out
+    cli("brick", "push", str(loras["r8"]), "-n", "sentiment", "-b", "tiny-llama", "-d", "v2")
+    listing = cli("brick", "list").output
+    assert "sentiment@2" in listing and "sentiment@1" not in listing
+    assert "sentiment@1" in cli("brick", "list", "--all-versions").output
+    shown = cli("brick", "show", "sentiment@1").output
+    assert "classify review sentiment" in shown and "acc" in shown
+
+    target = tmp_path / "pulled"
+    cli("brick", "pull", "sentiment@1", "-o", str(target))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (target / name).read_bytes() == (loras["r4"] / name).read_bytes()
+
+    cli("brick", "edit", "sentiment@1", "--tag", "Reviews")
+    assert "reviews" in cli("brick", "show", "sentiment@1").output
+    assert "deleted sentiment@1" in cli("brick", "rm", "sentiment@1", "--yes").output
+    missing = cli("brick", "show", "sentiment@1", ok=False)
+    assert missing.exit_code == 1
+    assert "brick-not-found" in missing.output
+
+
+def test_errors_are_printed_with_every_problem(cli: Any, llama_base: Path, tmp_path: Path) -> None:
+    cli("base", "add", str(llama_base), "--name", "tiny-llama")
+    adapter = tmp_path / "bad"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 0, "use_dora": True}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x80\x02pickle")
+    result = cli("brick", "push", str(adapter), "-n", "x", "-b", "tiny-llama", "-d", "d", ok=False)
+    assert result.exit_code == 1
+    assert "unsupported-media-type" in result.output
+    (adapter / "adapter_model.safetensors").unlink()
+    result = cli("brick", "push", str(adapter), "-n", "x", "-b", "tiny-llama", "-d", "d", ok=False)
+    assert "missing adapter_model.safetensors" in result.output
+
+
+def test_db_commands(cli: Any) -> None:
+    assert "up to date" in cli("db", "current").output
+    assert "database at revision" in cli("db", "upgrade").output
+
+
+def test_remote_client_against_the_app(client: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path) -> None:
+    from registry.client import RemoteClient
+    from registry.errors import BrickExists, BrickNotFound
+
+    remote = RemoteClient("http://testserver", http=client)
+    remote.add_base_model("tiny-llama", str(llama_base))
+    brick = remote.register_brick(loras["pattern"], {"name": "p", "base_model": "tiny-llama", "description": "d"})
+    assert brick.rank_pattern == {"v_proj": 8, r"layers\.1\.mlp\.down_proj": 2}
+    with pytest.raises(BrickExists) as caught:
+        remote.register_brick(loras["pattern"], {"name": "q", "base_model": "tiny-llama", "description": "d"})
+    assert caught.value.extra["existing"]["name"] == "p"
+    assert [b.name for b in remote.list_bricks().items] == ["p"]
+    remote.download_brick("p", 1, tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == (
+        loras["pattern"] / "adapter_model.safetensors"
+    ).read_bytes()
+    assert remote.update_brick("p", 1, tags=["x"]).tags == ["x"]
+    remote.delete_brick("p", 1)
+    with pytest.raises(BrickNotFound):
+        remote.get_brick("p")
+
+
+def test_cli_startup_imports_no_ml_libraries() -> None:
+    code = (
+        "import sys; import registry.cli, registry.client; "
+        "heavy = {'torch', 'transformers', 'peft', 'sentence_transformers', 'fastapi', 'sqlalchemy'}; "
+        "heavy &= set(sys.modules); "
+        "print(sorted(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
