@@ -147,10 +147,10 @@ def parse_lora_config(data: Any) -> LoraSettings:
     bias = data.get("bias", "none")
     if bias != "none":
         problems.append(f"bias is {_show(bias)}: adapters that train biases are not supported (need 'none')")
-    r = data.get("r")
+    r: Any = data.get("r")
     if not _is_int(r) or r < 1:
         problems.append(f"r must be a positive integer, got {_show(r)}")
-    alpha = data.get("lora_alpha", r if _is_int(r) else None)
+    alpha: Any = data.get("lora_alpha", r if _is_int(r) else None)
     if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
         problems.append(f"lora_alpha must be a positive finite number, got {_show(alpha)}")
     use_rslora = data.get("use_rslora", False)
@@ -279,7 +279,9 @@ def map_adapter_tensors(names: Iterable[str]) -> AdapterTensors:
     for name in names:
         split = split_lora_key(name)
         if split is None:
-            problems.append(f"tensor {name[:200]!r} is not a LoRA factor (expected '<module>.lora_A.weight' or '.lora_B.weight')")
+            problems.append(
+                f"tensor {name[:200]!r} is not a LoRA factor (expected '<module>.lora_A.weight' or '.lora_B.weight')"
+            )
             continue
         module, factor = split
         found.setdefault(module, {})[factor] = name

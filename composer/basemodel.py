@@ -203,14 +203,16 @@ def find_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
     try:
         config = transformers.AutoConfig.for_model(**dict(layout.config))
     except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidBaseModel("unsupported base model config", [f"transformers cannot read config.json: {exc}"]) from None
+        raise InvalidBaseModel(
+            "unsupported base model config", [f"transformers cannot read config.json: {exc}"]
+        ) from None
     model_class = getattr(transformers, layout.architecture, None)
     try:
         with torch.device("meta"):
             if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
                 model = model_class(config)
             else:
-                model = transformers.AutoModelForCausalLM.from_config(config)
+                model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     except Exception as exc:  # noqa: BLE001 - any failure means the architecture is unusable here
         raise InvalidBaseModel(
             "unsupported architecture",

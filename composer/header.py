@@ -20,9 +20,9 @@ from typing import Any, BinaryIO
 from composer.errors import InvalidTensorFile
 
 __all__ = [
+    "DEFAULT_MAX_HEADER_BYTES",
     "DTYPE_SIZES",
     "FLOAT_DTYPES",
-    "DEFAULT_MAX_HEADER_BYTES",
     "SafetensorsHeader",
     "TensorInfo",
     "find_nonfinite",
@@ -122,8 +122,8 @@ def read_header(source: Path | BinaryIO, *, max_header_bytes: int = DEFAULT_MAX_
         InvalidTensorFile: listing every problem found.
     """
     if isinstance(source, (str, Path)):
-        with open(source, "rb") as handle:
-            return read_header(handle, max_header_bytes=max_header_bytes)
+        with open(source, "rb") as opened:
+            return read_header(opened, max_header_bytes=max_header_bytes)
     handle = source
     handle.seek(0, os.SEEK_END)
     file_size = handle.tell()
@@ -135,7 +135,9 @@ def read_header(source: Path | BinaryIO, *, max_header_bytes: int = DEFAULT_MAX_
     if other is not None:
         raise InvalidTensorFile("not a safetensors file", [f"the file is {other}. {_CONVERT_HINT}"])
     if len(prefix) < 8:
-        raise InvalidTensorFile("not a safetensors file", [f"the file has {file_size} bytes, fewer than the 8-byte header length"])
+        raise InvalidTensorFile(
+            "not a safetensors file", [f"the file has {file_size} bytes, fewer than the 8-byte header length"]
+        )
     header_len = int.from_bytes(prefix, "little")
     if header_len > max_header_bytes:
         raise InvalidTensorFile(
@@ -204,7 +206,9 @@ def _entry(name: str, entry: Any, problems: list[str]) -> TensorInfo | None:
     if not isinstance(entry, dict):
         problems.append(f"{label}: entry is not an object")
         return None
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    dtype: Any = entry.get("dtype")
+    shape: Any = entry.get("shape")
+    offsets: Any = entry.get("data_offsets")
     ok = True
     if dtype not in DTYPE_SIZES:
         problems.append(f"{label}: unknown dtype {str(dtype)[:20]!r}")

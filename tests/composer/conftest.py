@@ -81,7 +81,12 @@ def llama_bricks(toy_dir: Path, toy_llama: Path) -> dict[str, Path]:
             seed=11,
         ),
         "mixed2": make_lora(
-            toy_llama, root / "mixed2", r=2, alpha=16, target_modules=("q_proj", "o_proj", "up_proj", "down_proj"), seed=12
+            toy_llama,
+            root / "mixed2",
+            r=2,
+            alpha=16,
+            target_modules=("q_proj", "o_proj", "up_proj", "down_proj"),
+            seed=12,
         ),
         "all6": make_lora(
             toy_llama,
@@ -93,7 +98,13 @@ def llama_bricks(toy_dir: Path, toy_llama: Path) -> dict[str, Path]:
             seed=13,
         ),
         "rs8": make_lora(
-            toy_llama, root / "rs8", r=8, alpha=4, use_rslora=True, target_modules=("q_proj", "k_proj", "gate_proj"), seed=14
+            toy_llama,
+            root / "rs8",
+            r=8,
+            alpha=4,
+            use_rslora=True,
+            target_modules=("q_proj", "k_proj", "gate_proj"),
+            seed=14,
         ),
     }
 
@@ -103,7 +114,9 @@ def bf16_brick(toy_dir: Path, toy_llama_bf16: Path) -> Path:
     """A float32 brick (r=4, q/v/up) for the bfloat16 base."""
     from registry.toy import make_lora
 
-    return make_lora(toy_llama_bf16, toy_dir / "bf16-brick", r=4, target_modules=("q_proj", "v_proj", "up_proj"), seed=21)
+    return make_lora(
+        toy_llama_bf16, toy_dir / "bf16-brick", r=4, target_modules=("q_proj", "v_proj", "up_proj"), seed=21
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,474 @@
+"""Compose bricks into a base model (``full``) or into one LoRA adapter (``adapter``).
+
+`compose` validates the whole recipe first (`plan_composition`), builds the output in a
+temporary sibling directory of ``out_dir``, fsyncs it and renames it to ``out_dir`` at the
+very end: a failure or a crash never leaves a half-built ``out_dir``.
+
+torch is imported when a composition runs, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import re
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from composer.basemodel import INDEX_FILE
+from composer.errors import NonFiniteResult
+from composer.plan import BrickSource, CompositionPlan, ModulePlan, OutputKind, plan_composition
+
+if TYPE_CHECKING:
+    import torch
+
+    from composer.io import TensorFile
+    from composer.lora import Factors
+
+__all__ = ["ComposeResult", "TruncationStats", "WrittenFile", "compose"]
+
+ProgressCallback = Callable[[float, str], None]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RECORD_FILE = "brickyard.json"
+CARD_FILE = "README.md"
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
+_STREAM_SHARE = 0.97  # of the progress bar, for the weights; the rest is small files and publishing
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file of the output directory (name relative to it) and its size in bytes."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class TruncationStats:
+    """Relative Frobenius error ``||delta - B @ A|| / ||delta||`` of an adapter output,
+    per module and summarized (0 everywhere for an exact adapter)."""
+
+    max_relative_error: float
+    mean_relative_error: float
+    per_module: Mapping[str, float] = field(default_factory=dict)
+
+    def as_dict(self, *, per_module: bool = True) -> dict[str, Any]:
+        """JSON-friendly form."""
+        document: dict[str, Any] = {
+            "max_relative_error": self.max_relative_error,
+            "mean_relative_error": self.mean_relative_error,
+        }
+        if per_module:
+            document["per_module"] = dict(self.per_module)
+        return document
+
+
+@dataclass(frozen=True)
+class ComposeResult:
+    """What `compose` built."""
+
+    out_dir: Path
+    output: OutputKind
+    method: str
+    files: tuple[WrittenFile, ...]
+    seconds: float
+    rank: int | None = None
+    truncation: TruncationStats | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of the output files' sizes."""
+        return sum(f.size for f in self.files)
+
+
+def compose(
+    base_dir: Path,
+    bricks: Sequence[BrickSource],
+    out_dir: Path,
+    *,
+    method: str = "linear",
+    params: Mapping[str, Any] | None = None,
+    output: OutputKind = "full",
+    rank: int | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> ComposeResult:
+    """Merge ``bricks`` into the base model at ``base_dir`` and write the result to ``out_dir``.
+
+    For brick i with weight ``w_i``, each module's delta is ``delta_i = s_i * B_i @ A_i``; the
+    method combines the deltas of the bricks that target the module (a brick that does not
+    target it contributes nothing).
+
+    Args:
+        base_dir: a Hugging Face model directory with safetensors weights.
+        bricks: the bricks with their weights, in recipe order.
+        out_dir: where to publish the result; must not exist.
+        method: a registered merge method (see ``list_methods()``).
+        params: the method's parameters (validated by its params model).
+        output: ``"full"`` writes a model directory (base weights plus merged delta, same
+            dtypes and sharding, config/tokenizer files copied); ``"adapter"`` writes one
+            PEFT LoRA adapter.
+        rank: adapter output only: truncate to this rank (exactly, from the factors, for
+            ``linear``; by SVD of the merged delta for other methods, where it is required).
+        recipe: caller's JSON stored under ``"recipe"`` in ``brickyard.json``.
+        progress: ``progress(fraction, message)``, monotone, ending with 1.0.
+
+    Returns:
+        `ComposeResult`.
+
+    Raises:
+        UnknownMethod, InvalidParams, InvalidBaseModel, InvalidAdapter, IncompatibleBricks:
+            before any weight is read. NonFiniteResult: a merged tensor holds NaN/Inf or does
+            not fit its dtype (names module and bricks). FileExistsError: ``out_dir``
+            exists. OSError: disk problems, including too little free space (checked first).
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        raise FileExistsError(errno.EEXIST, "the output directory already exists", str(out_dir))
+    report = _Reporter(progress)
+    report(0.0, "checking the recipe", force=True)
+    plan = plan_composition(base_dir, bricks, method=method, params=params, output=output, rank=rank, recipe=recipe)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_free_space(plan, out_dir.parent)
+    staging = out_dir.parent / f".{out_dir.name}.composing-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        truncation: TruncationStats | None = None
+        ranks: dict[str, int] = {}
+        if plan.output == "full":
+            _write_full(plan, staging, report)
+        else:
+            truncation, ranks = _write_adapter(plan, staging, report)
+        report(_STREAM_SHARE, "writing the model card", force=True)
+        _write_record(plan, staging, recipe=recipe, truncation=truncation, ranks=ranks)
+        files = tuple(WrittenFile(p.name, p.stat().st_size) for p in sorted(staging.iterdir()) if p.is_file())
+        report(0.99, "publishing", force=True)
+        from composer.io import publish_dir
+
+        publish_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - started
+    report.finish(f"composed {len(plan.modules)} modules from {len(plan.bricks)} bricks in {seconds:.1f}s")
+    return ComposeResult(
+        out_dir=out_dir,
+        output=plan.output,
+        method=plan.method.name,
+        files=files,
+        seconds=seconds,
+        rank=plan.rank,
+        truncation=truncation,
+    )
+
+
+class _Reporter:
+    """Makes the caller's progress callback monotone, throttled, and below 1.0 until done."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self.callback = callback
+        self.last = 0.0
+        self.last_time = -math.inf
+        self.called = False
+
+    def __call__(self, fraction: float, message: str, *, force: bool = False) -> None:
+        if self.callback is None:
+            return
+        fraction = min(max(fraction, self.last), 0.999)
+        now = time.monotonic()
+        if self.called and not force and fraction - self.last < 0.005 and now - self.last_time < 0.25:
+            return
+        self.last, self.last_time, self.called = fraction, now, True
+        self.callback(fraction, message)
+
+    def finish(self, message: str) -> None:
+        if self.callback is not None:
+            self.callback(1.0, message)
+
+
+def _check_free_space(plan: CompositionPlan, parent: Path) -> None:
+    if plan.output == "full":
+        needed = plan.base.size_bytes + sum(p.stat().st_size for p in _files_to_copy(plan.base.path))
+    else:
+        needed = 0
+        for module in plan.modules.values():
+            width = module.module.in_features + module.module.out_features
+            exact = sum(c.rank for c in module.contributions)
+            needed += 4 * width * (min(plan.rank, exact) if plan.rank is not None else exact)
+    needed += 1024 * 1024
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC, f"not enough disk space: the output needs {needed} bytes, {free} are free", str(parent)
+        )
+
+
+def _files_to_copy(base: Path) -> list[Path]:
+    """Config, tokenizer and generation files of the base (top-level regular files that are
+    not weights, not hidden, and not ours to write)."""
+    files = []
+    for path in sorted(base.iterdir()):
+        name = path.name
+        if name.startswith(".") or name in (CARD_FILE, RECORD_FILE) or not path.is_file():
+            continue
+        if name.endswith(_NOT_COPIED_SUFFIXES):
+            continue
+        files.append(path)
+    return files
+
+
+def _open_bricks(plan: CompositionPlan, stack: ExitStack) -> list[TensorFile]:
+    from composer.io import TensorFile
+
+    return [stack.enter_context(TensorFile(Path(brick.source.weights_path), brick.header)) for brick in plan.bricks]
+
+
+@dataclass
+class _Payload:
+    factors: list[Factors]
+    stacked: tuple[torch.Tensor, torch.Tensor] | None
+    keys: tuple[str, ...]
+
+
+def _load(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]) -> _Payload:
+    from composer.lora import Factors, content_key, stacked_factors
+
+    factors = [
+        Factors(a=files[c.brick].read(c.a), b=files[c.brick].read(c.b), scaling=c.scaling, weight=c.weight)
+        for c in module.contributions
+    ]
+    if plan.method.sums_deltas:
+        return _Payload(factors, stacked_factors(factors), ())
+    return _Payload(factors, None, tuple(content_key(f) for f in factors))
+
+
+def _merged_delta(plan: CompositionPlan, module: ModulePlan, payload: _Payload) -> torch.Tensor:
+    """The method's combination of the dense deltas (``out x in``, float32)."""
+    from composer.lora import delta
+    from composer.methods import MergeContext
+
+    deltas = [delta(f) for f in payload.factors]
+    context = MergeContext(module=module.name, brick_keys=payload.keys)
+    return plan.method.combine(deltas, [f.weight for f in payload.factors], plan.params, context)
+
+
+def _fits(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value is finite and representable in ``dtype`` (one pass, no allocation)."""
+    import torch
+
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    limit = torch.finfo(dtype).max
+    lo, hi = float(low), float(high)
+    return math.isfinite(lo) and math.isfinite(hi) and -limit <= lo and hi <= limit
+
+
+def _write_full(plan: CompositionPlan, staging: Path, report: _Reporter) -> None:
+    import torch
+
+    from composer.io import ShardJob, copy_file, stream_shards
+
+    by_tensor = {m.tensor.name: m for m in plan.modules.values()}
+    updates = plan.tensors_by_shard()
+    jobs = [
+        ShardJob(plan.base.path / shard, staging / shard, header, updates.get(shard, frozenset()))
+        for shard, header in plan.base.shards.items()
+    ]
+    total = max(1, sum(job.header.file_size for job in jobs))
+    workspace: list[torch.Tensor] = []
+
+    def scratch(like: torch.Tensor) -> torch.Tensor:
+        # One float32 workspace, reused for every tensor: no allocation churn, bounded memory.
+        numel = like.numel()
+        if not workspace or workspace[0].numel() < numel:
+            workspace[:] = [torch.empty(numel, dtype=torch.float32)]
+        return workspace[0][:numel].view(like.shape)
+
+    def update(info: Any, tensor: torch.Tensor, payload: _Payload) -> None:
+        module = by_tensor[info.name]
+        in_place = tensor.dtype in (torch.float32, torch.float64)
+        work = tensor if in_place else scratch(tensor).copy_(tensor)
+        if payload.stacked is not None:
+            b_cat, a_cat = (t.to(work.dtype) for t in payload.stacked)
+            if module.module.fan_in_fan_out:
+                work.addmm_(a_cat.T, b_cat.T)
+            else:
+                work.addmm_(b_cat, a_cat)
+        else:
+            merged = _merged_delta(plan, module, payload).to(work.dtype)
+            work.add_(merged.T if module.module.fan_in_fan_out else merged)
+        if not _fits(work, tensor.dtype):
+            raise _non_finite(plan, module, payload, _BaseWeight(plan, module))
+        if not in_place:
+            tensor.copy_(work)
+
+    with ExitStack() as stack:
+        files = _open_bricks(plan, stack)
+        stream_shards(
+            jobs,
+            update,
+            prefetch=lambda info: _load(plan, by_tensor[info.name], files),
+            progress=lambda written, name: report(
+                _STREAM_SHARE * written / total, f"merging {name}" if name else "copying"
+            ),
+        )
+    for path in _files_to_copy(plan.base.path):
+        if (staging / path.name).exists():
+            continue
+        copy_file(path, staging / path.name)
+    if plan.base.sharded and not (staging / INDEX_FILE).exists():
+        copy_file(plan.base.path / INDEX_FILE, staging / INDEX_FILE)
+
+
+class _BaseWeight:
+    """Reads a module's base weight again, for diagnosing a failed merge."""
+
+    def __init__(self, plan: CompositionPlan, module: ModulePlan) -> None:
+        self.plan = plan
+        self.module = module
+
+    def base_is_finite(self) -> bool:
+        """Whether the stored base weight is all finite."""
+        import torch
+
+        from composer.io import TensorFile
+
+        header = self.plan.base.shards[self.module.shard]
+        with TensorFile(self.plan.base.path / self.module.shard, header) as source:
+            weight = source.read(self.module.tensor)
+        return bool(torch.isfinite(weight).all())
+
+
+def _non_finite(
+    plan: CompositionPlan, module: ModulePlan, payload: _Payload, base: _BaseWeight | None
+) -> NonFiniteResult:
+    """Name what made a module's merge non-finite: a brick's factors, a brick's delta, the
+    base weight, or the combination overflowing the dtype."""
+    import torch
+
+    from composer.lora import delta
+
+    problems = []
+    for contribution, factors in zip(module.contributions, payload.factors, strict=True):
+        label = f"brick {plan.bricks[contribution.brick].source.name!r} (weight {contribution.weight:g})"
+        bad = [n for n, t in (("lora_A", factors.a), ("lora_B", factors.b)) if not bool(torch.isfinite(t).all())]
+        if bad:
+            problems.append(f"{label}: {' and '.join(bad)} hold NaN or Inf")
+        elif not bool(torch.isfinite(delta(factors)).all()):
+            problems.append(f"{label}: its delta s * B @ A overflows float32")
+    if base is not None and not problems and not base.base_is_finite():
+        problems.append("the base model's weight itself holds NaN or Inf")
+    if not problems:
+        names = ", ".join(repr(plan.bricks[c.brick].source.name) for c in module.contributions)
+        dtype = module.tensor.dtype if plan.output == "full" else "F32"
+        problems.append(f"the merged weight of bricks {names} does not fit in {dtype} (overflow)")
+    return NonFiniteResult(f"merging module {module.name!r} produced NaN or Inf", problems)
+
+
+def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> tuple[TruncationStats, dict[str, int]]:
+    import torch
+
+    from composer.io import write_json, write_safetensors
+    from composer.lowrank import LowRank, truncate_product, truncated_svd
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    count = max(1, len(plan.modules))
+    with ExitStack() as stack:
+        files = _open_bricks(plan, stack)
+        for index, module in enumerate(plan.modules.values()):
+            payload = _load(plan, module, files)
+            if payload.stacked is not None:
+                b_cat, a_cat = payload.stacked
+                if plan.rank is None:
+                    low_rank = LowRank(b=b_cat, a=a_cat, relative_error=0.0)
+                else:
+                    low_rank = truncate_product(b_cat, a_cat, plan.rank)
+            else:
+                assert plan.rank is not None  # the plan requires a rank for these methods
+                low_rank = truncated_svd(_merged_delta(plan, module, payload), plan.rank)
+            if not (_fits(low_rank.a, torch.float32) and _fits(low_rank.b, torch.float32)) or not math.isfinite(
+                low_rank.relative_error
+            ):
+                raise _non_finite(plan, module, payload, None)
+            tensors[f"base_model.model.{module.name}.lora_A.weight"] = low_rank.a.contiguous()
+            tensors[f"base_model.model.{module.name}.lora_B.weight"] = low_rank.b.contiguous()
+            ranks[module.name] = low_rank.rank
+            errors[module.name] = low_rank.relative_error
+            report(_STREAM_SHARE * (index + 1) / count, f"merging {module.name}")
+    write_safetensors(staging / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
+    write_json(staging / ADAPTER_CONFIG, adapter_config(plan, ranks))
+    values = list(errors.values())
+    stats = TruncationStats(
+        max_relative_error=max(values, default=0.0),
+        mean_relative_error=sum(values) / len(values) if values else 0.0,
+        per_module=errors,
+    )
+    return stats, ranks
+
+
+def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int]) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter output: scaling 1 everywhere (``lora_alpha``
+    equals the rank of every module), per-module ranks in ``rank_pattern`` with the module
+    names escaped as regexes, ``target_modules`` as suffixes when they select exactly the
+    merged modules, else as full names."""
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k)) if counts else 1
+    rank_pattern = {re.escape(name): k for name, k in ranks.items() if k != r}
+    fan_in_fan_out = bool(plan.modules) and all(m.module.fan_in_fan_out for m in plan.modules.values())
+    task_types = {brick.task_type for brick in plan.bricks}
+    bases = {brick.settings.base_model_name_or_path for brick in plan.bricks}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_types.pop() if len(task_types) == 1 else None,
+        "base_model_name_or_path": bases.pop() if len(bases) == 1 else None,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": _target_modules(plan, list(ranks)),
+        "use_rslora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+
+
+def _target_modules(plan: CompositionPlan, modules: Sequence[str]) -> list[str]:
+    chosen = set(modules)
+    suffixes = {name.rsplit(".", 1)[-1] for name in chosen}
+    stored = {name.removesuffix(".weight") for name in plan.base.weight_map if name.endswith(".weight")}
+    selected = {m for m in stored if m.rsplit(".", 1)[-1] in suffixes}
+    return sorted(suffixes) if selected == chosen else sorted(chosen)
+
+
+def _write_record(
+    plan: CompositionPlan,
+    staging: Path,
+    *,
+    recipe: Mapping[str, Any] | None,
+    truncation: TruncationStats | None,
+    ranks: Mapping[str, int],
+) -> None:
+    from composer.card import composition_record, model_card
+    from composer.io import write_json, write_text
+
+    record = composition_record(plan, recipe=recipe, truncation=truncation, ranks=ranks)
+    write_json(staging / RECORD_FILE, record)
+    write_text(staging / CARD_FILE, model_card(plan, record))

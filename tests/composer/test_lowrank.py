@@ -1,0 +1,67 @@
+"""Low-rank algebra: truncating ``B @ A`` from its factors is the optimal truncation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from composer.lora import Factors, delta, stacked_factors
+from composer.lowrank import truncate_product, truncated_svd
+
+
+def _factors(out: int, inner: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(out, inner, generator=generator), torch.randn(inner, width, generator=generator)
+
+
+def _optimal(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
+    """Best rank-k approximation by a dense float64 SVD, and its relative error."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    approx = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    return approx, float(torch.linalg.vector_norm(s[rank:]) / torch.linalg.vector_norm(s))
+
+
+@pytest.mark.parametrize(("out", "inner", "width", "rank"), [(64, 24, 48, 5), (40, 30, 70, 12), (6, 10, 20, 4)])
+def test_truncating_factors_equals_the_svd_of_the_product(out: int, inner: int, width: int, rank: int) -> None:
+    b, a = _factors(out, inner, width, seed=out)
+    result = truncate_product(b, a, rank)
+    expected, expected_error = _optimal(b @ a, rank)
+    assert result.rank == min(rank, out, width)
+    assert tuple(result.b.shape) == (out, result.rank) and tuple(result.a.shape) == (result.rank, width)
+    product = result.b.double() @ result.a.double()
+    assert torch.linalg.vector_norm(product - expected) <= 1e-5 * torch.linalg.vector_norm(expected)
+    measured = float(torch.linalg.vector_norm((b @ a).double() - product) / torch.linalg.vector_norm((b @ a).double()))
+    assert result.relative_error == pytest.approx(expected_error, rel=1e-6)
+    assert result.relative_error == pytest.approx(measured, rel=1e-4)
+
+
+def test_a_rank_at_least_the_inner_dimension_is_exact() -> None:
+    b, a = _factors(20, 6, 30, seed=1)
+    result = truncate_product(b, a, 6)
+    assert result.relative_error == 0.0 and result.rank == 6
+    assert torch.equal(result.b @ result.a, b @ a)
+
+
+def test_truncated_svd_of_a_dense_matrix() -> None:
+    generator = torch.Generator().manual_seed(2)
+    matrix = torch.randn(30, 50, generator=generator)
+    result = truncated_svd(matrix, 7)
+    expected, expected_error = _optimal(matrix, 7)
+    torch.testing.assert_close(result.b.double() @ result.a.double(), expected, rtol=1e-4, atol=1e-4)
+    assert result.relative_error == pytest.approx(expected_error, rel=1e-5)
+    full = truncated_svd(matrix, 100)
+    assert full.rank == 30 and full.relative_error < 1e-6
+
+
+def test_stacked_factors_are_the_weighted_sum_of_deltas() -> None:
+    generator = torch.Generator().manual_seed(3)
+    parts = [
+        Factors(torch.randn(r, 12, generator=generator), torch.randn(9, r, generator=generator), s, w)
+        for r, s, w in ((2, 0.5, 1.0), (5, 2.0, -0.7), (3, 1.0 / 3**0.5, 0.2))
+    ]
+    b_cat, a_cat = stacked_factors(parts)
+    assert tuple(b_cat.shape) == (9, 10) and tuple(a_cat.shape) == (10, 12)
+    expected = sum(p.weight * p.scaling * (p.b.double() @ p.a.double()) for p in parts)
+    torch.testing.assert_close(b_cat.double() @ a_cat.double(), expected, rtol=1e-6, atol=1e-6)  # type: ignore[arg-type]
+    expected_delta = 2.0 * (parts[1].b.double() @ parts[1].a.double())
+    torch.testing.assert_close(delta(parts[1]).double(), expected_delta, rtol=1e-5, atol=1e-5)

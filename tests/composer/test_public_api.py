@@ -1,0 +1,37 @@
+"""The package's public surface: what the registry imports."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import composer
+from composer import BrickSource, compose
+
+
+def test_all_names_exist_and_include_the_registry_contract() -> None:
+    for name in composer.__all__:
+        assert hasattr(composer, name), name
+    contract = {
+        "BrickSource",
+        "ComposeResult",
+        "compose",
+        "list_methods",
+        "get_method",
+        "MERGE_METHODS",
+        "plan_composition",
+    }
+    assert contract <= set(composer.__all__)
+
+
+def test_compose_signature() -> None:
+    parameters = inspect.signature(compose).parameters
+    assert list(parameters)[:3] == ["base_dir", "bricks", "out_dir"]
+    keyword_only = {n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keyword_only == {"method", "params", "output", "rank", "recipe", "progress"}
+    assert parameters["method"].default == "linear" and parameters["output"].default == "full"
+
+
+def test_brick_source_defaults_to_weight_one() -> None:
+    brick = BrickSource("a@1", Path("c.json"), Path("w.safetensors"))
+    assert brick.weight == 1.0
