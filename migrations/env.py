@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from alembic import context
 
+from registry.db.migrate import include_object
 from registry.db.models import Base
 from registry.db.session import make_engine
 from registry.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata
-
-
-def _include_object(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
-    # pgvector's HNSW index is an expression index Alembic cannot compare; it is owned by the migration.
-    return not (type_ == "index" and name is not None and name.startswith("ix_hnsw_"))
 
 
 def run_migrations_online() -> None:
@@ -28,7 +24,7 @@ def run_migrations_online() -> None:
             target_metadata=target_metadata,
             compare_type=True,
             render_as_batch=connection.dialect.name == "sqlite",
-            include_object=_include_object,
+            include_object=include_object,
         )
         with context.begin_transaction():
             context.run_migrations()

@@ -378,6 +378,59 @@ def brick_rm(
     console.print(f"deleted [bold]{brick.name}@{brick.version}[/]")
 
 
+# -- search -----------------------------------------------------------------------------
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="a task description or an example input")],
+    base: Annotated[str | None, typer.Option("--base", "-b", help="only bricks of this base model")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="only bricks with this tag (repeatable)")] = None,
+    k: Annotated[int, typer.Option("-k", help="how many bricks")] = 5,
+    min_score: Annotated[float | None, typer.Option(help="drop hits scoring below this")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Find the bricks that fit a task description or an example input."""
+    try:
+        with _client(url) as client:
+            hits = client.search(query, base_model=base, tags=tag or None, k=k, min_score=min_score)
+    except BrickyardError as exc:
+        _fail(exc)
+    table = Table("#", "brick", "base model", "score", "matched", "text")
+    for rank, hit in enumerate(hits, 1):
+        shown = hit.text if len(hit.text) <= 70 else hit.text[:67] + "..."
+        table.add_row(
+            str(rank),
+            f"{hit.brick.name}@{hit.brick.version}",
+            hit.brick.base_model,
+            f"{hit.score:.2f}",
+            f"{hit.matched} ({hit.similarity:.2f})",
+            shown,
+        )
+    console.print(table if hits else "no matching bricks")
+
+
+@app.command()
+def reindex() -> None:
+    """Re-embed every brick with the configured embedding model (after a model change)."""
+    from rich.progress import Progress
+
+    from registry.service import Registry
+
+    registry = Registry.open()
+    try:
+        with Progress(console=console) as progress:
+            task = progress.add_task("embedding bricks", total=None)
+
+            def report(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            count = registry.reindex(report)
+    finally:
+        registry.close()
+    console.print(f"re-indexed {count} brick versions with {registry.embedder.name}")
+
+
 # -- demo -------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from registry import errors
-from registry.api.schemas import BaseModelDetail, BaseModelOut, BrickFileOut, BrickOut, Page
+from registry.api.schemas import BaseModelDetail, BaseModelOut, BrickFileOut, BrickOut, Page, SearchHitOut, SearchOut
 
 __all__ = ["BrickyardClient", "LocalClient", "RemoteClient", "error_from_problem"]
 
@@ -45,6 +45,7 @@ class BrickyardClient(Protocol):
     def update_brick(self, name: str, version: int, **changes: Any) -> BrickOut: ...
     def delete_brick(self, name: str, version: int) -> BrickOut: ...
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]: ...
+    def search(self, query: str, **options: Any) -> list[SearchHitOut]: ...
     def close(self) -> None: ...
 
 
@@ -181,6 +182,11 @@ class RemoteClient:
         """Delete a brick version."""
         return BrickOut.model_validate(self._request("DELETE", f"/v1/bricks/{name}/versions/{version}"))
 
+    def search(self, query: str, **options: Any) -> list[SearchHitOut]:
+        """Bricks ranked for ``query`` (options: base_model, tags, k, offset, min_score, ...)."""
+        body = {"query": query, **{k: v for k, v in options.items() if v is not None}}
+        return SearchOut.model_validate(self._request("POST", "/v1/search", json=body)).hits
+
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]:
         """Download a brick version's files into ``out_dir`` (a PEFT adapter directory)."""
         listing = self._request("GET", f"/v1/bricks/{name}/versions/{version}/files")
@@ -278,6 +284,16 @@ class LocalClient:
     def delete_brick(self, name: str, version: int) -> BrickOut:
         """Delete a brick version."""
         return BrickOut.of(self.registry.delete_brick(name, version))
+
+    def search(self, query: str, **options: Any) -> list[SearchHitOut]:
+        """Bricks ranked for ``query`` (options: base_model, tags, k, offset, min_score, ...)."""
+        body = {"query": query, **{k: v for k, v in options.items() if v is not None}}
+        return [
+            SearchHitOut(
+                brick=BrickOut.of(h.brick), score=h.score, matched=h.matched, text=h.text, similarity=h.similarity
+            )
+            for h in self.registry.search(body)
+        ]
 
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]:
         """Copy a brick version's files into ``out_dir``."""

@@ -20,6 +20,7 @@ __all__ = [
     "BrickMetadata",
     "BrickPatchIn",
     "Name",
+    "SearchRequest",
     "Tag",
     "parse_json_model",
     "validation_errors",
@@ -106,6 +107,23 @@ class BaseModelCreate(BaseModel):
         max_length=16,
         description="other names adapters may record as base_model_name_or_path (e.g. a Hub id)",
     )
+
+
+class SearchRequest(BaseModel):
+    """A search for bricks by task description or example input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)] = Field(
+        description="a task description or an example input"
+    )
+    base_model: Name | None = Field(None, description="only bricks of this base model")
+    tags: list[Tag] = Field(default_factory=list, max_length=16, description="only bricks carrying every tag")
+    k: int = Field(5, ge=1, le=100, description="how many bricks to return")
+    offset: int = Field(0, ge=0, le=900, description="skip this many ranked bricks (for paging)")
+    min_score: float | None = Field(None, allow_inf_nan=False, description="drop hits scoring below this")
+    all_versions: bool = Field(False, description="rank every version, not only the latest of each brick")
+    exact: bool = Field(False, description="exact nearest-neighbour search instead of the approximate index")
 
 
 def validation_errors(exc: ValidationError, prefix: str = "") -> list[str]:

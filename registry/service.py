@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,7 +20,9 @@ from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
 from registry import domain
 from registry.blobs import LocalBlobStore
 from registry.db.migrate import ensure_schema
+from registry.db.retrieval import EmbeddedTexts
 from registry.db.session import Database
+from registry.embed import Embedder, shared_embedder
 from registry.errors import (
     BaseModelNotFound,
     BrickNotFound,
@@ -30,12 +33,14 @@ from registry.errors import (
     PayloadTooLarge,
     VersionExists,
 )
-from registry.inputs import BaseModelCreate, BrickMetadata, BrickPatchIn, parse_json_model
+from registry.index import SearchFilters, SearchIndex, make_index
+from registry.inputs import BaseModelCreate, BrickMetadata, BrickPatchIn, SearchRequest, parse_json_model
+from registry.retrieve import rank_bricks
 from registry.settings import Settings
 from registry.spec import inspect_adapter
 from registry.store import Store
 
-__all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry"]
+__all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry", "SearchHit"]
 
 log = logging.getLogger("brickyard")
 
@@ -43,13 +48,51 @@ CONFIG_FILENAME = "adapter_config.json"
 WEIGHTS_FILENAME = "adapter_model.safetensors"
 
 
-class Registry:
-    """Brickyard's service layer over a SQL store and a blob store."""
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result: the brick, its ranking score, and what matched (and how well)."""
 
-    def __init__(self, settings: Settings, store: Store, blobs: LocalBlobStore) -> None:
+    brick: domain.Brick
+    score: float
+    matched: str
+    text: str
+    similarity: float
+
+
+class Registry:
+    """Brickyard's service layer over a SQL store, a blob store and a search index."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        blobs: LocalBlobStore,
+        *,
+        embedder: Embedder | None = None,
+        index: SearchIndex | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.blobs = blobs
+        self._embedder = embedder
+        self.index = index if index is not None else make_index(store.db)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedding model (loaded on first use, shared by the process)."""
+        if self._embedder is None:
+            self._embedder = shared_embedder(self.settings.embedding.resolved_model_path())
+        return self._embedder
+
+    def _embed(self, description: str, examples: tuple[str, ...]) -> EmbeddedTexts:
+        vectors = self.embedder.embed([description, *examples])
+        return EmbeddedTexts(
+            model=self.embedder.name,
+            description=description,
+            examples=examples,
+            desc_vec=vectors[0],
+            ex_vecs=vectors[1:],
+        )
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> Registry:
@@ -210,11 +253,18 @@ class Registry:
         except BaseException:
             self.blobs.discard(staged)
             raise
+        try:
+            embedded = self._embed(draft.description, draft.examples)
+            self.store.ensure_index_model(embedded.model)
+        except BaseException:
+            self.blobs.discard(staged)
+            self.blobs.discard(config_blob)
+            raise
         # Bytes first, row second: a crash in between leaves an unreferenced blob for
         # `brickyard fsck` to collect, never a row without its bytes.
         self.blobs.commit(staged)
         self.blobs.commit(config_blob)
-        brick = self.store.add_brick(draft, actor=actor)
+        brick = self.store.add_brick(draft, embedded=embedded, actor=actor)
         log.info("registered brick %s (%s, %d bytes)", brick.ref, brick.sha256[:12], brick.size_bytes)
         return brick
 
@@ -262,7 +312,14 @@ class Registry:
             examples=tuple(patch.examples) if patch.examples is not None else None,
             tags=tuple(patch.tags) if patch.tags is not None else None,
         )
-        return self.store.update_brick(name, version, change)
+        embedded = None
+        if change.description is not None or change.examples is not None:
+            current = self.store.get_brick(name, version)
+            embedded = self._embed(
+                change.description if change.description is not None else current.description,
+                change.examples if change.examples is not None else current.examples,
+            )
+        return self.store.update_brick(name, version, change, embedded=embedded)
 
     def delete_brick(self, name: str, version: int, *, actor: str | None = None) -> domain.Brick:
         """Delete a brick version. Its blobs stay until `brickyard fsck` collects them
@@ -270,6 +327,71 @@ class Registry:
         brick = self.store.delete_brick(name, version)
         log.info("deleted brick %s (by %s)", brick.ref, actor or "anonymous")
         return brick
+
+    # -- search ------------------------------------------------------------------------
+
+    def search(self, request: SearchRequest | Mapping[str, Any]) -> list[SearchHit]:
+        """Rank the compatible bricks for a task description or an example input.
+
+        Filters (base model, tags, latest version) apply before ranking, so ``k`` hits
+        come back whenever ``k`` eligible bricks exist.
+
+        Raises:
+            InvalidInput: empty or oversized query, bad filters.
+            BaseModelNotFound: the base model filter names no registered base model.
+            ServiceUnavailable: the index was built with another embedding model.
+        """
+        if not isinstance(request, SearchRequest):
+            request = parse_json_model(SearchRequest, dict(request), what="search")
+        base_id = None
+        if request.base_model is not None:
+            base_id = self.store.base_model_id(request.base_model)
+        filters = SearchFilters(base_model_id=base_id, tags=tuple(request.tags), all_versions=request.all_versions)
+        query_vec = self.embedder.embed([request.query])[0]
+        wanted = request.k + request.offset
+        n = max(_MIN_CANDIDATE_VECTORS, _VECTORS_PER_HIT * wanted)
+        while True:
+            found = self.index.candidates(
+                query_vec, model=self.embedder.name, filters=filters, n=n, exact=request.exact
+            )
+            enough = len(found.features) >= wanted or n >= _MAX_CANDIDATE_VECTORS
+            if enough or len(found.features) == 0:
+                break
+            n *= 4
+        ranked = rank_bricks(query_vec, request.query, found.features, found.max_example_sim, found.stats)
+        if request.min_score is not None:
+            ranked = [r for r in ranked if r.score >= request.min_score]
+        ranked = ranked[request.offset : wanted]
+        bricks = self.store.get_bricks_by_ids([r.brick_id for r in ranked])
+        hits = []
+        for r in ranked:
+            brick = bricks.get(r.brick_id)
+            if brick is None:  # deleted between ranking and lookup
+                continue
+            text = brick.description if r.matched == "description" else brick.examples[r.ordinal]
+            hits.append(SearchHit(brick=brick, score=r.score, matched=r.matched, text=text, similarity=r.similarity))
+        return hits
+
+    def reindex(self, progress: Callable[[int, int], None] | None = None, *, batch: int = 64) -> int:
+        """Re-embed every brick with the configured model and rebuild the index.
+
+        Args:
+            progress: called with (bricks done, bricks in all).
+            batch: bricks embedded per batch.
+
+        Returns:
+            The number of bricks indexed.
+        """
+        refs = self.store.all_brick_texts()
+        embedded: dict[int, EmbeddedTexts] = {}
+        for start in range(0, len(refs), batch):
+            for brick_id, description, examples in refs[start : start + batch]:
+                embedded[brick_id] = self._embed(description, examples)
+            if progress is not None:
+                progress(min(start + batch, len(refs)), len(refs))
+        self.store.replace_index(embedded, embed=lambda d, e: self._embed(d, e))
+        self.index.invalidate()
+        return len(embedded)
 
     def brick_files(self, name: str, version: int) -> list[domain.BrickFile]:
         """The stored files of a brick version."""
@@ -297,6 +419,11 @@ class Registry:
 
 def _parse_metadata(raw: Mapping[str, Any] | str | bytes) -> BrickMetadata:
     return parse_json_model(BrickMetadata, raw if isinstance(raw, (str, bytes)) else dict(raw), what="metadata")
+
+
+_MIN_CANDIDATE_VECTORS = 200
+_VECTORS_PER_HIT = 8
+_MAX_CANDIDATE_VECTORS = 20_000
 
 
 def _claimed_base_model(raw: Any) -> str | None:

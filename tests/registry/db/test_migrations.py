@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from registry.db.migrate import current_revision, ensure_schema, head_revision, upgrade
+from registry.db.migrate import current_revision, ensure_schema, head_revision, include_object, upgrade
 from registry.db.models import Base
 from registry.db.session import make_engine
 from registry.errors import SchemaOutOfDate
@@ -33,7 +33,9 @@ def test_models_and_migrations_do_not_drift(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "include_object": include_object}
+            )
             diff = compare_metadata(context, Base.metadata)
     finally:
         engine.dispose()

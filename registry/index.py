@@ -1,0 +1,302 @@
+"""Backend-specific candidate generation for search.
+
+`InMemoryIndex` (SQLite): every vector of the current model in one numpy matrix, searched
+exactly; reloaded when the generation counter in the database moves (a write by any
+process). Searches read an immutable snapshot, so concurrent requests are safe while a
+reload builds the next one.
+
+`PgVectorIndex` (PostgreSQL): the top-N vectors come from pgvector's HNSW index (or an
+exact scan), with filters applied inside the query (iterative index scans keep N rows
+coming when filters are selective); the candidates' vectors and lexical vectors are then
+fetched by id.
+
+Both return the same `Candidates`, which `registry.retrieve.rank_bricks` scores.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.orm import Session
+
+from registry.db.models import BrickLexicalRow, BrickRow, BrickTagRow, BrickVectorRow
+from registry.db.retrieval import read_generation, read_stats
+from registry.db.session import Database
+from registry.errors import ServiceUnavailable
+from registry.lexical import VIEWS, SparseVector
+from registry.retrieve import BrickFeatures, CorpusStats
+
+__all__ = ["Candidates", "InMemoryIndex", "PgVectorIndex", "SearchFilters", "SearchIndex", "make_index"]
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Which bricks may be returned."""
+
+    base_model_id: int | None = None
+    tags: tuple[str, ...] = ()
+    all_versions: bool = False
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Candidate bricks for one query, with what the ranking needs."""
+
+    features: list[BrickFeatures]
+    max_example_sim: float
+    stats: CorpusStats
+
+
+class SearchIndex(Protocol):
+    """Candidate generation over the stored vectors."""
+
+    def candidates(
+        self, query_vec: np.ndarray, *, model: str, filters: SearchFilters, n: int, exact: bool = False
+    ) -> Candidates: ...
+
+    def invalidate(self) -> None: ...
+
+
+def _max_example_sim(sims: np.ndarray, is_example: np.ndarray) -> float:
+    """Best example cosine among the hits; without one, every example is below the last hit."""
+    if len(sims) == 0:
+        return -1.0
+    examples = sims[is_example]
+    return float(examples.max()) if len(examples) else float(sims.min())
+
+
+def _check_model(session: Session, model: str) -> CorpusStats | None:
+    stored_model, stats = read_stats(session)
+    if stats is not None and stored_model != model:
+        raise ServiceUnavailable(
+            f"the search index was built with embedding model {stored_model}, not {model}; "
+            "run `brickyard reindex` to re-embed every brick",
+            extra={"index_model": stored_model, "model": model},
+        )
+    return stats
+
+
+def _lexical(row: BrickLexicalRow) -> dict[str, SparseVector]:
+    return {view: SparseVector.from_bytes(getattr(row, f"{view}_idx"), getattr(row, f"{view}_val")) for view in VIEWS}
+
+
+# -- SQLite: exact, in memory -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    generation: int
+    model: str
+    matrix: np.ndarray  # (vectors, dim) float32
+    owner: np.ndarray  # (vectors,) position of the owning brick
+    is_example: np.ndarray  # (vectors,) bool
+    brick_ids: np.ndarray  # (bricks,)
+    latest: np.ndarray  # (bricks,) bool
+    base_ids: np.ndarray  # (bricks,)
+    tags: dict[str, np.ndarray]  # tag -> bool mask over bricks
+    features: list[BrickFeatures]
+    stats: CorpusStats
+
+
+class InMemoryIndex:
+    """Exact search over every vector, held in memory (the SQLite backend)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._snapshot: _Snapshot | None = None
+        self._lock = threading.Lock()
+
+    def invalidate(self) -> None:
+        """Drop the snapshot; the next search reloads."""
+        self._snapshot = None
+
+    def _current(self, model: str) -> _Snapshot:
+        with self.db.session() as session:
+            generation = read_generation(session)
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot.generation == generation and snapshot.model == model:
+            return snapshot
+        with self._lock:
+            snapshot = self._snapshot
+            if snapshot is None or snapshot.generation != generation or snapshot.model != model:
+                snapshot = self._load(model)
+                self._snapshot = snapshot
+            return snapshot
+
+    def _load(self, model: str) -> _Snapshot:
+        with self.db.session() as session:
+            generation = read_generation(session)
+            stats = _check_model(session, model)
+            vectors = session.execute(
+                select(BrickVectorRow.brick_id, BrickVectorRow.kind, BrickVectorRow.embedding)
+                .where(BrickVectorRow.model == model)
+                .order_by(BrickVectorRow.brick_id, BrickVectorRow.kind, BrickVectorRow.ordinal)
+            ).all()
+            bricks = session.execute(select(BrickRow.id, BrickRow.is_latest, BrickRow.base_model_id)).all()
+            tag_rows = session.execute(select(BrickTagRow.brick_id, BrickTagRow.tag)).all()
+            lexical = {row.brick_id: _lexical(row) for row in session.scalars(select(BrickLexicalRow))}
+        dim = len(vectors[0].embedding) if vectors else 1
+        stats = stats or CorpusStats.empty(dim)
+        by_brick: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        for brick_id, kind, embedding in vectors:
+            descs, examples = by_brick.setdefault(brick_id, ([], []))
+            (descs if kind == "description" else examples).append(embedding)
+        meta = {row.id: row for row in bricks if row.id in by_brick and row.id in lexical}
+        ids = sorted(meta)
+        features = []
+        rows: list[np.ndarray] = []
+        owner: list[int] = []
+        is_example: list[bool] = []
+        for position, brick_id in enumerate(ids):
+            descs, examples = by_brick[brick_id]
+            ex_vecs = np.stack(examples) if examples else np.zeros((0, dim), np.float32)
+            features.append(BrickFeatures(brick_id, descs[0], ex_vecs, **lexical[brick_id]))
+            rows.extend([descs[0], *examples])
+            owner.extend([position] * (1 + len(examples)))
+            is_example.extend([False] + [True] * len(examples))
+        position_of = {brick_id: i for i, brick_id in enumerate(ids)}
+        tags: dict[str, np.ndarray] = {}
+        for brick_id, tag in tag_rows:
+            if brick_id in position_of:
+                mask = tags.setdefault(tag, np.zeros(len(ids), bool))
+                mask[position_of[brick_id]] = True
+        return _Snapshot(
+            generation=generation,
+            model=model,
+            matrix=np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32),
+            owner=np.asarray(owner, np.int64),
+            is_example=np.asarray(is_example, bool),
+            brick_ids=np.asarray(ids, np.int64),
+            latest=np.asarray([meta[i].is_latest for i in ids], bool),
+            base_ids=np.asarray([meta[i].base_model_id for i in ids], np.int64),
+            tags=tags,
+            features=features,
+            stats=stats,
+        )
+
+    def candidates(
+        self, query_vec: np.ndarray, *, model: str, filters: SearchFilters, n: int, exact: bool = True
+    ) -> Candidates:
+        """The bricks owning the top-``n`` eligible vectors (always exact here)."""
+        snap = self._current(model)
+        eligible = np.ones(len(snap.brick_ids), bool)
+        if not filters.all_versions:
+            eligible &= snap.latest
+        if filters.base_model_id is not None:
+            eligible &= snap.base_ids == filters.base_model_id
+        for tag in filters.tags:
+            eligible &= snap.tags.get(tag, np.zeros(len(snap.brick_ids), bool))
+        vector_ok = eligible[snap.owner] if len(snap.owner) else np.zeros(0, bool)
+        if not vector_ok.any():
+            return Candidates([], -1.0, snap.stats)
+        rows = np.flatnonzero(vector_ok)
+        matrix = snap.matrix if len(rows) == len(vector_ok) else snap.matrix[rows]
+        sims = matrix @ query_vec.astype(np.float32)
+        top = np.argpartition(-sims, n - 1)[:n] if len(sims) > n else np.arange(len(sims))
+        top = top[np.lexsort((rows[top], -sims[top]))]
+        hit_rows = rows[top]
+        max_example = _max_example_sim(sims[top], snap.is_example[hit_rows])
+        positions = list(dict.fromkeys(snap.owner[hit_rows].tolist()))
+        return Candidates([snap.features[p] for p in positions], max_example, snap.stats)
+
+
+# -- PostgreSQL: pgvector ---------------------------------------------------------------
+
+
+class PgVectorIndex:
+    """Candidates from pgvector (HNSW, or an exact scan), features fetched by id."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._stats: tuple[int, str, CorpusStats] | None = None
+        self._lock = threading.Lock()
+
+    def invalidate(self) -> None:
+        """Drop cached statistics."""
+        self._stats = None
+
+    def _corpus_stats(self, session: Session, model: str, dim: int) -> CorpusStats:
+        generation = read_generation(session)
+        cached = self._stats
+        if cached is not None and cached[0] == generation and cached[1] == model:
+            return cached[2]
+        stats = _check_model(session, model) or CorpusStats.empty(dim)
+        self._stats = (generation, model, stats)
+        return stats
+
+    def candidates(
+        self, query_vec: np.ndarray, *, model: str, filters: SearchFilters, n: int, exact: bool = False
+    ) -> Candidates:
+        """The bricks owning the top-``n`` eligible vectors by cosine."""
+        dim = int(query_vec.shape[0])
+        query = "[" + ",".join(f"{x:.8g}" for x in query_vec.tolist()) + "]"
+        conditions = ["v.model = :model", f"v.dim = {dim}"]
+        params: dict[str, object] = {"model": model, "q": query, "n": n}
+        if not filters.all_versions:
+            conditions.append("b.is_latest")
+        if filters.base_model_id is not None:
+            conditions.append("b.base_model_id = :base_id")
+            params["base_id"] = filters.base_model_id
+        for i, tag in enumerate(filters.tags):
+            conditions.append(f"EXISTS (SELECT 1 FROM brick_tags t WHERE t.brick_id = b.id AND t.tag = :tag{i})")
+            params[f"tag{i}"] = tag
+        # The HNSW index is on the expression embedding::vector(dim); ordering by the bare
+        # column cannot use it, which gives the exact scan.
+        distance = (
+            "(v.embedding <=> CAST(:q AS vector))"
+            if exact
+            else f"(v.embedding::vector({dim}) <=> CAST(:q AS vector({dim})))"
+        )
+        sql = text(
+            f"SELECT v.brick_id, v.kind, 1 - {distance} AS sim FROM brick_vectors v "
+            f"JOIN bricks b ON b.id = v.brick_id WHERE {' AND '.join(conditions)} "
+            f"ORDER BY {distance}, v.id LIMIT :n"
+        )
+        with self.db.session() as session:
+            stats = self._corpus_stats(session, model, dim)
+            if not exact:
+                session.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, n))}"))
+                session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+            hits = session.execute(sql, params).all()
+            if not hits:
+                return Candidates([], -1.0, stats)
+            hits = sorted(hits, key=lambda h: -h.sim)
+            sims = np.asarray([h.sim for h in hits], np.float64)
+            max_example = _max_example_sim(sims, np.asarray([h.kind == "example" for h in hits]))
+            ids = list(dict.fromkeys(h.brick_id for h in hits))
+            features = self._features(session, ids, model, dim)
+        return Candidates([features[i] for i in ids if i in features], max_example, stats)
+
+    def _features(self, session: Session, ids: Sequence[int], model: str, dim: int) -> dict[int, BrickFeatures]:
+        rows = session.execute(
+            text(
+                "SELECT brick_id, kind, ordinal, vector_send(embedding) AS raw FROM brick_vectors "
+                "WHERE brick_id IN :ids AND model = :model ORDER BY brick_id, kind, ordinal"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"ids": list(ids), "model": model},
+        ).all()
+        lexical = {
+            row.brick_id: _lexical(row)
+            for row in session.scalars(select(BrickLexicalRow).where(BrickLexicalRow.brick_id.in_(list(ids))))
+        }
+        by_brick: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        for brick_id, kind, _, raw in rows:
+            vec = np.frombuffer(bytes(raw), dtype=">f4", offset=4).astype(np.float32)
+            descs, examples = by_brick.setdefault(brick_id, ([], []))
+            (descs if kind == "description" else examples).append(vec)
+        features = {}
+        for brick_id, (descs, examples) in by_brick.items():
+            if descs and brick_id in lexical:
+                ex_vecs = np.stack(examples) if examples else np.zeros((0, dim), np.float32)
+                features[brick_id] = BrickFeatures(brick_id, descs[0], ex_vecs, **lexical[brick_id])
+        return features
+
+
+def make_index(db: Database) -> SearchIndex:
+    """The index for the database's backend."""
+    return PgVectorIndex(db) if db.dialect == "postgresql" else InMemoryIndex(db)
