@@ -292,7 +292,7 @@ class LocalClient:
             SearchHitOut(
                 brick=BrickOut.of(h.brick), score=h.score, matched=h.matched, text=h.text, similarity=h.similarity
             )
-            for h in self.registry.search(body)
+            for h in self.registry.search(body).hits
         ]
 
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]:

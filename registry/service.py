@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from registry.settings import Settings
 from registry.spec import inspect_adapter
 from registry.store import Store
 
-__all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry", "SearchHit"]
+__all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry", "SearchHit", "SearchResult"]
 
 log = logging.getLogger("brickyard")
 
@@ -57,6 +58,14 @@ class SearchHit:
     matched: str
     text: str
     similarity: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Hits, best first, and where the time went (milliseconds per stage)."""
+
+    hits: list[SearchHit]
+    timings_ms: dict[str, float]
 
 
 class Registry:
@@ -330,7 +339,7 @@ class Registry:
 
     # -- search ------------------------------------------------------------------------
 
-    def search(self, request: SearchRequest | Mapping[str, Any]) -> list[SearchHit]:
+    def search(self, request: SearchRequest | Mapping[str, Any]) -> SearchResult:
         """Rank the compatible bricks for a task description or an example input.
 
         Filters (base model, tags, latest version) apply before ranking, so ``k`` hits
@@ -347,7 +356,17 @@ class Registry:
         if request.base_model is not None:
             base_id = self.store.base_model_id(request.base_model)
         filters = SearchFilters(base_model_id=base_id, tags=tuple(request.tags), all_versions=request.all_versions)
+        clock = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = (now - clock) * 1000
+            clock = now
+
         query_vec = self.embedder.embed([request.query])[0]
+        lap("embed")
         wanted = request.k + request.offset
         n = max(_MIN_CANDIDATE_VECTORS, _VECTORS_PER_HIT * wanted)
         while True:
@@ -358,6 +377,7 @@ class Registry:
             if enough or len(found.features) == 0:
                 break
             n *= 4
+        lap("index")
         ranked = rank_bricks(query_vec, request.query, found.features, found.max_example_sim, found.stats)
         if request.min_score is not None:
             ranked = [r for r in ranked if r.score >= request.min_score]
@@ -370,7 +390,8 @@ class Registry:
                 continue
             text = brick.description if r.matched == "description" else brick.examples[r.ordinal]
             hits.append(SearchHit(brick=brick, score=r.score, matched=r.matched, text=text, similarity=r.similarity))
-        return hits
+        lap("rank")
+        return SearchResult(hits=hits, timings_ms=timings)
 
     def reindex(self, progress: Callable[[int, int], None] | None = None, *, batch: int = 64) -> int:
         """Re-embed every brick with the configured model and rebuild the index.

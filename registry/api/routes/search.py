@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from registry.api.deps import RegistryDep
 from registry.api.schemas import BrickOut, SearchHitOut, SearchOut
@@ -12,9 +12,15 @@ router = APIRouter(prefix="/v1/search", tags=["search"])
 
 
 @router.post("")
-def search(body: SearchRequest, registry: RegistryDep) -> SearchOut:
-    """Bricks ranked for ``query``, best first; filters apply before ranking."""
-    hits = registry.search(body)
+def search(body: SearchRequest, registry: RegistryDep, response: Response) -> SearchOut:
+    """Bricks ranked for ``query``, best first; filters apply before ranking.
+
+    The ``Server-Timing`` header splits the time between embedding the query (``embed``),
+    candidate generation (``index``) and ranking plus brick lookup (``rank``).
+    """
+    result = registry.search(body)
+    response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.2f}" for k, v in result.timings_ms.items())
+    hits = result.hits
     return SearchOut(
         hits=[
             SearchHitOut(

