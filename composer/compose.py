@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -274,6 +276,64 @@ def _fits(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     return math.isfinite(lo) and math.isfinite(hi) and -limit <= lo and hi <= limit
 
 
+_BLOCK_ELEMENTS = 1 << 18  # rows merged at a time: ~1 MB of float32, so each block stays in cache
+
+
+def _merge_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = 0
+_THREADS_SAVED = 0
+
+
+@contextmanager
+def _torch_single_threaded() -> Iterator[None]:
+    """Set torch's intra-op threads to 1 while merges run (restored when the last
+    concurrent composition ends). Parallelism comes from merging several tensors at once:
+    intra-op threads would compete with those workers and the I/O threads, and OpenMP's
+    spinning threads collapse when the machine is oversubscribed."""
+    import torch
+
+    global _THREADS_USERS, _THREADS_SAVED
+    with _THREADS_LOCK:
+        if _THREADS_USERS == 0:
+            _THREADS_SAVED = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_USERS += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_USERS -= 1
+            if _THREADS_USERS == 0:
+                torch.set_num_threads(_THREADS_SAVED)
+
+
+def _add_product(tensor: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scratch: torch.Tensor) -> bool:
+    """``tensor += left @ right`` computed in float32 (float64 for a float64 tensor), block of
+    rows by block of rows so that conversion, product, range check and cast-back of a block
+    happen while it is in cache. Returns False as soon as a block holds a value that is not
+    finite or does not fit ``tensor``'s dtype (the tensor is then partly updated)."""
+    import torch
+
+    rows, cols = tensor.shape
+    step = max(1, _BLOCK_ELEMENTS // max(1, cols))
+    in_place = tensor.dtype in (torch.float32, torch.float64)
+    left = left.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    right = right.to(left.dtype)
+    for start in range(0, rows, step):
+        block = tensor[start : start + step]
+        work = block if in_place else scratch[: block.numel()].view(block.shape).copy_(block)
+        work.addmm_(left[start : start + step], right)
+        if not _fits(work, tensor.dtype):
+            return False
+        if not in_place:
+            block.copy_(work)
+    return True
+
+
 def _write_full(plan: CompositionPlan, staging: Path, report: _Reporter) -> None:
     import torch
 
@@ -286,42 +346,43 @@ def _write_full(plan: CompositionPlan, staging: Path, report: _Reporter) -> None
         for shard, header in plan.base.shards.items()
     ]
     total = max(1, sum(job.header.file_size for job in jobs))
-    workspace: list[torch.Tensor] = []
+    local = threading.local()
 
-    def scratch(like: torch.Tensor) -> torch.Tensor:
-        # One float32 workspace, reused for every tensor: no allocation churn, bounded memory.
-        numel = like.numel()
-        if not workspace or workspace[0].numel() < numel:
-            workspace[:] = [torch.empty(numel, dtype=torch.float32)]
-        return workspace[0][:numel].view(like.shape)
+    def scratch() -> torch.Tensor:
+        # One small float32 block per merge thread, reused for every tensor.
+        if not hasattr(local, "block"):
+            local.block = torch.empty(_BLOCK_ELEMENTS + 4096, dtype=torch.float32)
+        return local.block  # type: ignore[no-any-return]
 
     def update(info: Any, tensor: torch.Tensor, payload: _Payload) -> None:
         module = by_tensor[info.name]
-        in_place = tensor.dtype in (torch.float32, torch.float64)
-        work = tensor if in_place else scratch(tensor).copy_(tensor)
         if payload.stacked is not None:
-            b_cat, a_cat = (t.to(work.dtype) for t in payload.stacked)
-            if module.module.fan_in_fan_out:
-                work.addmm_(a_cat.T, b_cat.T)
-            else:
-                work.addmm_(b_cat, a_cat)
-        else:
-            merged = _merged_delta(plan, module, payload).to(work.dtype)
-            work.add_(merged.T if module.module.fan_in_fan_out else merged)
+            b_cat, a_cat = payload.stacked
+            # The base weight is out x in (in x out for Conv1D): its rows follow B (or A^T).
+            left, right = (a_cat.T, b_cat.T) if module.module.fan_in_fan_out else (b_cat, a_cat)
+            if not _add_product(tensor, left, right, scratch()):
+                raise _non_finite(plan, module, payload, _BaseWeight(plan, module))
+            return
+        work_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+        merged = _merged_delta(plan, module, payload).to(work_dtype)
+        work = tensor.to(work_dtype).add_(merged.T if module.module.fan_in_fan_out else merged)
         if not _fits(work, tensor.dtype):
             raise _non_finite(plan, module, payload, _BaseWeight(plan, module))
-        if not in_place:
-            tensor.copy_(work)
+        tensor.copy_(work)
 
+    workers = _merge_workers()
     with ExitStack() as stack:
         files = _open_bricks(plan, stack)
+        if workers > 1:
+            stack.enter_context(_torch_single_threaded())
         stream_shards(
             jobs,
             update,
             prefetch=lambda info: _load(plan, by_tensor[info.name], files),
             progress=lambda written, name: report(
-                _STREAM_SHARE * written / total, f"merging {name}" if name else "copying"
+                _STREAM_SHARE * written / total, f"merged {name}" if name else "copying"
             ),
+            workers=workers,
         )
     for path in _files_to_copy(plan.base.path):
         if (staging / path.name).exists():
@@ -376,38 +437,54 @@ def _non_finite(
     return NonFiniteResult(f"merging module {module.name!r} produced NaN or Inf", problems)
 
 
-def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> tuple[TruncationStats, dict[str, int]]:
+def _adapter_module(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]) -> Any:
+    """One module of an adapter output: exact or truncated factors (a `LowRank`)."""
     import torch
 
-    from composer.io import write_json, write_safetensors
     from composer.lowrank import LowRank, truncate_product, truncated_svd
+
+    payload = _load(plan, module, files)
+    if payload.stacked is not None:
+        b_cat, a_cat = payload.stacked
+        if plan.rank is None:
+            low_rank = LowRank(b=b_cat, a=a_cat, relative_error=0.0)
+        else:
+            low_rank = truncate_product(b_cat, a_cat, plan.rank)
+    else:
+        assert plan.rank is not None  # the plan requires a rank for these methods
+        low_rank = truncated_svd(_merged_delta(plan, module, payload), plan.rank)
+    finite = _fits(low_rank.a, torch.float32) and _fits(low_rank.b, torch.float32)
+    if not finite or not math.isfinite(low_rank.relative_error):
+        raise _non_finite(plan, module, payload, None)
+    return low_rank
+
+
+def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> tuple[TruncationStats, dict[str, int]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from composer.io import write_json, write_safetensors
 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
-    count = max(1, len(plan.modules))
+    modules = list(plan.modules.values())
+    workers = _merge_workers()
     with ExitStack() as stack:
         files = _open_bricks(plan, stack)
-        for index, module in enumerate(plan.modules.values()):
-            payload = _load(plan, module, files)
-            if payload.stacked is not None:
-                b_cat, a_cat = payload.stacked
-                if plan.rank is None:
-                    low_rank = LowRank(b=b_cat, a=a_cat, relative_error=0.0)
-                else:
-                    low_rank = truncate_product(b_cat, a_cat, plan.rank)
-            else:
-                assert plan.rank is not None  # the plan requires a rank for these methods
-                low_rank = truncated_svd(_merged_delta(plan, module, payload), plan.rank)
-            if not (_fits(low_rank.a, torch.float32) and _fits(low_rank.b, torch.float32)) or not math.isfinite(
-                low_rank.relative_error
-            ):
-                raise _non_finite(plan, module, payload, None)
-            tensors[f"base_model.model.{module.name}.lora_A.weight"] = low_rank.a.contiguous()
-            tensors[f"base_model.model.{module.name}.lora_B.weight"] = low_rank.b.contiguous()
-            ranks[module.name] = low_rank.rank
-            errors[module.name] = low_rank.relative_error
-            report(_STREAM_SHARE * (index + 1) / count, f"merging {module.name}")
+        if workers > 1:
+            stack.enter_context(_torch_single_threaded())
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="composer-adapter")
+        try:
+            futures = [pool.submit(_adapter_module, plan, module, files) for module in modules]
+            for index, (module, future) in enumerate(zip(modules, futures, strict=True)):
+                low_rank = future.result()
+                tensors[f"base_model.model.{module.name}.lora_A.weight"] = low_rank.a.contiguous()
+                tensors[f"base_model.model.{module.name}.lora_B.weight"] = low_rank.b.contiguous()
+                ranks[module.name] = low_rank.rank
+                errors[module.name] = low_rank.relative_error
+                report(_STREAM_SHARE * (index + 1) / max(1, len(modules)), f"merged {module.name}")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     write_safetensors(staging / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
     write_json(staging / ADAPTER_CONFIG, adapter_config(plan, ranks))
     values = list(errors.values())

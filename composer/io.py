@@ -4,9 +4,10 @@ Full merges stream (`stream_shards`). An output shard has exactly the tensor nam
 and shapes of its input shard, so its header bytes are copied verbatim and the data is
 produced in file order: tensors that receive no delta are copied as raw byte ranges in the
 kernel (``copy_file_range``), and each targeted tensor is read with ``pread`` into a
-reusable buffer, updated in place by the caller's function, and written out. Three threads
-overlap the work: a reader, the calling thread (the math; torch releases the GIL) and a
-writer; a fourth fsyncs finished shards while the next ones are produced. Memory is bounded
+reusable buffer, updated in place by the caller's function, and written out. Threads
+overlap the work: a reader, merge workers (the math; torch releases the GIL) and a writer;
+another fsyncs finished shards while the next ones are produced, and the calling thread
+reports progress. Memory is bounded
 by a few buffers of the largest targeted tensor, whatever the model size: nothing is
 memory-mapped, so the page cache never counts toward the process's resident memory, and
 outputs are new files (never in-place writes to mapped weights).
@@ -22,6 +23,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,6 @@ TORCH_DTYPES: Mapping[str, torch.dtype] = {
 
 _COPY_CHUNK = 64 * 1024 * 1024
 _POLL_S = 0.05
-_PIPELINE_DEPTH = 3  # buffers in flight: one being read, one being merged, one being written
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -154,8 +155,7 @@ class _Tensor:
     job: int
     info: TensorInfo
     buffer: torch.Tensor
-    view: torch.Tensor
-    payload: Any
+    merged: Future[None]
 
 
 _DONE = object()
@@ -180,22 +180,24 @@ def _plan_runs(job_index: int, job: ShardJob) -> Iterator[_Copy | TensorInfo]:
 
 
 class _Pipeline:
-    def __init__(self, jobs: Sequence[ShardJob], prefetch: Prefetch | None, update: Update) -> None:
+    """reader thread -> merge workers -> writer thread, in file order, with a fixed pool of
+    buffers (``workers + 2``: one being read, ``workers`` being merged, one being written)."""
+
+    def __init__(self, jobs: Sequence[ShardJob], prefetch: Prefetch | None, update: Update, workers: int) -> None:
         self.jobs = jobs
         self.prefetch = prefetch
         self.update = update
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.merged: queue.Queue[Any] = queue.Queue(maxsize=_PIPELINE_DEPTH)
-        self.written: queue.Queue[Any] = queue.Queue(maxsize=_PIPELINE_DEPTH)
+        depth = workers + 2
+        # Items in file order: raw copies and tensors (each with the future of its merge).
+        self.ordered: queue.Queue[Any] = queue.Queue(maxsize=4 * depth)
         self.pool: queue.Queue[torch.Tensor] = queue.Queue()
+        self.merge = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="composer-merge")
         self.bytes_written = 0
         self.current = ""
-        largest = max(
-            (job.header.tensors[name].nbytes for job in jobs for name in job.updates),
-            default=0,
-        )
-        for _ in range(_PIPELINE_DEPTH if largest else 0):
+        largest = max((job.header.tensors[name].nbytes for job in jobs for name in job.updates), default=0)
+        for _ in range(depth if largest else 0):
             self.pool.put(torch.empty(largest, dtype=torch.uint8))
 
     def _put(self, channel: queue.Queue[Any], item: Any) -> None:
@@ -215,6 +217,15 @@ class _Pipeline:
                 continue
         raise _Stopped
 
+    def _wait(self, future: Future[None]) -> None:
+        while not self.stop.is_set():
+            try:
+                future.result(timeout=_POLL_S)
+                return
+            except FutureTimeout:
+                continue
+        raise _Stopped
+
     def _fail(self, exc: BaseException) -> None:
         self.errors.append(exc)
         self.stop.set()
@@ -225,13 +236,14 @@ class _Pipeline:
                 with TensorFile(job.source, job.header) as source:
                     for run in _plan_runs(index, job):
                         if isinstance(run, _Copy):
-                            self._put(self.merged, run)
+                            self._put(self.ordered, run)
                             continue
                         buffer = self._get(self.pool)
                         view = source.read_into(run, buffer)
                         payload = self.prefetch(run) if self.prefetch is not None else None
-                        self._put(self.merged, _Tensor(index, run, buffer, view, payload))
-            self._put(self.merged, _DONE)
+                        merged = self.merge.submit(self.update, run, view, payload)
+                        self._put(self.ordered, _Tensor(index, run, buffer, merged))
+            self._put(self.ordered, _DONE)
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
@@ -244,13 +256,15 @@ class _Pipeline:
         src = dst = -1
         try:
             while True:
-                item = self._get(self.written)
+                item = self._get(self.ordered)
                 if item is _DONE:
                     break
                 if item.job != job_index:
                     if dst >= 0:
                         os.close(src)
+                        # fsync finished shards in the background while the next ones stream.
                         pending.append(sync.submit(_fsync_close, dst))
+                        src = dst = -1
                     job_index = item.job
                     job = self.jobs[job_index]
                     src = os.open(job.source, os.O_RDONLY)
@@ -259,14 +273,15 @@ class _Pipeline:
                     _copy_range(src, dst, item.offset, item.length)
                     self.bytes_written += item.length
                 else:
+                    self._wait(item.merged)
                     _write_all(dst, _byte_view(item.buffer[: item.info.nbytes]))
                     self.bytes_written += item.info.nbytes
+                    self.current = item.info.name
                     self.pool.put(item.buffer)
             if dst >= 0:
                 os.close(src)
-                src = -1
                 pending.append(sync.submit(_fsync_close, dst))
-                dst = -1
+                src = dst = -1
             for future in pending:
                 future.result()
         except _Stopped:
@@ -297,54 +312,44 @@ def stream_shards(
     *,
     prefetch: Prefetch | None = None,
     progress: Progress | None = None,
+    workers: int = 1,
 ) -> None:
     """Write every job's target shard, transforming the listed tensors on the way.
 
     ``prefetch(info)`` runs on the reader thread right after a targeted tensor is read (load
-    what its update needs, e.g. LoRA factors); ``update(info, tensor, payload)`` runs on the
-    calling thread and must overwrite ``tensor`` (a typed view of the read buffer) in place.
-    Targets are created exclusively (an existing file is an error) and fsynced.
+    what its update needs, e.g. LoRA factors); ``update(info, tensor, payload)`` runs on one
+    of ``workers`` merge threads and must overwrite ``tensor`` (a typed view of the read
+    buffer) in place; with several workers it must be thread-safe. Output is written in file
+    order. Targets are created exclusively (an existing file is an error) and fsynced.
 
     Args:
         jobs: the shards to write, processed in order.
         update: the in-place transformation of one targeted tensor.
         prefetch: optional loader run ahead on the reader thread.
-        progress: ``progress(bytes_written, message)``, called on the calling thread.
+        progress: ``progress(bytes_written, last_tensor_written)``, called on the calling
+            thread a few times a second.
+        workers: merge threads.
 
     Raises:
-        Whatever ``update`` or ``prefetch`` raise, and OSError for I/O failures; the
-        threads are stopped first. Partially written targets are left for the caller to
-        remove (compose builds in a temporary directory).
+        Whatever ``update`` or ``prefetch`` raise, and OSError for I/O failures; all threads
+        are stopped first. Partially written targets are left for the caller to remove
+        (compose builds in a temporary directory).
     """
-    pipeline = _Pipeline(jobs, prefetch, update)
+    pipeline = _Pipeline(jobs, prefetch, update, max(1, workers))
     reader = threading.Thread(target=pipeline.read, name="composer-reader", daemon=True)
     writer = threading.Thread(target=pipeline.write, name="composer-writer", daemon=True)
     reader.start()
     writer.start()
-    failed = True
     try:
-        while True:
-            item = pipeline._get(pipeline.merged)
-            if isinstance(item, _Tensor):
-                update(item.info, item.view, item.payload)
-                pipeline.current = item.info.name
-            pipeline._put(pipeline.written, item)
-            if progress is not None:
-                progress(pipeline.bytes_written, pipeline.current)
-            if item is _DONE:
-                break
         while writer.is_alive():
-            writer.join(timeout=_POLL_S * 4)
-            if progress is not None:
+            writer.join(timeout=_POLL_S)
+            if progress is not None and not pipeline.errors:
                 progress(pipeline.bytes_written, pipeline.current)
-        failed = False
-    except _Stopped:
-        failed = False  # a worker thread failed: its error is raised below
     finally:
-        if failed or pipeline.errors:
-            pipeline.stop.set()
+        pipeline.stop.set()  # no-op for the finished threads; stops them after a failure
         reader.join()
         writer.join()
+        pipeline.merge.shutdown(wait=True, cancel_futures=True)
     if pipeline.errors:
         raise pipeline.errors[0]
 

@@ -1,0 +1,341 @@
+"""Benchmark: compose 4 bricks into a 0.5B Llama-shaped base, against PEFT and a file copy.
+
+Measured in the same run, each contender in a fresh process, timing from the call to the
+finished (fsynced) files on disk; import time and peak RSS (the kernel's VmHWM) are reported
+separately:
+
+* (a) ``brickyard``: `composer.compose` full merge (linear, 4 bricks of rank 16 on all 7
+  projections of every layer);
+* (b) ``peft``: load base, load adapters, ``add_weighted_adapter(cat)``, ``merge_and_unload``,
+  ``save_pretrained``;
+* (c) ``copy``: copying the base's shard files on the same disk (the floor);
+* (a) again on a base twice as deep, for the flat-memory claim;
+* adapter output at rank 16 from 4 bricks of ranks 8, 16, 32, 64: Brickyard (QR + small SVD)
+  vs PEFT's ``svd`` combination, time and relative error against the exact delta.
+
+The synthetic base (bf16, ~200 MB shards) and bricks are cached under ``.bench/``.
+
+    python bench/compose_speed.py                 # everything (a few minutes)
+    python bench/compose_speed.py --layers 8      # a smaller model
+    python bench/compose_speed.py --skip-peft     # only Brickyard and the floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".bench"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MERGE_RANKS = (16, 16, 16, 16)
+ADAPTER_RANKS = (8, 16, 32, 64)
+WEIGHTS = (0.4, 0.3, -0.2, 0.5)
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+def _shape(args: argparse.Namespace, layers: int) -> dict[str, Any]:
+    return {
+        "num_layers": layers,
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "vocab": args.vocab,
+        "num_heads": args.hidden // 64,
+        "num_kv_heads": args.hidden // 64,
+        "dtype": "bfloat16",
+        "shard_bytes": args.shard_mb * 1000 * 1000,
+    }
+
+
+def _ensure_base(args: argparse.Namespace, layers: int) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from registry.toy import make_synthetic_llama
+
+    shape = _shape(args, layers)
+    name = "base-" + "-".join(f"{k}{v}" for k, v in shape.items() if k != "dtype")
+    path = CACHE / name
+    if not (path / "config.json").exists():
+        print(f"building {path.name} ...", flush=True)
+        staging = CACHE / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        make_synthetic_llama(staging, **shape)
+        staging.rename(path)
+    return path
+
+
+def _ensure_bricks(base: Path, ranks: tuple[int, ...], tag: str) -> list[Path]:
+    from registry.toy import make_synthetic_lora
+
+    bricks = []
+    for index, rank in enumerate(ranks):
+        path = CACHE / f"{base.name}-{tag}{index}-r{rank}"
+        if not (path / "adapter_config.json").exists():
+            make_synthetic_lora(base, path, r=rank, alpha=2 * rank, target_modules=PROJECTIONS, seed=100 + index)
+        bricks.append(path)
+    return bricks
+
+
+# -- children (each runs in a fresh interpreter) ------------------------------------------------
+
+
+def _peak_rss() -> int:
+    status = Path("/proc/self/status")
+    if status.exists():
+        match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
+        if match:
+            return int(match.group(1)) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _child(job: dict[str, Any]) -> dict[str, Any]:
+    kind, base, bricks, out = job["kind"], Path(job["base"]), [Path(p) for p in job["bricks"]], Path(job["out"])
+    weights = job["weights"]
+    started = time.perf_counter()
+    if kind == "copy":
+        imports = time.perf_counter() - started
+        started = time.perf_counter()
+        out.mkdir()
+        for shard in sorted(base.glob("*.safetensors")):
+            shutil.copyfile(shard, out / shard.name)
+        _fsync_tree(out)
+    elif kind in ("brickyard", "brickyard-adapter"):
+        import torch  # noqa: F401
+        import transformers
+        from transformers import LlamaForCausalLM  # noqa: F401 - the planner builds it on the meta device
+
+        from composer import BrickSource, compose
+
+        del transformers
+        imports = time.perf_counter() - started
+        sources = [
+            BrickSource(p.name, p / "adapter_config.json", p / "adapter_model.safetensors", w)
+            for p, w in zip(bricks, weights, strict=True)
+        ]
+        started = time.perf_counter()
+        if kind == "brickyard":
+            compose(base, sources, out)
+        else:
+            compose(base, sources, out, output="adapter", rank=job["rank"])
+    elif kind in ("peft", "peft-svd"):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        imports = time.perf_counter() - started
+        started = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        peft_model = PeftModel.from_pretrained(model, bricks[0], adapter_name="b0")
+        for index, brick in enumerate(bricks[1:], start=1):
+            peft_model.load_adapter(brick, adapter_name=f"b{index}")
+        names = [f"b{i}" for i in range(len(bricks))]
+        if kind == "peft":
+            peft_model.add_weighted_adapter(names, list(weights), "merged", combination_type="cat")
+            peft_model.set_adapter("merged")
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(out)
+            _fsync_tree(out)
+        else:
+            loaded = time.perf_counter()
+            peft_model.add_weighted_adapter(names, list(weights), "merged", combination_type="svd", svd_rank=job["rank"])
+            combine = time.perf_counter() - loaded
+            peft_model.save_pretrained(out, selected_adapters=["merged"])
+            _fsync_tree(out)
+    else:
+        raise ValueError(kind)
+    seconds = time.perf_counter() - started
+    result = {"kind": kind, "seconds": seconds, "imports": imports, "peak_rss": _peak_rss()}
+    if kind == "peft-svd":
+        result["combine_seconds"] = combine
+    return result
+
+
+def _run(kind: str, base: Path, bricks: list[Path], out: Path, **extra: Any) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)
+    # Flush other files' dirty pages first: on ext4 an fsync can wait for them.
+    os.sync()
+    job = {"kind": kind, "base": str(base), "bricks": [str(b) for b in bricks], "out": str(out)}
+    job |= {"weights": list(WEIGHTS[: len(bricks)])} | extra
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- adapter error against the exact delta --------------------------------------------------
+
+
+def _adapter_errors(bricks: list[Path], weights: list[float], adapters: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Global and worst per-module relative Frobenius error of each adapter against the exact
+    ``sum_i w_i * s_i * B_i @ A_i`` (float64)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def factors(path: Path) -> tuple[dict[str, torch.Tensor], float]:
+        config = json.loads((path / "adapter_config.json").read_text())
+        return load_file(str(path / "adapter_model.safetensors")), config["lora_alpha"] / config["r"]
+
+    brick_data = [factors(p) for p in bricks]
+    outputs = {name: factors(path) for name, path in adapters.items()}
+    modules = sorted(k.removesuffix(".lora_A.weight") for k in brick_data[0][0] if k.endswith(".lora_A.weight"))
+    total = 0.0
+    errors = {name: 0.0 for name in adapters}
+    worst = {name: 0.0 for name in adapters}
+    for module in modules:
+        exact = sum(
+            w * s * (t[f"{module}.lora_B.weight"].double() @ t[f"{module}.lora_A.weight"].double())
+            for (t, s), w in zip(brick_data, weights, strict=True)
+        )
+        norm = float(torch.linalg.vector_norm(exact)) ** 2
+        total += norm
+        for name, (tensors, scaling) in outputs.items():
+            key = next(k for k in tensors if k.endswith(f"{module.removeprefix('base_model.model.')}.lora_A.weight"))
+            approx = scaling * (tensors[key.replace("lora_A", "lora_B")].double() @ tensors[key].double())
+            error = float(torch.linalg.vector_norm(exact - approx)) ** 2
+            errors[name] += error
+            worst[name] = max(worst[name], (error / norm) ** 0.5)
+    return {name: {"relative_error": (errors[name] / total) ** 0.5, "worst_module": worst[name]} for name in adapters}
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:,.0f} MB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=24, help="decoder layers of the base (default 24: ~0.5B)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--shard-mb", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of Brickyard and of the copy (best is reported)")
+    parser.add_argument("--skip-peft", action="store_true", help="skip the PEFT contenders (slow)")
+    parser.add_argument("--skip-deep", action="store_true", help="skip the twice-as-deep memory check")
+    parser.add_argument("--adapter-layers", type=int, default=None, help="layers of the base for the adapter test")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+
+    CACHE.mkdir(exist_ok=True)
+    base = _ensure_base(args, args.layers)
+    bricks = _ensure_bricks(base, MERGE_RANKS, "merge")
+    work = CACHE / "out"
+    work.mkdir(exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from composer.basemodel import read_base_model
+
+    layout = read_base_model(base)
+    largest = max(info.nbytes for _, info in layout.tensors())
+    print(
+        f"base: {layout.parameter_count / 1e9:.2f}B parameters, {layout.dtype}, {len(layout.shards)} shards, "
+        f"{_mb(layout.size_bytes)}; largest tensor {_mb(largest)}; 4 bricks of rank 16 on {len(PROJECTIONS)} "
+        f"projections x {args.layers} layers",
+        flush=True,
+    )
+
+    rows: dict[str, dict[str, Any]] = {}
+    # Interleave copy and Brickyard so that both see the same machine state; keep the best.
+    for _ in range(args.repeat):
+        for kind, out in (("copy", work / "copy"), ("brickyard", work / "brickyard")):
+            result = _run(kind, base, bricks, out)
+            print(f"  {kind:<10} {result['seconds']:6.2f} s  peak RSS {_mb(result['peak_rss'])}", flush=True)
+            if kind not in rows or result["seconds"] < rows[kind]["seconds"]:
+                rows[kind] = result
+            shutil.rmtree(out, ignore_errors=True)
+    if not args.skip_peft:
+        rows["peft"] = _run("peft", base, bricks, work / "peft")
+        print(f"  peft       {rows['peft']['seconds']:6.2f} s  peak RSS {_mb(rows['peft']['peak_rss'])}", flush=True)
+        shutil.rmtree(work / "peft", ignore_errors=True)
+    deep: dict[str, Any] | None = None
+    if not args.skip_deep:
+        deep_base = _ensure_base(args, 2 * args.layers)
+        deep_bricks = _ensure_bricks(deep_base, MERGE_RANKS, "merge")
+        deep = _run("brickyard", deep_base, deep_bricks, work / "deep")
+        shutil.rmtree(work / "deep", ignore_errors=True)
+
+    print()
+    print(f"Full merge, {args.layers} layers ({_mb(layout.size_bytes)} of bf16 weights), linear, 4 bricks x rank 16")
+    print(f"{'contender':<24}{'seconds':>9}{'imports':>9}{'peak RSS':>12}{'vs copy':>9}{'vs peft':>9}")
+    labels = {"brickyard": "(a) brickyard compose", "peft": "(b) peft cat + merge", "copy": "(c) copy shards"}
+    for kind in ("brickyard", "peft", "copy"):
+        if kind not in rows:
+            continue
+        row = rows[kind]
+        vs_copy = row["seconds"] / rows["copy"]["seconds"]
+        vs_peft = f"{rows['peft']['seconds'] / row['seconds']:8.1f}x" if "peft" in rows else f"{'-':>9}"
+        print(
+            f"{labels[kind]:<24}{row['seconds']:9.2f}{row['imports']:9.2f}{_mb(row['peak_rss']):>12}"
+            f"{vs_copy:8.2f}x{vs_peft}"
+        )
+    a = rows["brickyard"]
+    print(f"goal (a) <= 1.3x (c): {a['seconds'] / rows['copy']['seconds']:.2f}x")
+    if "peft" in rows:
+        print(f"goal (a) >= 2.5x faster than (b): {rows['peft']['seconds'] / a['seconds']:.1f}x")
+        print(f"goal peak RSS (a) <= 40% of (b): {100 * a['peak_rss'] / rows['peft']['peak_rss']:.0f}%")
+    if deep is not None:
+        grown = deep["peak_rss"] - a["peak_rss"]
+        print(
+            f"goal flat RSS: {2 * args.layers} layers peaks at {_mb(deep['peak_rss'])} (+{_mb(grown)}; "
+            f"largest tensor {_mb(largest)}; merge took {deep['seconds']:.2f} s)"
+        )
+
+    # Adapter output: rank 16 from bricks of ranks 8, 16, 32, 64.
+    adapter_base = base if args.adapter_layers is None else _ensure_base(args, args.adapter_layers)
+    mixed = _ensure_bricks(adapter_base, ADAPTER_RANKS, "mixed")
+    ours = _run("brickyard-adapter", adapter_base, mixed, work / "adapter-ours", rank=16)
+    print()
+    layers = args.layers if args.adapter_layers is None else args.adapter_layers
+    print(f"Adapter output, rank 16 from ranks {', '.join(map(str, ADAPTER_RANKS))} ({layers} layers)")
+    print(f"{'contender':<24}{'seconds':>9}{'peak RSS':>12}{'rel. error':>12}{'worst module':>14}")
+    adapters = {"brickyard": work / "adapter-ours"}
+    theirs = None
+    if not args.skip_peft:
+        theirs = _run("peft-svd", adapter_base, mixed, work / "adapter-peft", rank=16)
+        adapters["peft"] = work / "adapter-peft" / "merged"
+    errors = _adapter_errors(mixed, list(WEIGHTS), adapters)
+    print(
+        f"{'brickyard (QR + SVD)':<24}{ours['seconds']:9.2f}{_mb(ours['peak_rss']):>12}"
+        f"{errors['brickyard']['relative_error']:12.6f}{errors['brickyard']['worst_module']:14.6f}"
+    )
+    if theirs is not None:
+        print(
+            f"{'peft svd (combine only)':<24}{theirs['combine_seconds']:9.2f}{_mb(theirs['peak_rss']):>12}"
+            f"{errors['peft']['relative_error']:12.6f}{errors['peft']['worst_module']:14.6f}"
+        )
+        print(f"{'peft svd (whole run)':<24}{theirs['seconds']:9.2f}")
+        print(f"goal >= 100x faster than PEFT svd: {theirs['combine_seconds'] / ours['seconds']:.0f}x (combine only)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
