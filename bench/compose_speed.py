@@ -120,7 +120,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             shutil.copyfile(shard, out / shard.name)
         _fsync_tree(out)
     elif kind in ("brickyard", "brickyard-adapter"):
-        import torch  # noqa: F401
+        import torch
         import transformers
         from transformers import LlamaForCausalLM  # noqa: F401 - the planner builds it on the meta device
 
@@ -157,7 +157,9 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             _fsync_tree(out)
         else:
             loaded = time.perf_counter()
-            peft_model.add_weighted_adapter(names, list(weights), "merged", combination_type="svd", svd_rank=job["rank"])
+            peft_model.add_weighted_adapter(
+                names, list(weights), "merged", combination_type="svd", svd_rank=job["rank"]
+            )
             combine = time.perf_counter() - loaded
             peft_model.save_pretrained(out, selected_adapters=["merged"])
             _fsync_tree(out)
