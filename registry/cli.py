@@ -431,6 +431,140 @@ def reindex() -> None:
     console.print(f"re-indexed {count} brick versions with {registry.embedder.name}")
 
 
+# -- compositions -----------------------------------------------------------------------
+
+
+def _parse_brick(text: str) -> dict[str, Any]:
+    """``NAME[@VERSION][:WEIGHT]``."""
+    ref, _, weight = text.partition(":")
+    name, version = _parse_ref(ref)
+    choice: dict[str, Any] = {"name": name}
+    if version is not None:
+        choice["version"] = version
+    if weight:
+        try:
+            choice["weight"] = float(weight)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r}: the weight after ':' must be a number") from None
+    return choice
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise typer.BadParameter(f"{text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+@app.command()
+def compose(
+    base: Annotated[str, typer.Option("--base", "-b", help="registered base model")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory to download the composed model into")],
+    brick: Annotated[
+        list[str] | None, typer.Option("--brick", help="NAME[@VERSION][:WEIGHT] (repeatable)", show_default=False)
+    ] = None,
+    instruction: Annotated[str | None, typer.Option("--instruction", "-i", help="pick bricks by this task")] = None,
+    k: Annotated[int, typer.Option("-k", help="with --instruction: how many bricks")] = 3,
+    method: Annotated[str, typer.Option("--method", "-m", help="merge method (see `brickyard methods`)")] = "linear",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE method parameter")] = None,
+    output: Annotated[str, typer.Option("--output", help="full (merged model) or adapter (one LoRA)")] = "full",
+    rank: Annotated[int | None, typer.Option(help="adapter output: truncate to this rank")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Compose bricks into the base model (or one adapter) and download the result."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if (brick is None) == (instruction is None):
+        raise typer.BadParameter("give --brick (one or more) or --instruction")
+    request: dict[str, Any] = {"base_model": base, "method": method, "output": output}
+    if brick is not None:
+        request["bricks"] = [_parse_brick(b) for b in brick]
+    else:
+        request["instruction"], request["k"] = instruction, k
+    if param:
+        request["params"] = dict(_parse_param(p) for p in param)
+    if rank is not None:
+        request["rank"] = rank
+    try:
+        with _client(url) as client:
+            composition = client.compose(request)
+            bricks = ", ".join(f"{b['name']}@{b['version']} x{b['weight']:.3g}" for b in composition.recipe["bricks"])
+            console.print(f"composition [bold]{composition.id[:16]}[/] ({method}, {output}): {bricks}")
+            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
+            with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+                task = progress.add_task(composition.status, total=1.0)
+
+                def show(state: Any) -> None:
+                    progress.update(task, completed=state.progress, description=f"{state.status}: {state.message}"[:60])
+
+                composition = client.wait_composition(composition.id, show)
+            if composition.status != "ready":
+                err_console.print(f"[bold red]the build failed[/] ({composition.error_code}): {composition.error}")
+                raise typer.Exit(1)
+            paths = client.download_composition(composition.id, out)
+    except BrickyardError as exc:
+        _fail(exc)
+    size = sum(p.stat().st_size for p in paths)
+    console.print(f"wrote {len(paths)} files ({_size(size)}) to {out}")
+
+
+@app.command()
+def methods(url: UrlOption = None) -> None:
+    """List the merge methods and their parameters."""
+    try:
+        with _client(url) as client:
+            found = client.merge_methods()
+    except BrickyardError as exc:
+        _fail(exc)
+    table = Table("method", "parameters (default)", "description")
+    for method in found:
+        props = method.params.get("properties", {})
+        params = ", ".join(f"{k}={v.get('default')!r}" for k, v in props.items())
+        table.add_row(method.name, params, method.description)
+    console.print(table)
+
+
+@app.command()
+def worker(
+    workers: Annotated[int, typer.Option(help="builds run at once")] = 1,
+) -> None:
+    """Build queued compositions (run beside or instead of the server's own workers)."""
+    import signal
+    import threading
+
+    from registry.jobs import WorkerPool
+    from registry.service import Registry
+    from registry.settings import Settings
+
+    settings = Settings()
+    settings = settings.model_copy(update={"compose": settings.compose.model_copy(update={"workers": workers})})
+    registry = Registry.open(settings)
+    pool = WorkerPool(registry.compositions, settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    pool.start()
+    console.print(f"building compositions with {workers} worker(s); Ctrl-C to stop")
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        pool.stop()
+        registry.close()
+
+
+def _mount_local() -> None:
+    from composer.cli import app as composer_app
+
+    app.add_typer(composer_app, name="local", help="Compose from local paths, without a registry.")
+
+
+_mount_local()
+
+
 # -- demo -------------------------------------------------------------------------------
 
 

@@ -10,12 +10,24 @@ the problem details (``type`` names the class).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from registry import errors
-from registry.api.schemas import BaseModelDetail, BaseModelOut, BrickFileOut, BrickOut, Page, SearchHitOut, SearchOut
+from registry.api.schemas import (
+    BaseModelDetail,
+    BaseModelOut,
+    BrickFileOut,
+    BrickOut,
+    CompositionFileOut,
+    CompositionOut,
+    MergeMethodOut,
+    Page,
+    SearchHitOut,
+    SearchOut,
+)
 
 __all__ = ["BrickyardClient", "LocalClient", "RemoteClient", "error_from_problem"]
 
@@ -46,6 +58,13 @@ class BrickyardClient(Protocol):
     def delete_brick(self, name: str, version: int) -> BrickOut: ...
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]: ...
     def search(self, query: str, **options: Any) -> list[SearchHitOut]: ...
+    def merge_methods(self) -> list[MergeMethodOut]: ...
+    def compose(self, request: Mapping[str, Any]) -> CompositionOut: ...
+    def get_composition(self, composition_id: str) -> CompositionOut: ...
+    def wait_composition(
+        self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None
+    ) -> CompositionOut: ...
+    def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]: ...
     def close(self) -> None: ...
 
 
@@ -198,6 +217,45 @@ class RemoteClient:
             written.append(target)
         return written
 
+    def merge_methods(self) -> list[MergeMethodOut]:
+        """Every merge method with its parameters."""
+        return [MergeMethodOut.model_validate(m) for m in self._request("GET", "/v1/merge-methods")]
+
+    def compose(self, request: Mapping[str, Any]) -> CompositionOut:
+        """Request a composition (see `registry.inputs.ComposeRequest`); returns at once."""
+        return CompositionOut.model_validate(self._request("POST", "/v1/compositions", json=dict(request)))
+
+    def get_composition(self, composition_id: str) -> CompositionOut:
+        """Status and progress of a composition."""
+        return CompositionOut.model_validate(self._request("GET", f"/v1/compositions/{composition_id}"))
+
+    def wait_composition(
+        self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None, *, poll_s: float = 0.5
+    ) -> CompositionOut:
+        """Poll until the composition is ready or failed."""
+        while True:
+            composition = self.get_composition(composition_id)
+            if on_progress is not None:
+                on_progress(composition)
+            if composition.status in ("ready", "failed"):
+                return composition
+            time.sleep(poll_s)
+
+    def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]:
+        """Download a ready composition into ``out_dir`` (created; must not hold files)."""
+        _empty_target(out_dir)
+        listing = [
+            CompositionFileOut.model_validate(f)
+            for f in self._request("GET", f"/v1/compositions/{composition_id}/files")
+        ]
+        written = []
+        for entry in listing:
+            target = out_dir / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.download_file(f"/v1/compositions/{composition_id}/files/{entry.path}", target)
+            written.append(target)
+        return written
+
     def download_file(self, path: str, target: Path) -> None:
         """Stream one file to ``target`` (written to a temporary name, then renamed)."""
         partial = target.with_name(target.name + ".partial")
@@ -295,6 +353,59 @@ class LocalClient:
             for h in self.registry.search(body).hits
         ]
 
+    def merge_methods(self) -> list[MergeMethodOut]:
+        """Every merge method with its parameters."""
+        from composer import list_methods
+
+        return [MergeMethodOut(name=m.name, description=m.description, params=m.params_schema) for m in list_methods()]
+
+    def compose(self, request: Mapping[str, Any]) -> CompositionOut:
+        """Request a composition; `wait_composition` builds it in this process."""
+        composition, _ = self.registry.compositions.request(dict(request))
+        return CompositionOut.of(composition)
+
+    def get_composition(self, composition_id: str) -> CompositionOut:
+        """Status and progress of a composition."""
+        return CompositionOut.of(self.registry.compositions.get(composition_id))
+
+    def wait_composition(
+        self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None, *, poll_s: float = 0.2
+    ) -> CompositionOut:
+        """Build the composition here if it is queued (another process may be building it),
+        reporting progress, until it is ready or failed."""
+        import threading
+
+        from registry.compositions import worker_name
+
+        compositions = self.registry.compositions
+        worker = worker_name(0) + ":local"
+        claimed = compositions.store.claim(composition_id, worker)
+        builder = None
+        if claimed is not None:
+            builder = threading.Thread(target=compositions.build_claimed, args=(claimed, worker), daemon=True)
+            builder.start()
+        while True:
+            composition = self.get_composition(composition_id)
+            if on_progress is not None:
+                on_progress(composition)
+            if composition.status in ("ready", "failed") and (builder is None or not builder.is_alive()):
+                return composition
+            time.sleep(poll_s)
+
+    def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]:
+        """Copy a ready composition into ``out_dir`` (created; must not hold files)."""
+        import shutil
+
+        _empty_target(out_dir)
+        root = self.registry.compositions.directory(composition_id)
+        written = []
+        for relative, _ in self.registry.compositions.files(composition_id):
+            target = out_dir / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / relative, target)
+            written.append(target)
+        return written
+
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]:
         """Copy a brick version's files into ``out_dir``."""
         import shutil
@@ -307,6 +418,12 @@ class LocalClient:
             shutil.copyfile(source, target)
             written.append(target)
         return written
+
+
+def _empty_target(out_dir: Path) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise errors.InvalidInput(f"{out_dir} is not empty", errors=["choose a new or empty output directory"])
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def iter_bricks(client: BrickyardClient, **filters: Any) -> Iterator[BrickOut]:

@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 
-__all__ = ["BaseModel", "BaseModelDraft", "Brick", "BrickDraft", "BrickFile", "BrickPatch", "LinearShape", "Page"]
+__all__ = [
+    "BaseModel",
+    "BaseModelDraft",
+    "Brick",
+    "BrickDraft",
+    "BrickFile",
+    "BrickPatch",
+    "Composition",
+    "LinearShape",
+    "Page",
+]
 
 T = TypeVar("T")
 
@@ -143,3 +153,24 @@ class BrickPatch:
     description: str | None = None
     examples: tuple[str, ...] | None = None
     tags: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A requested composed model. ``id`` is the sha256 of its canonical recipe."""
+
+    id: str
+    status: str
+    progress: float
+    message: str
+    recipe: Mapping[str, object]
+    output: str
+    method: str
+    error: str | None
+    error_code: str | None
+    size_bytes: int | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    requested_by: str | None = None

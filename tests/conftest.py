@@ -143,10 +143,11 @@ def empty_database_url(backend: str, request: pytest.FixtureRequest, tmp_path: P
 
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Any:
-    """Settings for one test: its own home directory and database."""
-    from registry.settings import Settings
+    """Settings for one test: its own home directory and database; compositions build in a
+    thread of the server (the child-process mode is tested against a live server)."""
+    from registry.settings import ComposeSettings, Settings
 
-    return Settings(home=tmp_path / "home", database_url=database_url)
+    return Settings(home=tmp_path / "home", database_url=database_url, compose=ComposeSettings(isolation="thread"))
 
 
 @pytest.fixture
@@ -309,3 +310,86 @@ def random_adapter(seed: int, *, r: int = 4, targets: tuple[str, ...] = ("q_proj
     weights = struct.pack("<Q", len(encoded)) + encoded + data
     config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets), "bias": "none"}
     return json.dumps(config).encode(), weights
+
+
+def wait_ready(client: Any, composition_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll a composition until it is ready or failed."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/compositions/{composition_id}").json()
+        if body["status"] in ("ready", "failed"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"composition {composition_id} not done after {timeout_s} s")
+
+
+@pytest.fixture
+def live_server(settings: Any, tmp_path: Path) -> Iterator[Any]:
+    """Start ``brickyard serve`` in a subprocess on the test's database (child-process
+    builds); yields a handle with ``url``, ``kill()`` and ``restart()``."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    class Server:
+        def __init__(self) -> None:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                self.port = sock.getsockname()[1]
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.env = {
+                **os.environ,
+                "BRICKYARD_HOME": str(settings.home),
+                "BRICKYARD_DATABASE_URL": settings.database_url,
+                "BRICKYARD_COMPOSE__ISOLATION": "process",
+            }
+            self.process: subprocess.Popen[bytes] | None = None
+            self.log = tmp_path / "server.log"
+            self._out: Any = None
+
+        def start(self) -> None:
+            self._out = open(self.log, "ab")  # noqa: SIM115 - closed in kill() / stop()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "registry", "serve", "--port", str(self.port), "--log-level", "warning"],
+                env=self.env,
+                stdout=self._out,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, self.log.read_text()
+                try:
+                    if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            raise AssertionError("server did not start: " + self.log.read_text())
+
+        def kill(self) -> None:
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait(10)
+            self._out.close()
+
+        def stop(self) -> None:
+            if self.process is not None and self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(15)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+            if self._out is not None:
+                self._out.close()
+
+    server = Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from registry.api.limits import BodyLimitMiddleware
 from registry.api.problems import PROBLEM_RESPONSES, install_problem_handlers
-from registry.api.routes import base_models, bricks, health, search
+from registry.api.routes import base_models, bricks, compositions, health, merge_methods, search
+from registry.jobs import WorkerPool
 from registry.service import Registry
 from registry.settings import Settings
 
@@ -36,9 +37,13 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owns_registry:
             app.state.registry = Registry.open(settings)
+        workers = WorkerPool(app.state.registry.compositions, app.state.registry.settings)
+        workers.start()
+        app.state.workers = workers
         try:
             yield
         finally:
+            workers.stop()
             if owns_registry:
                 app.state.registry.close()
 
@@ -57,6 +62,6 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         max_bytes=limits.max_adapter_bytes + limits.max_config_bytes + limits.max_metadata_bytes + _MULTIPART_SLACK,
     )
     install_problem_handlers(app)
-    for module in (health, base_models, bricks, search):
+    for module in (health, base_models, bricks, search, compositions, merge_methods):
         app.include_router(module.router)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import Request
@@ -9,7 +10,7 @@ from fastapi.responses import FileResponse
 
 from registry.errors import InvalidInput, RangeNotSatisfiable
 
-__all__ = ["file_response"]
+__all__ = ["file_response", "tar_stream"]
 
 
 def file_response(request: Request, path: Path, *, media_type: str, filename: str, etag: str) -> FileResponse:
@@ -38,3 +39,32 @@ def file_response(request: Request, path: Path, *, media_type: str, filename: st
         filename=filename,
         headers={"ETag": f'"{etag}"', "Cache-Control": "public, max-age=31536000, immutable"},
     )
+
+
+_BLOCK = 512
+_CHUNK = 1 << 20
+
+
+def tar_stream(root: Path, relative_paths: list[str]) -> Iterator[bytes]:
+    """A POSIX (ustar/pax) tar of ``root``'s files, produced chunk by chunk: memory stays
+    at one chunk whatever the size of the files."""
+    import tarfile
+
+    for relative in relative_paths:
+        path = root / relative
+        info = tarfile.TarInfo(relative)
+        stat = path.stat()
+        info.size, info.mtime, info.mode = stat.st_size, int(stat.st_mtime), 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        remaining = info.size
+        with open(path, "rb") as handle:
+            while remaining > 0:
+                chunk = handle.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise OSError(f"{path} shrank while being archived")
+                remaining -= len(chunk)
+                yield chunk
+        padding = -info.size % _BLOCK
+        if padding:
+            yield b"\0" * padding
+    yield b"\0" * (2 * _BLOCK)

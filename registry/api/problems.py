@@ -122,7 +122,7 @@ def _from_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def _from_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
         500, "internal", "Internal error", "an unexpected error occurred; it has been logged", instance=request.url.path
     )

@@ -4,7 +4,7 @@ the CLI and the Python API)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -15,6 +15,9 @@ __all__ = [
     "BaseModelOut",
     "BrickFileOut",
     "BrickOut",
+    "CompositionFileOut",
+    "CompositionOut",
+    "MergeMethodOut",
     "Page",
     "SearchHitOut",
     "SearchOut",
@@ -167,3 +170,62 @@ class SearchOut(BaseModel):
     """Search results, best first, at most one per brick version."""
 
     hits: list[SearchHitOut]
+
+
+class CompositionOut(BaseModel):
+    """A composition: its id (the recipe's hash), build status and recipe."""
+
+    id: str
+    status: str = Field(description="queued | running | ready | failed")
+    progress: float = Field(description="0..1")
+    message: str
+    error: str | None
+    error_code: str | None
+    recipe: dict[str, Any]
+    output: str
+    method: str
+    size_bytes: int | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    files_url: str
+    archive_url: str
+
+    @classmethod
+    def of(cls, composition: domain.Composition) -> CompositionOut:
+        """From the domain object."""
+        base = f"/v1/compositions/{composition.id}"
+        return cls(
+            id=composition.id,
+            status=composition.status,
+            progress=composition.progress,
+            message=composition.message,
+            error=composition.error,
+            error_code=composition.error_code,
+            recipe=dict(composition.recipe),
+            output=composition.output,
+            method=composition.method,
+            size_bytes=composition.size_bytes,
+            attempts=composition.attempts,
+            created_at=composition.created_at,
+            started_at=composition.started_at,
+            finished_at=composition.finished_at,
+            files_url=f"{base}/files",
+            archive_url=f"{base}/archive",
+        )
+
+
+class CompositionFileOut(BaseModel):
+    """A file of a composed model."""
+
+    path: str
+    size_bytes: int
+
+
+class MergeMethodOut(BaseModel):
+    """A merge method and its parameters (JSON schema with defaults and descriptions)."""
+
+    name: str
+    description: str
+    params: dict[str, Any]

@@ -37,6 +37,7 @@ __all__ = [
     "BrickRow",
     "BrickTagRow",
     "BrickVectorRow",
+    "CompositionRow",
     "Embedding",
     "IndexStateRow",
     "RetrievalStatsRow",
@@ -273,3 +274,49 @@ class RetrievalStatsRow(Base):
     df_shape: Mapped[bytes | None] = mapped_column(LargeBinary)
     df_prefix: Mapped[bytes | None] = mapped_column(LargeBinary)
     df_word: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class CompositionRow(Base):
+    """A composition: its recipe (whose hash is the id), build status and cache bookkeeping."""
+
+    __tablename__ = "compositions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
+    output: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    requested_by: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_accessed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+    def to_domain(self) -> domain.Composition:
+        """The domain object for this row."""
+        return domain.Composition(
+            id=self.id,
+            status=self.status,
+            progress=self.progress,
+            message=self.message,
+            recipe=self.recipe,
+            output=self.output,
+            method=self.method,
+            error=self.error,
+            error_code=self.error_code,
+            size_bytes=self.size_bytes,
+            attempts=self.attempts,
+            created_at=_aware(self.created_at),
+            started_at=_aware(self.started_at) if self.started_at else None,
+            finished_at=_aware(self.finished_at) if self.finished_at else None,
+            requested_by=self.requested_by,
+        )

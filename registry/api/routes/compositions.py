@@ -1,0 +1,87 @@
+"""Compositions: request a composed model, watch it build, download it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response, status
+from fastapi.responses import FileResponse, StreamingResponse
+
+from registry.api.deps import RegistryDep
+from registry.api.files import file_response, tar_stream
+from registry.api.schemas import CompositionFileOut, CompositionOut
+from registry.inputs import ComposeRequest
+
+router = APIRouter(prefix="/v1/compositions", tags=["compositions"])
+
+IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="composition id (sha256 of its recipe)")]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={200: {"model": CompositionOut, "description": "already built: ready to download"}},
+)
+def request_composition(
+    body: ComposeRequest, registry: RegistryDep, request: Request, response: Response
+) -> CompositionOut:
+    """Resolve bricks (by name or by instruction) into a recipe and build it once.
+
+    202 while queued or running (poll ``GET /v1/compositions/{id}``); 200 when the same
+    recipe is already built. A failed build is retried.
+    """
+    composition, ready = registry.compositions.request(body)
+    if ready:
+        response.status_code = status.HTTP_200_OK
+    else:
+        wake = getattr(request.app.state, "workers", None)
+        if wake is not None:
+            wake.wake()
+    response.headers["Location"] = f"/v1/compositions/{composition.id}"
+    return CompositionOut.of(composition)
+
+
+@router.get("/{composition_id}")
+def get_composition(composition_id: IdPath, registry: RegistryDep) -> CompositionOut:
+    """Status, progress (0..1), error and recipe of a composition."""
+    return CompositionOut.of(registry.compositions.get(composition_id))
+
+
+@router.get("/{composition_id}/files")
+def list_composition_files(composition_id: IdPath, registry: RegistryDep) -> list[CompositionFileOut]:
+    """The files of a ready composition (409 while it is not ready)."""
+    return [CompositionFileOut(path=p, size_bytes=n) for p, n in registry.compositions.files(composition_id)]
+
+
+@router.get(
+    "/{composition_id}/files/{path:path}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def get_composition_file(
+    composition_id: IdPath, path: Annotated[str, Path(max_length=500)], registry: RegistryDep, request: Request
+) -> FileResponse:
+    """One file of a ready composition (HTTP Range supported)."""
+    local = registry.compositions.file(composition_id, path)
+    media = "application/json" if local.suffix == ".json" else "application/octet-stream"
+    return file_response(request, local, media_type=media, filename=local.name, etag=f"{composition_id}:{path}")
+
+
+@router.get(
+    "/{composition_id}/archive",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}}},
+)
+def get_composition_archive(composition_id: IdPath, registry: RegistryDep) -> StreamingResponse:
+    """The whole composition as a tar stream (uncompressed: weights do not compress)."""
+    root = registry.compositions.directory(composition_id)
+    files = registry.compositions.files(composition_id)
+    total = sum(512 + -(-size // 512) * 512 for _, size in files) + 1024
+    return StreamingResponse(
+        tar_stream(root, [p for p, _ in files]),
+        media_type="application/x-tar",
+        headers={
+            "Content-Disposition": f'attachment; filename="{composition_id}.tar"',
+            "Content-Length": str(total),
+        },
+    )

@@ -1,0 +1,212 @@
+"""The SQL store of compositions: a small job queue whose state machine is
+
+```
+            request            claim              finish
+ (none) ──────────> queued ──────────> running ──────────> ready ──(evict)──> (none)
+                      ^                   │ fail / interrupted
+                      └──── retry ─────── failed
+```
+
+Claims are atomic (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers),
+so any number of worker threads or processes can share the queue. Every method is one
+transaction and returns domain objects.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from registry import domain
+from registry.db.models import CompositionRow, utcnow
+from registry.db.session import Database
+
+__all__ = ["CompositionStore"]
+
+QUEUED, RUNNING, READY, FAILED = "queued", "running", "ready", "failed"
+
+
+class CompositionStore:
+    """Compositions in SQL."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def get(self, composition_id: str) -> domain.Composition | None:
+        """The composition, or None."""
+        with self.db.session() as session:
+            row = session.get(CompositionRow, composition_id)
+            return row.to_domain() if row is not None else None
+
+    def create(
+        self,
+        composition_id: str,
+        recipe: dict[str, Any],
+        *,
+        base_model_id: int,
+        output: str,
+        method: str,
+        actor: str | None,
+    ) -> tuple[domain.Composition, bool]:
+        """Queue a composition unless it exists; a failed one is queued again.
+
+        Returns:
+            (the composition, whether this call queued it).
+        """
+        with self.db.session(write=True) as session:
+            insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
+            now = utcnow()
+            created = session.execute(
+                insert(CompositionRow)
+                .values(
+                    id=composition_id,
+                    recipe=recipe,
+                    base_model_id=base_model_id,
+                    output=output,
+                    method=method,
+                    status=QUEUED,
+                    progress=0.0,
+                    message="queued",
+                    attempts=0,
+                    requested_by=actor,
+                    created_at=now,
+                    last_accessed_at=now,
+                )
+                .on_conflict_do_nothing()
+                .returning(CompositionRow.id)
+            ).scalar() is not None
+            requeued = 0
+            if not created:
+                requeued = session.execute(
+                    update(CompositionRow)
+                    .where(CompositionRow.id == composition_id, CompositionRow.status == FAILED)
+                    .values(status=QUEUED, progress=0.0, message="queued again", error=None, error_code=None)
+                ).rowcount
+            row = session.get(CompositionRow, composition_id, populate_existing=True)
+            assert row is not None
+            row.last_accessed_at = now
+            return row.to_domain(), bool(created or requeued)
+
+    def claim_next(self, worker: str) -> domain.Composition | None:
+        """Take the oldest queued composition for ``worker`` (None when the queue is empty)."""
+        with self.db.session() as session:  # a cheap read first: polling must not take the write lock
+            if session.scalar(select(CompositionRow.id).where(CompositionRow.status == QUEUED).limit(1)) is None:
+                return None
+        with self.db.session(write=True) as session:
+            query = select(CompositionRow.id).where(CompositionRow.status == QUEUED).order_by(CompositionRow.created_at)
+            if self.db.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            composition_id = session.scalar(query.limit(1))
+            if composition_id is None:
+                return None
+            return self._start(session, composition_id, worker)
+
+    def claim(self, composition_id: str, worker: str) -> domain.Composition | None:
+        """Take a specific queued composition (None if it is not queued any more)."""
+        with self.db.session(write=True) as session:
+            return self._start(session, composition_id, worker)
+
+    def _start(self, session: Any, composition_id: str, worker: str) -> domain.Composition | None:
+        now = utcnow()
+        claimed = session.execute(
+            update(CompositionRow)
+            .where(CompositionRow.id == composition_id, CompositionRow.status == QUEUED)
+            .values(
+                status=RUNNING,
+                worker=worker,
+                started_at=now,
+                heartbeat_at=now,
+                progress=0.0,
+                message="starting",
+                attempts=CompositionRow.attempts + 1,
+            )
+        ).rowcount
+        if not claimed:
+            return None
+        row = session.get(CompositionRow, composition_id, populate_existing=True)
+        return row.to_domain() if row is not None else None
+
+    def heartbeat(self, composition_id: str, worker: str, progress: float, message: str) -> bool:
+        """Record progress of a running build; False when ``worker`` no longer owns it."""
+        with self.db.session(write=True) as session:
+            return bool(
+                session.execute(
+                    update(CompositionRow)
+                    .where(
+                        CompositionRow.id == composition_id,
+                        CompositionRow.worker == worker,
+                        CompositionRow.status == RUNNING,
+                    )
+                    .values(progress=progress, message=message[:500], heartbeat_at=utcnow())
+                ).rowcount
+            )
+
+    def finish(self, composition_id: str, worker: str, size_bytes: int, message: str) -> None:
+        """Mark a build ready."""
+        with self.db.session(write=True) as session:
+            now = utcnow()
+            session.execute(
+                update(CompositionRow)
+                .where(CompositionRow.id == composition_id, CompositionRow.worker == worker)
+                .values(
+                    status=READY,
+                    progress=1.0,
+                    message=message[:500],
+                    size_bytes=size_bytes,
+                    finished_at=now,
+                    last_accessed_at=now,
+                    error=None,
+                    error_code=None,
+                )
+            )
+
+    def fail(self, composition_id: str, worker: str | None, error: str, code: str) -> bool:
+        """Mark a running build failed (only ``worker``'s, when given)."""
+        with self.db.session(write=True) as session:
+            query = update(CompositionRow).where(CompositionRow.id == composition_id, CompositionRow.status == RUNNING)
+            if worker is not None:
+                query = query.where(CompositionRow.worker == worker)
+            return bool(
+                session.execute(
+                    query.values(status=FAILED, error=error[:4000], error_code=code, finished_at=utcnow())
+                ).rowcount
+            )
+
+    def running(self) -> list[tuple[str, str | None, datetime | None]]:
+        """(id, worker, last heartbeat) of every running build."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(CompositionRow.id, CompositionRow.worker, CompositionRow.heartbeat_at).where(
+                    CompositionRow.status == RUNNING
+                )
+            ).all()
+        return [(r.id, r.worker, r.heartbeat_at) for r in rows]
+
+    def touch(self, composition_id: str) -> None:
+        """Record a use (for LRU eviction)."""
+        with self.db.session(write=True) as session:
+            session.execute(
+                update(CompositionRow).where(CompositionRow.id == composition_id).values(last_accessed_at=utcnow())
+            )
+
+    def ready_by_age(self) -> list[tuple[str, int]]:
+        """(id, size) of ready compositions, least recently used first."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(CompositionRow.id, CompositionRow.size_bytes)
+                .where(CompositionRow.status == READY)
+                .order_by(CompositionRow.last_accessed_at)
+            ).all()
+        return [(r.id, int(r.size_bytes or 0)) for r in rows]
+
+    def delete_ready(self, composition_id: str) -> bool:
+        """Forget a ready composition (its directory is being evicted)."""
+        with self.db.session(write=True) as session:
+            row = session.get(CompositionRow, composition_id)
+            if row is None or row.status != READY:
+                return False
+            session.delete(row)
+            return True
