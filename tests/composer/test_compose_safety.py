@@ -128,3 +128,15 @@ def test_output_shards_have_the_base_header_bytes(
         assert len(produced) == len(original)
         header_end = 8 + int.from_bytes(original[:8], "little")
         assert produced[:header_end] == original[:header_end]
+
+
+def test_torch_thread_setting_is_restored(tmp_path: Path, toy_llama: Path, llama_bricks: dict[str, Path]) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    compose(toy_llama, [source(llama_bricks["qv4"])], tmp_path / "full")
+    compose(toy_llama, [source(llama_bricks["qv4"])], tmp_path / "adapter", output="adapter", rank=2)
+    bad = _poisoned(tmp_path, llama_bricks["qv4"], "model.layers.0.self_attn.q_proj", float("inf"))
+    with pytest.raises(NonFiniteResult):
+        compose(toy_llama, [source(bad)], tmp_path / "failed")
+    assert torch.get_num_threads() == before

@@ -108,7 +108,7 @@ def test_compose_by_instruction_uses_search_and_softmax_weights(composable: Any)
     request = {"base_model": "tiny-llama", "instruction": "translate my Romanian emails into English", "k": 2}
     body = composable.post("/v1/compositions", json=request).json()
     bricks = body["recipe"]["bricks"]
-    assert [b["name"] for b in bricks][0] == "translate"
+    assert bricks[0]["name"] == "translate"
     assert len(bricks) == 2
     assert sum(b["weight"] for b in bricks) == pytest.approx(1.0)
     assert bricks[0]["weight"] > bricks[1]["weight"]
