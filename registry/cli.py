@@ -572,7 +572,7 @@ _mount_local()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where to build models and keep the demo registry")] = Path(".demo"),
 ) -> None:
-    """Build a tiny base model and bricks, serve them on SQLite, register and list over REST."""
+    """The whole flow on SQLite: build tiny models, serve, register, search, compose, generate."""
     from registry.demo import run_demo
 
     sys.exit(run_demo(workdir, console))
