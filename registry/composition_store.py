@@ -59,25 +59,28 @@ class CompositionStore:
         with self.db.session(write=True) as session:
             insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
             now = utcnow()
-            created = session.execute(
-                insert(CompositionRow)
-                .values(
-                    id=composition_id,
-                    recipe=recipe,
-                    base_model_id=base_model_id,
-                    output=output,
-                    method=method,
-                    status=QUEUED,
-                    progress=0.0,
-                    message="queued",
-                    attempts=0,
-                    requested_by=actor,
-                    created_at=now,
-                    last_accessed_at=now,
-                )
-                .on_conflict_do_nothing()
-                .returning(CompositionRow.id)
-            ).scalar() is not None
+            created = (
+                session.execute(
+                    insert(CompositionRow)
+                    .values(
+                        id=composition_id,
+                        recipe=recipe,
+                        base_model_id=base_model_id,
+                        output=output,
+                        method=method,
+                        status=QUEUED,
+                        progress=0.0,
+                        message="queued",
+                        attempts=0,
+                        requested_by=actor,
+                        created_at=now,
+                        last_accessed_at=now,
+                    )
+                    .on_conflict_do_nothing()
+                    .returning(CompositionRow.id)
+                ).scalar()
+                is not None
+            )
             requeued = 0
             if not created:
                 requeued = session.execute(

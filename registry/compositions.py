@@ -118,9 +118,7 @@ class Compositions:
                     f"{len(foreign)} of the bricks were trained on another base model than {base.name!r}",
                     errors=[f"{b.ref} is a brick of base model {b.base_model!r}" for b in foreign],
                     extra={
-                        "bricks": [
-                            {"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign
-                        ]
+                        "bricks": [{"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign]
                     },
                 )
         from composer import COMPOSER_VERSION, get_method

@@ -37,6 +37,11 @@ class Embedder(Protocol):
         """An ``(len(texts), dim)`` float32 array of unit vectors."""
         ...
 
+    def embed_with_layer(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Unit sentence vectors and unit mean-pooled hidden states of an intermediate layer,
+        from one forward pass (see `registry.retrieve` for why the layer view helps)."""
+        ...
+
 
 def model_identity(path: Path) -> str:
     """``<directory name>-<12 hex>``: the hex digest covers the model's config files and
@@ -60,6 +65,7 @@ class SentenceTransformerEmbedder:
         self.path = Path(path)
         self.batch_size = batch_size
         self._model: Any = None
+        self._layer = 4
         self._lock = threading.Lock()
         self._name = model_identity(self.path)
 
@@ -75,8 +81,15 @@ class SentenceTransformerEmbedder:
                     os.environ.setdefault("HF_HUB_OFFLINE", "1")
                     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                     from sentence_transformers import SentenceTransformer
+                    from transformers.utils import logging as hf_logging
 
-                    self._model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+                    hf_logging.disable_progress_bar()
+
+                    model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
+                    config = model[0].auto_model.config
+                    config.output_hidden_states = True
+                    self._layer = max(1, round(config.num_hidden_layers * 2 / 3))
+                    self._model = model
         return self._model
 
     @property
@@ -88,17 +101,31 @@ class SentenceTransformerEmbedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors for ``texts`` (float32)."""
+        return self.embed_with_layer(texts)[0]
+
+    def embed_with_layer(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Unit sentence vectors and unit mean-pooled hidden states of layer ``2/3`` of the
+        depth (layer 4 of MiniLM's 6), from one forward pass."""
+        import torch
+
         model = self._load()
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
+            empty = np.zeros((0, self.dim), dtype=np.float32)
+            return empty, empty
+        sentences, layers = [], []
+        for start in range(0, len(texts), self.batch_size):
+            features = model.preprocess(list(texts[start : start + self.batch_size]))
+            with torch.inference_mode():
+                out = model(features)
+            hidden = out["all_layer_embeddings"][self._layer]
+            mask = out["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            sentences.append(torch.nn.functional.normalize(out["sentence_embedding"], dim=1).numpy())
+            layers.append(torch.nn.functional.normalize(pooled, dim=1).numpy())
+        return (
+            np.ascontiguousarray(np.concatenate(sentences), dtype=np.float32),
+            np.ascontiguousarray(np.concatenate(layers), dtype=np.float32),
         )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 _shared: dict[Path, SentenceTransformerEmbedder] = {}

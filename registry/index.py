@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from sqlalchemy import bindparam, select, text
@@ -81,8 +81,27 @@ def _check_model(session: Session, model: str) -> CorpusStats | None:
     return stats
 
 
-def _lexical(row: BrickLexicalRow) -> dict[str, SparseVector]:
-    return {view: SparseVector.from_bytes(getattr(row, f"{view}_idx"), getattr(row, f"{view}_val")) for view in VIEWS}
+def _lexical(row: BrickLexicalRow) -> dict[str, Any]:
+    """The lexical vectors and the layer sum of a brick (divided by its example count later)."""
+    found: dict[str, Any] = {
+        view: SparseVector.from_bytes(getattr(row, f"{view}_idx"), getattr(row, f"{view}_val")) for view in VIEWS
+    }
+    found["layer_sum"] = np.frombuffer(row.layer_sum, dtype="<f8")
+    return found
+
+
+def _features(brick_id: int, desc: np.ndarray, ex_vecs: np.ndarray, lexical: dict[str, Any]) -> BrickFeatures:
+    layer_sum = lexical["layer_sum"]
+    layer_mean = (layer_sum / len(ex_vecs)).astype(np.float32) if len(ex_vecs) and len(layer_sum) else None
+    return BrickFeatures(
+        brick_id,
+        desc,
+        ex_vecs,
+        shape=lexical["shape"],
+        prefix=lexical["prefix"],
+        word=lexical["word"],
+        layer_mean=layer_mean,
+    )
 
 
 # -- SQLite: exact, in memory -----------------------------------------------------------
@@ -155,7 +174,7 @@ class InMemoryIndex:
         for position, brick_id in enumerate(ids):
             descs, examples = by_brick[brick_id]
             ex_vecs = np.stack(examples) if examples else np.zeros((0, dim), np.float32)
-            features.append(BrickFeatures(brick_id, descs[0], ex_vecs, **lexical[brick_id]))
+            features.append(_features(brick_id, descs[0], ex_vecs, lexical[brick_id]))
             rows.extend([descs[0], *examples])
             owner.extend([position] * (1 + len(examples)))
             is_example.extend([False] + [True] * len(examples))
@@ -293,7 +312,7 @@ class PgVectorIndex:
         for brick_id, (descs, examples) in by_brick.items():
             if descs and brick_id in lexical:
                 ex_vecs = np.stack(examples) if examples else np.zeros((0, dim), np.float32)
-                features[brick_id] = BrickFeatures(brick_id, descs[0], ex_vecs, **lexical[brick_id])
+                features[brick_id] = _features(brick_id, descs[0], ex_vecs, lexical[brick_id])
         return features
 
 

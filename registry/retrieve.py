@@ -6,9 +6,14 @@ brick is scored by two branches and a gate decides between them *from the query 
 
 * description branch ``D = lam * (cos(q, desc) + beta * word(q, desc))``;
 * example branch ``E = a * (cos_c(q, mean(examples)) + w_shape * shape(q, examples)
-  + w_prefix * prefix(q, examples))``, where ``cos_c`` is the cosine after subtracting the
-  corpus mean of example vectors ``mu`` (removing the direction all inputs share) and
-  ``shape``/``prefix``/``word`` are cosines of the lexical views (`registry.lexical`);
+  + w_prefix * prefix(q, examples) + w_layer * layer(q, examples))``, where ``cos_c`` is the
+  cosine after subtracting the corpus mean of example vectors ``mu`` (removing the
+  direction all inputs share), ``shape``/``prefix``/``word`` are cosines of the lexical
+  views (`registry.lexical`), and ``layer`` is the cosine between the query's and the
+  examples' mean-pooled hidden states of MiniLM's layer 4 (of 6), standardised per
+  dimension over all registered examples: the last layer is tuned for meaning, an
+  intermediate one still carries surface form (script, casing, markup, list skeleton),
+  which is what separates inputs of different tasks on the same topic;
 * gate ``alpha = sigmoid((max_b cos(q, desc_b) - max_example_sim - g0) / s)``: when the
   query is closer to some description than to any example, it reads as a description;
 * ``score = alpha * D + (1 - alpha) * E``.
@@ -47,6 +52,7 @@ class RankingParams:
     a: float = 7.3
     w_shape: float = 1.0
     w_prefix: float = 0.3
+    w_layer: float = 1.0
     lam: float = 13.0
     beta: float = 0.2
     g0: float = 0.02
@@ -66,6 +72,7 @@ class BrickFeatures:
     shape: SparseVector
     prefix: SparseVector
     word: SparseVector
+    layer_mean: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -76,16 +83,26 @@ class CorpusStats:
     example_count: int
     df: Mapping[str, np.ndarray]
     n_docs: int
+    layer_sum: np.ndarray
+    layer_sumsq: np.ndarray
 
     @classmethod
     def empty(cls, dim: int) -> CorpusStats:
         """Statistics of an empty corpus."""
-        return cls(np.zeros(dim, np.float64), 0, {v: np.zeros(HASH_DIM, np.int32) for v in VIEWS}, 0)
+        zeros = np.zeros(dim, np.float64)
+        return cls(zeros, 0, {v: np.zeros(HASH_DIM, np.int32) for v in VIEWS}, 0, zeros, zeros)
 
     @property
     def mu(self) -> np.ndarray:
         """Mean of all example vectors (zeros when there are none)."""
         return (self.example_sum / max(self.example_count, 1)).astype(np.float32)
+
+    def layer_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and standard deviation of the examples' layer vectors."""
+        n = max(self.example_count, 1)
+        mean = self.layer_sum / n
+        std = np.sqrt(np.maximum(self.layer_sumsq / n - mean * mean, 0.0)) + 1e-6
+        return mean.astype(np.float32), std.astype(np.float32)
 
     def apply(self, delta: StatsDelta, sign: int = 1) -> CorpusStats:
         """These statistics with ``delta`` added (``sign=1``) or removed (``sign=-1``)."""
@@ -97,6 +114,8 @@ class CorpusStats:
             example_count=self.example_count + sign * delta.example_count,
             df=df,
             n_docs=self.n_docs + sign * delta.n_docs,
+            layer_sum=self.layer_sum + sign * delta.layer_sum,
+            layer_sumsq=self.layer_sumsq + sign * delta.layer_sumsq,
         )
 
 
@@ -108,40 +127,54 @@ class StatsDelta:
     example_count: int
     df_idx: Mapping[str, np.ndarray]
     n_docs: int
+    layer_sum: np.ndarray
+    layer_sumsq: np.ndarray
 
 
 @dataclass(frozen=True)
 class IndexedTexts:
-    """A brick's lexical vectors and its contribution to the statistics."""
+    """A brick's lexical vectors, the mean of its examples' layer vectors, and its
+    contribution to the statistics."""
 
     shape: SparseVector
     prefix: SparseVector
     word: SparseVector
+    layer_mean: np.ndarray
     delta: StatsDelta = field(repr=False)
 
 
-def stats_delta(description: str, examples: Sequence[str], ex_vecs: np.ndarray) -> StatsDelta:
+def stats_delta(description: str, examples: Sequence[str], ex_vecs: np.ndarray, ex_layers: np.ndarray) -> StatsDelta:
     """The statistics contribution of a brick's texts (description and examples)."""
     texts = [description, *examples]
     df_idx = {view: np.concatenate([text_features(t, view)[0] for t in texts]) for view in VIEWS}
-    example_sum = ex_vecs.astype(np.float64).sum(axis=0) if len(ex_vecs) else np.zeros(ex_vecs.shape[1], np.float64)
-    return StatsDelta(example_sum=example_sum, example_count=len(ex_vecs), df_idx=df_idx, n_docs=len(texts))
+    vecs = ex_vecs.astype(np.float64)
+    layers = ex_layers.astype(np.float64)
+    return StatsDelta(
+        example_sum=vecs.sum(axis=0),
+        example_count=len(ex_vecs),
+        df_idx=df_idx,
+        n_docs=len(texts),
+        layer_sum=layers.sum(axis=0),
+        layer_sumsq=(layers * layers).sum(axis=0),
+    )
 
 
 def index_brick_texts(
-    description: str, examples: Sequence[str], ex_vecs: np.ndarray, stats: CorpusStats
+    description: str, examples: Sequence[str], ex_vecs: np.ndarray, ex_layers: np.ndarray, stats: CorpusStats
 ) -> tuple[IndexedTexts, CorpusStats]:
-    """Lexical vectors of a new brick and the statistics including it.
+    """Lexical vectors and layer mean of a new brick, and the statistics including it.
 
     The brick's vectors use the idf of the corpus *with* the brick; existing bricks keep
     the idf of their own insertion (measured: refreshing them changes nothing).
     """
-    delta = stats_delta(description, examples, ex_vecs)
+    delta = stats_delta(description, examples, ex_vecs, ex_layers)
     after = stats.apply(delta)
+    dim = ex_layers.shape[1]
     indexed = IndexedTexts(
         shape=brick_vector(examples, "shape", after.df["shape"], after.n_docs),
         prefix=brick_vector(examples, "prefix", after.df["prefix"], after.n_docs),
         word=unit_tfidf(description, "word", after.df["word"], after.n_docs),
+        layer_mean=ex_layers.mean(axis=0).astype(np.float32) if len(ex_layers) else np.zeros(dim, np.float32),
         delta=delta,
     )
     return indexed, after
@@ -170,6 +203,18 @@ def _sparse_dots(query: SparseVector, vectors: Sequence[SparseVector]) -> np.nda
     return np.bincount(owner, weights=dense[idx] * val, minlength=len(vectors))
 
 
+def _layer_scores(query_layer: np.ndarray, candidates: Sequence[BrickFeatures], stats: CorpusStats) -> np.ndarray:
+    if stats.example_count == 0:
+        return np.zeros(len(candidates))
+    mean, std = stats.layer_moments()
+    q = (query_layer.astype(np.float32) - mean) / std
+    zero = np.zeros_like(q)
+    present = np.array([c.layer_mean is not None and len(c.ex_vecs) > 0 for c in candidates])
+    means = np.stack([(c.layer_mean - mean) / std if c.layer_mean is not None else zero for c in candidates])
+    norms = np.linalg.norm(means, axis=1) * float(np.linalg.norm(q)) + 1e-12
+    return np.where(present, (means @ q) / norms, 0.0)
+
+
 def rank_bricks(
     query_vec: np.ndarray,
     query_text: str,
@@ -177,12 +222,15 @@ def rank_bricks(
     max_example_sim: float,
     stats: CorpusStats,
     params: RankingParams = RANKING,
+    *,
+    query_layer: np.ndarray | None = None,
 ) -> list[Ranked]:
     """Score candidate bricks for a query, best first (module docstring for the formula).
 
     Args:
         query_vec: the unit embedding of the query.
         query_text: the raw query (for the lexical views).
+        query_layer: the query's unit layer vector (None: the layer view is left out).
         candidates: the bricks to score.
         max_example_sim: the best cosine between the query and an example vector among
             the candidate-generation hits.
@@ -211,7 +259,10 @@ def rank_bricks(
         )
         for view in VIEWS
     }
-    example_branch = params.a * (s_dense + params.w_shape * lexical["shape"] + params.w_prefix * lexical["prefix"])
+    s_layer = _layer_scores(query_layer, candidates, stats) if query_layer is not None else 0.0
+    example_branch = params.a * (
+        s_dense + params.w_shape * lexical["shape"] + params.w_prefix * lexical["prefix"] + params.w_layer * s_layer
+    )
     description_branch = params.lam * (s_desc + params.beta * lexical["word"])
     gap = float(s_desc.max()) - max_example_sim
     alpha = 1.0 / (1.0 + np.exp(-np.clip((gap - params.g0) / params.s, -50.0, 50.0)))

@@ -96,13 +96,14 @@ class Registry:
         return self._embedder
 
     def _embed(self, description: str, examples: tuple[str, ...]) -> EmbeddedTexts:
-        vectors = self.embedder.embed([description, *examples])
+        vectors, layers = self.embedder.embed_with_layer([description, *examples])
         return EmbeddedTexts(
             model=self.embedder.name,
             description=description,
             examples=examples,
             desc_vec=vectors[0],
             ex_vecs=vectors[1:],
+            ex_layers=layers[1:],
         )
 
     @classmethod
@@ -367,7 +368,8 @@ class Registry:
             timings[stage] = (now - clock) * 1000
             clock = now
 
-        query_vec = self.embedder.embed([request.query])[0]
+        query_vecs, query_layers = self.embedder.embed_with_layer([request.query])
+        query_vec = query_vecs[0]
         lap("embed")
         wanted = request.k + request.offset
         n = max(_MIN_CANDIDATE_VECTORS, _VECTORS_PER_HIT * wanted)
@@ -380,7 +382,9 @@ class Registry:
                 break
             n *= 4
         lap("index")
-        ranked = rank_bricks(query_vec, request.query, found.features, found.max_example_sim, found.stats)
+        ranked = rank_bricks(
+            query_vec, request.query, found.features, found.max_example_sim, found.stats, query_layer=query_layers[0]
+        )
         if request.min_score is not None:
             ranked = [r for r in ranked if r.score >= request.min_score]
         ranked = ranked[request.offset : wanted]

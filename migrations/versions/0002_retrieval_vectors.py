@@ -2,8 +2,8 @@
 
 Embedded texts of bricks (description + examples), one row each; each brick's lexical
 vectors; the corpus statistics ranking needs; a generation counter that tells in-process
-indexes to reload; and the ``is_latest`` flag that retrieval filters on. On PostgreSQL the vectors are pgvector ``vector`` values
-with an HNSW cosine index per embedding dimension (an expression index on
+indexes to reload; and the ``is_latest`` flag that retrieval filters on. On PostgreSQL the
+vectors are pgvector ``vector`` values with an HNSW cosine index per embedding dimension (an expression index on
 ``embedding::vector(384)`` restricted to ``dim = 384``, the default model's size).
 
 Revision ID: 0002
@@ -66,6 +66,8 @@ def upgrade() -> None:
         "brick_lexical",
         sa.Column("brick_id", sa.Integer(), nullable=False),
         *(sa.Column(f"{view}_{part}", sa.LargeBinary(), nullable=False) for view in VIEWS for part in ("idx", "val")),
+        sa.Column("layer_sum", sa.LargeBinary(), nullable=False),
+        sa.Column("layer_sumsq", sa.LargeBinary(), nullable=False),
         sa.ForeignKeyConstraint(
             ["brick_id"], ["bricks.id"], name=op.f("fk_brick_lexical_brick_id_bricks"), ondelete="CASCADE"
         ),
@@ -80,6 +82,8 @@ def upgrade() -> None:
         sa.Column("example_count", sa.BigInteger(), nullable=False),
         sa.Column("example_sum", sa.LargeBinary(), nullable=True),
         *(sa.Column(f"df_{view}", sa.LargeBinary(), nullable=True) for view in VIEWS),
+        sa.Column("layer_sum", sa.LargeBinary(), nullable=True),
+        sa.Column("layer_sumsq", sa.LargeBinary(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_retrieval_stats")),
     )
     op.execute("INSERT INTO retrieval_stats (id, n_docs, example_count) VALUES (1, 0, 0)")

@@ -246,7 +246,8 @@ class IndexStateRow(Base):
 
 
 class BrickLexicalRow(Base):
-    """A brick's lexical vectors (`registry.lexical`): hashed indices and values per view."""
+    """A brick's lexical vectors (`registry.lexical`): hashed indices and values per view;
+    and the sum and sum of squares of its examples' layer vectors (float64)."""
 
     __tablename__ = "brick_lexical"
 
@@ -257,11 +258,14 @@ class BrickLexicalRow(Base):
     prefix_val: Mapped[bytes] = mapped_column(LargeBinary)
     word_idx: Mapped[bytes] = mapped_column(LargeBinary)
     word_val: Mapped[bytes] = mapped_column(LargeBinary)
+    layer_sum: Mapped[bytes] = mapped_column(LargeBinary)
+    layer_sumsq: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class RetrievalStatsRow(Base):
     """Corpus statistics for ranking (one row): the embedding model the vectors come from,
-    the sum and count of example vectors, and per-view document frequencies."""
+    the sum and count of example vectors, per-view document frequencies, and the sum and
+    sum of squares of the examples' layer vectors."""
 
     __tablename__ = "retrieval_stats"
 
@@ -274,6 +278,8 @@ class RetrievalStatsRow(Base):
     df_shape: Mapped[bytes | None] = mapped_column(LargeBinary)
     df_prefix: Mapped[bytes | None] = mapped_column(LargeBinary)
     df_word: Mapped[bytes | None] = mapped_column(LargeBinary)
+    layer_sum: Mapped[bytes | None] = mapped_column(LargeBinary)
+    layer_sumsq: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class CompositionRow(Base):

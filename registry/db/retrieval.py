@@ -8,7 +8,7 @@ brick rows they belong to.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sqlalchemy import delete, select, update
@@ -39,6 +39,7 @@ class EmbeddedTexts:
     examples: tuple[str, ...]
     desc_vec: np.ndarray
     ex_vecs: np.ndarray
+    ex_layers: np.ndarray
 
     @property
     def dim(self) -> int:
@@ -70,6 +71,8 @@ def read_stats(session: Session, *, for_update: bool = False) -> tuple[str | Non
         example_count=int(row.example_count),
         df=df,
         n_docs=int(row.n_docs),
+        layer_sum=_array(row.layer_sum, np.float64, row.dim),
+        layer_sumsq=_array(row.layer_sumsq, np.float64, row.dim),
     )
     return row.model, stats
 
@@ -83,12 +86,21 @@ def _array(raw: bytes | None, dtype: type, size: int) -> np.ndarray:
 def _write_stats(session: Session, model: str | None, dim: int | None, stats: CorpusStats | None) -> None:
     values: dict[str, object] = {"model": model, "dim": dim}
     if stats is None:
-        values.update(n_docs=0, example_count=0, example_sum=None, **{f"df_{v}": None for v in VIEWS})
+        values.update(
+            n_docs=0,
+            example_count=0,
+            example_sum=None,
+            layer_sum=None,
+            layer_sumsq=None,
+            **{f"df_{v}": None for v in VIEWS},
+        )
     else:
         values.update(
             n_docs=stats.n_docs,
             example_count=stats.example_count,
             example_sum=stats.example_sum.astype("<f8").tobytes(),
+            layer_sum=stats.layer_sum.astype("<f8").tobytes(),
+            layer_sumsq=stats.layer_sumsq.astype("<f8").tobytes(),
             **{f"df_{v}": stats.df[v].astype("<i4").tobytes() for v in VIEWS},
         )
     session.execute(update(RetrievalStatsRow).where(RetrievalStatsRow.id == 1).values(**values))
@@ -131,7 +143,9 @@ def rebuild_index(session: Session, bricks: Sequence[tuple[int, EmbeddedTexts]])
 
 
 def _index_brick(session: Session, brick_id: int, embedded: EmbeddedTexts, stats: CorpusStats) -> CorpusStats:
-    indexed, after = index_brick_texts(embedded.description, embedded.examples, embedded.ex_vecs, stats)
+    indexed, after = index_brick_texts(
+        embedded.description, embedded.examples, embedded.ex_vecs, embedded.ex_layers, stats
+    )
     _insert_rows(session, brick_id, embedded, indexed)
     return after
 
@@ -147,6 +161,8 @@ def _insert_rows(session: Session, brick_id: int, embedded: EmbeddedTexts, index
     for view in VIEWS:
         vector: SparseVector = getattr(indexed, view)
         lexical[f"{view}_idx"], lexical[f"{view}_val"] = vector.to_bytes()
+    lexical["layer_sum"] = indexed.delta.layer_sum.astype("<f8").tobytes()
+    lexical["layer_sumsq"] = indexed.delta.layer_sumsq.astype("<f8").tobytes()
     session.add(BrickLexicalRow(brick_id=brick_id, **lexical))
 
 
@@ -177,9 +193,16 @@ def remove_brick_index(session: Session, brick_id: int, description: str, exampl
             if current
             else np.zeros((0, stats.example_sum.shape[0]), np.float32)
         )
-        if len(ex_vecs) == len(examples):
-            stats = stats.apply(stats_delta(description, examples, ex_vecs), sign=-1)
-            _write_stats(session, model, int(stats.example_sum.shape[0]), stats)
+        lexical = session.get(BrickLexicalRow, brick_id)
+        if len(ex_vecs) == len(examples) and lexical is not None:
+            dim = int(stats.example_sum.shape[0])
+            delta = replace(
+                stats_delta(description, examples, ex_vecs, np.zeros((0, dim), np.float32)),
+                layer_sum=_array(lexical.layer_sum, np.float64, dim),
+                layer_sumsq=_array(lexical.layer_sumsq, np.float64, dim),
+            )
+            stats = stats.apply(delta, sign=-1)
+            _write_stats(session, model, dim, stats)
     session.execute(delete(BrickVectorRow).where(BrickVectorRow.brick_id == brick_id))
     session.execute(delete(BrickLexicalRow).where(BrickLexicalRow.brick_id == brick_id))
     bump_generation(session)
