@@ -65,3 +65,27 @@ def test_stacked_factors_are_the_weighted_sum_of_deltas() -> None:
     torch.testing.assert_close(b_cat.double() @ a_cat.double(), expected, rtol=1e-6, atol=1e-6)  # type: ignore[arg-type]
     expected_delta = 2.0 * (parts[1].b.double() @ parts[1].a.double())
     torch.testing.assert_close(delta(parts[1]).double(), expected_delta, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_deficient_and_ill_conditioned_stacks_truncate_optimally() -> None:
+    generator = torch.Generator().manual_seed(4)
+    b, a = _factors(300, 6, 200, seed=5)
+    other_b, other_a = _factors(300, 4, 200, seed=6)
+    # The same brick twice (exactly dependent columns) plus a nearly parallel one.
+    nearly = b[:, :1] + 1e-6 * torch.randn(300, 1, generator=generator)
+    stacked_b = torch.cat([b, b, other_b, nearly], dim=1)
+    stacked_a = torch.cat([a, -0.5 * a, other_a, torch.randn(1, 200, generator=generator)], dim=0)
+    product = stacked_b.double() @ stacked_a.double()
+    for rank in (1, 3, 8):
+        result = truncate_product(stacked_b, stacked_a, rank)
+        expected, expected_error = _optimal(product, rank)
+        approx = result.b.double() @ result.a.double()
+        assert result.relative_error == pytest.approx(expected_error, rel=1e-5, abs=1e-7)
+        assert torch.linalg.vector_norm(approx - expected) <= 1e-5 * torch.linalg.vector_norm(expected)
+
+
+def test_cancelling_factors_give_a_zero_adapter() -> None:
+    b, a = _factors(50, 4, 30, seed=7)
+    result = truncate_product(torch.cat([b, b], 1), torch.cat([a, -a], 0), 2)
+    assert float((result.b @ result.a).abs().max()) < 1e-5
+    assert result.relative_error == 0.0
