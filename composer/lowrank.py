@@ -77,10 +77,12 @@ def truncate_product(b: Tensor, a: Tensor, rank: int) -> LowRank:
         raise ValueError(f"rank must be at least 1, got {rank}")
     if rank >= a.shape[0]:
         return LowRank(b=b.to(torch.float32), a=a.to(torch.float32), relative_error=0.0)
+    b32, a32 = b.to(torch.float32), a.to(torch.float32)
     b64, a64 = b.to(torch.float64), a.to(torch.float64)
     inverse, root = _orthonormal_root(b64)
-    ra = root @ a64  # p x in: B @ A = Q @ ra
-    core = ra @ ra.T  # p x p, eigenvalues = squared singular values of B @ A
+    # B @ A = Q @ (root @ A); the p x p core (root A)(root A)^T = root (A A^T) root^T has the
+    # squared singular values of B @ A as eigenvalues.
+    core = root @ (a64 @ a64.T) @ root.T
     values, vectors = torch.linalg.eigh(core)
     values, vectors = values.flip(0).clamp(min=0.0), vectors.flip(1)
     positive = int((values > 0).sum())
@@ -90,9 +92,11 @@ def truncate_product(b: Tensor, a: Tensor, rank: int) -> LowRank:
     scale = float(torch.linalg.matrix_norm(b64)) * float(torch.linalg.matrix_norm(a64))
     negligible = total <= (1e-12 * scale) ** 2
     error = 0.0 if negligible else math.sqrt(max(0.0, float(values[k:].sum())) / total)
-    new_b = b64 @ (inverse @ vectors[:, :k])  # Q @ U_k: orthonormal columns
-    new_a = vectors[:, :k].T @ ra  # U_k^T root A: carries the singular values
-    return LowRank(b=new_b.to(torch.float32), a=new_a.to(torch.float32), relative_error=error)
+    # The small coefficient matrices are exact to float64; the wide products are float32,
+    # like the factors they produce.
+    new_b = b32 @ (inverse @ vectors[:, :k]).to(torch.float32)  # Q @ U_k: orthonormal columns
+    new_a = (vectors[:, :k].T @ root).to(torch.float32) @ a32  # U_k^T root A: carries the singular values
+    return LowRank(b=new_b, a=new_a, relative_error=error)
 
 
 def truncated_svd(matrix: Tensor, rank: int) -> LowRank:
