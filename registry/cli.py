@@ -34,7 +34,9 @@ app = typer.Typer(
 base_app = typer.Typer(help="Base models: register, list, show.", no_args_is_help=True)
 brick_app = typer.Typer(help="Bricks: push, list, show, pull, edit, remove.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens: create, list, revoke (on the local registry).", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+app.add_typer(token_app, name="token")
 app.add_typer(brick_app, name="brick")
 app.add_typer(db_app, name="db")
 
@@ -48,8 +50,13 @@ UrlOption = Annotated[
 def _client(url: str | None) -> Iterator[Any]:
     if url:
         from registry.client import RemoteClient
+        from registry.settings import Settings
 
-        client: Any = RemoteClient(url)
+        settings = Settings()
+        token = settings.token
+        if token is None and settings.admin_token_file.exists():
+            token = settings.admin_token_file.read_text().strip()  # the local server's bootstrap token
+        client: Any = RemoteClient(url, token=token)
     else:
         from registry.client import LocalClient
 
@@ -376,6 +383,80 @@ def brick_rm(
     except BrickyardError as exc:
         _fail(exc)
     console.print(f"deleted [bold]{brick.name}@{brick.version}[/]")
+
+
+# -- tokens -----------------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option("--name", "-n", help="who or what will use it (e.g. ci)")],
+    scope: Annotated[str, typer.Option("--scope", "-s", help="read, write or admin")] = "write",
+) -> None:
+    """Create an API token and print it (it is stored hashed: this is the only time it is shown)."""
+    from registry.inputs import NAME_PATTERN
+    from registry.service import Registry
+
+    if scope not in ("read", "write", "admin"):
+        raise typer.BadParameter("scope must be read, write or admin")
+    import re
+
+    if not re.match(NAME_PATTERN, name):
+        raise typer.BadParameter("names are 1-100 ASCII letters, digits, '.', '_' or '-'")
+    registry = Registry.open()
+    try:
+        token, info = registry.tokens.create(name, scope, actor=_local_actor())  # type: ignore[arg-type]
+    except BrickyardError as exc:
+        _fail(exc)
+    finally:
+        registry.close()
+    err_console.print(f"created {info.scope} token [bold]{info.name}[/]; keep it secret, it will not be shown again:")
+    console.print(token, markup=False, highlight=False)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """List API tokens (names, scopes, use; never the secrets)."""
+    from registry.service import Registry
+
+    registry = Registry.open()
+    try:
+        tokens = registry.tokens.list()
+    finally:
+        registry.close()
+    table = Table("name", "scope", "prefix", "created", "by", "last used", "revoked")
+    for t in tokens:
+        table.add_row(
+            t.name,
+            t.scope,
+            t.prefix + "…",
+            f"{t.created_at:%Y-%m-%d %H:%M}",
+            t.created_by or "",
+            f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "",
+            f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(name: Annotated[str, typer.Argument(help="token name")]) -> None:
+    """Revoke an API token; it stops working immediately."""
+    from registry.service import Registry
+
+    registry = Registry.open()
+    try:
+        info = registry.tokens.revoke(name, actor=_local_actor())
+    except BrickyardError as exc:
+        _fail(exc)
+    finally:
+        registry.close()
+    console.print(f"revoked token [bold]{info.name}[/]")
+
+
+def _local_actor() -> str:
+    from registry.client import local_actor
+
+    return local_actor()
 
 
 # -- search -----------------------------------------------------------------------------

@@ -272,11 +272,23 @@ class RemoteClient:
 # -- local ------------------------------------------------------------------------------
 
 
+def local_actor() -> str:
+    """``local:<user>``: who acts through the local registry (recorded in the audit log)."""
+    import getpass
+
+    try:
+        return f"local:{getpass.getuser()}"[:100]
+    except (KeyError, OSError):
+        return "local"
+
+
 class LocalClient:
-    """The client interface over an in-process `Registry` (no server needed)."""
+    """The client interface over an in-process `Registry` (no server needed). Whoever can
+    open the database is trusted; changes are recorded as ``local:<user>``."""
 
     def __init__(self, registry: Any) -> None:
         self.registry = registry
+        self.actor = local_actor()
 
     @classmethod
     def open(cls, settings: Any = None) -> LocalClient:
@@ -300,7 +312,7 @@ class LocalClient:
     ) -> BaseModelDetail:
         """Register a base model from a local directory."""
         request = {"name": name, "path": path, "description": description, "aliases": list(aliases)}
-        return BaseModelDetail.of(self.registry.add_base_model(request))
+        return BaseModelDetail.of(self.registry.add_base_model(request, actor=self.actor))
 
     def list_base_models(self) -> list[BaseModelOut]:
         """Every base model."""
@@ -314,7 +326,9 @@ class LocalClient:
         """Register a PEFT adapter directory as a brick."""
         config, weights = _adapter_files(adapter_dir)
         with open(weights, "rb") as weights_file:
-            return BrickOut.of(self.registry.register_brick(dict(metadata), config.read_bytes(), weights_file))
+            return BrickOut.of(
+                self.registry.register_brick(dict(metadata), config.read_bytes(), weights_file, actor=self.actor)
+            )
 
     def list_bricks(
         self,
@@ -337,11 +351,11 @@ class LocalClient:
 
     def update_brick(self, name: str, version: int, **changes: Any) -> BrickOut:
         """Patch description, examples or tags."""
-        return BrickOut.of(self.registry.update_brick(name, version, changes))
+        return BrickOut.of(self.registry.update_brick(name, version, changes, actor=self.actor))
 
     def delete_brick(self, name: str, version: int) -> BrickOut:
         """Delete a brick version."""
-        return BrickOut.of(self.registry.delete_brick(name, version))
+        return BrickOut.of(self.registry.delete_brick(name, version, actor=self.actor))
 
     def search(self, query: str, **options: Any) -> list[SearchHitOut]:
         """Bricks ranked for ``query`` (options: base_model, tags, k, offset, min_score, ...)."""
@@ -361,7 +375,7 @@ class LocalClient:
 
     def compose(self, request: Mapping[str, Any]) -> CompositionOut:
         """Request a composition; `wait_composition` builds it in this process."""
-        composition, _ = self.registry.compositions.request(dict(request))
+        composition, _ = self.registry.compositions.request(dict(request), actor=self.actor)
         return CompositionOut.of(composition)
 
     def get_composition(self, composition_id: str) -> CompositionOut:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, BinaryIO
 from composer.basemodel import find_linear_modules, read_base_model
 from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
 from registry import domain
+from registry.auth import TokenStore
 from registry.blobs import LocalBlobStore
 from registry.compositions import Compositions
 from registry.db.migrate import ensure_schema
@@ -87,6 +89,7 @@ class Registry:
         self._embedder = embedder
         self.index = index if index is not None else make_index(store.db)
         self.compositions = Compositions(self)
+        self.tokens = TokenStore(store.db)
 
     @property
     def embedder(self) -> Embedder:
@@ -126,6 +129,24 @@ class Registry:
     def close(self) -> None:
         """Release database connections."""
         self.store.db.dispose()
+
+    def bootstrap_admin_token(self) -> str | None:
+        """With auth on and no admin token yet, create one named ``admin``, save it to
+        ``admin_token_file`` (mode 0600) and return it; otherwise None."""
+        if not (self.settings.auth.enabled and self.settings.auth.bootstrap_admin) or self.tokens.any_admin():
+            return None
+        from registry.errors import Conflict
+
+        try:
+            token, _ = self.tokens.create("admin", "admin", actor="bootstrap")
+        except Conflict:  # another process bootstrapped first, or "admin" was revoked: leave it
+            return None
+        path = self.settings.admin_token_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        return token
 
     # -- base models -------------------------------------------------------------------
 
@@ -331,12 +352,12 @@ class Registry:
                 change.description if change.description is not None else current.description,
                 change.examples if change.examples is not None else current.examples,
             )
-        return self.store.update_brick(name, version, change, embedded=embedded)
+        return self.store.update_brick(name, version, change, embedded=embedded, actor=actor)
 
     def delete_brick(self, name: str, version: int, *, actor: str | None = None) -> domain.Brick:
         """Delete a brick version. Its blobs stay until `brickyard fsck` collects them
         (another brick or a cached composition may share them)."""
-        brick = self.store.delete_brick(name, version)
+        brick = self.store.delete_brick(name, version, actor=actor)
         log.info("deleted brick %s (by %s)", brick.ref, actor or "anonymous")
         return brick
 

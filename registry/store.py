@@ -13,6 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from registry import domain
+from registry.db.events import Event, list_events, record_event
 from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, utcnow
 from registry.db.retrieval import (
     EmbeddedTexts,
@@ -71,6 +72,7 @@ class Store:
             with self.db.session(write=True) as session:
                 session.add(row)
                 session.flush()
+                record_event(session, actor, "base_model.register", f"base_model:{draft.name}", {"path": draft.path})
                 return row.to_domain()
         except Conflict as exc:
             if self._base_model_row_exists(draft.name):
@@ -176,6 +178,9 @@ class Store:
                 else:
                     bump_generation(session)
                 _refresh_latest(session, draft.name)
+                record_event(
+                    session, actor, "brick.register", f"brick:{draft.name}@{version}", {"sha256": draft.sha256}
+                )
                 session.refresh(row)
                 return row.to_domain()
         except Conflict as exc:
@@ -229,7 +234,13 @@ class Store:
         return domain.Page(items=items, next_cursor=next_cursor)
 
     def update_brick(
-        self, name: str, version: int, patch: domain.BrickPatch, *, embedded: EmbeddedTexts | None = None
+        self,
+        name: str,
+        version: int,
+        patch: domain.BrickPatch,
+        *,
+        embedded: EmbeddedTexts | None = None,
+        actor: str | None = None,
     ) -> domain.Brick:
         """Apply ``patch`` to a brick version; ``embedded`` replaces its index entries
         (pass it when the description or the examples change).
@@ -251,11 +262,13 @@ class Store:
             if patch.tags is not None:
                 row.tag_rows = [BrickTagRow(tag=t) for t in sorted(set(patch.tags))]
             row.updated_at = utcnow()
+            changed = [f for f in ("description", "examples", "tags") if getattr(patch, f) is not None]
+            record_event(session, actor, "brick.update", f"brick:{name}@{version}", {"fields": changed})
             session.flush()
             session.refresh(row)
             return row.to_domain()
 
-    def delete_brick(self, name: str, version: int) -> domain.Brick:
+    def delete_brick(self, name: str, version: int, *, actor: str | None = None) -> domain.Brick:
         """Delete a brick version (its version number is never handed out again).
 
         Returns:
@@ -271,6 +284,7 @@ class Store:
             session.delete(row)
             session.flush()
             _refresh_latest(session, name)
+            record_event(session, actor, "brick.delete", f"brick:{name}@{version}", {"sha256": brick.sha256})
             return brick
 
     def ensure_index_model(self, model: str) -> None:
@@ -314,6 +328,11 @@ class Store:
                     item = embed(description, tuple(examples))
                 entries.append((brick_id, item))
             rebuild_index(session, entries)
+
+    def events(self, subject_prefix: str | None = None, *, limit: int = 200) -> list[Event]:
+        """Audit events, newest first."""
+        with self.db.session() as session:
+            return list_events(session, subject_prefix=subject_prefix, limit=limit)
 
     def referenced_blobs(self) -> set[str]:
         """sha256 of every blob a brick row points at (weights and configs)."""

@@ -163,13 +163,24 @@ def registry(settings: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
-def client(registry: Any) -> Iterator[Any]:
-    """An HTTP client (in-process ASGI) for the app serving ``registry``."""
+def admin_token(registry: Any) -> str:
+    """An admin API token of the test's registry."""
+    token, _ = registry.tokens.create("test-admin", "admin", actor="tests")
+    return str(token)
+
+
+@pytest.fixture
+def client(registry: Any, admin_token: str) -> Iterator[Any]:
+    """An HTTP client (in-process ASGI) for the app serving ``registry``, sending an admin token."""
     from fastapi.testclient import TestClient
 
     from registry.api import create_app
 
-    with TestClient(create_app(registry=registry), raise_server_exceptions=False) as test_client:
+    with TestClient(
+        create_app(registry=registry),
+        raise_server_exceptions=False,
+        headers={"Authorization": f"Bearer {admin_token}"},
+    ) as test_client:
         yield test_client
 
 
@@ -370,6 +381,13 @@ def live_server(settings: Any, tmp_path: Path) -> Iterator[Any]:
                     pass
                 time.sleep(0.1)
             raise AssertionError("server did not start: " + self.log.read_text())
+
+        @property
+        def token(self) -> str:
+            return settings.admin_token_file.read_text().strip()
+
+        def http(self) -> Any:
+            return httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {self.token}"})
 
         def kill(self) -> None:
             assert self.process is not None

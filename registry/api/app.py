@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from registry.api.guard import AuthGuard
 from registry.api.limits import BodyLimitMiddleware
 from registry.api.problems import PROBLEM_RESPONSES, install_problem_handlers
-from registry.api.routes import base_models, bricks, compositions, health, merge_methods, search
+from registry.api.routes import base_models, bricks, compositions, health, merge_methods, search, tokens
 from registry.jobs import WorkerPool
 from registry.service import Registry
 from registry.settings import Settings
@@ -37,6 +39,15 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owns_registry:
             app.state.registry = Registry.open(settings)
+        token = app.state.registry.bootstrap_admin_token()
+        if token is not None:
+            print(
+                f"\nBrickyard created an admin API token (saved in {app.state.registry.settings.admin_token_file}):\n"
+                f"    {token}\nSend it as 'Authorization: Bearer <token>'; create narrower tokens with "
+                "`brickyard token create`.\n",
+                file=sys.stderr,
+                flush=True,
+            )
         workers = WorkerPool(app.state.registry.compositions, app.state.registry.settings)
         workers.start()
         app.state.workers = workers
@@ -61,7 +72,8 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         BodyLimitMiddleware,
         max_bytes=limits.max_adapter_bytes + limits.max_config_bytes + limits.max_metadata_bytes + _MULTIPART_SLACK,
     )
+    app.add_middleware(AuthGuard, registry_of=lambda: app.state.registry)
     install_problem_handlers(app)
-    for module in (health, base_models, bricks, search, compositions, merge_methods):
+    for module in (health, base_models, bricks, search, compositions, merge_methods, tokens):
         app.include_router(module.router)
     return app

@@ -4,11 +4,12 @@ the CLI and the Python API)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry import domain
+from registry.inputs import Name
 
 __all__ = [
     "BaseModelDetail",
@@ -17,10 +18,14 @@ __all__ = [
     "BrickOut",
     "CompositionFileOut",
     "CompositionOut",
+    "EventOut",
     "MergeMethodOut",
     "Page",
     "SearchHitOut",
     "SearchOut",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenOut",
 ]
 
 T = TypeVar("T")
@@ -229,3 +234,58 @@ class MergeMethodOut(BaseModel):
     name: str
     description: str
     params: dict[str, Any]
+
+
+class TokenCreate(BaseModel):
+    """A token to create."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    scope: Literal["read", "write", "admin"] = "write"
+
+
+class TokenOut(BaseModel):
+    """A token as listed (without its secret)."""
+
+    name: str
+    scope: str
+    prefix: str = Field(description="the first characters of the token, to recognise it")
+    created_at: datetime
+    created_by: str | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, info: Any) -> TokenOut:
+        """From a `registry.auth.TokenInfo`."""
+        return cls(
+            name=info.name,
+            scope=info.scope,
+            prefix=info.prefix,
+            created_at=info.created_at,
+            created_by=info.created_by,
+            last_used_at=info.last_used_at,
+            revoked_at=info.revoked_at,
+        )
+
+
+class TokenCreated(TokenOut):
+    """A new token, with its secret (shown once)."""
+
+    token: str
+
+
+class EventOut(BaseModel):
+    """An audit event."""
+
+    at: datetime
+    actor: str | None
+    action: str
+    subject: str
+    details: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: Any) -> EventOut:
+        """From a `registry.db.events.Event`."""
+        return cls(at=event.at, actor=event.actor, action=event.action, subject=event.subject, details=event.details)

@@ -30,6 +30,7 @@ from sqlalchemy.types import TypeEngine
 from registry import domain
 
 __all__ = [
+    "ApiTokenRow",
     "Base",
     "BaseModelRow",
     "BrickLexicalRow",
@@ -39,6 +40,7 @@ __all__ = [
     "BrickVectorRow",
     "CompositionRow",
     "Embedding",
+    "EventRow",
     "IndexStateRow",
     "RetrievalStatsRow",
     "utcnow",
@@ -326,3 +328,32 @@ class CompositionRow(Base):
             finished_at=_aware(self.finished_at) if self.finished_at else None,
             requested_by=self.requested_by,
         )
+
+
+class ApiTokenRow(Base):
+    """An API token: only its sha256 is stored; ``prefix`` identifies it in listings."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(100))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EventRow(Base):
+    """The audit log: who did what to which subject, and when."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(200), index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, status
 
-from registry.api.deps import RegistryDep
+from registry.api.deps import ReadActor, RegistryDep, WriteActor
 from registry.api.schemas import BaseModelDetail, BaseModelOut
 from registry.inputs import BaseModelCreate
 
@@ -16,21 +16,21 @@ NamePath = Annotated[str, Path(max_length=100, description="base model name")]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_base_model(body: BaseModelCreate, registry: RegistryDep) -> BaseModelDetail:
+def create_base_model(body: BaseModelCreate, registry: RegistryDep, actor: WriteActor) -> BaseModelDetail:
     """Register a base model from a local Hugging Face directory on the server.
 
     Only ``config.json`` and the safetensors headers are read, never the weights.
     """
-    return BaseModelDetail.of(registry.add_base_model(body))
+    return BaseModelDetail.of(registry.add_base_model(body, actor=actor.name))
 
 
 @router.get("")
-def list_base_models(registry: RegistryDep) -> list[BaseModelOut]:
+def list_base_models(registry: RegistryDep, _: ReadActor) -> list[BaseModelOut]:
     """Every registered base model."""
     return [BaseModelOut.of(b) for b in registry.list_base_models()]
 
 
 @router.get("/{name}")
-def get_base_model(name: NamePath, registry: RegistryDep) -> BaseModelDetail:
+def get_base_model(name: NamePath, registry: RegistryDep, _: ReadActor) -> BaseModelDetail:
     """A base model with the shape of every linear module."""
     return BaseModelDetail.of(registry.get_base_model(name))

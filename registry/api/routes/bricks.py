@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile, status
 from fastapi.responses import FileResponse
 
-from registry.api.deps import RegistryDep
+from registry.api.deps import ReadActor, RegistryDep, WriteActor
 from registry.api.files import file_response
-from registry.api.schemas import BrickFileOut, BrickOut, Page
+from registry.api.schemas import BrickFileOut, BrickOut, EventOut, Page
 from registry.inputs import BrickPatchIn
 
 router = APIRouter(prefix="/v1/bricks", tags=["bricks"])
@@ -21,6 +21,7 @@ VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="brick version
 @router.post("", status_code=status.HTTP_201_CREATED)
 def register_brick(
     registry: RegistryDep,
+    actor: WriteActor,
     metadata: Annotated[
         str,
         Form(description="JSON: name, base_model, description, examples, tags, and optional version, license, metrics"),
@@ -29,13 +30,14 @@ def register_brick(
     adapter_weights: Annotated[UploadFile, File(description="adapter_model.safetensors")],
 ) -> BrickOut:
     """Register a LoRA brick. Everything is validated before anything is stored."""
-    brick = registry.register_brick(metadata, adapter_config.file, adapter_weights.file)
+    brick = registry.register_brick(metadata, adapter_config.file, adapter_weights.file, actor=actor.name)
     return BrickOut.of(brick)
 
 
 @router.get("")
 def list_bricks(
     registry: RegistryDep,
+    _: ReadActor,
     base_model: Annotated[str | None, Query(max_length=100)] = None,
     tag: Annotated[str | None, Query(max_length=64)] = None,
     all_versions: bool = False,
@@ -48,7 +50,7 @@ def list_bricks(
 
 
 @router.get("/{name}")
-def get_brick(name: NamePath, registry: RegistryDep) -> BrickOut:
+def get_brick(name: NamePath, registry: RegistryDep, _: ReadActor) -> BrickOut:
     """The latest version of a brick."""
     return BrickOut.of(registry.get_brick(name))
 
@@ -57,6 +59,7 @@ def get_brick(name: NamePath, registry: RegistryDep) -> BrickOut:
 def list_brick_versions(
     name: NamePath,
     registry: RegistryDep,
+    _: ReadActor,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[BrickOut]:
@@ -67,25 +70,27 @@ def list_brick_versions(
 
 
 @router.get("/{name}/versions/{version}")
-def get_brick_version(name: NamePath, version: VersionPath, registry: RegistryDep) -> BrickOut:
+def get_brick_version(name: NamePath, version: VersionPath, registry: RegistryDep, _: ReadActor) -> BrickOut:
     """One version of a brick."""
     return BrickOut.of(registry.get_brick(name, version))
 
 
 @router.patch("/{name}/versions/{version}")
-def patch_brick_version(name: NamePath, version: VersionPath, body: BrickPatchIn, registry: RegistryDep) -> BrickOut:
+def patch_brick_version(
+    name: NamePath, version: VersionPath, body: BrickPatchIn, registry: RegistryDep, actor: WriteActor
+) -> BrickOut:
     """Change the description, examples or tags of a brick version."""
-    return BrickOut.of(registry.update_brick(name, version, body))
+    return BrickOut.of(registry.update_brick(name, version, body, actor=actor.name))
 
 
 @router.delete("/{name}/versions/{version}")
-def delete_brick_version(name: NamePath, version: VersionPath, registry: RegistryDep) -> BrickOut:
+def delete_brick_version(name: NamePath, version: VersionPath, registry: RegistryDep, actor: WriteActor) -> BrickOut:
     """Delete a brick version; answers the deleted brick. Its number is never reused."""
-    return BrickOut.of(registry.delete_brick(name, version))
+    return BrickOut.of(registry.delete_brick(name, version, actor=actor.name))
 
 
 @router.get("/{name}/versions/{version}/files")
-def list_brick_files(name: NamePath, version: VersionPath, registry: RegistryDep) -> list[BrickFileOut]:
+def list_brick_files(name: NamePath, version: VersionPath, registry: RegistryDep, _: ReadActor) -> list[BrickFileOut]:
     """The stored files of a brick version."""
     return [
         BrickFileOut(filename=f.filename, sha256=f.sha256, size_bytes=f.size_bytes, media_type=f.media_type)
@@ -104,7 +109,16 @@ def get_brick_file(
     filename: Annotated[str, Path(max_length=200)],
     request: Request,
     registry: RegistryDep,
+    _: ReadActor,
 ) -> FileResponse:
     """A stored file, byte-identical to the upload (HTTP Range supported)."""
     file, path = registry.brick_file(name, version, filename)
     return file_response(request, path, media_type=file.media_type, filename=file.filename, etag=file.sha256)
+
+
+@router.get("/{name}/history")
+def brick_history(
+    name: NamePath, registry: RegistryDep, _: ReadActor, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[EventOut]:
+    """Who registered, changed or deleted versions of this brick, and when (newest first)."""
+    return [EventOut.of(e) for e in registry.store.events(f"brick:{name}@", limit=limit)]

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import FileResponse, StreamingResponse
 
-from registry.api.deps import RegistryDep
+from registry.api.deps import ReadActor, RegistryDep, WriteActor
 from registry.api.files import file_response, tar_stream
 from registry.api.schemas import CompositionFileOut, CompositionOut
 from registry.inputs import ComposeRequest
@@ -23,14 +23,14 @@ IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="composition
     responses={200: {"model": CompositionOut, "description": "already built: ready to download"}},
 )
 def request_composition(
-    body: ComposeRequest, registry: RegistryDep, request: Request, response: Response
+    body: ComposeRequest, registry: RegistryDep, request: Request, response: Response, actor: WriteActor
 ) -> CompositionOut:
     """Resolve bricks (by name or by instruction) into a recipe and build it once.
 
     202 while queued or running (poll ``GET /v1/compositions/{id}``); 200 when the same
     recipe is already built. A failed build is retried.
     """
-    composition, ready = registry.compositions.request(body)
+    composition, ready = registry.compositions.request(body, actor=actor.name)
     if ready:
         response.status_code = status.HTTP_200_OK
     else:
@@ -42,13 +42,13 @@ def request_composition(
 
 
 @router.get("/{composition_id}")
-def get_composition(composition_id: IdPath, registry: RegistryDep) -> CompositionOut:
+def get_composition(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> CompositionOut:
     """Status, progress (0..1), error and recipe of a composition."""
     return CompositionOut.of(registry.compositions.get(composition_id))
 
 
 @router.get("/{composition_id}/files")
-def list_composition_files(composition_id: IdPath, registry: RegistryDep) -> list[CompositionFileOut]:
+def list_composition_files(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> list[CompositionFileOut]:
     """The files of a ready composition (409 while it is not ready)."""
     return [CompositionFileOut(path=p, size_bytes=n) for p, n in registry.compositions.files(composition_id)]
 
@@ -59,7 +59,11 @@ def list_composition_files(composition_id: IdPath, registry: RegistryDep) -> lis
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 def get_composition_file(
-    composition_id: IdPath, path: Annotated[str, Path(max_length=500)], registry: RegistryDep, request: Request
+    composition_id: IdPath,
+    path: Annotated[str, Path(max_length=500)],
+    registry: RegistryDep,
+    request: Request,
+    _: ReadActor,
 ) -> FileResponse:
     """One file of a ready composition (HTTP Range supported)."""
     local = registry.compositions.file(composition_id, path)
@@ -72,7 +76,7 @@ def get_composition_file(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}},
 )
-def get_composition_archive(composition_id: IdPath, registry: RegistryDep) -> StreamingResponse:
+def get_composition_archive(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> StreamingResponse:
     """The whole composition as a tar stream (uncompressed: weights do not compress)."""
     root = registry.compositions.directory(composition_id)
     files = registry.compositions.files(composition_id)

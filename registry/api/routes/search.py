@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from registry.api.deps import RegistryDep
+from registry.api.deps import ReadActor, RegistryDep
 from registry.api.schemas import BrickOut, SearchHitOut, SearchOut
 from registry.inputs import SearchRequest
 
@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/search", tags=["search"])
 
 
 @router.post("")
-def search(body: SearchRequest, registry: RegistryDep, response: Response) -> SearchOut:
+def search(body: SearchRequest, registry: RegistryDep, response: Response, _: ReadActor) -> SearchOut:
     """Bricks ranked for ``query``, best first; filters apply before ranking.
 
     The ``Server-Timing`` header splits the time between embedding the query (``embed``),

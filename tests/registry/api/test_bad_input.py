@@ -366,7 +366,10 @@ def small_client(settings: Any, llama_base: Path) -> Any:
         update={"limits": LimitSettings(max_adapter_bytes=4096, max_config_bytes=512, max_metadata_bytes=2048)}
     )
     registry = Registry.open(small)
-    with TestClient(create_app(registry=registry), raise_server_exceptions=False) as test_client:
+    token, _ = registry.tokens.create("admin", "admin", actor="tests")
+    with TestClient(
+        create_app(registry=registry), raise_server_exceptions=False, headers={"Authorization": f"Bearer {token}"}
+    ) as test_client:
         register_base(test_client, llama_base)
         yield test_client, registry
     registry.close()

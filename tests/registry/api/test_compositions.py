@@ -265,9 +265,7 @@ def test_files_of_an_unfinished_composition_are_409(composable: Any, registry: A
 
 
 def test_killed_build_is_detected_and_retried(live_server: Any, llama_base: Path, loras: dict[str, Path]) -> None:
-    import httpx
-
-    with httpx.Client(base_url=live_server.url, timeout=60) as http:
+    with live_server.http() as http:
         assert http.post("/v1/base-models", json={"name": "tiny-llama", "path": str(llama_base)}).status_code == 201
         assert upload(http, loras["r4"]).status_code == 201
         request = {"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}], "method": "ties"}
@@ -279,7 +277,7 @@ def test_killed_build_is_detected_and_retried(live_server: Any, llama_base: Path
     # The build's child process is running (it starts by importing torch); kill the server.
     live_server.kill()
     live_server.start()
-    with httpx.Client(base_url=live_server.url, timeout=60) as http:
+    with live_server.http() as http:
         state = http.get(f"/v1/compositions/{composition['id']}").json()
         if state["status"] != "ready":  # the child could not have finished: it died with the server
             assert state["status"] == "failed", state

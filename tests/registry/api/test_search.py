@@ -244,8 +244,9 @@ def test_both_backends_rank_identically_on_exact_search(
     try:
         for name, url in (("sqlite", f"sqlite:///{sqlite_db}"), ("postgresql", _pg_url(server, "parity"))):
             registry = Registry.open(Settings(home=tmp_path / name, database_url=url))
+            token, _ = registry.tokens.create("admin", "admin", actor="tests")
             try:
-                with TestClient(create_app(registry=registry)) as client:
+                with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
                     register_base(client, llama_base)
                     register_catalog(client, tags={"sql": ["code"], "math": ["code"]})
                     per_query = []

@@ -1,0 +1,78 @@
+"""Authentication before the body is read.
+
+An ASGI middleware resolves the ``Authorization: Bearer`` token of every request into an
+`Actor` (in ``request.state.actor``) before the application sees the request. A write
+(POST, PUT, PATCH, DELETE) without a token that may write is refused right here, so an
+unauthenticated client cannot make the server receive a 2 GB upload first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from registry.api.problems import problem_response
+from registry.auth import ANONYMOUS, Actor, require
+from registry.errors import BrickyardError
+
+__all__ = ["AuthGuard"]
+
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_READS_BY_POST = frozenset({"/v1/search"})  # a POST only because a query is a body
+_UNAUTHENTICATED = Actor("unauthenticated", "admin")
+
+
+class AuthGuard:
+    """Attach the request's `Actor`; refuse writes lacking the scope before reading bodies."""
+
+    def __init__(self, app: ASGIApp, registry_of: Any) -> None:
+        self.app = app
+        self.registry_of = registry_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        registry = self.registry_of()
+        try:
+            actor = await anyio.to_thread.run_sync(self._actor, registry, scope)
+            path = scope["path"].rstrip("/")
+            if scope["method"] in _WRITES and path.startswith("/v1/") and path not in _READS_BY_POST:
+                needed = "admin" if path.startswith("/v1/tokens") else "write"
+                require(actor, needed)
+        except BrickyardError as exc:
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+            response = problem_response(
+                exc.status,
+                exc.code,
+                exc.title,
+                exc.detail,
+                instance=scope.get("path"),
+                extra=exc.extra,
+                headers=headers,
+            )
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["actor"] = actor
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _actor(registry: Any, scope: Scope) -> Actor:
+        if not registry.settings.auth.enabled:
+            return _UNAUTHENTICATED
+        header = None
+        for key, value in scope.get("headers", ()):
+            if key == b"authorization":
+                header = value.decode("latin-1")
+                break
+        if header is None:
+            return ANONYMOUS
+        kind, _, token = header.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            from registry.errors import Unauthorized
+
+            raise Unauthorized("malformed Authorization header; send 'Authorization: Bearer <token>'")
+        actor: Actor = registry.tokens.authenticate(token.strip())
+        return actor
