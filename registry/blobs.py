@@ -150,6 +150,10 @@ class LocalBlobStore:
                 digest.update(chunk)
         return digest.hexdigest() == sha256
 
+    def staging_files(self) -> list[Path]:
+        """Staging files present now (uploads in flight, or left by a crash)."""
+        return [p for p in self._staging.iterdir() if p.is_file()]
+
     def sweep_staging(self, older_than_s: float = 3600.0) -> int:
         """Remove staging files left by crashed uploads; returns how many were removed."""
         cutoff = time.time() - older_than_s

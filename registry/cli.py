@@ -385,6 +385,39 @@ def brick_rm(
     console.print(f"deleted [bold]{brick.name}@{brick.version}[/]")
 
 
+@app.command("fsck")
+def fsck_command(
+    repair: Annotated[bool, typer.Option("--repair", help="remove unreferenced blobs and leftovers")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="do not re-hash every blob")] = False,
+    grace: Annotated[float, typer.Option(help="only remove leftovers older than this many seconds")] = 3600.0,
+) -> None:
+    """Check database rows against stored blobs (missing, corrupt, orphaned) and repair what is safe."""
+    from registry.service import Registry
+
+    registry = Registry.open()
+    try:
+        report = registry.fsck(repair=repair, verify=not quick, grace_s=grace)
+    finally:
+        registry.close()
+    console.print(f"checked {report.checked_blobs} referenced blobs" + ("" if quick else " (sha256 verified)"))
+    for label, items, style in (
+        ("missing", report.missing, "bold red"),
+        ("corrupt", report.corrupt, "bold red"),
+        ("orphaned blobs", report.orphaned, "yellow"),
+        ("staging leftovers", report.staging_leftovers, "yellow"),
+        ("compositions", report.composition_problems, "yellow"),
+        ("removed", report.removed, "green"),
+    ):
+        if items:
+            console.print(f"[{style}]{label}: {len(items)}[/]")
+            for item in items[:50]:
+                console.print(f"  {item}", markup=False, highlight=False)
+    if not report.healthy:
+        err_console.print("[bold red]bricks with missing or corrupt bytes must be registered again[/]")
+        raise typer.Exit(1)
+    console.print("[green]no missing or corrupt data[/]")
+
+
 # -- tokens -----------------------------------------------------------------------------
 
 

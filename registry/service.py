@@ -37,6 +37,7 @@ from registry.errors import (
     PayloadTooLarge,
     VersionExists,
 )
+from registry.fsck import FsckReport, fsck
 from registry.index import SearchFilters, SearchIndex, make_index
 from registry.inputs import BaseModelCreate, BrickMetadata, BrickPatchIn, SearchRequest, parse_json_model
 from registry.retrieve import rank_bricks
@@ -129,6 +130,10 @@ class Registry:
     def close(self) -> None:
         """Release database connections."""
         self.store.db.dispose()
+
+    def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
+        """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers."""
+        return fsck(self, repair=repair, verify=verify, grace_s=grace_s)
 
     def bootstrap_admin_token(self) -> str | None:
         """With auth on and no admin token yet, create one named ``admin``, save it to

@@ -336,9 +336,13 @@ class Store:
 
     def referenced_blobs(self) -> set[str]:
         """sha256 of every blob a brick row points at (weights and configs)."""
+        return {digest for digests in self.blob_references().values() for digest in digests}
+
+    def blob_references(self) -> dict[str, tuple[str, str]]:
+        """``name@version`` -> (weights sha256, config sha256), for every brick version."""
         with self.db.session() as session:
-            pairs = session.execute(select(BrickRow.sha256, BrickRow.config_sha256)).all()
-        return {digest for pair in pairs for digest in pair}
+            rows = session.execute(select(BrickRow.name, BrickRow.version, BrickRow.sha256, BrickRow.config_sha256))
+            return {f"{r.name}@{r.version}": (r.sha256, r.config_sha256) for r in rows}
 
     def count_bricks(self) -> int:
         """Number of brick versions."""

@@ -1,0 +1,108 @@
+"""``brickyard fsck``: check database rows against stored bytes, and repair what is safe.
+
+Checked:
+
+* every blob a brick row references exists (``missing``) and still hashes to its name
+  (``corrupt``; skipped with ``verify=False``);
+* blobs no row references (``orphaned``: left by a crash between writing the bytes and the
+  row, or by deleted bricks) and staging files of interrupted uploads;
+* ready compositions whose directory is gone, directories no composition owns, and
+  half-built composition directories.
+
+Repairs (``repair=True``) only remove what nothing points at, and only once it is older
+than ``grace_s``, so that an upload or a build in flight is never touched. Missing or
+corrupt bytes cannot be repaired here: they are reported with the bricks they break.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from registry.service import Registry
+
+__all__ = ["FsckReport", "fsck"]
+
+
+@dataclass
+class FsckReport:
+    """What `fsck` found, and what it removed."""
+
+    checked_blobs: int = 0
+    missing: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    orphaned: list[str] = field(default_factory=list)
+    staging_leftovers: list[str] = field(default_factory=list)
+    composition_problems: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        """No missing or corrupt data (orphans are harmless)."""
+        return not (self.missing or self.corrupt)
+
+
+def _old(path: Path, grace_s: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > grace_s
+    except FileNotFoundError:
+        return False
+
+
+def fsck(registry: Registry, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
+    """Check (and optionally repair) the registry's storage. See the module docstring."""
+    report = FsckReport()
+    blobs = registry.blobs
+    referenced: dict[str, list[str]] = {}
+    for brick_ref, digests in registry.store.blob_references().items():
+        for digest in digests:
+            referenced.setdefault(digest, []).append(brick_ref)
+    for digest, bricks in sorted(referenced.items()):
+        report.checked_blobs += 1
+        if not blobs.exists(digest):
+            report.missing.append(f"{digest} (used by {', '.join(sorted(set(bricks)))})")
+        elif verify and not blobs.verify(digest):
+            report.corrupt.append(f"{digest} (used by {', '.join(sorted(set(bricks)))})")
+    for digest in blobs.digests():
+        if digest not in referenced:
+            report.orphaned.append(digest)
+            if repair and _old(blobs.path(digest), grace_s):
+                blobs.delete(digest)
+                report.removed.append(f"blob {digest}")
+    for leftover in sorted(blobs.staging_files()):
+        report.staging_leftovers.append(leftover.name)
+        if repair and _old(leftover, grace_s):
+            leftover.unlink(missing_ok=True)
+            report.removed.append(f"staging file {leftover.name}")
+    _check_compositions(registry, report, repair=repair, grace_s=grace_s)
+    return report
+
+
+def _check_compositions(registry: Registry, report: FsckReport, *, repair: bool, grace_s: float) -> None:
+    compositions = registry.compositions
+    root = compositions.root
+    ready = {cid for cid, _ in compositions.store.ready_by_age()}
+    for composition_id in sorted(ready):
+        if not (root / composition_id / "brickyard.json").is_file():
+            report.composition_problems.append(f"composition {composition_id} is ready but its files are gone")
+            if repair and compositions.store.delete_ready(composition_id):
+                shutil.rmtree(root / composition_id, ignore_errors=True)
+                report.removed.append(f"composition record {composition_id}")
+    known = ready | {cid for cid, _, _ in compositions.store.running()}
+    for entry in sorted(root.iterdir()) if root.exists() else []:
+        if entry.name.startswith("."):
+            owner = entry.name[1:65]
+            if ".composing-" in entry.name and owner not in known:
+                report.composition_problems.append(f"half-built directory {entry.name}")
+                if repair and _old(entry, grace_s):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    report.removed.append(f"half-built directory {entry.name}")
+        elif entry.is_dir() and entry.name not in known:
+            report.composition_problems.append(f"directory {entry.name} belongs to no ready composition")
+            if repair and _old(entry, grace_s):
+                shutil.rmtree(entry, ignore_errors=True)
+                report.removed.append(f"composition directory {entry.name}")
