@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from registry.db.models import BrickNameRow, BrickRow
+from registry.db.models import BrickLexicalRow, BrickNameRow, BrickRow, BrickVectorRow
 from tests.conftest import brick_metadata, register_base, stored_blobs, upload
 
 PROBLEM = "application/problem+json"
@@ -65,6 +65,8 @@ def assert_nothing_stored(registry: Any) -> None:
     with registry.store.db.session() as session:
         assert session.scalar(select(func.count()).select_from(BrickRow)) == 0
         assert session.scalar(select(func.count()).select_from(BrickNameRow)) == 0
+        assert session.scalar(select(func.count()).select_from(BrickVectorRow)) == 0
+        assert session.scalar(select(func.count()).select_from(BrickLexicalRow)) == 0
     assert stored_blobs(registry.settings.home) == []
 
 
