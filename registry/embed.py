@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +68,7 @@ class SentenceTransformerEmbedder:
         self._model: Any = None
         self._layer = 4
         self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Request] | None = None
         self._name = model_identity(self.path)
 
     @property
@@ -105,28 +107,92 @@ class SentenceTransformerEmbedder:
 
     def embed_with_layer(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Unit sentence vectors and unit mean-pooled hidden states of layer ``2/3`` of the
-        depth (layer 4 of MiniLM's 6), from one forward pass."""
+        depth (layer 4 of MiniLM's 6), from one forward pass.
+
+        Concurrent callers are served by one encoding thread that merges whatever requests
+        are waiting into one batch: under load, sixteen queries cost one forward pass
+        instead of sixteen passes fighting over two cores; alone, a query waits for nothing.
+        """
+        if not texts:
+            self._load()
+            empty = np.zeros((0, self.dim), dtype=np.float32)
+            return empty, empty
+        request = _Request(list(texts))
+        self._batcher().put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _batcher(self) -> queue.SimpleQueue[_Request]:
+        if self._queue is None:
+            with self._lock:
+                if self._queue is None:
+                    pending: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+                    threading.Thread(target=self._serve, args=(pending,), name="brickyard-embed", daemon=True).start()
+                    self._queue = pending
+        return self._queue
+
+    def _serve(self, pending: queue.SimpleQueue[_Request]) -> None:
+        while True:
+            batch = [pending.get()]
+            size = len(batch[0].texts)
+            while size < self.batch_size:
+                try:
+                    extra = pending.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(extra)
+                size += len(extra.texts)
+            try:
+                vectors, layers = self._encode([t for r in batch for t in r.texts])
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                for request in batch:
+                    request.error = exc
+                    request.done.set()
+                continue
+            start = 0
+            for request in batch:
+                end = start + len(request.texts)
+                request.result = (vectors[start:end], layers[start:end])
+                request.done.set()
+                start = end
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         model = self._load()
-        if not texts:
-            empty = np.zeros((0, self.dim), dtype=np.float32)
-            return empty, empty
-        sentences, layers = [], []
-        for start in range(0, len(texts), self.batch_size):
-            features = model.preprocess(list(texts[start : start + self.batch_size]))
+        # Batches of similar length: padding a short query to a 256-token example wastes the work.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        sentences = np.zeros((len(texts), model.get_sentence_embedding_dimension()), np.float32)
+        layers = np.zeros_like(sentences)
+        for start in range(0, len(order), _SUB_BATCH):
+            chunk = order[start : start + _SUB_BATCH]
+            features = model.preprocess([texts[i] for i in chunk])
             with torch.inference_mode():
                 out = model(features)
             hidden = out["all_layer_embeddings"][self._layer]
             mask = out["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            sentences.append(torch.nn.functional.normalize(out["sentence_embedding"], dim=1).numpy())
-            layers.append(torch.nn.functional.normalize(pooled, dim=1).numpy())
-        return (
-            np.ascontiguousarray(np.concatenate(sentences), dtype=np.float32),
-            np.ascontiguousarray(np.concatenate(layers), dtype=np.float32),
-        )
+            sentences[chunk] = torch.nn.functional.normalize(out["sentence_embedding"], dim=1).numpy()
+            layers[chunk] = torch.nn.functional.normalize(pooled, dim=1).numpy()
+        return sentences, layers
 
+
+class _Request:
+    """Texts waiting to be encoded, and where their vectors go."""
+
+    __slots__ = ("done", "error", "result", "texts")
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.done = threading.Event()
+        self.result: tuple[np.ndarray, np.ndarray] | None = None
+        self.error: BaseException | None = None
+
+
+_SUB_BATCH = 16
 
 _shared: dict[Path, SentenceTransformerEmbedder] = {}
 _shared_lock = threading.Lock()

@@ -111,6 +111,8 @@ def _features(brick_id: int, desc: np.ndarray, ex_vecs: np.ndarray, lexical: dic
 class _Snapshot:
     generation: int
     model: str
+    max_vector_id: int  # vectors with a larger id were written after this snapshot
+    bricks: dict[int, BrickFeatures]  # everything below is derived from this
     matrix: np.ndarray  # (vectors, dim) float32
     owner: np.ndarray  # (vectors,) position of the owning brick
     is_example: np.ndarray  # (vectors,) bool
@@ -123,7 +125,13 @@ class _Snapshot:
 
 
 class InMemoryIndex:
-    """Exact search over every vector, held in memory (the SQLite backend)."""
+    """Exact search over every vector, held in memory (the SQLite backend).
+
+    When the generation moves, the snapshot is refreshed incrementally: vector rows are
+    append-only (an edit deletes a brick's rows and writes new ones), so only rows newer
+    than the snapshot's last vector id, and the bricks that own them, are read; deleted
+    bricks drop out; flags and tags are re-read (a few integers per brick).
+    """
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -143,60 +151,46 @@ class InMemoryIndex:
         with self._lock:
             snapshot = self._snapshot
             if snapshot is None or snapshot.generation != generation or snapshot.model != model:
-                snapshot = self._load(model)
+                previous = snapshot if snapshot is not None and snapshot.model == model else None
+                snapshot = self._load(model, previous)
                 self._snapshot = snapshot
             return snapshot
 
-    def _load(self, model: str) -> _Snapshot:
+    def _load(self, model: str, previous: _Snapshot | None) -> _Snapshot:
+        since = previous.max_vector_id if previous is not None else 0
         with self.db.session() as session:
             generation = read_generation(session)
             stats = _check_model(session, model)
             vectors = session.execute(
-                select(BrickVectorRow.brick_id, BrickVectorRow.kind, BrickVectorRow.embedding)
-                .where(BrickVectorRow.model == model)
+                select(BrickVectorRow.id, BrickVectorRow.brick_id, BrickVectorRow.kind, BrickVectorRow.embedding)
+                .where(BrickVectorRow.model == model, BrickVectorRow.id > since)
                 .order_by(BrickVectorRow.brick_id, BrickVectorRow.kind, BrickVectorRow.ordinal)
             ).all()
             bricks = session.execute(select(BrickRow.id, BrickRow.is_latest, BrickRow.base_model_id)).all()
             tag_rows = session.execute(select(BrickTagRow.brick_id, BrickTagRow.tag)).all()
-            lexical = {row.brick_id: _lexical(row) for row in session.scalars(select(BrickLexicalRow))}
-        dim = len(vectors[0].embedding) if vectors else 1
+            changed = {row.brick_id for row in vectors}
+            lexical_query = select(BrickLexicalRow)
+            if previous is not None and len(changed) <= 5000:
+                lexical_query = lexical_query.where(BrickLexicalRow.brick_id.in_(changed))
+            lexical = (
+                {row.brick_id: _lexical(row) for row in session.scalars(lexical_query)}
+                if changed or previous is None
+                else {}
+            )
+        dim = len(vectors[0].embedding) if vectors else (previous.matrix.shape[1] if previous is not None else 1)
         stats = stats or CorpusStats.empty(dim)
         by_brick: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
-        for brick_id, kind, embedding in vectors:
+        for _, brick_id, kind, embedding in vectors:
             descs, examples = by_brick.setdefault(brick_id, ([], []))
             (descs if kind == "description" else examples).append(embedding)
-        meta = {row.id: row for row in bricks if row.id in by_brick and row.id in lexical}
-        ids = sorted(meta)
-        features = []
-        rows: list[np.ndarray] = []
-        owner: list[int] = []
-        is_example: list[bool] = []
-        for position, brick_id in enumerate(ids):
-            descs, examples = by_brick[brick_id]
-            ex_vecs = np.stack(examples) if examples else np.zeros((0, dim), np.float32)
-            features.append(_features(brick_id, descs[0], ex_vecs, lexical[brick_id]))
-            rows.extend([descs[0], *examples])
-            owner.extend([position] * (1 + len(examples)))
-            is_example.extend([False] + [True] * len(examples))
-        position_of = {brick_id: i for i, brick_id in enumerate(ids)}
-        tags: dict[str, np.ndarray] = {}
-        for brick_id, tag in tag_rows:
-            if brick_id in position_of:
-                mask = tags.setdefault(tag, np.zeros(len(ids), bool))
-                mask[position_of[brick_id]] = True
-        return _Snapshot(
-            generation=generation,
-            model=model,
-            matrix=np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32),
-            owner=np.asarray(owner, np.int64),
-            is_example=np.asarray(is_example, bool),
-            brick_ids=np.asarray(ids, np.int64),
-            latest=np.asarray([meta[i].is_latest for i in ids], bool),
-            base_ids=np.asarray([meta[i].base_model_id for i in ids], np.int64),
-            tags=tags,
-            features=features,
-            stats=stats,
-        )
+        meta = {row.id: row for row in bricks}
+        features_by_id = {k: v for k, v in (previous.bricks.items() if previous is not None else ()) if k in meta}
+        for brick_id, (descs, examples) in by_brick.items():
+            if brick_id in meta and brick_id in lexical and descs:
+                ex_vecs = np.stack(examples) if examples else np.zeros((0, dim), np.float32)
+                features_by_id[brick_id] = _features(brick_id, descs[0], ex_vecs, lexical[brick_id])
+        max_id = max([since, *(row.id for row in vectors)])
+        return _build_snapshot(generation, model, max_id, features_by_id, meta, tag_rows, stats, dim)
 
     def candidates(
         self, query_vec: np.ndarray, *, model: str, filters: SearchFilters, n: int, exact: bool = True
@@ -211,17 +205,57 @@ class InMemoryIndex:
         for tag in filters.tags:
             eligible &= snap.tags.get(tag, np.zeros(len(snap.brick_ids), bool))
         vector_ok = eligible[snap.owner] if len(snap.owner) else np.zeros(0, bool)
-        if not vector_ok.any():
+        count = int(vector_ok.sum())
+        if count == 0:
             return Candidates([], -1.0, snap.stats)
-        rows = np.flatnonzero(vector_ok)
-        matrix = snap.matrix if len(rows) == len(vector_ok) else snap.matrix[rows]
-        sims = matrix @ query_vec.astype(np.float32)
+        sims = snap.matrix @ query_vec.astype(np.float32)
+        sims[~vector_ok] = -np.inf
+        n = min(n, count)
         top = np.argpartition(-sims, n - 1)[:n] if len(sims) > n else np.arange(len(sims))
-        top = top[np.lexsort((rows[top], -sims[top]))]
-        hit_rows = rows[top]
-        max_example = _max_example_sim(sims[top], snap.is_example[hit_rows])
-        positions = list(dict.fromkeys(snap.owner[hit_rows].tolist()))
+        top = top[np.lexsort((top, -sims[top]))]
+        max_example = _max_example_sim(sims[top], snap.is_example[top])
+        positions = list(dict.fromkeys(snap.owner[top].tolist()))
         return Candidates([snap.features[p] for p in positions], max_example, snap.stats)
+
+
+def _build_snapshot(
+    generation: int,
+    model: str,
+    max_vector_id: int,
+    bricks: dict[int, BrickFeatures],
+    meta: dict[int, Any],
+    tag_rows: Sequence[Any],
+    stats: CorpusStats,
+    dim: int,
+) -> _Snapshot:
+    ids = sorted(bricks)
+    features = [bricks[i] for i in ids]
+    blocks = [np.vstack([f.desc_vec[None, :], f.ex_vecs]) for f in features]
+    counts = np.fromiter((len(b) for b in blocks), np.int64, len(blocks))
+    owner = np.repeat(np.arange(len(ids)), counts)
+    is_example = np.ones(int(counts.sum()), bool)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else np.zeros(0, np.int64)
+    is_example[starts] = False
+    position_of = {brick_id: i for i, brick_id in enumerate(ids)}
+    tags: dict[str, np.ndarray] = {}
+    for brick_id, tag in tag_rows:
+        if brick_id in position_of:
+            tags.setdefault(tag, np.zeros(len(ids), bool))[position_of[brick_id]] = True
+    return _Snapshot(
+        generation=generation,
+        model=model,
+        max_vector_id=max_vector_id,
+        bricks=bricks,
+        matrix=np.vstack(blocks).astype(np.float32, copy=False) if blocks else np.zeros((0, dim), np.float32),
+        owner=owner,
+        is_example=is_example,
+        brick_ids=np.asarray(ids, np.int64),
+        latest=np.asarray([meta[i].is_latest for i in ids], bool),
+        base_ids=np.asarray([meta[i].base_model_id for i in ids], np.int64),
+        tags=tags,
+        features=features,
+        stats=stats,
+    )
 
 
 # -- PostgreSQL: pgvector ---------------------------------------------------------------

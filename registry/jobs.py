@@ -1,11 +1,13 @@
 """Workers that build queued compositions.
 
 `WorkerPool` runs N threads that claim queued compositions from the database. With
-``isolation="process"`` (the default) each build runs in a child process,
-``python -m registry.jobs build <id> <worker>``, started niced (so that searches keep
-their latency while a model is merged) and killed with the server (``PR_SET_PDEATHSIG``);
-the child reports progress through the database. With ``isolation="thread"`` the build
-runs in the worker thread itself (tests, small deployments).
+``isolation="process"`` (the default) each thread hands its builds to its own long-lived
+child process, ``python -m registry.jobs serve``, started niced (so that searches keep
+their latency while a model is merged) and killed with the server (``PR_SET_PDEATHSIG``).
+The child imports torch and the composer once and builds one composition per line it
+reads on stdin, reporting progress through the database; if it dies, the build is marked
+failed and the next build starts a new child. With ``isolation="thread"`` the build runs
+in the worker thread itself (tests, small deployments).
 
 ``brickyard worker`` runs a pool in the foreground, so builds can be moved off the API
 machine: every process shares the queue in the database.
@@ -44,7 +46,7 @@ class WorkerPool:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._children: dict[int, _Child] = {}
 
     def start(self) -> None:
         """Fail builds interrupted by a previous process, then start the workers."""
@@ -88,25 +90,63 @@ class WorkerPool:
                 self._build_in_child(composition.id, worker, index)
 
     def _build_in_child(self, composition_id: str, worker: str, index: int) -> None:
-        # Settings go through stdin, not the environment: the database URL may hold a password.
-        child = subprocess.Popen(
-            [sys.executable, "-m", "registry.jobs", "build", composition_id, worker],
+        child = self._children.get(index)
+        if child is None or not child.alive:
+            child = _Child(self.settings, index)
+            self._children[index] = child
+        failure = child.build(composition_id, worker)
+        if failure is not None:
+            self.compositions.store.fail(composition_id, worker, failure, "build-crashed")
+
+
+class _Child:
+    """A long-lived build process: one composition id per line in, ``done <id>`` out."""
+
+    def __init__(self, settings: Settings, index: int) -> None:
+        logs = settings.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log_path = logs / f"build-worker-{index}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "registry.jobs", "serve"],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
             preexec_fn=_child_setup,
         )
-        self._children[index] = child
+        assert self.process.stdin is not None
+        # Settings go through stdin, not the environment: the database URL may hold a password.
+        self.process.stdin.write(settings.model_dump_json().encode() + b"\n")
+        self.process.stdin.flush()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.process.poll() is None
+
+    def build(self, composition_id: str, worker: str) -> str | None:
+        """Build one composition; None on success, else why the child failed."""
+        assert self.process.stdin is not None and self.process.stdout is not None
         try:
-            _, stderr = child.communicate(self.settings.model_dump_json().encode())
-        finally:
-            self._children.pop(index, None)
-        if child.returncode != 0:
-            tail = stderr.decode(errors="replace").strip().splitlines()[-5:]
-            reason = f"the build process exited with code {child.returncode}"
-            if child.returncode < 0:
-                reason = f"the build process was killed by signal {-child.returncode}"
-            self.compositions.store.fail(composition_id, worker, "; ".join([reason, *tail]), "build-crashed")
+            self.process.stdin.write(f"{composition_id} {worker}\n".encode())
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = b""
+        if line.strip() == f"done {composition_id}".encode():
+            return None
+        code = self.process.wait()
+        self._log.close()
+        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+        reason = f"the build process exited with code {code}"
+        if code < 0:
+            reason = f"the build process was killed by signal {-code}"
+        return "; ".join([reason, *tail])
+
+    def terminate(self) -> None:
+        """Stop the process."""
+        if self.alive:
+            self.process.terminate()
 
 
 def _child_setup() -> None:
@@ -119,21 +159,32 @@ def _child_setup() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: ``python -m registry.jobs build <composition id> <worker>``, with
-    the settings as JSON on standard input (empty: from the environment)."""
+    """Child entry point: ``python -m registry.jobs serve``. Reads the settings (JSON) as
+    the first line of stdin, then ``<composition id> <worker>`` lines; builds each and
+    answers ``done <composition id>`` (outcomes are recorded in the database)."""
     args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 3 or args[0] != "build":
-        print("usage: python -m registry.jobs build <composition-id> <worker>", file=sys.stderr)
+    if args != ["serve"]:
+        print(
+            "usage: python -m registry.jobs serve   (settings JSON, then '<id> <worker>' lines, on stdin)",
+            file=sys.stderr,
+        )
         return 2
     from registry.service import Registry
     from registry.settings import Settings
 
-    raw = sys.stdin.read()
-    settings = Settings.model_validate(json.loads(raw)) if raw.strip() else Settings()
+    first = sys.stdin.readline()
+    settings = Settings.model_validate(json.loads(first)) if first.strip() else Settings()
     registry = Registry.open(settings)
+    import torch  # noqa: F401 - pay the imports once, before the first build
+    import transformers  # noqa: F401
+
     try:
-        composition = registry.compositions.get(args[1])
-        registry.compositions.build_claimed(composition, args[2])
+        for line in sys.stdin:
+            composition_id, worker = line.split()
+            composition = registry.compositions.get(composition_id)
+            registry.compositions.build_claimed(composition, worker)
+            sys.stdout.write(f"done {composition_id}\n")
+            sys.stdout.flush()
     finally:
         registry.close()
     return 0

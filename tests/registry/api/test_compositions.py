@@ -290,3 +290,30 @@ def test_killed_build_is_detected_and_retried(live_server: Any, llama_base: Path
         assert done["status"] == "ready", done
         assert done["attempts"] == (1 if state["status"] == "ready" else 2)
         assert http.get(f"/v1/compositions/{composition['id']}/files").status_code == 200
+
+
+def test_a_build_process_that_dies_fails_its_build_and_is_replaced(
+    live_server: Any, llama_base: Path, loras: dict[str, Path]
+) -> None:
+    import psutil
+
+    with live_server.http() as http:
+        assert http.post("/v1/base-models", json={"name": "tiny-llama", "path": str(llama_base)}).status_code == 201
+        assert upload(http, loras["r4"]).status_code == 201
+        request = {"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}], "method": "magnitude_prune"}
+        composition = http.post("/v1/compositions", json=request).json()
+        server = psutil.Process(live_server.process.pid)
+        deadline = time.monotonic() + 30
+        builders: list[Any] = []
+        while not builders:
+            assert time.monotonic() < deadline
+            builders = [p for p in server.children() if "registry.jobs" in " ".join(p.cmdline())]
+            time.sleep(0.02)
+        builders[0].kill()
+        failed = wait_ready(http, composition["id"])
+        if failed["status"] == "failed":  # killed before it finished (almost always: it starts by importing torch)
+            assert failed["error_code"] == "build-crashed"
+            assert "killed by signal 9" in failed["error"]
+            assert http.post("/v1/compositions", json=request).status_code == 202
+        done = wait_ready(http, composition["id"])
+        assert done["status"] == "ready", done

@@ -1,0 +1,302 @@
+"""Mixed load against ``brickyard serve`` on 127.0.0.1: 16 concurrent clients for 60 s,
+80% searches, 15% brick registrations, 5% composition requests, on SQLite and on
+PostgreSQL. Compositions are built by the server's worker (a niced child process) while
+the load runs, on a ~35M-parameter base so that builds take real time.
+
+Reported: requests/s, p50/p95/p99 per kind, answers by status; then every acknowledged
+registration is checked (present, sha256 of its stored bytes equal to what was sent).
+With ``--profile``, py-spy samples the server for the whole run and the top frames are
+printed: that is what limits throughput.
+
+    python bench/load.py [--backends sqlite,postgresql] [--seconds 60] [--clients 16] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._registry import CACHE, live_server, load_tasks, percentile, postgres
+
+HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 512, 1536, 8, 8000
+SEED_BRICKS = 100
+
+
+def base_model() -> Path:
+    """A Llama-shaped random base of ~35M parameters (float32, ~140 MB), built once."""
+    from registry.toy import make_base_model
+
+    path = CACHE / "load-base"
+    if not (path / "config.json").exists():
+        make_base_model(
+            path, num_layers=LAYERS, hidden=HIDDEN, intermediate=INTERMEDIATE, vocab=VOCAB, max_shard_size="50MB"
+        )
+    return path
+
+
+def adapter(seed: int, r: int = 4) -> tuple[bytes, bytes]:
+    """A random LoRA on q_proj and v_proj of every layer of `base_model` (unique per seed)."""
+    import struct
+
+    rng = np.random.default_rng(seed)
+    kv_out = HIDDEN // 2  # toy Llama: 4 heads, 2 key/value heads
+    header: dict[str, Any] = {}
+    data = bytearray()
+    for layer in range(LAYERS):
+        for proj, out in (("q_proj", HIDDEN), ("v_proj", kv_out)):
+            for factor, shape in (("A", [r, HIDDEN]), ("B", [out, r])):
+                payload = rng.normal(0, 0.02, shape).astype("<f4").tobytes()
+                name = f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_{factor}.weight"
+                header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data) + len(payload)]}
+                data += payload
+    encoded = json.dumps(header).encode()
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"]}
+    return json.dumps(config).encode(), struct.pack("<Q", len(encoded)) + encoded + bytes(data)
+
+
+class Recorder:
+    """Latencies and statuses per request kind, shared by the client threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latency: dict[str, list[float]] = collections.defaultdict(list)
+        self.status: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+        self.acknowledged: dict[str, str] = {}
+        self.transport_errors = 0
+
+    def add(self, kind: str, seconds: float, status: int) -> None:
+        with self.lock:
+            self.latency[kind].append(seconds * 1000)
+            self.status[kind][status] += 1
+
+
+def run(url: str, token: str, *, seconds: float, clients: int, console: Console) -> Recorder:
+    import httpx
+
+    tasks = load_tasks()
+    queries = [i["input"] for t in tasks for i in t["instances"][5:]] + [t["definition"][:200] for t in tasks]
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
+        response = http.post("/v1/base-models", json={"name": "base", "path": str(base_model())})
+        response.raise_for_status()
+        for i in range(SEED_BRICKS):
+            task = tasks[i % len(tasks)]
+            config, weights = adapter(i)
+            meta = {
+                "name": f"seed-{i:03d}",
+                "base_model": "base",
+                "description": task["definition"],
+                "examples": [x["input"] for x in task["instances"][:3]],
+            }
+            files = {"adapter_config": ("c.json", config), "adapter_weights": ("w.safetensors", weights)}
+            http.post("/v1/bricks", data={"metadata": json.dumps(meta)}, files=files).raise_for_status()
+    console.print(f"seeded {SEED_BRICKS} bricks")
+    recorder = Recorder()
+    stop = time.monotonic() + seconds
+    counter = iter(range(10**9))
+    counter_lock = threading.Lock()
+
+    def client(index: int) -> None:
+        rng = random.Random(index)
+        with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
+            while time.monotonic() < stop:
+                roll = rng.random()
+                started = time.perf_counter()
+                try:
+                    if roll < 0.80:
+                        kind = "search"
+                        response = http.post("/v1/search", json={"query": rng.choice(queries), "k": 5})
+                    elif roll < 0.95:
+                        kind = "register"
+                        with counter_lock:
+                            n = next(counter)
+                        config, weights = adapter(100_000 + n)
+                        task = tasks[n % len(tasks)]
+                        name = f"load-{n:06d}"
+                        meta = {
+                            "name": name,
+                            "base_model": "base",
+                            "description": task["definition"],
+                            "examples": [x["input"] for x in task["instances"][:3]],
+                        }
+                        files = {"adapter_config": ("c.json", config), "adapter_weights": ("w.safetensors", weights)}
+                        response = http.post("/v1/bricks", data={"metadata": json.dumps(meta)}, files=files)
+                        if response.status_code == 201:
+                            with recorder.lock:
+                                recorder.acknowledged[name] = hashlib.sha256(weights).hexdigest()
+                    else:
+                        kind = "compose"
+                        pair = rng.sample(range(SEED_BRICKS), 2)
+                        request = {
+                            "base_model": "base",
+                            "bricks": [
+                                {"name": f"seed-{p:03d}", "weight": round(rng.uniform(0.2, 1.0), 2)} for p in pair
+                            ],
+                            "method": rng.choice(["linear", "ties"]),
+                        }
+                        response = http.post("/v1/compositions", json=request)
+                    recorder.add(kind, time.perf_counter() - started, response.status_code)
+                except httpx.TransportError:
+                    with recorder.lock:
+                        recorder.transport_errors += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    recorder.elapsed = time.monotonic() - began  # type: ignore[attr-defined]
+    return recorder
+
+
+def verify(url: str, token: str, recorder: Recorder) -> tuple[int, int]:
+    """(acknowledged registrations found intact, lost or altered)."""
+    import httpx
+
+    found: dict[str, str] = {}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 500, "all_versions": True}
+            if cursor:
+                params["cursor"] = cursor
+            page = http.get("/v1/bricks", params=params).json()
+            found.update({b["name"]: b["sha256"] for b in page["items"]})
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        intact = lost = 0
+        for name, digest in recorder.acknowledged.items():
+            stored = http.get(f"/v1/bricks/{name}/versions/1/files/adapter_model.safetensors")
+            ok = found.get(name) == digest and hashlib.sha256(stored.content).hexdigest() == digest
+            intact, lost = (intact + 1, lost) if ok else (intact, lost + 1)
+    return intact, lost
+
+
+def profile_top(raw: Path, console: Console, limit: int = 15) -> None:
+    """Print the leaf frames py-spy saw most (``raw`` = collapsed stacks)."""
+    leaves: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(count)
+        total += n
+        # attribute each sample to its innermost frame in our code or a library of interest
+        leaves[frames[-1][:110]] += n
+    table = Table(title=f"py-spy: where the server spends its time ({total} samples, all threads)")
+    table.add_column("share", justify="right")
+    table.add_column("innermost frame")
+    for frame, n in leaves.most_common(limit):
+        table.add_row(f"{100 * n / max(total, 1):.1f}%", frame)
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="sample the server with py-spy")
+    args = parser.parse_args()
+    console = Console(width=150)
+    base_model()
+    summary = []
+    for backend in args.backends.split(","):
+        console.rule(f"{backend}: {args.clients} clients, {args.seconds:.0f} s")
+        home = Path(tempfile.mkdtemp(prefix="brickyard-load-"))
+        with postgres() if backend == "postgresql" else _nothing() as pg:
+            url_env = {"BRICKYARD_HOME": str(home)}
+            if pg:
+                from registry.db.migrate import upgrade
+                from registry.db.session import make_engine
+
+                engine = make_engine(pg.replace("postgresql://", "postgresql+psycopg://", 1))
+                upgrade(engine)
+                engine.dispose()
+                url_env["BRICKYARD_DATABASE_URL"] = pg
+            with live_server(url_env, log=home / "server.log") as url:
+                token = (home / "admin-token").read_text().strip()
+                spy = None
+                if args.profile:
+                    pid = _server_pid(home)
+                    spy = subprocess.Popen(
+                        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
+                         "--subprocesses", "--output", str(home / "profile.txt"), "--nonblocking"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                recorder = run(url, token, seconds=args.seconds, clients=args.clients, console=console)
+                if spy is not None:
+                    spy.send_signal(2)
+                    spy.wait(60)
+                intact, lost = verify(url, token, recorder)
+        summary.append((backend, recorder, intact, lost))
+        _print(backend, recorder, intact, lost, console)
+        if args.profile and (home / "profile.txt").exists():
+            profile_top(home / "profile.txt", console)
+    console.rule("summary")
+    for backend, recorder, intact, lost in summary:
+        errors = sum(n for c in recorder.status.values() for s, n in c.items() if s >= 500)
+        search_p95 = percentile(recorder.latency["search"], 95)
+        console.print(
+            f"{backend}: {sum(len(v) for v in recorder.latency.values()) / recorder.elapsed:.1f} req/s, "  # type: ignore[attr-defined]
+            f"5xx={errors}, lost registrations={lost} of {intact + lost}, search p95={search_p95:.0f} ms "
+            f"(goal: 0 5xx, 0 lost, search p95 < 100 ms)"
+        )
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _server_pid(home: Path) -> int:
+    out = subprocess.run(["pgrep", "-f", "registry serve"], capture_output=True, text=True).stdout.split()
+    return int(out[-1])
+
+
+def _print(backend: str, recorder: Recorder, intact: int, lost: int, console: Console) -> None:
+    elapsed = recorder.elapsed  # type: ignore[attr-defined]
+    table = Table(title=f"{backend}: {sum(len(v) for v in recorder.latency.values()) / elapsed:.1f} requests/s")
+    for column in ("kind", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "answers by status"):
+        table.add_column(column, justify="right" if column != "kind" else "left")
+    for kind in ("search", "register", "compose"):
+        values = recorder.latency.get(kind, [])
+        statuses = ", ".join(f"{s}: {n}" for s, n in sorted(recorder.status[kind].items()))
+        table.add_row(
+            kind,
+            str(len(values)),
+            f"{len(values) / elapsed:.1f}",
+            f"{percentile(values, 50):.0f}",
+            f"{percentile(values, 95):.0f}",
+            f"{percentile(values, 99):.0f}",
+            statuses,
+        )
+    console.print(table)
+    console.print(
+        f"transport errors: {recorder.transport_errors}; acknowledged registrations intact: {intact}, lost: {lost}"
+    )
+
+
+if __name__ == "__main__":
+    main()
