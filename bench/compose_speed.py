@@ -343,7 +343,7 @@ def main() -> None:
         adapters["peft"] = work / "adapter-peft" / "merged"
     errors = _adapter_errors(mixed, list(WEIGHTS), adapters)
     print(
-        f"{'brickyard (QR + SVD)':<24}{ours['seconds']:9.2f}{_mb(ours['peak_rss']):>12}"
+        f"{'brickyard (factors only)':<24}{ours['seconds']:9.2f}{_mb(ours['peak_rss']):>12}"
         f"{errors['brickyard']['relative_error']:12.6f}{errors['brickyard']['worst_module']:14.6f}"
     )
     if theirs is not None:

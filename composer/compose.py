@@ -243,12 +243,18 @@ class _Payload:
 
 
 def _load(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]) -> _Payload:
+    import torch
+
     from composer.lora import Factors, content_key, stacked_factors
 
     factors = [
         Factors(a=files[c.brick].read(c.a), b=files[c.brick].read(c.b), scaling=c.scaling, weight=c.weight)
         for c in module.contributions
     ]
+    if not all(_fits(f.a, torch.float32) and _fits(f.b, torch.float32) for f in factors):
+        # Fail on the brick's own data, before any arithmetic can turn it into an
+        # exception of another kind (an eigendecomposition of NaNs) or a silent mess.
+        raise _non_finite(plan, module, _Payload(factors, None, ()), None)
     if plan.method.sums_deltas:
         return _Payload(factors, stacked_factors(factors), ())
     return _Payload(factors, None, tuple(content_key(f) for f in factors))
@@ -452,7 +458,10 @@ def _adapter_module(plan: CompositionPlan, module: ModulePlan, files: Sequence[T
             low_rank = truncate_product(b_cat, a_cat, plan.rank)
     else:
         assert plan.rank is not None  # the plan requires a rank for these methods
-        low_rank = truncated_svd(_merged_delta(plan, module, payload), plan.rank)
+        merged = _merged_delta(plan, module, payload)
+        if not _fits(merged, torch.float32):
+            raise _non_finite(plan, module, payload, None)
+        low_rank = truncated_svd(merged, plan.rank)
     finite = _fits(low_rank.a, torch.float32) and _fits(low_rank.b, torch.float32)
     if not finite or not math.isfinite(low_rank.relative_error):
         raise _non_finite(plan, module, payload, None)

@@ -39,9 +39,18 @@ def test_existing_output_is_refused_and_left_alone(
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-@pytest.mark.parametrize("output", ["full", "adapter"])
+@pytest.mark.parametrize(
+    ("output", "rank", "method"),
+    [
+        ("full", None, "linear"),
+        ("adapter", None, "linear"),
+        ("adapter", 3, "linear"),
+        ("full", None, "ties"),
+        ("adapter", 3, "ties"),
+    ],
+)
 def test_nan_in_a_brick_names_brick_and_module_and_publishes_nothing(
-    tmp_path: Path, toy_llama: Path, llama_bricks: dict[str, Path], output: str
+    tmp_path: Path, toy_llama: Path, llama_bricks: dict[str, Path], output: str, rank: int | None, method: str
 ) -> None:
     module = "model.layers.1.self_attn.v_proj"
     bad = _poisoned(tmp_path, llama_bricks["qv4"], module, float("nan"))
@@ -49,7 +58,7 @@ def test_nan_in_a_brick_names_brick_and_module_and_publishes_nothing(
     parent.mkdir()
     bricks = [source(llama_bricks["all6"], name="good@1"), source(bad, 0.5, name="poisoned@2")]
     with pytest.raises(NonFiniteResult) as caught:
-        compose(toy_llama, bricks, parent / "out", output=output)  # type: ignore[arg-type]
+        compose(toy_llama, bricks, parent / "out", output=output, rank=rank, method=method)  # type: ignore[arg-type]
     assert module in caught.value.message
     assert any("poisoned@2" in p and "lora_B" in p for p in caught.value.problems)
     assert not any("good@1" in p for p in caught.value.problems)
