@@ -28,6 +28,7 @@ from composer.plan import BrickSource, CompositionPlan, plan_composition
 __version__ = COMPOSER_VERSION
 
 __all__ = [
+    "COMPOSER_VERSION",
     "MERGE_METHODS",
     "BrickSource",
     "ComposeError",
