@@ -563,16 +563,6 @@ def _parse_brick(text: str) -> dict[str, Any]:
     return choice
 
 
-def _parse_param(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise typer.BadParameter(f"{text!r}: expected KEY=VALUE")
-    try:
-        return key, json.loads(raw)
-    except ValueError:
-        return key, raw
-
-
 @app.command()
 def compose(
     base: Annotated[str, typer.Option("--base", "-b", help="registered base model")],
@@ -599,7 +589,9 @@ def compose(
     else:
         request["instruction"], request["k"] = instruction, k
     if param:
-        request["params"] = dict(_parse_param(p) for p in param)
+        from composer.cli import parse_param
+
+        request["params"] = dict(parse_param(p) for p in param)
     if rank is not None:
         request["rank"] = rank
     try:

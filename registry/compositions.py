@@ -204,17 +204,7 @@ class Compositions:
         """
         recipe, base_id = self.resolve(request)
         composition_id = recipe_id(recipe)
-        composition, _ = self.store.create(
-            composition_id,
-            recipe,
-            base_model_id=base_id,
-            output=recipe["output"],
-            method=recipe["method"],
-            actor=actor,
-        )
-        if composition.status == READY and not self._complete(composition_id):
-            # The directory vanished (deleted by hand, a different home): build it again.
-            self.store.delete_ready(composition_id)
+        while True:
             composition, _ = self.store.create(
                 composition_id,
                 recipe,
@@ -223,6 +213,10 @@ class Compositions:
                 method=recipe["method"],
                 actor=actor,
             )
+            if composition.status != READY or self._complete(composition_id):
+                break
+            # The directory vanished (deleted by hand, evicted by another process): build it again.
+            self.store.delete_ready(composition_id)
         return composition, composition.status == READY
 
     def get(self, composition_id: str) -> domain.Composition:

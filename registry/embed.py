@@ -98,7 +98,7 @@ class SentenceTransformerEmbedder:
     def dim(self) -> int:
         """Vector dimension (loads the model)."""
         model = self._load()
-        dim = model.get_sentence_embedding_dimension()
+        dim = model.get_embedding_dimension()
         return int(dim)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -165,7 +165,7 @@ class SentenceTransformerEmbedder:
         model = self._load()
         # Batches of similar length: padding a short query to a 256-token example wastes the work.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        sentences = np.zeros((len(texts), model.get_sentence_embedding_dimension()), np.float32)
+        sentences = np.zeros((len(texts), model.get_embedding_dimension()), np.float32)
         layers = np.zeros_like(sentences)
         for start in range(0, len(order), _SUB_BATCH):
             chunk = order[start : start + _SUB_BATCH]
