@@ -29,6 +29,11 @@ __all__ = ["CompositionStore"]
 QUEUED, RUNNING, READY, FAILED = "queued", "running", "ready", "failed"
 
 
+def _changed(result: Any) -> int:
+    """Rows an UPDATE changed (``rowcount`` of a DML result)."""
+    return int(result.rowcount)
+
+
 class CompositionStore:
     """Compositions in SQL."""
 
@@ -83,11 +88,13 @@ class CompositionStore:
             )
             requeued = 0
             if not created:
-                requeued = session.execute(
-                    update(CompositionRow)
-                    .where(CompositionRow.id == composition_id, CompositionRow.status == FAILED)
-                    .values(status=QUEUED, progress=0.0, message="queued again", error=None, error_code=None)
-                ).rowcount
+                requeued = _changed(
+                    session.execute(
+                        update(CompositionRow)
+                        .where(CompositionRow.id == composition_id, CompositionRow.status == FAILED)
+                        .values(status=QUEUED, progress=0.0, message="queued again", error=None, error_code=None)
+                    )
+                )
             row = session.get(CompositionRow, composition_id, populate_existing=True)
             assert row is not None
             row.last_accessed_at = now
@@ -114,19 +121,21 @@ class CompositionStore:
 
     def _start(self, session: Any, composition_id: str, worker: str) -> domain.Composition | None:
         now = utcnow()
-        claimed = session.execute(
-            update(CompositionRow)
-            .where(CompositionRow.id == composition_id, CompositionRow.status == QUEUED)
-            .values(
-                status=RUNNING,
-                worker=worker,
-                started_at=now,
-                heartbeat_at=now,
-                progress=0.0,
-                message="starting",
-                attempts=CompositionRow.attempts + 1,
+        claimed = _changed(
+            session.execute(
+                update(CompositionRow)
+                .where(CompositionRow.id == composition_id, CompositionRow.status == QUEUED)
+                .values(
+                    status=RUNNING,
+                    worker=worker,
+                    started_at=now,
+                    heartbeat_at=now,
+                    progress=0.0,
+                    message="starting",
+                    attempts=CompositionRow.attempts + 1,
+                )
             )
-        ).rowcount
+        )
         if not claimed:
             return None
         row = session.get(CompositionRow, composition_id, populate_existing=True)
@@ -136,15 +145,17 @@ class CompositionStore:
         """Record progress of a running build; False when ``worker`` no longer owns it."""
         with self.db.session(write=True) as session:
             return bool(
-                session.execute(
-                    update(CompositionRow)
-                    .where(
-                        CompositionRow.id == composition_id,
-                        CompositionRow.worker == worker,
-                        CompositionRow.status == RUNNING,
+                _changed(
+                    session.execute(
+                        update(CompositionRow)
+                        .where(
+                            CompositionRow.id == composition_id,
+                            CompositionRow.worker == worker,
+                            CompositionRow.status == RUNNING,
+                        )
+                        .values(progress=progress, message=message[:500], heartbeat_at=utcnow())
                     )
-                    .values(progress=progress, message=message[:500], heartbeat_at=utcnow())
-                ).rowcount
+                )
             )
 
     def finish(self, composition_id: str, worker: str, size_bytes: int, message: str) -> None:
@@ -173,9 +184,11 @@ class CompositionStore:
             if worker is not None:
                 query = query.where(CompositionRow.worker == worker)
             return bool(
-                session.execute(
-                    query.values(status=FAILED, error=error[:4000], error_code=code, finished_at=utcnow())
-                ).rowcount
+                _changed(
+                    session.execute(
+                        query.values(status=FAILED, error=error[:4000], error_code=code, finished_at=utcnow())
+                    )
+                )
             )
 
     def running(self) -> list[tuple[str, str | None, datetime | None]]:

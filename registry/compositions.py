@@ -275,7 +275,7 @@ class Compositions:
         from composer.basemodel import read_base_model
         from composer.errors import ComposeError
 
-        recipe = dict(composition.recipe)
+        recipe: dict[str, Any] = dict(composition.recipe)
         target = self.root / composition.id
         heartbeat = _Heartbeat(self.store, composition.id, worker)
         try:

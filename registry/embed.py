@@ -88,7 +88,8 @@ class SentenceTransformerEmbedder:
                     hf_logging.disable_progress_bar()
 
                     model = SentenceTransformer(str(self.path), device="cpu", local_files_only=True)
-                    config = model[0].auto_model.config
+                    encoder: Any = model[0]
+                    config = encoder.auto_model.config
                     config.output_hidden_states = True
                     self._layer = max(1, round(config.num_hidden_layers * 2 / 3))
                     self._model = model

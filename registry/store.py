@@ -404,7 +404,7 @@ def _get_row(session: Session, name: str, version: int | None) -> BrickRow:
     return row
 
 
-def _bricks_query(*, base_model: str | None, tag: str | None, all_versions: bool) -> Select[tuple[BrickRow]]:
+def _bricks_query(*, base_model: str | None, tag: str | None, all_versions: bool) -> Select[BrickRow]:
     query = select(BrickRow)
     if not all_versions:
         query = query.where(BrickRow.is_latest)

@@ -180,7 +180,7 @@ def make_lora(
     fan_in_fan_out = model.config.model_type == "gpt2"
     config = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft accepts floats; its hint says int
         target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
         use_rslora=use_rslora,
         rank_pattern=dict(rank_pattern or {}),
@@ -201,7 +201,7 @@ def make_lora(
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     if base_model_name_or_path is not None:
         config_path = out_dir / "adapter_config.json"
         data = json.loads(config_path.read_text())

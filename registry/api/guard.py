@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from registry.api.problems import problem_response
 from registry.auth import ANONYMOUS, Actor, require
+from registry.auth import Scope as TokenScope
 from registry.errors import BrickyardError
 
 __all__ = ["AuthGuard"]
@@ -40,7 +41,7 @@ class AuthGuard:
             actor = await anyio.to_thread.run_sync(self._actor, registry, scope)
             path = scope["path"].rstrip("/")
             if scope["method"] in _WRITES and path.startswith("/v1/") and path not in _READS_BY_POST:
-                needed = "admin" if path.startswith("/v1/tokens") else "write"
+                needed: TokenScope = "admin" if path.startswith("/v1/tokens") else "write"
                 require(actor, needed)
         except BrickyardError as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
