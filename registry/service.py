@@ -252,13 +252,9 @@ class Registry:
                 except BaseModelNotFound:
                     problems.append(f"metadata.base_model: no base model named {base_name!r} is registered")
             adapter_problems: list[str] = []
-            spec = None
-            if staged.size == 0:
-                problems.append(f"adapter_weights: {WEIGHTS_FILENAME} is empty")
-            else:
-                spec = inspect_adapter(
-                    config_bytes, staged.path, base, max_header_bytes=limits.max_header_bytes, problems=adapter_problems
-                )
+            spec = inspect_adapter(
+                config_bytes, staged.path, base, max_header_bytes=limits.max_header_bytes, problems=adapter_problems
+            )
             if problems or adapter_problems or spec is None or meta is None:
                 error = InvalidAdapter if adapter_problems else InvalidInput
                 target = f" for base model {base.name!r}" if base is not None else ""

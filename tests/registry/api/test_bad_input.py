@@ -105,8 +105,13 @@ def test_torch_zip_checkpoint_renamed_safetensors_is_415(ready: Any, registry: A
     assert_nothing_stored(registry)
 
 
-def test_empty_weights_are_422(ready: Any, registry: Any) -> None:
-    assert_problem(upload(ready, config=lora_config(), weights=b""), 422, "invalid-input", "empty")
+def test_empty_files_are_422(ready: Any, registry: Any) -> None:
+    assert_problem(upload(ready, config=lora_config(), weights=b""), 422, "invalid-adapter", "the file is empty")
+    assert_problem(
+        upload(ready, config=b"", weights=raw_safetensors(good_tensors())), 422, "invalid-adapter", "not valid JSON"
+    )
+    both = assert_problem(upload(ready, config=b"", weights=b""), 422, "invalid-adapter", "empty", "not valid JSON")
+    assert len(both["errors"]) == 2
     assert_nothing_stored(registry)
 
 
