@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test lint typecheck bench fuzz clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install
 	$(BIN)/python bench/compose_speed.py
 	$(BIN)/python bench/retrieval_quality.py
 	$(BIN)/python bench/retrieval_latency.py
+	$(BIN)/python bench/load.py --profile
+
+fuzz: install
+	$(BIN)/python bench/fuzz.py --examples 300
+	$(BIN)/python bench/fuzz.py --examples 300 --backend postgresql
 
 clean:
 	rm -rf .demo .bench .pytest_cache .ruff_cache .mypy_cache

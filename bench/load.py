@@ -237,11 +237,11 @@ def main() -> None:
                 spy = None
                 if args.profile:
                     pid = _server_pid(home)
-                    spy = subprocess.Popen(
-                        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
-                         "--subprocesses", "--output", str(home / "profile.txt"), "--nonblocking"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    )  # fmt: skip
+                    spy_command = [
+                        str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--format", "raw",
+                        "--rate", "50", "--subprocesses", "--output", str(home / "profile.txt"), "--nonblocking",
+                    ]  # fmt: skip
+                    spy = subprocess.Popen(spy_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 recorder = run(url, token, seconds=args.seconds, clients=args.clients, console=console)
                 if spy is not None:
                     spy.send_signal(2)

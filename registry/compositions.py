@@ -258,8 +258,12 @@ class Compositions:
     def file(self, composition_id: str, relative: str) -> Path:
         """Local path of one file of a ready composition (never outside its directory)."""
         root = self.directory(composition_id).resolve()
-        candidate = (root / relative).resolve()
-        if not relative or candidate == root or root not in candidate.parents or not candidate.is_file():
+        try:
+            candidate = (root / relative).resolve()
+            found = bool(relative) and candidate != root and root in candidate.parents and candidate.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name longer than the file system allows
+            found = False
+        if not found:
             raise FileNotFound(f"composition {composition_id} has no file {relative[:200]!r}")
         return candidate
 

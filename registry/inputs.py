@@ -43,6 +43,19 @@ M = TypeVar("M", bound="BaseModel")
 TAG_PATTERN = r"^[a-z0-9][a-z0-9._:-]{0,63}$"
 
 
+def _printable(value: str) -> str:
+    """Refuse NUL and other C0 control characters except tab and newlines (PostgreSQL cannot
+    store NUL in text, and no brick description needs a bell character)."""
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+        raise ValueError("must not contain control characters (such as NUL)")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise ValueError("must be valid Unicode (no unpaired surrogates)")
+    return value
+
+
+Printable = AfterValidator(_printable)
+
+
 def _no_dot_dot(value: str) -> str:
     if ".." in value:
         raise ValueError("must not contain '..'")
@@ -62,8 +75,8 @@ Tag = Annotated[
     AfterValidator(_no_dot_dot),
     Field(description="lower-case ASCII letters, digits, '.', '_', ':', '-' (1-64)"),
 ]
-Description = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=8000)]
-Example = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=8000), Printable]
+Example = Annotated[str, StringConstraints(min_length=1, max_length=4000), Printable]
 
 
 def _finite_metrics(value: dict[str, float]) -> dict[str, float]:
@@ -79,7 +92,7 @@ MetricName = Annotated[str, StringConstraints(min_length=1, max_length=64, patte
 class BrickMetadata(BaseModel):
     """The ``metadata`` of a brick registration."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
     base_model: Name
@@ -87,7 +100,7 @@ class BrickMetadata(BaseModel):
     examples: list[Example] = Field(default_factory=list, max_length=64, description="example inputs")
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     version: int | None = Field(None, ge=1, le=2**31 - 1, description="explicit version; default next free")
-    license: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+    license: Annotated[str, StringConstraints(min_length=1, max_length=100), Printable] | None = None
     metrics: Annotated[dict[MetricName, float], AfterValidator(_finite_metrics)] = Field(
         default_factory=dict, max_length=64
     )
@@ -96,7 +109,7 @@ class BrickMetadata(BaseModel):
 class BrickPatchIn(BaseModel):
     """Fields a PATCH of a brick version may change."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     description: Description | None = None
     examples: list[Example] | None = Field(None, max_length=64)
@@ -106,14 +119,14 @@ class BrickPatchIn(BaseModel):
 class BaseModelCreate(BaseModel):
     """Registration of a base model from a local directory on the server."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
-    path: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096), Printable] = Field(
         description="local Hugging Face model directory (config.json + safetensors), as seen by the server"
     )
-    description: Annotated[str, StringConstraints(max_length=8000)] = ""
-    aliases: list[Annotated[str, StringConstraints(min_length=1, max_length=300)]] = Field(
+    description: Annotated[str, StringConstraints(max_length=8000), Printable] = ""
+    aliases: list[Annotated[str, StringConstraints(min_length=1, max_length=300), Printable]] = Field(
         default_factory=list,
         max_length=16,
         description="other names adapters may record as base_model_name_or_path (e.g. a Hub id)",
@@ -123,9 +136,9 @@ class BaseModelCreate(BaseModel):
 class SearchRequest(BaseModel):
     """A search for bricks by task description or example input."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)] = Field(
+    query: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000), Printable] = Field(
         description="a task description or an example input"
     )
     base_model: Name | None = Field(None, description="only bricks of this base model")
@@ -144,7 +157,7 @@ Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=Fal
 class BrickChoice(BaseModel):
     """A brick chosen for a composition."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
     version: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the latest version")
@@ -154,13 +167,13 @@ class BrickChoice(BaseModel):
 class ComposeRequest(BaseModel):
     """A composed model: bricks chosen by name or by an instruction, merged into a base model."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     base_model: Name
     bricks: list[BrickChoice] | None = Field(None, min_length=1, max_length=32)
-    instruction: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)] | None = Field(
-        None, description="pick the bricks by searching for this task"
-    )
+    instruction: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000), Printable] | None
+    ) = Field(None, description="pick the bricks by searching for this task")
     k: int = Field(3, ge=1, le=16, description="with an instruction: how many bricks to merge")
     weights: list[Weight] | None = Field(
         None, min_length=1, max_length=16, description="with an instruction: weights of the found bricks, in rank order"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from registry.errors import (
 )
 from registry.fsck import FsckReport, fsck
 from registry.index import SearchFilters, SearchIndex, make_index
-from registry.inputs import BaseModelCreate, BrickMetadata, BrickPatchIn, SearchRequest, parse_json_model
+from registry.inputs import NAME_PATTERN, BaseModelCreate, BrickMetadata, BrickPatchIn, SearchRequest, parse_json_model
 from registry.retrieve import rank_bricks
 from registry.settings import Settings
 from registry.spec import inspect_adapter
@@ -173,6 +174,11 @@ class Registry:
             linear = find_linear_modules(layout)
         except ComposerInvalidBaseModel as exc:
             raise InvalidBaseModel(exc.message, errors=exc.problems) from None
+        except (OSError, ValueError) as exc:  # unreadable, too long, or not a path at all
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise InvalidBaseModel(
+                f"cannot read base model at {str(path)[:200]!r}", errors=[f"path: {reason}"]
+            ) from None
         if not linear:
             raise InvalidBaseModel(
                 f"no linear modules found in {path}", errors=["the model has no adaptable linear layers"]
@@ -483,7 +489,7 @@ def _claimed_base_model(raw: Any) -> str | None:
     except (ValueError, RecursionError):
         return None
     name = data.get("base_model") if isinstance(data, Mapping) else None
-    return name if isinstance(name, str) and 0 < len(name) <= 100 else None
+    return name if isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) else None
 
 
 def _read_bounded(source: bytes | BinaryIO, limit: int, what: str) -> bytes:

@@ -6,12 +6,13 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from registry.api.guard import AuthGuard
 from registry.api.limits import BodyLimitMiddleware
-from registry.api.problems import PROBLEM_RESPONSES, install_problem_handlers
+from registry.api.problems import PROBLEM_RESPONSES, document_problems, install_problem_handlers
 from registry.api.routes import base_models, bricks, compositions, health, merge_methods, search, tokens
 from registry.jobs import WorkerPool
 from registry.service import Registry
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         summary="Registry and composition service for LoRA adapter bricks",
         lifespan=lifespan,
         responses=PROBLEM_RESPONSES,
+        redirect_slashes=False,
     )
     if registry is not None:
         app.state.registry = registry
@@ -76,4 +78,23 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     install_problem_handlers(app)
     for module in (health, base_models, bricks, search, compositions, merge_methods, tokens):
         app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema = document_problems(schema)
+        schema["components"]["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "an API token (`brickyard token create`); writes need scope write, tokens admin",
+            }
+        }
+        schema["security"] = [{}, {"bearer": []}]  # reads may be open; writes need a token
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import FileResponse
 
 from registry.errors import InvalidInput, RangeNotSatisfiable
 
-__all__ = ["file_response", "tar_stream"]
+__all__ = ["FILE_RESPONSES", "file_response", "tar_stream"]
+
+_FILE_TYPES: dict[str, dict[str, Any]] = {"application/octet-stream": {}, "application/json": {}}
+FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the file", "content": _FILE_TYPES},
+    206: {
+        "description": "part of the file (HTTP Range); several ranges come as multipart/byteranges",
+        "content": {**_FILE_TYPES, "multipart/byteranges": {}},
+    },
+}
 
 
 def file_response(request: Request, path: Path, *, media_type: str, filename: str, etag: str) -> FileResponse:

@@ -20,7 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry.errors import BrickyardError
 
-__all__ = ["PROBLEM_MEDIA_TYPE", "PROBLEM_RESPONSES", "Problem", "install_problem_handlers", "problem_response"]
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "PROBLEM_RESPONSES",
+    "Problem",
+    "document_problems",
+    "install_problem_handlers",
+    "problem_response",
+]
 
 log = logging.getLogger("brickyard.api")
 
@@ -55,9 +62,25 @@ class Problem(BaseModel):
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    "4XX": {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Client error (problem details)"},
-    "5XX": {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Server error (problem details)"},
+    "4XX": {"description": "Client error (problem details)"},
+    "5XX": {"description": "Server error (problem details)"},
 }
+
+
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make every error response of an OpenAPI schema ``application/problem+json`` with the
+    `Problem` schema (FastAPI would describe them as ``application/json``)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    problem = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            for status, response in operation.get("responses", {}).items():
+                if status in ("4XX", "5XX") or (status.isdigit() and int(status) >= 400):
+                    response["content"] = problem
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    return schema
 
 
 def problem_response(
@@ -116,9 +139,23 @@ def _from_validation(request: Request, exc: RequestValidationError) -> JSONRespo
 def _from_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code, title = _HTTP_CODES.get(exc.status_code, ("http-error", "HTTP error"))
     detail = exc.detail if isinstance(exc.detail, str) else title
-    return problem_response(
-        exc.status_code, code, title, detail, instance=request.url.path, headers=dict(exc.headers or {}) or None
-    )
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the first route whose path matched; list every method served here.
+        headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
+    return problem_response(exc.status_code, code, title, detail, instance=request.url.path, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    from starlette.routing import Match
+
+    allowed: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        methods = getattr(route, "methods", None)
+        if match != Match.NONE and methods:
+            allowed |= set(methods)
+    return allowed
 
 
 def _from_unexpected(request: Request, exc: Exception) -> JSONResponse:

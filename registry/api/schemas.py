@@ -239,7 +239,7 @@ class MergeMethodOut(BaseModel):
 class TokenCreate(BaseModel):
     """A token to create."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
     scope: Literal["read", "write", "admin"] = "write"

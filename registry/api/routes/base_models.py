@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, status
 
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
+from registry.api.params import NamePath
 from registry.api.schemas import BaseModelDetail, BaseModelOut
 from registry.inputs import BaseModelCreate
 
 router = APIRouter(prefix="/v1/base-models", tags=["base models"])
-
-NamePath = Annotated[str, Path(max_length=100, description="base model name")]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)

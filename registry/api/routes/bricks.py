@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.responses import FileResponse
 
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
-from registry.api.files import file_response
+from registry.api.files import FILE_RESPONSES, file_response
+from registry.api.params import CursorQuery, FilenamePath, LimitQuery, NamePath, NameQuery, TagQuery, VersionPath
 from registry.api.schemas import BrickFileOut, BrickOut, EventOut, Page
 from registry.inputs import BrickPatchIn
 
 router = APIRouter(prefix="/v1/bricks", tags=["bricks"])
-
-NamePath = Annotated[str, Path(max_length=100, description="brick name")]
-VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="brick version")]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -38,11 +36,11 @@ def register_brick(
 def list_bricks(
     registry: RegistryDep,
     _: ReadActor,
-    base_model: Annotated[str | None, Query(max_length=100)] = None,
-    tag: Annotated[str | None, Query(max_length=64)] = None,
+    base_model: NameQuery = None,
+    tag: TagQuery = None,
     all_versions: bool = False,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = 50,
 ) -> Page[BrickOut]:
     """Bricks by name (latest version of each unless ``all_versions``), a page at a time."""
     page = registry.list_bricks(base_model=base_model, tag=tag, all_versions=all_versions, cursor=cursor, limit=limit)
@@ -60,8 +58,8 @@ def list_brick_versions(
     name: NamePath,
     registry: RegistryDep,
     _: ReadActor,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = 50,
 ) -> Page[BrickOut]:
     """Every version of a brick, newest first."""
     registry.get_brick(name)
@@ -101,12 +99,12 @@ def list_brick_files(name: NamePath, version: VersionPath, registry: RegistryDep
 @router.get(
     "/{name}/versions/{version}/files/{filename}",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
+    responses={**FILE_RESPONSES},
 )
 def get_brick_file(
     name: NamePath,
     version: VersionPath,
-    filename: Annotated[str, Path(max_length=200)],
+    filename: FilenamePath,
     request: Request,
     registry: RegistryDep,
     _: ReadActor,

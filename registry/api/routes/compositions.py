@@ -8,7 +8,8 @@ from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import FileResponse, StreamingResponse
 
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
-from registry.api.files import file_response, tar_stream
+from registry.api.files import FILE_RESPONSES, file_response, tar_stream
+from registry.api.params import RelativePath
 from registry.api.schemas import CompositionFileOut, CompositionOut
 from registry.inputs import ComposeRequest
 
@@ -56,11 +57,11 @@ def list_composition_files(composition_id: IdPath, registry: RegistryDep, _: Rea
 @router.get(
     "/{composition_id}/files/{path:path}",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={**FILE_RESPONSES},
 )
 def get_composition_file(
     composition_id: IdPath,
-    path: Annotated[str, Path(max_length=500)],
+    path: RelativePath,
     registry: RegistryDep,
     request: Request,
     _: ReadActor,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, status
 
 from registry.api.deps import AdminActor, RegistryDep
+from registry.api.params import NamePath
 from registry.api.schemas import TokenCreate, TokenCreated, TokenOut
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -26,6 +25,6 @@ def list_tokens(registry: RegistryDep, _: AdminActor) -> list[TokenOut]:
 
 
 @router.delete("/{name}")
-def revoke_token(name: Annotated[str, Path(max_length=100)], registry: RegistryDep, actor: AdminActor) -> TokenOut:
+def revoke_token(name: NamePath, registry: RegistryDep, actor: AdminActor) -> TokenOut:
     """Revoke a token; it stops working immediately."""
     return TokenOut.of(registry.tokens.revoke(name, actor=actor.name))

@@ -177,8 +177,11 @@ def test_range_requests_on_composed_files(composable: Any) -> None:
         f"/v1/compositions/{body['id']}/files/{shard}", headers={"Range": f"bytes={len(whole) + 10}-"}
     )
     assert outside.status_code == 416
-    for bad in ("..%2F..%2Fbrickyard.db", "%2Fetc%2Fpasswd", "nope.bin"):
-        assert composable.get(f"/v1/compositions/{body['id']}/files/{bad}").status_code == 404
+    cases = {"..%2F..%2Fbrickyard.db": 404, "config.json%2F..%2F..%2F..": 404, "nope.bin": 404, "%2Fetc%2Fpasswd": 422}
+    for bad, status in cases.items():
+        response = composable.get(f"/v1/compositions/{body['id']}/files/{bad}")
+        assert response.status_code == status, bad
+        assert response.headers["content-type"] == "application/problem+json"
 
 
 def test_bricks_of_another_base_model_are_refused_and_listed(composable: Any, gpt2_base: Path, gpt2_lora: Path) -> None:
