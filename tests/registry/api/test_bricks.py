@@ -133,7 +133,7 @@ def test_file_paths_outside_the_brick_are_404(client: Any, llama_base: Path, lor
         "..%2F..%2Fbrickyard.db": 404,  # a slash makes it another path, which no route serves
         "%2Fetc%2Fpasswd": 404,
         "adapter_model.safetensors%00": 422,  # not a file name: refused by the parameter's pattern
-        "..": 404,  # a well-formed name that is not one of the brick's files
+        "...": 404,  # a well-formed name that is not one of the brick's files
         "README.md": 404,
     }
     for bad, status in cases.items():
