@@ -136,7 +136,10 @@ def run_demo(workdir: Path, console: Console) -> int:
     try:
         _wait_ready(url, server)
         console.print(f"serving {url} (data in {workdir / 'home'}, log in {workdir / 'server.log'})")
-        with RemoteClient(url) as client:
+        token_file = workdir / "home" / "admin-token"
+        token = token_file.read_text().strip()
+        console.print(f"the server created an admin API token on first start (saved in {token_file}):\n  {token}")
+        with RemoteClient(url, token=token) as client:
             console.rule("[bold]3. register the base model over REST")
             try:
                 base = client.add_base_model("tiny-llama", str(base_dir), description="demo base model")
