@@ -56,8 +56,9 @@ def run(database_url: str | None, console: Console) -> None:
 
     home = Path(tempfile.mkdtemp(prefix="brickyard-quality-"))
     registry = Registry.open(Settings(home=home, database_url=database_url))
+    token, _ = registry.tokens.create("bench", "admin", actor="bench")
     name_of: dict[str, str] = {}
-    with TestClient(create_app(registry=registry)) as client:
+    with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
         assert client.post("/v1/base-models", json={"name": "tiny", "path": str(tiny_base())}).status_code == 201
         started = time.perf_counter()
         for i, task in enumerate(tasks):
@@ -109,7 +110,9 @@ def run(database_url: str | None, console: Console) -> None:
         "baseline (mean vector, cosine)": (metrics(base_a, truth_a, cluster), metrics(base_b, truth_b, cluster)),
         "Brickyard /v1/search": (metrics(ours_a, truth_a, cluster), metrics(ours_b, truth_b, cluster)),
     }
-    table = Table(title=f"retrieval quality, {len(tasks)} tasks ({'postgresql' if database_url else 'sqlite'})")
+    backend = "postgresql" if database_url else "sqlite"
+    title = f"retrieval quality, {len(tasks)} tasks ({backend}, embeddings {embedder.name})"
+    table = Table(title=title)
     for column in ("method", "A top-1", "A top-3", "A cluster top-1", "B top-1", "B top-3", "B cluster top-1"):
         table.add_column(column, justify="right" if column != "method" else "left")
     for label, (a, b) in rows.items():

@@ -62,14 +62,15 @@ def model_identity(path: Path) -> str:
 class SentenceTransformerEmbedder:
     """A sentence-transformers model from a local directory (never downloaded)."""
 
-    def __init__(self, path: Path, *, batch_size: int = 64) -> None:
+    def __init__(self, path: Path, *, batch_size: int = 64, quantize: bool = False) -> None:
         self.path = Path(path)
         self.batch_size = batch_size
+        self.quantize = quantize
         self._model: Any = None
         self._layer = 4
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Request] | None = None
-        self._name = model_identity(self.path)
+        self._name = model_identity(self.path) + ("-int8" if quantize else "")
 
     @property
     def name(self) -> str:
@@ -92,6 +93,8 @@ class SentenceTransformerEmbedder:
                     config = encoder.auto_model.config
                     config.output_hidden_states = True
                     self._layer = max(1, round(config.num_hidden_layers * 2 / 3))
+                    if self.quantize:
+                        model = _quantized(model)
                     self._model = model
         return self._model
 
@@ -181,6 +184,21 @@ class SentenceTransformerEmbedder:
         return sentences, layers
 
 
+def _quantized(model: Any) -> Any:
+    """The model with int8 weights in its linear layers (per output channel) and int8
+    matrix products: about 2.5x faster on a CPU for a one-sentence query, at a cosine of
+    about 0.98 to the float32 embedding. Vectors of the two are not comparable, which is
+    why the model identity records the quantization."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notice that eager quantization moves to torchao
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
 class _Request:
     """Texts waiting to be encoded, and where their vectors go."""
 
@@ -195,14 +213,14 @@ class _Request:
 
 _SUB_BATCH = 16
 
-_shared: dict[Path, SentenceTransformerEmbedder] = {}
+_shared: dict[tuple[Path, bool], SentenceTransformerEmbedder] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_embedder(path: Path) -> SentenceTransformerEmbedder:
+def shared_embedder(path: Path, *, quantize: bool = False) -> SentenceTransformerEmbedder:
     """The process-wide embedder for ``path`` (one model in memory per process)."""
-    key = Path(path).resolve()
+    key = (Path(path).resolve(), quantize)
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = SentenceTransformerEmbedder(key)
+            _shared[key] = SentenceTransformerEmbedder(key[0], quantize=quantize)
         return _shared[key]

@@ -16,6 +16,7 @@ Both return the same `Candidates`, which `registry.retrieve.rank_bricks` scores.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,13 +51,21 @@ class Candidates:
     features: list[BrickFeatures]
     max_example_sim: float
     stats: CorpusStats
+    generation: int = -1  # of the data these candidates come from (-1: unknown)
 
 
 class SearchIndex(Protocol):
     """Candidate generation over the stored vectors."""
 
     def candidates(
-        self, query_vec: np.ndarray, *, model: str, filters: SearchFilters, n: int, exact: bool = False
+        self,
+        query_vec: np.ndarray,
+        *,
+        model: str,
+        filters: SearchFilters,
+        n: int,
+        max_bricks: int,
+        exact: bool = False,
     ) -> Candidates: ...
 
     def invalidate(self) -> None: ...
@@ -81,7 +90,10 @@ def _check_model(session: Session, model: str) -> CorpusStats | None:
     return stats
 
 
-def _lexical(row: BrickLexicalRow) -> dict[str, Any]:
+_LEXICAL_COLUMNS = ("brick_id", *(f"{v}_{p}" for v in VIEWS for p in ("idx", "val")), "layer_sum")
+
+
+def _lexical(row: Any) -> dict[str, Any]:
     """The lexical vectors and the layer sum of a brick (divided by its example count later)."""
     found: dict[str, Any] = {
         view: SparseVector.from_bytes(getattr(row, f"{view}_idx"), getattr(row, f"{view}_val")) for view in VIEWS
@@ -101,6 +113,7 @@ def _features(brick_id: int, desc: np.ndarray, ex_vecs: np.ndarray, lexical: dic
         prefix=lexical["prefix"],
         word=lexical["word"],
         layer_mean=layer_mean,
+        ex_mean=ex_vecs.mean(axis=0).astype(np.float32) if len(ex_vecs) else None,
     )
 
 
@@ -193,9 +206,16 @@ class InMemoryIndex:
         return _build_snapshot(generation, model, max_id, features_by_id, meta, tag_rows, stats, dim)
 
     def candidates(
-        self, query_vec: np.ndarray, *, model: str, filters: SearchFilters, n: int, exact: bool = True
+        self,
+        query_vec: np.ndarray,
+        *,
+        model: str,
+        filters: SearchFilters,
+        n: int,
+        max_bricks: int,
+        exact: bool = True,
     ) -> Candidates:
-        """The bricks owning the top-``n`` eligible vectors (always exact here)."""
+        """The first ``max_bricks`` bricks owning the top-``n`` eligible vectors (exact here)."""
         snap = self._current(model)
         eligible = np.ones(len(snap.brick_ids), bool)
         if not filters.all_versions:
@@ -207,15 +227,15 @@ class InMemoryIndex:
         vector_ok = eligible[snap.owner] if len(snap.owner) else np.zeros(0, bool)
         count = int(vector_ok.sum())
         if count == 0:
-            return Candidates([], -1.0, snap.stats)
+            return Candidates([], -1.0, snap.stats, snap.generation)
         sims = snap.matrix @ query_vec.astype(np.float32)
         sims[~vector_ok] = -np.inf
         n = min(n, count)
         top = np.argpartition(-sims, n - 1)[:n] if len(sims) > n else np.arange(len(sims))
         top = top[np.lexsort((top, -sims[top]))]
         max_example = _max_example_sim(sims[top], snap.is_example[top])
-        positions = list(dict.fromkeys(snap.owner[top].tolist()))
-        return Candidates([snap.features[p] for p in positions], max_example, snap.stats)
+        positions = list(dict.fromkeys(snap.owner[top].tolist()))[:max_bricks]
+        return Candidates([snap.features[p] for p in positions], max_example, snap.stats, snap.generation)
 
 
 def _build_snapshot(
@@ -262,30 +282,64 @@ def _build_snapshot(
 
 
 class PgVectorIndex:
-    """Candidates from pgvector (HNSW, or an exact scan), features fetched by id."""
+    """Candidates from pgvector (HNSW, or an exact scan), features fetched by id.
 
-    def __init__(self, db: Database) -> None:
+    The features of recently seen bricks are kept in a bounded LRU cache. Vector rows are
+    append-only (an edit writes new rows), so when the generation moves, the bricks that
+    own rows newer than the last one seen are dropped from the cache; deleted bricks are
+    never candidates again, so their entries just age out.
+    """
+
+    def __init__(self, db: Database, *, cache_bricks: int = 20_000) -> None:
         self.db = db
         self._stats: tuple[int, str, CorpusStats] | None = None
         self._lock = threading.Lock()
+        self._cache: OrderedDict[int, BrickFeatures] = OrderedDict()
+        self._cache_limit = cache_bricks
+        self._seen: tuple[int, str, int] | None = None  # generation, model, max vector id
 
     def invalidate(self) -> None:
-        """Drop cached statistics."""
-        self._stats = None
+        """Drop cached statistics and features."""
+        with self._lock:
+            self._stats = None
+            self._cache.clear()
+            self._seen = None
 
-    def _corpus_stats(self, session: Session, model: str, dim: int) -> CorpusStats:
+    def _refresh(self, session: Session, model: str, dim: int) -> tuple[int, CorpusStats]:
         generation = read_generation(session)
-        cached = self._stats
-        if cached is not None and cached[0] == generation and cached[1] == model:
-            return cached[2]
+        with self._lock:
+            seen, cached = self._seen, self._stats
+        if seen is not None and cached is not None and seen[0] == generation and seen[1] == model:
+            return generation, cached[2]
         stats = _check_model(session, model) or CorpusStats.empty(dim)
-        self._stats = (generation, model, stats)
-        return stats
+        since = seen[2] if seen is not None and seen[1] == model else None
+        newest = int(session.scalar(text("SELECT coalesce(max(id), 0) FROM brick_vectors")) or 0)
+        changed: list[int] = []
+        if since is not None:
+            changed = list(
+                session.scalars(text("SELECT DISTINCT brick_id FROM brick_vectors WHERE id > :since"), {"since": since})
+            )
+        with self._lock:
+            if since is None:
+                self._cache.clear()
+            for brick_id in changed:
+                self._cache.pop(brick_id, None)
+            self._stats = (generation, model, stats)
+            self._seen = (generation, model, newest)
+        return generation, stats
 
     def candidates(
-        self, query_vec: np.ndarray, *, model: str, filters: SearchFilters, n: int, exact: bool = False
+        self,
+        query_vec: np.ndarray,
+        *,
+        model: str,
+        filters: SearchFilters,
+        n: int,
+        max_bricks: int,
+        exact: bool = False,
     ) -> Candidates:
-        """The bricks owning the top-``n`` eligible vectors by cosine."""
+        """The first ``max_bricks`` bricks owning the top-``n`` eligible vectors by cosine
+        (only those bricks' features are fetched)."""
         dim = int(query_vec.shape[0])
         query = "[" + ",".join(f"{x:.8g}" for x in query_vec.tolist()) + "]"
         conditions = ["v.model = :model", f"v.dim = {dim}"]
@@ -311,21 +365,34 @@ class PgVectorIndex:
             f"ORDER BY {distance}, v.id LIMIT :n"
         )
         with self.db.session() as session:
-            stats = self._corpus_stats(session, model, dim)
+            generation, stats = self._refresh(session, model, dim)
             if not exact:
                 session.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, n))}"))
                 session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
             hits = session.execute(sql, params).all()
             if not hits:
-                return Candidates([], -1.0, stats)
+                return Candidates([], -1.0, stats, generation)
             hits = sorted(hits, key=lambda h: -h.sim)
             sims = np.asarray([h.sim for h in hits], np.float64)
             max_example = _max_example_sim(sims, np.asarray([h.kind == "example" for h in hits]))
-            ids = list(dict.fromkeys(h.brick_id for h in hits))
-            features = self._features(session, ids, model, dim)
-        return Candidates([features[i] for i in ids if i in features], max_example, stats)
+            ids = list(dict.fromkeys(h.brick_id for h in hits))[:max_bricks]
+            with self._lock:
+                features = {i: self._cache[i] for i in ids if i in self._cache}
+            missing = [i for i in ids if i not in features]
+            if missing:
+                fetched = self._fetch(session, missing, model, dim)
+                features.update(fetched)
+                with self._lock:
+                    self._cache.update(fetched)
+                    while len(self._cache) > self._cache_limit:
+                        self._cache.popitem(last=False)
+            with self._lock:
+                for i in ids:
+                    if i in self._cache:
+                        self._cache.move_to_end(i)
+        return Candidates([features[i] for i in ids if i in features], max_example, stats, generation)
 
-    def _features(self, session: Session, ids: Sequence[int], model: str, dim: int) -> dict[int, BrickFeatures]:
+    def _fetch(self, session: Session, ids: Sequence[int], model: str, dim: int) -> dict[int, BrickFeatures]:
         rows = session.execute(
             text(
                 "SELECT brick_id, kind, ordinal, vector_send(embedding) AS raw FROM brick_vectors "
@@ -333,9 +400,10 @@ class PgVectorIndex:
             ).bindparams(bindparam("ids", expanding=True)),
             {"ids": list(ids), "model": model},
         ).all()
+        columns = [BrickLexicalRow.__table__.c[name] for name in _LEXICAL_COLUMNS]
         lexical = {
             row.brick_id: _lexical(row)
-            for row in session.scalars(select(BrickLexicalRow).where(BrickLexicalRow.brick_id.in_(list(ids))))
+            for row in session.execute(select(*columns).where(BrickLexicalRow.brick_id.in_(list(ids))))
         }
         by_brick: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
         for brick_id, kind, _, raw in rows:

