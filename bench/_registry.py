@@ -89,7 +89,7 @@ def postgres() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def live_server(env: dict[str, str], *, log: Path) -> Iterator[str]:
+def live_server(env: dict[str, str], *, log: Path, workers: int = 1) -> Iterator[str]:
     """``brickyard serve`` in a subprocess with ``env``; yields its URL once ready."""
     import httpx
 
@@ -98,7 +98,18 @@ def live_server(env: dict[str, str], *, log: Path) -> Iterator[str]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "registry",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--workers",
+                str(workers),
+            ],
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -86,11 +87,11 @@ class Recorder:
             self.status[kind][status] += 1
 
 
-def run(url: str, token: str, *, seconds: float, clients: int, console: Console) -> Recorder:
+def seed(url: str, token: str, console: Console) -> None:
+    """Register the base model and the bricks that compositions pick from."""
     import httpx
 
     tasks = load_tasks()
-    queries = [i["input"] for t in tasks for i in t["instances"][5:]] + [t["definition"][:200] for t in tasks]
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
         response = http.post("/v1/base-models", json={"name": "base", "path": str(base_model())})
@@ -107,6 +108,15 @@ def run(url: str, token: str, *, seconds: float, clients: int, console: Console)
             files = {"adapter_config": ("c.json", config), "adapter_weights": ("w.safetensors", weights)}
             http.post("/v1/bricks", data={"metadata": json.dumps(meta)}, files=files).raise_for_status()
     console.print(f"seeded {SEED_BRICKS} bricks")
+
+
+def run(url: str, token: str, *, seconds: float, clients: int, console: Console) -> Recorder:
+    """``clients`` threads mixing searches, registrations and compositions for ``seconds``."""
+    import httpx
+
+    tasks = load_tasks()
+    queries = [i["input"] for t in tasks for i in t["instances"][5:]] + [t["definition"][:200] for t in tasks]
+    headers = {"Authorization": f"Bearer {token}"}
     recorder = Recorder()
     stop = time.monotonic() + seconds
     counter = iter(range(10**9))
@@ -190,22 +200,43 @@ def verify(url: str, token: str, recorder: Recorder) -> tuple[int, int]:
     return intact, lost
 
 
-def profile_top(raw: Path, console: Console, limit: int = 15) -> None:
-    """Print the leaf frames py-spy saw most (``raw`` = collapsed stacks)."""
-    leaves: collections.Counter[str] = collections.Counter()
+_CATEGORIES = (
+    ("composition builds (build process)", ("registry/jobs.py", "(composer/")),
+    ("embedding texts (MiniLM forward)", ("registry/embed.py",)),
+    ("adapter validation (upload)", ("registry/spec.py", "registry/blobs.py")),
+    ("ranking + candidate generation", ("registry/retrieve.py", "registry/index.py", "registry/lexical.py")),
+    ("database (SQLAlchemy + driver)", ("sqlalchemy/", "psycopg/")),
+    ("HTTP, validation, serialisation", ("starlette/", "fastapi/", "uvicorn/", "pydantic", "h11/", "anyio/")),
+)
+
+
+def profile_top(raw: Path, console: Console, limit: int = 10) -> None:
+    """Print where py-spy saw the server and its build processes spend time: by category
+    (first matching rule over the stack) and by innermost frame of Brickyard's own code."""
+    categories: collections.Counter[str] = collections.Counter()
+    ours: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
+        if not count.isdigit() or not stack.startswith("process "):
+            continue
         n = int(count)
         total += n
-        # attribute each sample to its innermost frame in our code or a library of interest
-        leaves[frames[-1][:110]] += n
-    table = Table(title=f"py-spy: where the server spends its time ({total} samples, all threads)")
+        category = next(
+            (label for label, needles in _CATEGORIES if any(needle in stack for needle in needles)), "other / idle"
+        )
+        categories[category] += n
+        frames = stack.split(";")
+        mine = [f for f in frames[1:] if "(registry/" in f or "(composer/" in f]
+        ours[(mine[-1] if mine else "(outside Brickyard code)") + "  ->  " + frames[-1].split(" (")[0]] += n
+    table = Table(title=f"py-spy: {total} samples (50/s per thread, server and build process)")
     table.add_column("share", justify="right")
-    table.add_column("innermost frame")
-    for frame, n in leaves.most_common(limit):
-        table.add_row(f"{100 * n / max(total, 1):.1f}%", frame)
+    table.add_column("where")
+    for name, n in categories.most_common():
+        table.add_row(f"{100 * n / max(total, 1):.1f}%", name)
+    table.add_section()
+    for frame, n in ours.most_common(limit):
+        table.add_row(f"{100 * n / max(total, 1):.1f}%", frame[:140])
     console.print(table)
 
 
@@ -215,6 +246,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--profile", action="store_true", help="sample the server with py-spy")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (brickyard serve --workers)")
     args = parser.parse_args()
     console = Console(width=150)
     base_model()
@@ -232,7 +264,7 @@ def main() -> None:
                 upgrade(engine)
                 engine.dispose()
                 url_env["BRICKYARD_DATABASE_URL"] = pg
-            with live_server(url_env, log=home / "server.log") as url:
+            with live_server(url_env, log=home / "server.log", workers=args.workers) as url:
                 token = (home / "admin-token").read_text().strip()
                 spy = None
                 if args.profile:
@@ -242,7 +274,11 @@ def main() -> None:
                         "--rate", "50", "--subprocesses", "--output", str(home / "profile.txt"), "--nonblocking",
                     ]  # fmt: skip
                     spy = subprocess.Popen(spy_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                seed(url, token, console)
+                server = psutil.Process(_server_pid(home))
+                cpu_before = _cpu_seconds(server)
                 recorder = run(url, token, seconds=args.seconds, clients=args.clients, console=console)
+                recorder.cpu = {k: v - cpu_before.get(k, 0.0) for k, v in _cpu_seconds(server).items()}  # type: ignore[attr-defined]
                 if spy is not None:
                     spy.send_signal(2)
                     spy.wait(60)
@@ -270,9 +306,26 @@ class _nothing:
         return None
 
 
+def _cpu_seconds(server: Any) -> dict[str, float]:
+    """CPU seconds (user + system) of the API server and of its build processes."""
+    import psutil
+
+    def used(process: Any) -> float:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return float(times.user + times.system)
+
+    children = server.children(recursive=True)
+    builders = [c for c in children if "registry.jobs" in " ".join(c.cmdline())]
+    api = [server, *(c for c in children if c not in builders)]
+    return {"API server": sum(used(p) for p in api), "build processes": sum(used(c) for c in builders)}
+
+
 def _server_pid(home: Path) -> int:
-    out = subprocess.run(["pgrep", "-f", "registry serve"], capture_output=True, text=True).stdout.split()
-    return int(out[-1])
+    out = subprocess.run(["pgrep", "-o", "-f", "registry serve"], capture_output=True, text=True).stdout.split()
+    return int(out[0])
 
 
 def _print(backend: str, recorder: Recorder, intact: int, lost: int, console: Console) -> None:
@@ -296,6 +349,12 @@ def _print(backend: str, recorder: Recorder, intact: int, lost: int, console: Co
     console.print(
         f"transport errors: {recorder.transport_errors}; acknowledged registrations intact: {intact}, lost: {lost}"
     )
+    cpu = getattr(recorder, "cpu", {})
+    if cpu:
+        spent = ", ".join(
+            f"{name} {seconds:.0f} s ({100 * seconds / (2 * elapsed):.0f}% of 2 cores)" for name, seconds in cpu.items()
+        )
+        console.print(f"CPU used during the load (after seeding): {spent}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="interface to bind (default BRICKYARD_HOST or 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default BRICKYARD_PORT or 8000)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    workers: Annotated[int, typer.Option(help="server processes (each holds its own embedding model)")] = 1,
 ) -> None:
     """Run the REST API with uvicorn."""
     import uvicorn
@@ -125,6 +126,7 @@ def serve(
         host=host or settings.host,
         port=port or settings.port,
         log_level=log_level,
+        workers=workers,
     )
 
 

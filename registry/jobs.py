@@ -2,8 +2,8 @@
 
 `WorkerPool` runs N threads that claim queued compositions from the database. With
 ``isolation="process"`` (the default) each thread hands its builds to its own long-lived
-child process, ``python -m registry.jobs serve``, started niced (so that searches keep
-their latency while a model is merged) and killed with the server (``PR_SET_PDEATHSIG``).
+child process, ``python -m registry.jobs serve``, started at idle priority (``SCHED_IDLE``,
+so that searches keep their latency while a model is merged) and killed with the server (``PR_SET_PDEATHSIG``).
 The child imports torch and the composer once and builds one composition per line it
 reads on stdin, reporting progress through the database; if it dies, the build is marked
 failed and the next build starts a new child. With ``isolation="thread"`` the build runs
@@ -15,6 +15,7 @@ machine: every process shares the queue in the database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -150,7 +151,14 @@ class _Child:
 
 
 def _child_setup() -> None:
+    # Builds run on CPU time nobody else wants: under SCHED_IDLE the kernel schedules the
+    # build process only when no request thread is runnable, so searches keep their latency
+    # while a model is merged (profiled: with nice 10 alone, builds took ~half the samples of
+    # a loaded server). Fall back to plain niceness where the policy is not available.
     os.nice(_NICENESS)
+    if hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if sys.platform.startswith("linux"):
         import ctypes
 
