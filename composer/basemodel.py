@@ -183,8 +183,16 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
     return data
 
 
+_LINEAR_CACHE: dict[str, dict[str, LinearModule]] = {}
+_LINEAR_CACHE_LIMIT = 64
+
+
 def find_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
     """Every linear module whose weight is stored in the checkpoint, by module name.
+
+    Results are remembered per fingerprint (config and every tensor's name, dtype and
+    shape determine the answer), so planning many compositions on one base builds its
+    architecture on the meta device once.
 
     The architecture is instantiated on the ``meta`` device from the config (no weights
     are read or allocated) to learn which modules are ``nn.Linear`` or transformers'
@@ -195,6 +203,17 @@ def find_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
     Raises:
         InvalidBaseModel: when transformers does not know the architecture.
     """
+    key = layout.fingerprint()
+    cached = _LINEAR_CACHE.get(key)
+    if cached is None:
+        cached = _build_linear_modules(layout)
+        if len(_LINEAR_CACHE) >= _LINEAR_CACHE_LIMIT:
+            _LINEAR_CACHE.pop(next(iter(_LINEAR_CACHE)))
+        _LINEAR_CACHE[key] = cached
+    return dict(cached)
+
+
+def _build_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
     import torch
     import transformers
     from torch import nn
