@@ -89,6 +89,20 @@ def postgres() -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def migrated_database(backend: str, home: Path) -> Iterator[str]:
+    """A database at the latest schema: a SQLite file in ``home``, or a throwaway PostgreSQL."""
+    from registry.db.migrate import upgrade
+    from registry.db.session import make_engine
+
+    with contextlib.ExitStack() as stack:
+        url = f"sqlite:///{home / 'brickyard.db'}" if backend == "sqlite" else stack.enter_context(postgres())
+        engine = make_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        upgrade(engine)
+        engine.dispose()
+        yield url
+
+
+@contextlib.contextmanager
 def live_server(env: dict[str, str], *, log: Path, workers: int = 1) -> Iterator[str]:
     """``brickyard serve`` in a subprocess with ``env``; yields its URL once ready."""
     import httpx

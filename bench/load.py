@@ -33,7 +33,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import CACHE, live_server, load_tasks, percentile, postgres
+from bench._registry import CACHE, live_server, load_tasks, migrated_database, percentile
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 512, 1536, 8, 8000
 SEED_BRICKS = 100
@@ -254,16 +254,8 @@ def main() -> None:
     for backend in args.backends.split(","):
         console.rule(f"{backend}: {args.clients} clients, {args.seconds:.0f} s")
         home = Path(tempfile.mkdtemp(prefix="brickyard-load-"))
-        with postgres() if backend == "postgresql" else _nothing() as pg:
-            url_env = {"BRICKYARD_HOME": str(home)}
-            if pg:
-                from registry.db.migrate import upgrade
-                from registry.db.session import make_engine
-
-                engine = make_engine(pg.replace("postgresql://", "postgresql+psycopg://", 1))
-                upgrade(engine)
-                engine.dispose()
-                url_env["BRICKYARD_DATABASE_URL"] = pg
+        with migrated_database(backend, home) as database_url:
+            url_env = {"BRICKYARD_HOME": str(home), "BRICKYARD_DATABASE_URL": database_url}
             with live_server(url_env, log=home / "server.log", workers=args.workers) as url:
                 token = (home / "admin-token").read_text().strip()
                 spy = None
@@ -296,14 +288,6 @@ def main() -> None:
             f"5xx={errors}, lost registrations={lost} of {intact + lost}, search p95={search_p95:.0f} ms "
             f"(goal: 0 5xx, 0 lost, search p95 < 100 ms)"
         )
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _cpu_seconds(server: Any) -> dict[str, float]:

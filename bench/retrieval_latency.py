@@ -34,7 +34,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import CACHE, ROOT, live_server, load_tasks, percentile, postgres, tiny_base
+from bench._registry import CACHE, ROOT, live_server, load_tasks, migrated_database, percentile, tiny_base
 
 EXAMPLES_PER_BRICK = 3
 JITTER = 0.08
@@ -317,44 +317,12 @@ def main() -> None:
                 continue
             console.rule(f"{backend}, {size:,} bricks")
             home = Path(tempfile.mkdtemp(prefix="brickyard-latency-"))
-            if backend == "sqlite":
-                url = f"sqlite:///{home / 'brickyard.db'}"
-                from registry.db.migrate import upgrade
-                from registry.db.session import make_engine
-
-                engine = make_engine(url)
-                upgrade(engine)
-                engine.dispose()
+            with migrated_database(backend, home) as url:
                 bulk_load(url, home, size, console)
-                with live_server(
-                    {"BRICKYARD_HOME": str(home), "BRICKYARD_DATABASE_URL": url}, log=home / "server.log"
-                ) as server:
-                    results.append(
-                        (
-                            backend,
-                            size,
-                            measure(server, texts, single=args.single, seconds=args.seconds, clients=args.clients),
-                        )
-                    )
-            else:
-                with postgres() as pg:
-                    from registry.db.migrate import upgrade
-                    from registry.db.session import make_engine
-
-                    engine = make_engine(pg.replace("postgresql://", "postgresql+psycopg://", 1))
-                    upgrade(engine)
-                    engine.dispose()
-                    bulk_load(pg, home, size, console)
-                    with live_server(
-                        {"BRICKYARD_HOME": str(home), "BRICKYARD_DATABASE_URL": pg}, log=home / "server.log"
-                    ) as server:
-                        results.append(
-                            (
-                                backend,
-                                size,
-                                measure(server, texts, single=args.single, seconds=args.seconds, clients=args.clients),
-                            )
-                        )
+                env = {"BRICKYARD_HOME": str(home), "BRICKYARD_DATABASE_URL": url}
+                with live_server(env, log=home / "server.log") as server:
+                    measured = measure(server, texts, single=args.single, seconds=args.seconds, clients=args.clients)
+                    results.append((backend, size, measured))
             console.print(results[-1])
     table = Table(title="HTTP search latency (k=5), single client and 8 concurrent clients")
     for column in (

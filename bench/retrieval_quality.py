@@ -30,7 +30,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import ROOT, load_tasks, postgres, random_adapter, tiny_base
+from bench._registry import ROOT, load_tasks, migrated_database, random_adapter, tiny_base
 
 GOALS = {"A top-1": 0.70, "A top-3": 0.90, "B top-1": 0.85}
 
@@ -110,7 +110,7 @@ def run(database_url: str | None, console: Console) -> None:
         "baseline (mean vector, cosine)": (metrics(base_a, truth_a, cluster), metrics(base_b, truth_b, cluster)),
         "Brickyard /v1/search": (metrics(ours_a, truth_a, cluster), metrics(ours_b, truth_b, cluster)),
     }
-    backend = "postgresql" if database_url else "sqlite"
+    backend = "postgresql" if database_url and database_url.startswith("postgres") else "sqlite"
     title = f"retrieval quality, {len(tasks)} tasks ({backend}, embeddings {embedder.name})"
     table = Table(title=title)
     for column in ("method", "A top-1", "A top-3", "A cluster top-1", "B top-1", "B top-3", "B cluster top-1"):
@@ -138,17 +138,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     args = parser.parse_args()
     console = Console(width=140)
-    if args.backend == "postgresql":
-        with postgres() as url:
-            from registry.db.migrate import upgrade
-            from registry.db.session import make_engine
-
-            engine = make_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
-            upgrade(engine)
-            engine.dispose()
-            run(url, console)
-    else:
-        run(None, console)
+    with migrated_database(args.backend, Path(tempfile.mkdtemp(prefix="brickyard-quality-db-"))) as url:
+        run(url, console)
 
 
 if __name__ == "__main__":
