@@ -52,7 +52,8 @@ def source_material() -> dict[str, Any]:
     from registry.retrieve import CorpusStats, index_brick_texts
     from registry.settings import Settings
 
-    embedder = shared_embedder(Settings().embedding.resolved_model_path())
+    settings = Settings()
+    embedder = shared_embedder(settings.embedding.resolved_model_path(), cache_dir=settings.embedding_cache_dir)
     desc = embedder.embed([t["definition"] for t in tasks])
     encoded = [embedder.embed_with_layer([i["input"] for i in t["instances"]]) for t in tasks]
     inputs = np.stack([vecs for vecs, _ in encoded])

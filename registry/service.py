@@ -102,7 +102,12 @@ class Registry:
         """The embedding model (loaded on first use, shared by the process)."""
         if self._embedder is None:
             embedding = self.settings.embedding
-            self._embedder = shared_embedder(embedding.resolved_model_path(), quantize=embedding.quantize)
+            self._embedder = shared_embedder(
+                embedding.resolved_model_path(),
+                runtime=embedding.runtime,
+                cache_dir=self.settings.embedding_cache_dir,
+                quantize=embedding.quantize,
+            )
         return self._embedder
 
     def _embed(self, description: str, examples: tuple[str, ...]) -> EmbeddedTexts:

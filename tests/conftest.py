@@ -28,6 +28,20 @@ BACKENDS = ("sqlite", "postgresql")
 _counter = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embedding_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One directory of exported embedding models for the whole session (and the servers and
+    CLI processes it starts), so the model is exported to ONNX once, not once per test home."""
+    path = tmp_path_factory.mktemp("embeddings")
+    previous = os.environ.get("BRICKYARD_EMBEDDING__CACHE_DIR")
+    os.environ["BRICKYARD_EMBEDDING__CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("BRICKYARD_EMBEDDING__CACHE_DIR", None)
+    else:
+        os.environ["BRICKYARD_EMBEDDING__CACHE_DIR"] = previous
+
+
 # -- databases -------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
                 file=sys.stderr,
                 flush=True,
             )
+        _warm_up(app.state.registry)
         workers = WorkerPool(app.state.registry.compositions, app.state.registry.settings)
         workers.start()
         app.state.workers = workers
@@ -81,6 +83,20 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _warm_up(registry: Registry) -> None:
+    """Load the embedding model (exporting it on a first start) in the background, so the
+    server answers at once and the first search does not pay for it; a search arriving
+    earlier waits for the same load."""
+
+    def load() -> None:
+        try:
+            _ = registry.embedder.dim
+        except Exception:  # reported again, as a problem, by the request that needs it
+            logging.getLogger(__name__).exception("could not load the embedding model")
+
+    threading.Thread(target=load, name="brickyard-embed-warm-up", daemon=True).start()
 
 
 def _limit_blas_threads() -> None:

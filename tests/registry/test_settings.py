@@ -10,7 +10,7 @@ from registry.settings import Settings
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in ("BRICKYARD_HOME", "BRICKYARD_DATABASE_URL", "BRICKYARD_BLOB_DIR"):
+    for key in ("BRICKYARD_HOME", "BRICKYARD_DATABASE_URL", "BRICKYARD_BLOB_DIR", "BRICKYARD_EMBEDDING__CACHE_DIR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     settings = Settings()
@@ -20,6 +20,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert settings.blob_root == tmp_path / ".brickyard" / "blobs"
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.embedding.resolved_model_path().joinpath("config.json").exists()
+    assert settings.embedding.runtime == "onnx"
+    assert settings.embedding_cache_dir == tmp_path / ".brickyard" / "cache" / "embeddings"
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -27,12 +29,16 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv("BRICKYARD_DATABASE_URL", "postgresql://u:p@db:5432/brickyard")
     monkeypatch.setenv("BRICKYARD_LIMITS__MAX_ADAPTER_BYTES", "1234")
     monkeypatch.setenv("BRICKYARD_EMBEDDING__MODEL_PATH", str(tmp_path / "model"))
+    monkeypatch.setenv("BRICKYARD_EMBEDDING__RUNTIME", "torch")
+    monkeypatch.setenv("BRICKYARD_EMBEDDING__CACHE_DIR", str(tmp_path / "exported"))
     settings = Settings()
     assert settings.home == tmp_path / "h"
     assert settings.sqlalchemy_url == "postgresql+psycopg://u:p@db:5432/brickyard"
     assert not settings.is_embedded_sqlite
     assert settings.limits.max_adapter_bytes == 1234
     assert settings.embedding.resolved_model_path() == tmp_path / "model"
+    assert settings.embedding.runtime == "torch"
+    assert settings.embedding_cache_dir == tmp_path / "exported"
 
 
 def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

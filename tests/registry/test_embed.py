@@ -1,0 +1,107 @@
+"""The two embedding runtimes give the same vectors; the batching thread serves many callers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from registry.embed import OnnxEmbedder, TorchEmbedder, shared_embedder
+from registry.settings import EmbeddingSettings
+
+MODEL = EmbeddingSettings().resolved_model_path()
+TEXTS = [
+    "translate customer emails from Romanian to English",
+    "  leading and trailing spaces  ",
+    "UPPER case and ünïcödé 🙂",
+    "x",
+    "a long input that goes past the model's 256-token window " * 40,
+    "Is the following review positive or negative? The food was cold and the waiter rude.",
+]
+
+
+@pytest.fixture(scope="module")
+def torch_embedder() -> TorchEmbedder:
+    return TorchEmbedder(MODEL)
+
+
+@pytest.fixture(scope="module")
+def onnx_embedder(embedding_cache: Path) -> OnnxEmbedder:
+    return OnnxEmbedder(MODEL, embedding_cache)
+
+
+def test_onnx_and_torch_give_the_same_vectors(torch_embedder: TorchEmbedder, onnx_embedder: OnnxEmbedder) -> None:
+    want_sentences, want_layers = torch_embedder.embed_with_layer(TEXTS)
+    got_sentences, got_layers = onnx_embedder.embed_with_layer(TEXTS)
+    assert got_sentences.shape == got_layers.shape == (len(TEXTS), 384)
+    assert got_sentences.dtype == np.float32
+    np.testing.assert_allclose(got_sentences, want_sentences, atol=1e-5)
+    np.testing.assert_allclose(got_layers, want_layers, atol=1e-5)
+    # The two views are different vectors, each of unit length.
+    assert np.abs(got_sentences - got_layers).max() > 0.1
+    np.testing.assert_allclose(np.linalg.norm(got_sentences, axis=1), 1.0, atol=1e-5)
+    # Same vectors, same identity: switching runtime needs no reindex.
+    assert onnx_embedder.name == torch_embedder.name
+
+
+def test_a_text_embeds_the_same_alone_and_in_a_batch(onnx_embedder: OnnxEmbedder) -> None:
+    batch = onnx_embedder.embed(TEXTS)
+    for i, text in enumerate(TEXTS):
+        np.testing.assert_allclose(onnx_embedder.embed([text])[0], batch[i], atol=1e-5)
+
+
+def test_concurrent_callers_each_get_their_own_vectors(onnx_embedder: OnnxEmbedder) -> None:
+    expected = onnx_embedder.embed(TEXTS)
+    results: dict[int, np.ndarray] = {}
+
+    def ask(i: int) -> None:
+        results[i] = onnx_embedder.embed([TEXTS[i % len(TEXTS)]])[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, vector in results.items():
+        np.testing.assert_allclose(vector, expected[i % len(TEXTS)], atol=1e-5)
+    assert len(results) == 24
+
+
+def test_no_texts_give_an_empty_array(onnx_embedder: OnnxEmbedder) -> None:
+    vectors, layers = onnx_embedder.embed_with_layer([])
+    assert vectors.shape == layers.shape == (0, 384)
+
+
+def test_int8_vectors_are_close_but_named_apart(embedding_cache: Path, onnx_embedder: OnnxEmbedder) -> None:
+    quantized = OnnxEmbedder(MODEL, embedding_cache, quantize=True)
+    cosines = (quantized.embed(TEXTS) * onnx_embedder.embed(TEXTS)).sum(axis=1)
+    assert cosines.min() > 0.95
+    assert cosines.max() < 0.99999  # really quantized, not the float model again
+    assert quantized.name == onnx_embedder.name + "-int8-onnx"
+
+
+def test_shared_embedder_is_one_per_process_and_configuration(embedding_cache: Path) -> None:
+    first = shared_embedder(MODEL, cache_dir=embedding_cache)
+    assert shared_embedder(MODEL, cache_dir=embedding_cache) is first
+    assert isinstance(first, OnnxEmbedder)
+    assert isinstance(shared_embedder(MODEL, runtime="torch"), TorchEmbedder)
+    with pytest.raises(ValueError, match="cache directory"):
+        shared_embedder(MODEL, runtime="onnx", cache_dir=None)
+
+
+def test_a_process_embedding_with_onnx_never_imports_torch(onnx_embedder: OnnxEmbedder, embedding_cache: Path) -> None:
+    onnx_embedder.embed(["export first"])  # the export (which needs torch) is done by now
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from registry.embed import OnnxEmbedder\n"
+        "from registry.settings import EmbeddingSettings\n"
+        f"e = OnnxEmbedder(EmbeddingSettings().resolved_model_path(), Path({str(embedding_cache)!r}))\n"
+        "print(e.embed(['hello']).shape, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["(1,", "384)", "False"]
