@@ -124,7 +124,7 @@ def live_server(env: dict[str, str], *, log: Path, workers: int = 1) -> Iterator
                 "--workers",
                 str(workers),
             ],
-            env={**os.environ, **env},
+            env={"BRICKYARD_EMBEDDING__CACHE_DIR": str(CACHE / "embeddings"), **os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
         )

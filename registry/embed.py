@@ -313,17 +313,17 @@ _shared_lock = threading.Lock()
 
 
 def shared_embedder(
-    path: Path, *, runtime: Runtime = "onnx", cache_dir: Path | None = None, quantize: bool = False
+    path: Path, *, runtime: Runtime = "onnx", cache_dir: Path | None = None, quantize: bool = False, threads: int = 1
 ) -> Embedder:
     """The process-wide embedder for ``path`` (one model in memory per process).
     The onnx runtime needs ``cache_dir`` (where its exported graph is kept)."""
-    key = (Path(path).resolve(), runtime, cache_dir, quantize)
+    key = (Path(path).resolve(), runtime, cache_dir, quantize, threads)
     with _shared_lock:
         if key not in _shared:
             if runtime == "onnx":
                 if cache_dir is None:
                     raise ValueError("the onnx runtime needs a cache directory")
-                _shared[key] = OnnxEmbedder(key[0], cache_dir, quantize=quantize)
+                _shared[key] = OnnxEmbedder(key[0], cache_dir, quantize=quantize, threads=threads)
             else:
                 _shared[key] = TorchEmbedder(key[0], quantize=quantize)
         return _shared[key]

@@ -149,25 +149,33 @@ class InMemoryIndex:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._snapshot: _Snapshot | None = None
+        self._verified: tuple[int, _Snapshot] | None = None  # (change marker, snapshot current then)
         self._lock = threading.Lock()
 
     def invalidate(self) -> None:
         """Drop the snapshot; the next search reloads."""
+        self._verified = None
         self._snapshot = None
 
     def _current(self, model: str) -> _Snapshot:
+        # No commit since the snapshot was last found current: it still is (no query needed).
+        marker = self.db.change_marker()
+        verified = self._verified
+        if marker is not None and verified is not None and verified[0] == marker and verified[1].model == model:
+            return verified[1]
         with self.db.session() as session:
-            generation = read_generation(session)
+            generation = read_generation(session)  # read after the marker: at least as new
         snapshot = self._snapshot
-        if snapshot is not None and snapshot.generation == generation and snapshot.model == model:
-            return snapshot
-        with self._lock:
-            snapshot = self._snapshot
-            if snapshot is None or snapshot.generation != generation or snapshot.model != model:
-                previous = snapshot if snapshot is not None and snapshot.model == model else None
-                snapshot = self._load(model, previous)
-                self._snapshot = snapshot
-            return snapshot
+        if snapshot is None or snapshot.generation != generation or snapshot.model != model:
+            with self._lock:
+                snapshot = self._snapshot
+                if snapshot is None or snapshot.generation != generation or snapshot.model != model:
+                    previous = snapshot if snapshot is not None and snapshot.model == model else None
+                    snapshot = self._load(model, previous)
+                    self._snapshot = snapshot
+        if marker is not None and snapshot.generation == generation:
+            self._verified = (marker, snapshot)
+        return snapshot
 
     def _load(self, model: str, previous: _Snapshot | None) -> _Snapshot:
         since = previous.max_vector_id if previous is not None else 0

@@ -204,6 +204,10 @@ def _sparse_dots(query: SparseVector, vectors: Sequence[SparseVector]) -> np.nda
     return np.bincount(owner, weights=dense[idx] * val, minlength=len(vectors))
 
 
+def _example_mean(brick: BrickFeatures) -> np.ndarray:
+    return brick.ex_mean if brick.ex_mean is not None else brick.ex_vecs.mean(axis=0)
+
+
 def _layer_scores(query_layer: np.ndarray, candidates: Sequence[BrickFeatures], stats: CorpusStats) -> np.ndarray:
     if stats.example_count == 0:
         return np.zeros(len(candidates))
@@ -248,7 +252,8 @@ def rank_bricks(
     s_desc = desc @ q
     mu = stats.mu
     dim = q.shape[0]
-    ex_means = np.stack([c.ex_vecs.mean(axis=0) if len(c.ex_vecs) else np.zeros(dim, np.float32) for c in candidates])
+    zero = np.zeros(dim, np.float32)
+    ex_means = np.stack([_example_mean(c) if len(c.ex_vecs) else zero for c in candidates])
     centred = ex_means - mu
     q_centred = q - mu
     norms = np.linalg.norm(centred, axis=1) * float(np.linalg.norm(q_centred)) + 1e-12

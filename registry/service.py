@@ -107,6 +107,7 @@ class Registry:
                 runtime=embedding.runtime,
                 cache_dir=self.settings.embedding_cache_dir,
                 quantize=embedding.quantize,
+                threads=embedding.threads,
             )
         return self._embedder
 

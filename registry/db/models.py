@@ -23,8 +23,9 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 from sqlalchemy.types import TypeEngine
 
 from registry import domain
@@ -150,7 +151,14 @@ class BrickRow(Base):
     created_by: Mapped[str | None] = mapped_column(String(100))
     is_latest: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False, index=True)
 
-    base_model: Mapped[BaseModelRow] = relationship(lazy="joined", innerjoin=True)
+    # Only the name of the base model is part of a brick: a correlated subquery, so loading
+    # bricks never hydrates the base model's config and module shapes (JSON, large for big models).
+    base_model_name: Mapped[str] = column_property(
+        select(BaseModelRow.name)
+        .where(BaseModelRow.id == base_model_id)
+        .correlate_except(BaseModelRow)
+        .scalar_subquery()
+    )
     tag_rows: Mapped[list[BrickTagRow]] = relationship(
         lazy="selectin", cascade="all, delete-orphan", passive_deletes=True, order_by="BrickTagRow.tag"
     )
@@ -160,7 +168,7 @@ class BrickRow(Base):
         return domain.Brick(
             name=self.name,
             version=self.version,
-            base_model=self.base_model.name,
+            base_model=self.base_model_name,
             description=self.description,
             examples=tuple(self.examples),
             tags=tuple(t.tag for t in self.tag_rows),

@@ -12,6 +12,8 @@ waits its turn for ``busy_timeout``.
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -69,6 +71,8 @@ class Database:
         self.engine = engine
         self._read = sessionmaker(engine, expire_on_commit=False)
         self._write = sessionmaker(engine.execution_options(brickyard_write=True), expire_on_commit=False)
+        self._watch: sqlite3.Connection | None = None
+        self._watch_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> Database:
@@ -79,6 +83,22 @@ class Database:
     def dialect(self) -> str:
         """``sqlite`` or ``postgresql``."""
         return self.engine.dialect.name
+
+    def change_marker(self) -> int | None:
+        """A number that changes whenever a commit reaches the database file from any
+        connection of any process (SQLite's ``PRAGMA data_version`` on a connection kept for
+        this), read in microseconds; None where there is no such thing (PostgreSQL, a
+        database in memory). Lets a cache skip re-reading what cannot have changed."""
+        path = self.engine.url.database
+        if self.dialect != "sqlite" or not path or path == ":memory:":
+            return None
+        with self._watch_lock:
+            try:
+                if self._watch is None:
+                    self._watch = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+            except sqlite3.Error as exc:
+                raise ServiceUnavailable("the database is unavailable or busy; retry later", errors=[str(exc)]) from exc
 
     @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:
@@ -107,6 +127,10 @@ class Database:
 
     def dispose(self) -> None:
         """Close every pooled connection."""
+        with self._watch_lock:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
         self.engine.dispose()
 
 

@@ -164,6 +164,34 @@ def test_delete_removes_vectors(catalog: Any, registry: Any) -> None:
     assert "math" not in [h["brick"]["name"] for h in search(catalog, "solve a math word problem", k=10)]
 
 
+def test_a_write_by_another_process_is_seen_by_the_next_search(catalog: Any, settings: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from registry.api.app import create_app
+    from registry.service import Registry
+
+    assert search(catalog, "Translate customer emails from Romanian to English.", k=1)[0]["brick"]["name"] == (
+        "translate-ro-en"
+    )
+    other = Registry.open(settings)  # its own connections, as a second server process would have
+    try:
+        token, _ = other.tokens.create("other-admin", "admin", actor="tests")
+        with TestClient(create_app(registry=other), headers={"Authorization": f"Bearer {token}"}) as second:
+            meta = brick_metadata(
+                "translate-ro-en-v2",
+                description="Translate customer emails from Romanian to English, keeping the tone.",
+                examples=["Bună ziua, aș dori să schimb adresa de livrare."],
+            )
+            config, weights = random_adapter(4242)
+            assert upload(second, metadata=meta, config=config, weights=weights).status_code == 201
+            assert second.delete("/v1/bricks/translate-ro-en/versions/1").status_code == 200
+    finally:
+        other.close()
+    names = [h["brick"]["name"] for h in search(catalog, "Translate customer emails from Romanian to English.", k=5)]
+    assert names[0] == "translate-ro-en-v2"
+    assert "translate-ro-en" not in names
+
+
 BAD_SEARCHES = [
     {"query": ""},
     {"query": "   "},

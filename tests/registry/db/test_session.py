@@ -48,3 +48,27 @@ def test_unreachable_database_is_service_unavailable(tmp_path: Any) -> None:
             session.execute(text("SELECT 1"))
     finally:
         db.dispose()
+
+
+def test_change_marker_moves_only_when_another_connection_commits(database_url: str) -> None:
+    db, other = Database.from_url(database_url), Database.from_url(database_url)
+    try:
+        first = db.change_marker()
+        if db.dialect == "postgresql":
+            assert first is None  # no such counter: callers read what they need instead
+            return
+        assert first is not None
+        with db.session() as session:  # reads commit nothing
+            session.scalars(select(BrickNameRow.name)).all()
+        assert db.change_marker() == first
+        with other.session(write=True) as session:  # another pool, as another process would be
+            session.add(BrickNameRow(name="elsewhere", last_version=0))
+        second = db.change_marker()
+        assert second != first
+        assert db.change_marker() == second
+        with db.session(write=True) as session:  # this database's own pooled connections count too
+            session.add(BrickNameRow(name="here", last_version=0))
+        assert db.change_marker() != second
+    finally:
+        db.dispose()
+        other.dispose()
