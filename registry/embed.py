@@ -21,6 +21,7 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -77,14 +78,19 @@ def intermediate_layer(num_hidden_layers: int) -> int:
 
 
 class _BatchingEmbedder:
-    """Serves concurrent callers from one encoding thread that merges whatever requests are
-    waiting into one batch: under load, sixteen queries cost one forward pass instead of
-    sixteen passes fighting over two cores; alone, a query waits for nothing.
-    Subclasses load the model and encode one sub-batch."""
+    """Serves concurrent callers from one encoding thread.
 
-    def __init__(self, path: Path, name: str, *, batch_size: int = 64) -> None:
+    Whatever is waiting is encoded shortest first, in forward passes of at most
+    ``_SUB_BATCH`` texts of similar length, and every caller is answered as soon as its own
+    texts are done. So sixteen waiting queries cost one forward pass instead of sixteen
+    passes fighting over two cores, and a one-line search query never waits behind the
+    long examples of a registration for more than the one pass already running (a caller
+    waiting longer than ``_MAX_WAIT_S`` goes first, so long texts are never starved).
+    Subclasses load the model and encode one pass.
+    """
+
+    def __init__(self, path: Path, name: str) -> None:
         self.path = Path(path)
-        self.batch_size = batch_size
         self._name = name
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Request] | None = None
@@ -118,8 +124,8 @@ class _BatchingEmbedder:
         request.done.wait()
         if request.error is not None:
             raise request.error
-        assert request.result is not None
-        return request.result
+        assert request.sentences is not None and request.layers is not None
+        return request.sentences, request.layers
 
     def _batcher(self) -> queue.SimpleQueue[_Request]:
         if self._queue is None:
@@ -131,46 +137,48 @@ class _BatchingEmbedder:
         return self._queue
 
     def _serve(self, pending: queue.SimpleQueue[_Request]) -> None:
+        waiting: list[_Request] = []
         while True:
-            batch = [pending.get()]
-            size = len(batch[0].texts)
-            while size < self.batch_size:
+            if not waiting:
+                waiting.append(pending.get())
+            while True:
                 try:
-                    extra = pending.get_nowait()
+                    waiting.append(pending.get_nowait())
                 except queue.Empty:
                     break
-                batch.append(extra)
-                size += len(extra.texts)
+            work = _next_pass(waiting, time.monotonic())
             try:
-                vectors, layers = self._encode([t for r in batch for t in r.texts])
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-                for request in batch:
-                    request.error = exc
-                    request.done.set()
+                sentences, layers = self._encode_chunk([request.texts[i] for request, i in work])
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller in the pass
+                for request in {id(r): r for r, _ in work}.values():
+                    request.fail(exc)
+                    waiting.remove(request)
                 continue
-            start = 0
-            for request in batch:
-                end = start + len(request.texts)
-                request.result = (vectors[start:end], layers[start:end])
+            for row, (request, i) in enumerate(work):
+                request.store(i, sentences[row], layers[row])
+            for request in [r for r in waiting if r.finished]:
                 request.done.set()
-                start = end
+                waiting.remove(request)
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        # Batches of similar length: padding a short query to a 256-token example wastes the work.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        sentences = np.zeros((len(texts), self.dim), np.float32)
-        layers = np.zeros_like(sentences)
-        for start in range(0, len(order), _SUB_BATCH):
-            chunk = order[start : start + _SUB_BATCH]
-            sentences[chunk], layers[chunk] = self._encode_chunk([texts[i] for i in chunk])
-        return sentences, layers
+
+def _next_pass(waiting: list[_Request], now: float) -> list[tuple[_Request, int]]:
+    """The (request, text index) pairs of the next forward pass: callers that waited too
+    long first, then the fewest characters left; within a caller, its shortest texts first."""
+    waiting.sort(key=lambda r: (now - r.since < _MAX_WAIT_S, r.chars_left(), r.since))
+    work: list[tuple[_Request, int]] = []
+    for request in waiting:
+        for i in request.todo[: _SUB_BATCH - len(work)]:
+            work.append((request, i))
+        if len(work) == _SUB_BATCH:
+            break
+    return work
 
 
 class TorchEmbedder(_BatchingEmbedder):
     """A sentence-transformers model from a local directory (never downloaded), run by torch."""
 
-    def __init__(self, path: Path, *, batch_size: int = 64, quantize: bool = False) -> None:
-        super().__init__(path, model_identity(Path(path)) + ("-int8" if quantize else ""), batch_size=batch_size)
+    def __init__(self, path: Path, *, quantize: bool = False) -> None:
+        super().__init__(path, model_identity(Path(path)) + ("-int8" if quantize else ""))
         self.quantize = quantize
         self._model: Any = None
         self._layer = 4
@@ -203,11 +211,9 @@ class OnnxEmbedder(_BatchingEmbedder):
     (requests run side by side); more lowers the latency of a lone query.
     """
 
-    def __init__(
-        self, path: Path, cache_dir: Path, *, batch_size: int = 64, quantize: bool = False, threads: int = 1
-    ) -> None:
+    def __init__(self, path: Path, cache_dir: Path, *, quantize: bool = False, threads: int = 1) -> None:
         name = model_identity(Path(path)) + ("-int8-onnx" if quantize else "")
-        super().__init__(path, name, batch_size=batch_size)
+        super().__init__(path, name)
         self.cache_dir = Path(cache_dir)
         self.quantize = quantize
         self.threads = threads
@@ -297,16 +303,39 @@ def _quantized(model: Any) -> Any:
 class _Request:
     """Texts waiting to be encoded, and where their vectors go."""
 
-    __slots__ = ("done", "error", "result", "texts")
+    __slots__ = ("done", "error", "layers", "sentences", "since", "texts", "todo")
 
     def __init__(self, texts: list[str]) -> None:
         self.texts = texts
+        self.todo = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # indices not encoded yet
+        self.since = time.monotonic()
         self.done = threading.Event()
-        self.result: tuple[np.ndarray, np.ndarray] | None = None
+        self.sentences: np.ndarray | None = None
+        self.layers: np.ndarray | None = None
         self.error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return not self.todo
+
+    def chars_left(self) -> int:
+        return sum(len(self.texts[i]) for i in self.todo)
+
+    def store(self, i: int, sentence: np.ndarray, layer: np.ndarray) -> None:
+        if self.sentences is None or self.layers is None:
+            self.sentences = np.zeros((len(self.texts), sentence.shape[0]), np.float32)
+            self.layers = np.zeros_like(self.sentences)
+        self.sentences[i] = sentence
+        self.layers[i] = layer
+        self.todo.remove(i)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
 
 
 _SUB_BATCH = 16
+_MAX_WAIT_S = 2.0
 
 _shared: dict[tuple[Any, ...], Embedder] = {}
 _shared_lock = threading.Lock()

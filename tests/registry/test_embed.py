@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from registry.embed import OnnxEmbedder, TorchEmbedder, shared_embedder
+from registry.embed import OnnxEmbedder, TorchEmbedder, _BatchingEmbedder, _next_pass, _Request, shared_embedder
 from registry.settings import EmbeddingSettings
 
 MODEL = EmbeddingSettings().resolved_model_path()
@@ -105,3 +106,77 @@ def test_a_process_embedding_with_onnx_never_imports_torch(onnx_embedder: OnnxEm
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["(1,", "384)", "False"]
+
+
+class _Recording(_BatchingEmbedder):
+    """Vectors derived from the text alone; records each forward pass; the first pass waits
+    for ``gate`` so that requests pile up behind it."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("."), "recording")
+        self.passes: list[list[str]] = []
+        self.gate = threading.Event()
+
+    @property
+    def dim(self) -> int:
+        return 3
+
+    def _encode_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not self.passes:
+            self.gate.wait(10)
+        self.passes.append(list(texts))
+        time.sleep(0.05)  # a forward pass takes time: callers answered early get to run meanwhile
+        if any("boom" in t for t in texts):
+            raise RuntimeError("boom")
+        rows = np.array([[len(t), sum(map(ord, t)) % 97, 1.0] for t in texts], np.float32)
+        return rows, -rows
+
+
+def _expected(texts: list[str]) -> np.ndarray:
+    return np.array([[len(t), sum(map(ord, t)) % 97, 1.0] for t in texts], np.float32)
+
+
+def test_a_short_query_overtakes_a_long_registration() -> None:
+    embedder = _Recording()
+    long_texts = [f"example {i} " * (20 + i) for i in range(40)]
+    finished: list[str] = []
+    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def call(label: str, texts: list[str]) -> None:
+        results[label] = embedder.embed_with_layer(texts)
+        finished.append(label)
+
+    first = threading.Thread(target=call, args=("first", ["warm"]))
+    first.start()
+    while not embedder._queue:  # the encoding thread is blocked on the gate with "warm"
+        pass
+    registration = threading.Thread(target=call, args=("registration", long_texts))
+    registration.start()
+    query = threading.Thread(target=call, args=("query", ["short query"]))
+    query.start()
+    time.sleep(0.2)  # both are queued behind the gated first pass
+    embedder.gate.set()
+    for thread in (first, registration, query):
+        thread.join(10)
+    assert finished.index("query") < finished.index("registration")
+    assert embedder.passes[1][0] == "short query"  # in the pass right after the running one
+    assert all(len(p) <= 16 for p in embedder.passes)
+    np.testing.assert_array_equal(results["registration"][0], _expected(long_texts))  # order kept
+    np.testing.assert_array_equal(results["registration"][1], -_expected(long_texts))
+    np.testing.assert_array_equal(results["query"][0], _expected(["short query"]))
+
+
+def test_a_caller_waiting_too_long_goes_first() -> None:
+    old = _Request(["a long text " * 50])
+    fresh = _Request(["short"])
+    old.since -= 10
+    assert _next_pass([fresh, old], old.since + 10)[0] == (old, 0)
+    assert _next_pass([fresh, _Request(["a long text " * 50])], fresh.since)[0] == (fresh, 0)
+
+
+def test_a_failing_pass_fails_only_its_callers() -> None:
+    embedder = _Recording()
+    embedder.gate.set()
+    with pytest.raises(RuntimeError, match="boom"):
+        embedder.embed(["boom"])
+    np.testing.assert_array_equal(embedder.embed(["fine"]), _expected(["fine"]))
