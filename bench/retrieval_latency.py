@@ -104,6 +104,7 @@ def bulk_load(database_url: str, home: Path, n_bricks: int, console: Console) ->
         BrickRow,
         BrickVectorRow,
         IndexStateRow,
+        RetrievalDfRow,
         RetrievalStatsRow,
         utcnow,
     )
@@ -209,8 +210,15 @@ def bulk_load(database_url: str, home: Path, n_bricks: int, console: Console) ->
                 example_sum=example_sum.astype("<f8").tobytes(),
                 layer_sum=layer_sum.astype("<f8").tobytes(),
                 layer_sumsq=layer_sumsq.astype("<f8").tobytes(),
-                **{f"df_{v}": df[k].astype("<i4").tobytes() for k, v in enumerate(VIEWS)},
             )
+        )
+        connection.execute(
+            insert(RetrievalDfRow),
+            [
+                {"view": view, "bucket": int(bucket), "count": int(df[k][bucket])}
+                for k, view in enumerate(VIEWS)
+                for bucket in np.flatnonzero(df[k])
+            ],
         )
         connection.execute(update(IndexStateRow).values(generation=IndexStateRow.generation + 1))
         if postgres_backend:

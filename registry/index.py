@@ -26,10 +26,10 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from registry.db.models import BrickLexicalRow, BrickRow, BrickTagRow, BrickVectorRow
-from registry.db.retrieval import read_generation, read_stats
+from registry.db.retrieval import read_bucket_counts, read_generation, read_stats
 from registry.db.session import Database
 from registry.errors import ServiceUnavailable
-from registry.lexical import VIEWS, SparseVector
+from registry.lexical import HASH_DIM, VIEWS, SparseVector, count_documents
 from registry.retrieve import BrickFeatures, CorpusStats
 
 __all__ = ["Candidates", "InMemoryIndex", "PgVectorIndex", "SearchFilters", "SearchIndex", "make_index"]
@@ -69,6 +69,48 @@ class SearchIndex(Protocol):
     ) -> Candidates: ...
 
     def invalidate(self) -> None: ...
+
+    def doc_freqs(self, text: str, generation: int) -> dict[str, np.ndarray]:
+        """Per view, dense document frequencies filled at the features of ``text``."""
+        ...
+
+
+class DocFreqCache:
+    """Document frequencies of the lexical features that queries use, read from the
+    database on a miss and kept for one index generation (any write moves it). Queries
+    share most features (word shapes, common words), so most lookups never reach SQL."""
+
+    def __init__(self, db: Database, *, limit: int = 500_000) -> None:
+        self.db = db
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._counts: dict[tuple[str, int], int] = {}
+
+    def dense(self, text: str, generation: int) -> dict[str, np.ndarray]:
+        """Per view, a dense array of document frequencies filled at ``text``'s features."""
+        wanted = [(view, int(b)) for view, idx in count_documents([text]).items() for b in np.unique(idx)]
+        with self._lock:
+            if generation != self._generation or generation < 0 or len(self._counts) > self._limit:
+                self._counts.clear()  # (an unknown generation, -1, is never cached)
+                self._generation = generation
+            known = {key: self._counts[key] for key in wanted if key in self._counts}
+        missing = [key for key in wanted if key not in known]
+        if missing:
+            by_view: dict[str, list[int]] = {}
+            for view, bucket in missing:
+                by_view.setdefault(view, []).append(bucket)
+            with self.db.session() as session:
+                found = read_bucket_counts(session, by_view)
+            fetched = {(view, bucket): found[view].get(bucket, 0) for view, bucket in missing}
+            known.update(fetched)
+            with self._lock:
+                if self._generation == generation >= 0:
+                    self._counts.update(fetched)
+        dense = {view: np.zeros(HASH_DIM, np.int32) for view in VIEWS}
+        for (view, bucket), count in known.items():
+            dense[view][bucket] = count
+        return dense
 
 
 def _max_example_sim(sims: np.ndarray, is_example: np.ndarray) -> float:
@@ -148,6 +190,7 @@ class InMemoryIndex:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._doc_freqs = DocFreqCache(db)
         self._snapshot: _Snapshot | None = None
         self._verified: tuple[int, _Snapshot] | None = None  # (change marker, snapshot current then)
         self._lock = threading.Lock()
@@ -156,6 +199,10 @@ class InMemoryIndex:
         """Drop the snapshot; the next search reloads."""
         self._verified = None
         self._snapshot = None
+
+    def doc_freqs(self, text: str, generation: int) -> dict[str, np.ndarray]:
+        """Per view, dense document frequencies filled at the features of ``text``."""
+        return self._doc_freqs.dense(text, generation)
 
     def _current(self, model: str) -> _Snapshot:
         # No commit since the snapshot was last found current: it still is (no query needed).
@@ -300,11 +347,16 @@ class PgVectorIndex:
 
     def __init__(self, db: Database, *, cache_bricks: int = 20_000) -> None:
         self.db = db
+        self._doc_freqs = DocFreqCache(db)
         self._stats: tuple[int, str, CorpusStats] | None = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, BrickFeatures] = OrderedDict()
         self._cache_limit = cache_bricks
         self._seen: tuple[int, str, int] | None = None  # generation, model, max vector id
+
+    def doc_freqs(self, text: str, generation: int) -> dict[str, np.ndarray]:
+        """Per view, dense document frequencies filled at the features of ``text``."""
+        return self._doc_freqs.dense(text, generation)
 
     def invalidate(self) -> None:
         """Drop cached statistics and features."""

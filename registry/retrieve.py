@@ -78,7 +78,13 @@ class BrickFeatures:
 
 @dataclass(frozen=True)
 class CorpusStats:
-    """Corpus-wide statistics: mean example vector and per-view document frequencies."""
+    """Corpus-wide statistics: mean example vector, per-view document frequencies, layer
+    moments.
+
+    ``df`` holds dense per-view arrays, but the store fills them only at the features of the
+    texts being scored (a query, or the brick being indexed): the only entries any scoring
+    function reads. A corpus-wide array is never loaded.
+    """
 
     example_sum: np.ndarray
     example_count: int

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -426,8 +426,9 @@ class Registry:
                 break
             n *= 4
         lap("index")
+        stats = replace(found.stats, df=self.index.doc_freqs(request.query, found.generation))
         ranked = rank_bricks(
-            query_vec, request.query, found.features, found.max_example_sim, found.stats, query_layer=query_layers[0]
+            query_vec, request.query, found.features, found.max_example_sim, stats, query_layer=query_layers[0]
         )
         if request.min_score is not None:
             ranked = [r for r in ranked if r.score >= request.min_score]

@@ -18,7 +18,7 @@ from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow
 from registry.db.retrieval import (
     EmbeddedTexts,
     bump_generation,
-    read_stats,
+    read_index_model,
     rebuild_index,
     remove_brick_index,
     write_brick_index,
@@ -290,8 +290,8 @@ class Store:
     def ensure_index_model(self, model: str) -> None:
         """Raise `ServiceUnavailable` when the search index holds another model's vectors."""
         with self.db.session() as session:
-            stored, stats = read_stats(session)
-        if stats is not None and stored != model:
+            stored = read_index_model(session)
+        if stored is not None and stored != model:
             raise ServiceUnavailable(
                 f"the search index was built with embedding model {stored}, not {model}; "
                 "run `brickyard reindex` to re-embed every brick",

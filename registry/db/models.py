@@ -274,8 +274,8 @@ class BrickLexicalRow(Base):
 
 class RetrievalStatsRow(Base):
     """Corpus statistics for ranking (one row): the embedding model the vectors come from,
-    the sum and count of example vectors, per-view document frequencies, and the sum and
-    sum of squares of the examples' layer vectors."""
+    the number of texts, the sum and count of example vectors, and the sum and sum of
+    squares of the examples' layer vectors. Document frequencies: `RetrievalDfRow`."""
 
     __tablename__ = "retrieval_stats"
 
@@ -285,11 +285,19 @@ class RetrievalStatsRow(Base):
     n_docs: Mapped[int] = mapped_column(BigInteger, default=0)
     example_count: Mapped[int] = mapped_column(BigInteger, default=0)
     example_sum: Mapped[bytes | None] = mapped_column(LargeBinary)
-    df_shape: Mapped[bytes | None] = mapped_column(LargeBinary)
-    df_prefix: Mapped[bytes | None] = mapped_column(LargeBinary)
-    df_word: Mapped[bytes | None] = mapped_column(LargeBinary)
     layer_sum: Mapped[bytes | None] = mapped_column(LargeBinary)
     layer_sumsq: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class RetrievalDfRow(Base):
+    """How many texts contain a hashed lexical feature (``bucket``) of a ``view``: one row
+    per feature seen, so registering a brick touches only the rows of its own features."""
+
+    __tablename__ = "retrieval_df"
+
+    view: Mapped[str] = mapped_column(String(16), primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
 
 
 class CompositionRow(Base):

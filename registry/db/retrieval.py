@@ -7,22 +7,26 @@ brick rows they belong to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
-from registry.db.models import BrickLexicalRow, BrickVectorRow, IndexStateRow, RetrievalStatsRow
+from registry.db.models import BrickLexicalRow, BrickVectorRow, IndexStateRow, RetrievalDfRow, RetrievalStatsRow
 from registry.errors import ServiceUnavailable
-from registry.lexical import HASH_DIM, VIEWS, SparseVector
+from registry.lexical import HASH_DIM, VIEWS, SparseVector, count_documents
 from registry.retrieve import CorpusStats, IndexedTexts, index_brick_texts, stats_delta
 
 __all__ = [
     "EmbeddedTexts",
     "bump_generation",
+    "read_bucket_counts",
+    "read_doc_freqs",
     "read_generation",
+    "read_index_model",
     "read_stats",
     "rebuild_index",
     "remove_brick_index",
@@ -57,24 +61,122 @@ def read_generation(session: Session) -> int:
     return int(session.scalar(select(IndexStateRow.generation).where(IndexStateRow.id == 1)) or 0)
 
 
-def read_stats(session: Session, *, for_update: bool = False) -> tuple[str | None, CorpusStats | None]:
-    """(model, statistics) as stored; statistics are None before the first brick."""
+def read_index_model(session: Session) -> str | None:
+    """The embedding model of the stored vectors (None before the first brick), without
+    reading the statistics (megabytes of document frequencies)."""
+    row = session.execute(
+        select(RetrievalStatsRow.model, RetrievalStatsRow.dim).where(RetrievalStatsRow.id == 1)
+    ).first()
+    return row.model if row is not None and row.dim is not None else None
+
+
+def read_stats(
+    session: Session, *, for_update: bool = False, texts: Iterable[str] = ()
+) -> tuple[str | None, CorpusStats | None]:
+    """(model, statistics) as stored; statistics are None before the first brick.
+
+    Document frequencies are read only at the features of ``texts`` (what scoring those
+    texts needs; see `CorpusStats`); ``for_update`` locks the statistics row.
+    """
     query = select(RetrievalStatsRow).where(RetrievalStatsRow.id == 1)
     if for_update:
         query = query.with_for_update()
     row = session.scalar(query)
     if row is None or row.model is None or row.dim is None:
         return None, None
-    df = {view: _array(getattr(row, f"df_{view}"), np.int32, HASH_DIM) for view in VIEWS}
     stats = CorpusStats(
         example_sum=_array(row.example_sum, np.float64, row.dim),
         example_count=int(row.example_count),
-        df=df,
+        df=read_doc_freqs(session, texts),
         n_docs=int(row.n_docs),
         layer_sum=_array(row.layer_sum, np.float64, row.dim),
         layer_sumsq=_array(row.layer_sumsq, np.float64, row.dim),
     )
     return row.model, stats
+
+
+def read_doc_freqs(session: Session, texts: Iterable[str]) -> dict[str, np.ndarray]:
+    """Per view, a dense array of document frequencies, filled at the features of ``texts``
+    (zero elsewhere)."""
+    dense = {view: np.zeros(HASH_DIM, np.int32) for view in VIEWS}
+    wanted = {view: np.unique(idx).tolist() for view, idx in count_documents(texts).items()}
+    for view, counts in read_bucket_counts(session, wanted).items():
+        for bucket, count in counts.items():
+            dense[view][bucket] = count
+    return dense
+
+
+def read_bucket_counts(session: Session, wanted: Mapping[str, Sequence[int]]) -> dict[str, dict[int, int]]:
+    """Per view, the document frequency of each wanted bucket that any text contains."""
+    found: dict[str, dict[int, int]] = {view: {} for view in wanted}
+    for view, buckets in wanted.items():
+        if len(buckets):
+            rows = session.execute(
+                _READ_COUNTS[_dialect(session)], {"view": view, "buckets": _array_param(session, buckets)}
+            )
+            found[view].update((int(bucket), int(count)) for bucket, count in rows)
+    return found
+
+
+def _write_doc_freqs(session: Session, df_idx: Mapping[str, np.ndarray], sign: int) -> None:
+    """Add (``sign=1``) or remove (``-1``) texts' features: ``df_idx`` holds, per view,
+    each bucket once per text containing it."""
+    for view, idx in df_idx.items():
+        buckets, counts = np.unique(idx, return_counts=True)
+        _add_counts(session, view, buckets, counts * sign)
+
+
+def _add_counts(session: Session, view: str, buckets: np.ndarray, counts: np.ndarray) -> None:
+    """Add ``counts`` to the document frequencies of ``buckets``; rows reaching zero go.
+    One statement per view whatever the number of buckets (thousands for long examples)."""
+    if not len(buckets):
+        return
+    dialect = _dialect(session)
+    params = {
+        "view": view,
+        "buckets": _array_param(session, buckets.tolist()),
+        "counts": _array_param(session, counts.tolist()),
+    }
+    session.execute(_ADD_COUNTS[dialect], params)
+    if (counts < 0).any():
+        session.execute(_DROP_EMPTY[dialect], params)
+
+
+def _dialect(session: Session) -> str:
+    return "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"
+
+
+def _array_param(session: Session, values: Sequence[int]) -> object:
+    """A list of integers as one bound parameter: an array on PostgreSQL, JSON on SQLite."""
+    return list(values) if _dialect(session) == "postgresql" else json.dumps(list(values))
+
+
+_READ_COUNTS = {
+    "postgresql": text("SELECT bucket, count FROM retrieval_df WHERE view = :view AND bucket = ANY(:buckets)"),
+    "sqlite": text(
+        "SELECT bucket, count FROM retrieval_df WHERE view = :view "
+        "AND bucket IN (SELECT value FROM json_each(:buckets))"
+    ),
+}
+_ADD_COUNTS = {
+    "postgresql": text(
+        "INSERT INTO retrieval_df (view, bucket, count) "
+        "SELECT :view, b, c FROM unnest(CAST(:buckets AS integer[]), CAST(:counts AS integer[])) AS t(b, c) "
+        "ON CONFLICT (view, bucket) DO UPDATE SET count = retrieval_df.count + excluded.count"
+    ),
+    "sqlite": text(
+        "INSERT INTO retrieval_df (view, bucket, count) "
+        "SELECT :view, b.value, c.value FROM json_each(:buckets) AS b JOIN json_each(:counts) AS c ON b.key = c.key "
+        "WHERE true ON CONFLICT (view, bucket) DO UPDATE SET count = retrieval_df.count + excluded.count"
+    ),
+}
+_DROP_EMPTY = {
+    "postgresql": text("DELETE FROM retrieval_df WHERE view = :view AND bucket = ANY(:buckets) AND count <= 0"),
+    "sqlite": text(
+        "DELETE FROM retrieval_df WHERE view = :view AND count <= 0 "
+        "AND bucket IN (SELECT value FROM json_each(:buckets))"
+    ),
+}
 
 
 def _array(raw: bytes | None, dtype: type, size: int) -> np.ndarray:
@@ -84,16 +186,10 @@ def _array(raw: bytes | None, dtype: type, size: int) -> np.ndarray:
 
 
 def _write_stats(session: Session, model: str | None, dim: int | None, stats: CorpusStats | None) -> None:
+    """The statistics row (document frequencies are written by `_write_doc_freqs`)."""
     values: dict[str, object] = {"model": model, "dim": dim}
     if stats is None:
-        values.update(
-            n_docs=0,
-            example_count=0,
-            example_sum=None,
-            layer_sum=None,
-            layer_sumsq=None,
-            **{f"df_{v}": None for v in VIEWS},
-        )
+        values.update(n_docs=0, example_count=0, example_sum=None, layer_sum=None, layer_sumsq=None)
     else:
         values.update(
             n_docs=stats.n_docs,
@@ -101,13 +197,12 @@ def _write_stats(session: Session, model: str | None, dim: int | None, stats: Co
             example_sum=stats.example_sum.astype("<f8").tobytes(),
             layer_sum=stats.layer_sum.astype("<f8").tobytes(),
             layer_sumsq=stats.layer_sumsq.astype("<f8").tobytes(),
-            **{f"df_{v}": stats.df[v].astype("<i4").tobytes() for v in VIEWS},
         )
     session.execute(update(RetrievalStatsRow).where(RetrievalStatsRow.id == 1).values(**values))
 
 
 def _current_stats(session: Session, embedded: EmbeddedTexts) -> CorpusStats:
-    model, stats = read_stats(session, for_update=True)
+    model, stats = read_stats(session, for_update=True, texts=[embedded.description, *embedded.examples])
     if stats is None:
         return CorpusStats.empty(embedded.dim)
     if model != embedded.model:
@@ -122,8 +217,9 @@ def _current_stats(session: Session, embedded: EmbeddedTexts) -> CorpusStats:
 def write_brick_index(session: Session, brick_id: int, embedded: EmbeddedTexts) -> None:
     """Add a brick's vectors and lexical vectors, and its share of the statistics."""
     stats = _current_stats(session, embedded)
-    after = _index_brick(session, brick_id, embedded, stats)
+    indexed, after = _index_brick(session, brick_id, embedded, stats)
     _write_stats(session, embedded.model, embedded.dim, after)
+    _write_doc_freqs(session, indexed.delta.df_idx, 1)
     bump_generation(session)
 
 
@@ -131,23 +227,30 @@ def rebuild_index(session: Session, bricks: Sequence[tuple[int, EmbeddedTexts]])
     """Replace the whole index by these bricks' entries (statistics written once)."""
     session.execute(delete(BrickVectorRow))
     session.execute(delete(BrickLexicalRow))
+    session.execute(delete(RetrievalDfRow))
     stats: CorpusStats | None = None
     model: str | None = None
     for brick_id, embedded in bricks:
         if model is not None and embedded.model != model:
             raise ValueError("every brick of a rebuild must be embedded by one model")
         model = embedded.model
-        stats = _index_brick(session, brick_id, embedded, stats or CorpusStats.empty(embedded.dim))
+        stats = _index_brick(session, brick_id, embedded, stats or CorpusStats.empty(embedded.dim))[1]
     _write_stats(session, model, int(stats.example_sum.shape[0]) if stats is not None else None, stats)
+    if stats is not None:  # every document frequency is known here: write the nonzero ones
+        for view in VIEWS:
+            buckets = np.flatnonzero(stats.df[view])
+            _add_counts(session, view, buckets, stats.df[view][buckets])
     bump_generation(session)
 
 
-def _index_brick(session: Session, brick_id: int, embedded: EmbeddedTexts, stats: CorpusStats) -> CorpusStats:
+def _index_brick(
+    session: Session, brick_id: int, embedded: EmbeddedTexts, stats: CorpusStats
+) -> tuple[IndexedTexts, CorpusStats]:
     indexed, after = index_brick_texts(
         embedded.description, embedded.examples, embedded.ex_vecs, embedded.ex_layers, stats
     )
     _insert_rows(session, brick_id, embedded, indexed)
-    return after
+    return indexed, after
 
 
 def _insert_rows(session: Session, brick_id: int, embedded: EmbeddedTexts, indexed: IndexedTexts) -> None:
@@ -203,6 +306,7 @@ def remove_brick_index(session: Session, brick_id: int, description: str, exampl
             )
             stats = stats.apply(delta, sign=-1)
             _write_stats(session, model, dim, stats)
+            _write_doc_freqs(session, delta.df_idx, -1)
     session.execute(delete(BrickVectorRow).where(BrickVectorRow.brick_id == brick_id))
     session.execute(delete(BrickLexicalRow).where(BrickLexicalRow.brick_id == brick_id))
     bump_generation(session)

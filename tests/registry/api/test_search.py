@@ -192,6 +192,36 @@ def test_a_write_by_another_process_is_seen_by_the_next_search(catalog: Any, set
     assert "translate-ro-en" not in names
 
 
+def test_document_frequencies_follow_every_write(catalog: Any, registry: Any) -> None:
+    import numpy as np
+
+    from registry.db.models import RetrievalDfRow
+    from registry.lexical import count_documents
+
+    def stored() -> dict[tuple[str, int], int]:
+        with registry.store.db.session() as session:
+            rows = session.execute(select(RetrievalDfRow.view, RetrievalDfRow.bucket, RetrievalDfRow.count)).all()
+        return {(view, bucket): count for view, bucket, count in rows}
+
+    def recounted() -> dict[tuple[str, int], int]:
+        texts = [t for _, description, examples in registry.store.all_brick_texts() for t in (description, *examples)]
+        expected = {}
+        for view, idx in count_documents(texts).items():
+            buckets, counts = np.unique(idx, return_counts=True)
+            expected.update({(view, int(b)): int(c) for b, c in zip(buckets, counts, strict=True)})
+        return expected
+
+    assert len(stored()) > 100
+    assert stored() == recounted()
+    assert catalog.delete("/v1/bricks/math/versions/1").status_code == 200
+    assert stored() == recounted()
+    patched = {"description": "Identify which language a sentence is written in.", "examples": ["Das ist gut."]}
+    assert catalog.patch("/v1/bricks/summarize/versions/1", json=patched).status_code == 200
+    assert stored() == recounted()
+    registry.reindex()
+    assert stored() == recounted()
+
+
 BAD_SEARCHES = [
     {"query": ""},
     {"query": "   "},

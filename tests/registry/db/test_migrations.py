@@ -66,3 +66,36 @@ def test_ensure_schema_passes_at_head(database_url: str) -> None:
         ensure_schema(engine, auto_upgrade=False)
     finally:
         engine.dispose()
+
+
+def test_0005_moves_document_frequencies_into_their_table_and_back(empty_database_url: str) -> None:
+    import numpy as np
+    from alembic import command
+    from sqlalchemy import text
+
+    from registry.db.migrate import alembic_config
+
+    engine = make_engine(empty_database_url)
+    try:
+        upgrade(engine, "0004")
+        shape = np.zeros(1 << 18, "<i4")
+        shape[[3, 70_000]] = [5, 1]
+        word = np.zeros(1 << 18, "<i4")
+        word[42] = 2
+        with engine.begin() as connection:
+            connection.execute(
+                text("UPDATE retrieval_stats SET model = 'm', dim = 2, df_shape = :s, df_word = :w WHERE id = 1"),
+                {"s": shape.tobytes(), "w": word.tobytes()},
+            )
+        upgrade(engine, "0005")
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT view, bucket, count FROM retrieval_df ORDER BY view, bucket")).all()
+        assert [tuple(r) for r in rows] == [("shape", 3, 5), ("shape", 70_000, 1), ("word", 42, 2)]
+        command.downgrade(alembic_config(engine), "0004")
+        with engine.connect() as connection:
+            back = connection.execute(text("SELECT df_shape, df_prefix, df_word FROM retrieval_stats")).one()
+        assert bytes(back[0]) == shape.tobytes()
+        assert bytes(back[1]) == np.zeros(1 << 18, "<i4").tobytes()
+        assert bytes(back[2]) == word.tobytes()
+    finally:
+        engine.dispose()
