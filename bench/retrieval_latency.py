@@ -215,7 +215,7 @@ def bulk_load(database_url: str, home: Path, n_bricks: int, console: Console) ->
         connection.execute(
             insert(RetrievalDfRow),
             [
-                {"view": view, "bucket": int(bucket), "count": int(df[k][bucket])}
+                {"view": view, "bucket": int(bucket), "count": int(df[k][bucket]), "generation": 0}
                 for k, view in enumerate(VIEWS)
                 for bucket in np.flatnonzero(df[k])
             ],

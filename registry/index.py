@@ -26,10 +26,10 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from registry.db.models import BrickLexicalRow, BrickRow, BrickTagRow, BrickVectorRow
-from registry.db.retrieval import read_bucket_counts, read_generation, read_stats
+from registry.db.retrieval import read_df_changes, read_generation, read_stats
 from registry.db.session import Database
 from registry.errors import ServiceUnavailable
-from registry.lexical import HASH_DIM, VIEWS, SparseVector, count_documents
+from registry.lexical import HASH_DIM, VIEWS, SparseVector
 from registry.retrieve import BrickFeatures, CorpusStats
 
 __all__ = ["Candidates", "InMemoryIndex", "PgVectorIndex", "SearchFilters", "SearchIndex", "make_index"]
@@ -70,47 +70,46 @@ class SearchIndex(Protocol):
 
     def invalidate(self) -> None: ...
 
-    def doc_freqs(self, text: str, generation: int) -> dict[str, np.ndarray]:
-        """Per view, dense document frequencies filled at the features of ``text``."""
+    def doc_freqs(self, generation: int) -> dict[str, np.ndarray]:
+        """Per view, dense document frequencies as of ``generation`` (or later)."""
         ...
 
 
-class DocFreqCache:
-    """Document frequencies of the lexical features that queries use, read from the
-    database on a miss and kept for one index generation (any write moves it). Queries
-    share most features (word shapes, common words), so most lookups never reach SQL."""
+class DocFreqMirror:
+    """This process's copy of the document frequencies, kept current by reading only the
+    rows changed since the generation it last saw (each row carries the generation of its
+    last change). A search reads its query's counts from memory; a write costs the next
+    search one small query. A copy is never changed once handed out (copy on write), so a
+    search sees one generation throughout."""
 
-    def __init__(self, db: Database, *, limit: int = 500_000) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
-        self._limit = limit
         self._lock = threading.Lock()
-        self._generation = -1
-        self._counts: dict[tuple[str, int], int] = {}
+        self._seen = -1
+        self._dense: dict[str, np.ndarray] = {view: np.zeros(HASH_DIM, np.int32) for view in VIEWS}
 
-    def dense(self, text: str, generation: int) -> dict[str, np.ndarray]:
-        """Per view, a dense array of document frequencies filled at ``text``'s features."""
-        wanted = [(view, int(b)) for view, idx in count_documents([text]).items() for b in np.unique(idx)]
+    def at(self, generation: int) -> dict[str, np.ndarray]:
+        """Per view, dense document frequencies as of ``generation`` or later."""
         with self._lock:
-            if generation != self._generation or generation < 0 or len(self._counts) > self._limit:
-                self._counts.clear()  # (an unknown generation, -1, is never cached)
-                self._generation = generation
-            known = {key: self._counts[key] for key in wanted if key in self._counts}
-        missing = [key for key in wanted if key not in known]
-        if missing:
-            by_view: dict[str, list[int]] = {}
-            for view, bucket in missing:
-                by_view.setdefault(view, []).append(bucket)
+            if generation >= 0 and generation <= self._seen:
+                return self._dense
             with self.db.session() as session:
-                found = read_bucket_counts(session, by_view)
-            fetched = {(view, bucket): found[view].get(bucket, 0) for view, bucket in missing}
-            known.update(fetched)
-            with self._lock:
-                if self._generation == generation >= 0:
-                    self._counts.update(fetched)
-        dense = {view: np.zeros(HASH_DIM, np.int32) for view in VIEWS}
-        for (view, bucket), count in known.items():
-            dense[view][bucket] = count
-        return dense
+                seen = read_generation(session)
+                changes = read_df_changes(session, self._seen)
+            if changes:
+                dense = {view: array.copy() for view, array in self._dense.items()}
+                for view, bucket, count in changes:
+                    if view in dense:
+                        dense[view][bucket] = count
+                self._dense = dense
+            self._seen = max(seen, generation)
+            return self._dense
+
+    def invalidate(self) -> None:
+        """Forget everything; the next call reads every row."""
+        with self._lock:
+            self._seen = -1
+            self._dense = {view: np.zeros(HASH_DIM, np.int32) for view in VIEWS}
 
 
 def _max_example_sim(sims: np.ndarray, is_example: np.ndarray) -> float:
@@ -190,7 +189,7 @@ class InMemoryIndex:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._doc_freqs = DocFreqCache(db)
+        self._doc_freqs = DocFreqMirror(db)
         self._snapshot: _Snapshot | None = None
         self._verified: tuple[int, _Snapshot] | None = None  # (change marker, snapshot current then)
         self._lock = threading.Lock()
@@ -199,10 +198,11 @@ class InMemoryIndex:
         """Drop the snapshot; the next search reloads."""
         self._verified = None
         self._snapshot = None
+        self._doc_freqs.invalidate()
 
-    def doc_freqs(self, text: str, generation: int) -> dict[str, np.ndarray]:
-        """Per view, dense document frequencies filled at the features of ``text``."""
-        return self._doc_freqs.dense(text, generation)
+    def doc_freqs(self, generation: int) -> dict[str, np.ndarray]:
+        """Per view, dense document frequencies as of ``generation`` (or later)."""
+        return self._doc_freqs.at(generation)
 
     def _current(self, model: str) -> _Snapshot:
         # No commit since the snapshot was last found current: it still is (no query needed).
@@ -347,19 +347,20 @@ class PgVectorIndex:
 
     def __init__(self, db: Database, *, cache_bricks: int = 20_000) -> None:
         self.db = db
-        self._doc_freqs = DocFreqCache(db)
+        self._doc_freqs = DocFreqMirror(db)
         self._stats: tuple[int, str, CorpusStats] | None = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, BrickFeatures] = OrderedDict()
         self._cache_limit = cache_bricks
         self._seen: tuple[int, str, int] | None = None  # generation, model, max vector id
 
-    def doc_freqs(self, text: str, generation: int) -> dict[str, np.ndarray]:
-        """Per view, dense document frequencies filled at the features of ``text``."""
-        return self._doc_freqs.dense(text, generation)
+    def doc_freqs(self, generation: int) -> dict[str, np.ndarray]:
+        """Per view, dense document frequencies as of ``generation`` (or later)."""
+        return self._doc_freqs.at(generation)
 
     def invalidate(self) -> None:
         """Drop cached statistics and features."""
+        self._doc_freqs.invalidate()
         with self._lock:
             self._stats = None
             self._cache.clear()

@@ -426,7 +426,7 @@ class Registry:
                 break
             n *= 4
         lap("index")
-        stats = replace(found.stats, df=self.index.doc_freqs(request.query, found.generation))
+        stats = replace(found.stats, df=self.index.doc_freqs(found.generation))
         ranked = rank_bricks(
             query_vec, request.query, found.features, found.max_example_sim, stats, query_layer=query_layers[0]
         )

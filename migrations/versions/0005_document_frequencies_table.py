@@ -30,9 +30,12 @@ def upgrade() -> None:
         sa.Column("view", sa.String(length=16), nullable=False),
         sa.Column("bucket", sa.Integer(), nullable=False),
         sa.Column("count", sa.Integer(), nullable=False),
+        sa.Column("generation", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("view", "bucket", name=op.f("pk_retrieval_df")),
     )
+    op.create_index(op.f("ix_retrieval_df_generation"), "retrieval_df", ["generation"], unique=False)
     connection = op.get_bind()
+    generation = connection.execute(sa.text("SELECT generation FROM index_state WHERE id = 1")).scalar() or 0
     row = connection.execute(
         sa.text(f"SELECT {', '.join(f'df_{v}' for v in VIEWS)} FROM retrieval_stats WHERE id = 1")
     ).first()
@@ -40,7 +43,10 @@ def upgrade() -> None:
     for view, raw in zip(VIEWS, row or (), strict=False):
         if raw is not None:
             counts = np.frombuffer(bytes(raw), dtype="<i4")
-            rows += [{"view": view, "bucket": int(b), "count": int(counts[b])} for b in np.flatnonzero(counts)]
+            rows += [
+                {"view": view, "bucket": int(b), "count": int(counts[b]), "generation": int(generation)}
+                for b in np.flatnonzero(counts)
+            ]
     if rows:
         op.bulk_insert(df, rows)
     with op.batch_alter_table("retrieval_stats") as batch:
@@ -62,4 +68,5 @@ def downgrade() -> None:
             sa.text(f"UPDATE retrieval_stats SET {', '.join(f'df_{v} = :{v}' for v in VIEWS)} WHERE id = 1"),
             {view: dense[view].tobytes() for view in VIEWS},
         )
+    op.drop_index(op.f("ix_retrieval_df_generation"), table_name="retrieval_df")
     op.drop_table("retrieval_df")

@@ -291,13 +291,16 @@ class RetrievalStatsRow(Base):
 
 class RetrievalDfRow(Base):
     """How many texts contain a hashed lexical feature (``bucket``) of a ``view``: one row
-    per feature seen, so registering a brick touches only the rows of its own features."""
+    per feature seen, so registering a brick touches only the rows of its own features.
+    ``generation`` is the index generation of the row's last change: a process mirroring
+    the counts reads only the rows newer than its copy (rows at zero are kept for that)."""
 
     __tablename__ = "retrieval_df"
 
     view: Mapped[str] = mapped_column(String(16), primary_key=True)
     bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
     count: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(BigInteger, index=True)
 
 
 class CompositionRow(Base):

@@ -24,6 +24,7 @@ __all__ = [
     "EmbeddedTexts",
     "bump_generation",
     "read_bucket_counts",
+    "read_df_changes",
     "read_doc_freqs",
     "read_generation",
     "read_index_model",
@@ -51,9 +52,16 @@ class EmbeddedTexts:
         return int(self.desc_vec.shape[0])
 
 
-def bump_generation(session: Session) -> None:
-    """Mark the index changed (in-process indexes of other processes reload)."""
-    session.execute(update(IndexStateRow).where(IndexStateRow.id == 1).values(generation=IndexStateRow.generation + 1))
+def bump_generation(session: Session) -> int:
+    """Mark the index changed (in-process indexes of other processes reload); the new
+    generation. Its row stays locked until commit, so generations commit in order."""
+    result = session.execute(
+        update(IndexStateRow)
+        .where(IndexStateRow.id == 1)
+        .values(generation=IndexStateRow.generation + 1)
+        .returning(IndexStateRow.generation)
+    )
+    return int(result.scalar_one())
 
 
 def read_generation(session: Session) -> int:
@@ -118,28 +126,35 @@ def read_bucket_counts(session: Session, wanted: Mapping[str, Sequence[int]]) ->
     return found
 
 
-def _write_doc_freqs(session: Session, df_idx: Mapping[str, np.ndarray], sign: int) -> None:
+def _write_doc_freqs(session: Session, df_idx: Mapping[str, np.ndarray], sign: int, generation: int) -> None:
     """Add (``sign=1``) or remove (``-1``) texts' features: ``df_idx`` holds, per view,
     each bucket once per text containing it."""
     for view, idx in df_idx.items():
         buckets, counts = np.unique(idx, return_counts=True)
-        _add_counts(session, view, buckets, counts * sign)
+        _add_counts(session, view, buckets, counts * sign, generation)
 
 
-def _add_counts(session: Session, view: str, buckets: np.ndarray, counts: np.ndarray) -> None:
-    """Add ``counts`` to the document frequencies of ``buckets``; rows reaching zero go.
+def _add_counts(session: Session, view: str, buckets: np.ndarray, counts: np.ndarray, generation: int) -> None:
+    """Add ``counts`` to the document frequencies of ``buckets``, stamping ``generation``.
     One statement per view whatever the number of buckets (thousands for long examples)."""
-    if not len(buckets):
-        return
-    dialect = _dialect(session)
-    params = {
-        "view": view,
-        "buckets": _array_param(session, buckets.tolist()),
-        "counts": _array_param(session, counts.tolist()),
-    }
-    session.execute(_ADD_COUNTS[dialect], params)
-    if (counts < 0).any():
-        session.execute(_DROP_EMPTY[dialect], params)
+    if len(buckets):
+        params = {
+            "view": view,
+            "buckets": _array_param(session, buckets.tolist()),
+            "counts": _array_param(session, counts.tolist()),
+            "generation": generation,
+        }
+        session.execute(_ADD_COUNTS[_dialect(session)], params)
+
+
+def read_df_changes(session: Session, since: int) -> list[tuple[str, int, int]]:
+    """(view, bucket, count) of every document frequency changed after generation ``since``."""
+    rows = session.execute(
+        select(RetrievalDfRow.view, RetrievalDfRow.bucket, RetrievalDfRow.count).where(
+            RetrievalDfRow.generation > since
+        )
+    )
+    return [(view, int(bucket), int(count)) for view, bucket, count in rows]
 
 
 def _dialect(session: Session) -> str:
@@ -160,21 +175,18 @@ _READ_COUNTS = {
 }
 _ADD_COUNTS = {
     "postgresql": text(
-        "INSERT INTO retrieval_df (view, bucket, count) "
-        "SELECT :view, b, c FROM unnest(CAST(:buckets AS integer[]), CAST(:counts AS integer[])) AS t(b, c) "
-        "ON CONFLICT (view, bucket) DO UPDATE SET count = retrieval_df.count + excluded.count"
+        "INSERT INTO retrieval_df (view, bucket, count, generation) "
+        "SELECT :view, b, c, :generation "
+        "FROM unnest(CAST(:buckets AS integer[]), CAST(:counts AS integer[])) AS t(b, c) "
+        "ON CONFLICT (view, bucket) DO UPDATE "
+        "SET count = retrieval_df.count + excluded.count, generation = excluded.generation"
     ),
     "sqlite": text(
-        "INSERT INTO retrieval_df (view, bucket, count) "
-        "SELECT :view, b.value, c.value FROM json_each(:buckets) AS b JOIN json_each(:counts) AS c ON b.key = c.key "
-        "WHERE true ON CONFLICT (view, bucket) DO UPDATE SET count = retrieval_df.count + excluded.count"
-    ),
-}
-_DROP_EMPTY = {
-    "postgresql": text("DELETE FROM retrieval_df WHERE view = :view AND bucket = ANY(:buckets) AND count <= 0"),
-    "sqlite": text(
-        "DELETE FROM retrieval_df WHERE view = :view AND count <= 0 "
-        "AND bucket IN (SELECT value FROM json_each(:buckets))"
+        "INSERT INTO retrieval_df (view, bucket, count, generation) "
+        "SELECT :view, b.value, c.value, :generation "
+        "FROM json_each(:buckets) AS b JOIN json_each(:counts) AS c ON b.key = c.key "
+        "WHERE true ON CONFLICT (view, bucket) DO UPDATE "
+        "SET count = retrieval_df.count + excluded.count, generation = excluded.generation"
     ),
 }
 
@@ -219,15 +231,16 @@ def write_brick_index(session: Session, brick_id: int, embedded: EmbeddedTexts) 
     stats = _current_stats(session, embedded)
     indexed, after = _index_brick(session, brick_id, embedded, stats)
     _write_stats(session, embedded.model, embedded.dim, after)
-    _write_doc_freqs(session, indexed.delta.df_idx, 1)
-    bump_generation(session)
+    _write_doc_freqs(session, indexed.delta.df_idx, 1, bump_generation(session))
 
 
 def rebuild_index(session: Session, bricks: Sequence[tuple[int, EmbeddedTexts]]) -> None:
     """Replace the whole index by these bricks' entries (statistics written once)."""
+    generation = bump_generation(session)
     session.execute(delete(BrickVectorRow))
     session.execute(delete(BrickLexicalRow))
-    session.execute(delete(RetrievalDfRow))
+    # Zero, not delete: mirrors of the counts in other processes must see the change.
+    session.execute(update(RetrievalDfRow).values(count=0, generation=generation))
     stats: CorpusStats | None = None
     model: str | None = None
     for brick_id, embedded in bricks:
@@ -239,8 +252,7 @@ def rebuild_index(session: Session, bricks: Sequence[tuple[int, EmbeddedTexts]])
     if stats is not None:  # every document frequency is known here: write the nonzero ones
         for view in VIEWS:
             buckets = np.flatnonzero(stats.df[view])
-            _add_counts(session, view, buckets, stats.df[view][buckets])
-    bump_generation(session)
+            _add_counts(session, view, buckets, stats.df[view][buckets], generation)
 
 
 def _index_brick(
@@ -286,6 +298,7 @@ def _vector_row(
 def remove_brick_index(session: Session, brick_id: int, description: str, examples: Sequence[str]) -> None:
     """Remove a brick's vectors, lexical vectors and share of the statistics."""
     model, stats = read_stats(session, for_update=True)
+    generation = bump_generation(session)
     rows = session.scalars(
         select(BrickVectorRow).where(BrickVectorRow.brick_id == brick_id, BrickVectorRow.kind == "example")
     ).all()
@@ -306,7 +319,6 @@ def remove_brick_index(session: Session, brick_id: int, description: str, exampl
             )
             stats = stats.apply(delta, sign=-1)
             _write_stats(session, model, dim, stats)
-            _write_doc_freqs(session, delta.df_idx, -1)
+            _write_doc_freqs(session, delta.df_idx, -1, generation)
     session.execute(delete(BrickVectorRow).where(BrickVectorRow.brick_id == brick_id))
     session.execute(delete(BrickLexicalRow).where(BrickLexicalRow.brick_id == brick_id))
-    bump_generation(session)
