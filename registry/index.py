@@ -26,9 +26,8 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from registry.db.models import BrickLexicalRow, BrickRow, BrickTagRow, BrickVectorRow
-from registry.db.retrieval import read_df_changes, read_generation, read_stats
+from registry.db.retrieval import check_index_model, read_df_changes, read_generation, read_stats
 from registry.db.session import Database
-from registry.errors import ServiceUnavailable
 from registry.lexical import HASH_DIM, VIEWS, SparseVector
 from registry.retrieve import BrickFeatures, CorpusStats
 
@@ -94,7 +93,8 @@ class DocFreqMirror:
             if generation >= 0 and generation <= self._seen:
                 return self._dense
             with self.db.session() as session:
-                seen = read_generation(session)
+                # Rows up to a generation the caller has seen are committed; -1: look it up.
+                seen = generation if generation >= 0 else read_generation(session)
                 changes = read_df_changes(session, self._seen)
             if changes:
                 dense = {view: array.copy() for view, array in self._dense.items()}
@@ -102,7 +102,7 @@ class DocFreqMirror:
                     if view in dense:
                         dense[view][bucket] = count
                 self._dense = dense
-            self._seen = max(seen, generation)
+            self._seen = seen
             return self._dense
 
     def invalidate(self) -> None:
@@ -122,12 +122,7 @@ def _max_example_sim(sims: np.ndarray, is_example: np.ndarray) -> float:
 
 def _check_model(session: Session, model: str) -> CorpusStats | None:
     stored_model, stats = read_stats(session)
-    if stats is not None and stored_model != model:
-        raise ServiceUnavailable(
-            f"the search index was built with embedding model {stored_model}, not {model}; "
-            "run `brickyard reindex` to re-embed every brick",
-            extra={"index_model": stored_model, "model": model},
-        )
+    check_index_model(stored_model if stats is not None else None, model)
     return stats
 
 

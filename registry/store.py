@@ -18,6 +18,7 @@ from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow
 from registry.db.retrieval import (
     EmbeddedTexts,
     bump_generation,
+    check_index_model,
     read_index_model,
     rebuild_index,
     remove_brick_index,
@@ -31,7 +32,6 @@ from registry.errors import (
     BrickNotFound,
     Conflict,
     InvalidInput,
-    ServiceUnavailable,
     VersionExists,
 )
 
@@ -291,12 +291,7 @@ class Store:
         """Raise `ServiceUnavailable` when the search index holds another model's vectors."""
         with self.db.session() as session:
             stored = read_index_model(session)
-        if stored is not None and stored != model:
-            raise ServiceUnavailable(
-                f"the search index was built with embedding model {stored}, not {model}; "
-                "run `brickyard reindex` to re-embed every brick",
-                extra={"index_model": stored, "model": model},
-            )
+        check_index_model(stored, model)
 
     def get_bricks_by_ids(self, ids: list[int]) -> dict[int, domain.Brick]:
         """Bricks by row id (missing ids are left out)."""

@@ -23,9 +23,8 @@ from registry.retrieve import CorpusStats, IndexedTexts, index_brick_texts, stat
 __all__ = [
     "EmbeddedTexts",
     "bump_generation",
-    "read_bucket_counts",
+    "check_index_model",
     "read_df_changes",
-    "read_doc_freqs",
     "read_generation",
     "read_index_model",
     "read_stats",
@@ -95,7 +94,7 @@ def read_stats(
     stats = CorpusStats(
         example_sum=_array(row.example_sum, np.float64, row.dim),
         example_count=int(row.example_count),
-        df=read_doc_freqs(session, texts),
+        df=_read_doc_freqs(session, texts),
         n_docs=int(row.n_docs),
         layer_sum=_array(row.layer_sum, np.float64, row.dim),
         layer_sumsq=_array(row.layer_sumsq, np.float64, row.dim),
@@ -103,18 +102,18 @@ def read_stats(
     return row.model, stats
 
 
-def read_doc_freqs(session: Session, texts: Iterable[str]) -> dict[str, np.ndarray]:
+def _read_doc_freqs(session: Session, texts: Iterable[str]) -> dict[str, np.ndarray]:
     """Per view, a dense array of document frequencies, filled at the features of ``texts``
     (zero elsewhere)."""
     dense = {view: np.zeros(HASH_DIM, np.int32) for view in VIEWS}
     wanted = {view: np.unique(idx).tolist() for view, idx in count_documents(texts).items()}
-    for view, counts in read_bucket_counts(session, wanted).items():
+    for view, counts in _read_bucket_counts(session, wanted).items():
         for bucket, count in counts.items():
             dense[view][bucket] = count
     return dense
 
 
-def read_bucket_counts(session: Session, wanted: Mapping[str, Sequence[int]]) -> dict[str, dict[int, int]]:
+def _read_bucket_counts(session: Session, wanted: Mapping[str, Sequence[int]]) -> dict[str, dict[int, int]]:
     """Per view, the document frequency of each wanted bucket that any text contains."""
     found: dict[str, dict[int, int]] = {view: {} for view in wanted}
     for view, buckets in wanted.items():
@@ -213,16 +212,22 @@ def _write_stats(session: Session, model: str | None, dim: int | None, stats: Co
     session.execute(update(RetrievalStatsRow).where(RetrievalStatsRow.id == 1).values(**values))
 
 
+def check_index_model(stored: str | None, model: str) -> None:
+    """Raise `ServiceUnavailable` when the index holds vectors of another model than ``model``
+    (``stored`` None: the index is empty, any model may start it)."""
+    if stored is not None and stored != model:
+        raise ServiceUnavailable(
+            f"the search index was built with embedding model {stored}, not {model}; "
+            "run `brickyard reindex` to re-embed every brick",
+            extra={"index_model": stored, "model": model},
+        )
+
+
 def _current_stats(session: Session, embedded: EmbeddedTexts) -> CorpusStats:
     model, stats = read_stats(session, for_update=True, texts=[embedded.description, *embedded.examples])
     if stats is None:
         return CorpusStats.empty(embedded.dim)
-    if model != embedded.model:
-        raise ServiceUnavailable(
-            f"the search index was built with embedding model {model}, not {embedded.model}; "
-            "run `brickyard reindex` to re-embed every brick",
-            extra={"index_model": model, "model": embedded.model},
-        )
+    check_index_model(model, embedded.model)
     return stats
 
 
