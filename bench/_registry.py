@@ -62,6 +62,23 @@ def load_tasks() -> list[dict[str, Any]]:
     return [json.loads(line) for line in EVAL.read_text().splitlines() if line.strip()]
 
 
+def task_brick_form(
+    name: str, base_model: str, task: dict[str, Any], examples: int, config: bytes, weights: bytes
+) -> dict[str, Any]:
+    """The form of a ``POST /v1/bricks`` registering ``task`` as a brick: its definition as
+    the description, its first ``examples`` instance inputs as the examples."""
+    metadata = {
+        "name": name,
+        "base_model": base_model,
+        "description": task["definition"],
+        "examples": [instance["input"] for instance in task["instances"][:examples]],
+    }
+    return {
+        "data": {"metadata": json.dumps(metadata)},
+        "files": {"adapter_config": ("c.json", config), "adapter_weights": ("w.safetensors", weights)},
+    }
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100)."""
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")

@@ -33,10 +33,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import CACHE, live_server, load_tasks, migrated_database, percentile
+from bench._registry import CACHE, live_server, load_tasks, migrated_database, percentile, task_brick_form
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 512, 1536, 8, 8000
 SEED_BRICKS = 100
+EXAMPLES = 3  # instance inputs registered as a brick's examples
 
 
 def base_model() -> Path:
@@ -99,14 +100,8 @@ def seed(url: str, token: str, console: Console) -> None:
         for i in range(SEED_BRICKS):
             task = tasks[i % len(tasks)]
             config, weights = adapter(i)
-            meta = {
-                "name": f"seed-{i:03d}",
-                "base_model": "base",
-                "description": task["definition"],
-                "examples": [x["input"] for x in task["instances"][:3]],
-            }
-            files = {"adapter_config": ("c.json", config), "adapter_weights": ("w.safetensors", weights)}
-            http.post("/v1/bricks", data={"metadata": json.dumps(meta)}, files=files).raise_for_status()
+            form = task_brick_form(f"seed-{i:03d}", "base", task, EXAMPLES, config, weights)
+            http.post("/v1/bricks", **form).raise_for_status()
     console.print(f"seeded {SEED_BRICKS} bricks")
 
 
@@ -139,14 +134,8 @@ def run(url: str, token: str, *, seconds: float, clients: int, console: Console)
                         config, weights = adapter(100_000 + n)
                         task = tasks[n % len(tasks)]
                         name = f"load-{n:06d}"
-                        meta = {
-                            "name": name,
-                            "base_model": "base",
-                            "description": task["definition"],
-                            "examples": [x["input"] for x in task["instances"][:3]],
-                        }
-                        files = {"adapter_config": ("c.json", config), "adapter_weights": ("w.safetensors", weights)}
-                        response = http.post("/v1/bricks", data={"metadata": json.dumps(meta)}, files=files)
+                        form = task_brick_form(name, "base", task, EXAMPLES, config, weights)
+                        response = http.post("/v1/bricks", **form)
                         if response.status_code == 201:
                             with recorder.lock:
                                 recorder.acknowledged[name] = hashlib.sha256(weights).hexdigest()

@@ -30,7 +30,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import ROOT, load_tasks, migrated_database, random_adapter, tiny_base
+from bench._registry import ROOT, load_tasks, migrated_database, random_adapter, task_brick_form, tiny_base
 
 GOALS = {"A top-1": 0.70, "A top-3": 0.90, "B top-1": 0.85}
 
@@ -65,14 +65,7 @@ def run(database_url: str | None, console: Console) -> None:
             name = f"t{i:02d}-{task['task_id'][:60]}".replace("_", "-")
             name_of[name] = task["task_id"]
             config, weights = random_adapter(i)
-            metadata = {
-                "name": name,
-                "base_model": "tiny",
-                "description": task["definition"],
-                "examples": [inst["input"] for inst in task["instances"][:5]],
-            }
-            files = {"adapter_config": ("c.json", config), "adapter_weights": ("w.safetensors", weights)}
-            response = client.post("/v1/bricks", data={"metadata": json.dumps(metadata)}, files=files)
+            response = client.post("/v1/bricks", **task_brick_form(name, "tiny", task, 5, config, weights))
             assert response.status_code == 201, response.text
         console.print(f"registered {len(tasks)} bricks in {time.perf_counter() - started:.1f} s")
 
