@@ -84,6 +84,24 @@ def test_rank_deficient_and_ill_conditioned_stacks_truncate_optimally() -> None:
         assert torch.linalg.vector_norm(approx - expected) <= 1e-5 * torch.linalg.vector_norm(expected)
 
 
+@pytest.mark.parametrize("smallest", [1e-2, 1e-4, 3e-6, 1e-7])
+def test_graded_stacks_on_both_sides_of_the_cholesky_switch_truncate_optimally(smallest: float) -> None:
+    # B's singular values run from 1 down to `smallest`, on both sides of the pivot ratio
+    # (1e-5) where B's Gram matrix switches from Cholesky to an eigendecomposition.
+    b, a = _factors(400, 24, 300, seed=8)
+    q, _ = torch.linalg.qr(b.double())
+    mix, _ = torch.linalg.qr(torch.randn(24, 24, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+    scales = torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), 24, dtype=torch.float64)
+    graded = ((q * scales) @ mix.T).float()  # singular values `scales`, columns not orthogonal
+    product = graded.double() @ a.double()
+    for rank in (4, 16):
+        result = truncate_product(graded, a, rank)
+        expected, expected_error = _optimal(product, rank)
+        approx = result.b.double() @ result.a.double()
+        assert result.relative_error == pytest.approx(expected_error, rel=1e-5, abs=1e-7)
+        assert torch.linalg.vector_norm(approx - expected) <= 1e-5 * torch.linalg.vector_norm(expected)
+
+
 def test_cancelling_factors_give_a_zero_adapter() -> None:
     b, a = _factors(50, 4, 30, seed=7)
     result = truncate_product(torch.cat([b, b], 1), torch.cat([a, -a], 0), 2)
