@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
 from registry import domain
 from registry.auth import TokenStore
 from registry.blobs import LocalBlobStore
+from registry.brick_cache import BrickCache
 from registry.compositions import Compositions
 from registry.db.migrate import ensure_schema
 from registry.db.retrieval import EmbeddedTexts
@@ -93,9 +93,7 @@ class Registry:
         self.index = index if index is not None else make_index(store.db)
         self.compositions = Compositions(self)
         self.tokens = TokenStore(store.db)
-        self._brick_cache: dict[int, domain.Brick] = {}
-        self._brick_cache_generation = -1
-        self._brick_cache_lock = threading.Lock()
+        self._hit_bricks = BrickCache(store, size=_BRICK_CACHE_SIZE)
 
     @property
     def embedder(self) -> Embedder:
@@ -433,7 +431,7 @@ class Registry:
         if request.min_score is not None:
             ranked = [r for r in ranked if r.score >= request.min_score]
         ranked = ranked[request.offset : wanted]
-        bricks = self._bricks_by_id([r.brick_id for r in ranked], found.generation)
+        bricks = self._hit_bricks.get([r.brick_id for r in ranked], found.generation)
         hits = []
         for r in ranked:
             brick = bricks.get(r.brick_id)
@@ -443,25 +441,6 @@ class Registry:
             hits.append(SearchHit(brick=brick, score=r.score, matched=r.matched, text=text, similarity=r.similarity))
         lap("rank")
         return SearchResult(hits=hits, timings_ms=timings)
-
-    def _bricks_by_id(self, ids: list[int], generation: int) -> dict[int, domain.Brick]:
-        """Bricks for search hits, from a cache valid for one index generation (any write
-        moves the generation, so a cached brick is never stale)."""
-        if generation < 0:
-            return self.store.get_bricks_by_ids(ids)
-        with self._brick_cache_lock:
-            if self._brick_cache_generation != generation:
-                self._brick_cache.clear()
-                self._brick_cache_generation = generation
-            found = {i: self._brick_cache[i] for i in ids if i in self._brick_cache}
-        missing = [i for i in ids if i not in found]
-        if missing:
-            fetched = self.store.get_bricks_by_ids(missing)
-            found.update(fetched)
-            with self._brick_cache_lock:
-                if self._brick_cache_generation == generation and len(self._brick_cache) < _BRICK_CACHE_SIZE:
-                    self._brick_cache.update(fetched)
-        return found
 
     def reindex(self, progress: Callable[[int, int], None] | None = None, *, batch: int = 64) -> int:
         """Re-embed every brick with the configured model and rebuild the index.

@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable
+from datetime import datetime
 
 from sqlalchemy import Select, and_, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from registry import domain
 from registry.db.events import Event, list_events, record_event
-from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, utcnow
+from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, _aware, utcnow
 from registry.db.retrieval import (
     EmbeddedTexts,
     bump_generation,
@@ -299,6 +300,15 @@ class Store:
             return {}
         with self.db.session() as session:
             return {row.id: row.to_domain() for row in session.scalars(select(BrickRow).where(BrickRow.id.in_(ids)))}
+
+    def brick_stamps(self, ids: list[int]) -> dict[int, datetime]:
+        """``updated_at`` by row id (missing ids are left out): whether a copy of a brick is
+        still current, for a fraction of the cost of reading it."""
+        if not ids:
+            return {}
+        with self.db.session() as session:
+            rows = session.execute(select(BrickRow.id, BrickRow.updated_at).where(BrickRow.id.in_(ids)))
+            return {row.id: _aware(row.updated_at) for row in rows}
 
     def all_brick_texts(self) -> list[tuple[int, str, tuple[str, ...]]]:
         """(row id, description, examples) of every brick version, for re-indexing."""
