@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -184,6 +185,9 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
 
 
 _LINEAR_CACHE: dict[str, dict[str, LinearModule]] = {}
+# Builds one map at a time: transformers' lazy module fails ("has no attribute
+# 'AutoConfig'") when several threads import it at once, and a map is worth building once.
+_LINEAR_LOCK = threading.Lock()
 _LINEAR_CACHE_LIMIT = 64
 
 
@@ -206,10 +210,13 @@ def find_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
     key = layout.fingerprint()
     cached = _LINEAR_CACHE.get(key)
     if cached is None:
-        cached = _build_linear_modules(layout)
-        if len(_LINEAR_CACHE) >= _LINEAR_CACHE_LIMIT:
-            _LINEAR_CACHE.pop(next(iter(_LINEAR_CACHE)))
-        _LINEAR_CACHE[key] = cached
+        with _LINEAR_LOCK:
+            cached = _LINEAR_CACHE.get(key)
+            if cached is None:
+                cached = _build_linear_modules(layout)
+                if len(_LINEAR_CACHE) >= _LINEAR_CACHE_LIMIT:
+                    _LINEAR_CACHE.pop(next(iter(_LINEAR_CACHE)))
+                _LINEAR_CACHE[key] = cached
     return dict(cached)
 
 
