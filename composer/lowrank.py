@@ -1,11 +1,12 @@
 """Exact low-rank algebra: truncate a product ``B @ A`` without forming it, and the
 truncated SVD of a dense matrix.
 
-``truncate_product`` orthonormalizes ``B`` (``out x R``) through the Cholesky factor of its
-small Gram matrix and eigendecomposes an ``R x R`` core: the result is the best rank-``k``
-approximation of ``B @ A`` in Frobenius norm (Eckart-Young), at ``O((out + in) R^2)`` cost
-instead of the ``O(out * in * min(out, in))`` of an SVD of the dense product. Relative errors are exact,
-computed from the discarded singular values. Pure functions: no I/O.
+``truncate_product`` orthonormalizes ``B`` (``out x R``) through the Cholesky factor of
+its small Gram matrix and eigendecomposes an ``R x R`` core: the result is the best
+rank-``k`` approximation of ``B @ A`` in Frobenius norm (Eckart-Young), at
+``O((out + in) R^2)`` cost instead of the ``O(out * in * min(out, in))`` of an SVD of the
+dense product. Relative errors are exact, computed from the discarded singular values.
+Pure functions: no I/O.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["LowRank", "truncate_product", "truncated_svd"]
+
+_CHOLESKY_MAX_CONDITION = 1e5
 
 
 @dataclass(frozen=True)
@@ -47,19 +50,19 @@ def _orthonormal_root(m: Tensor) -> tuple[Tensor, Tensor, float]:
     ``||m||_F^2`` (the trace of ``G``).
 
     Well-conditioned stacks (the usual case) take the Cholesky factor ``G = L L^T``:
-    ``root = L^T``, ``inverse = L^-T`` (a triangular solve on ``R x R``, ~20x cheaper than an
-    eigendecomposition). When a pivot is below ``1e-5`` of the largest (``m`` has, or nearly
-    has, dependent columns: a brick given twice), the eigendecomposition of ``G`` is used
-    instead and directions beyond float32 precision are dropped, so rank-deficient stacks
-    are exact too."""
+    ``root = L^T`` and ``inverse = L^-T`` (a triangular solve on ``R x R``). ``Q`` loses
+    orthogonality like ``eps * cond(m)^2``, so when ``||L||_F ||L^-1||_F`` (an upper bound of
+    ``cond(m)``) exceeds ``1e5``, or the factorization fails (``m`` has dependent columns: a
+    brick given twice), the eigendecomposition of ``G`` is used instead and directions
+    beyond float32 precision are dropped, so rank-deficient stacks are exact too."""
     gram = m.T @ m
     norm_squared = float(gram.diagonal().sum())
     lower, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0 and lower.numel():
-        pivots = lower.diagonal()
-        if float(pivots.min()) > 1e-5 * float(pivots.max()):
-            eye = torch.eye(lower.shape[0], dtype=lower.dtype)
-            inverse = torch.linalg.solve_triangular(lower.T, eye, upper=True)
+        eye = torch.eye(lower.shape[0], dtype=lower.dtype)
+        inverse = torch.linalg.solve_triangular(lower.T, eye, upper=True)
+        condition = float(torch.linalg.matrix_norm(lower)) * float(torch.linalg.matrix_norm(inverse))
+        if math.isfinite(condition) and condition <= _CHOLESKY_MAX_CONDITION:
             return inverse, lower.T, norm_squared
     values, vectors = torch.linalg.eigh(gram)
     top = float(values[-1]) if values.numel() else 0.0

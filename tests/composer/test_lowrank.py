@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -84,18 +86,32 @@ def test_rank_deficient_and_ill_conditioned_stacks_truncate_optimally() -> None:
         assert torch.linalg.vector_norm(approx - expected) <= 1e-5 * torch.linalg.vector_norm(expected)
 
 
-@pytest.mark.parametrize("smallest", [1e-2, 1e-4, 3e-6, 1e-7])
-def test_graded_stacks_on_both_sides_of_the_cholesky_switch_truncate_optimally(smallest: float) -> None:
-    # B's singular values run from 1 down to `smallest`, on both sides of the pivot ratio
-    # (1e-5) where B's Gram matrix switches from Cholesky to an eigendecomposition.
-    b, a = _factors(400, 24, 300, seed=8)
-    q, _ = torch.linalg.qr(b.double())
-    mix, _ = torch.linalg.qr(torch.randn(24, 24, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
-    scales = torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), 24, dtype=torch.float64)
-    graded = ((q * scales) @ mix.T).float()  # singular values `scales`, columns not orthogonal
-    product = graded.double() @ a.double()
+def _kahan(n: int, c: float) -> torch.Tensor:
+    """Kahan's upper-triangular matrix: pivots within a factor ``s^(n-1)`` of each other,
+    condition number many orders of magnitude larger."""
+    s = math.sqrt(1 - c * c)
+    unit = torch.eye(n, dtype=torch.float64) - c * torch.triu(torch.ones(n, n, dtype=torch.float64), 1)
+    return torch.diag(torch.tensor([s**i for i in range(n)], dtype=torch.float64)) @ unit
+
+
+@pytest.mark.parametrize("case", ["graded-1e-2", "graded-1e-4", "graded-3e-6", "graded-1e-7", "kahan-0.5", "kahan-0.7"])
+def test_ill_conditioned_stacks_truncate_optimally(case: str) -> None:
+    # Stacks with condition numbers from 1e2 to 1e18, on both sides of the bound (1e5) where
+    # B's Gram matrix switches from Cholesky to an eigendecomposition; Kahan's stacks fool
+    # a pivot-ratio test (pivots within 1e-4 of each other at condition 1e12+).
+    kind, value = case.split("-", 1)
+    q, _ = torch.linalg.qr(torch.randn(400, 48, generator=torch.Generator().manual_seed(8), dtype=torch.float64))
+    if kind == "graded":
+        mix, _ = torch.linalg.qr(torch.randn(48, 48, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+        scales = torch.logspace(0, math.log10(float(value)), 48, dtype=torch.float64)
+        stack = (q * scales) @ mix.T  # singular values `scales`, columns not orthogonal
+    else:
+        stack = q @ _kahan(48, float(value))
+    b = stack.float()
+    a = torch.randn(48, 300, generator=torch.Generator().manual_seed(10))
+    product = b.double() @ a.double()
     for rank in (4, 16):
-        result = truncate_product(graded, a, rank)
+        result = truncate_product(b, a, rank)
         expected, expected_error = _optimal(product, rank)
         approx = result.b.double() @ result.a.double()
         assert result.relative_error == pytest.approx(expected_error, rel=1e-5, abs=1e-7)
