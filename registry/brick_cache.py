@@ -28,6 +28,7 @@ class BrickCache:
         self.size = size
         # id -> (brick, generation at which it was last known current); least recent first.
         self._entries: OrderedDict[int, tuple[domain.Brick, int]] = OrderedDict()
+        self._newest = -1  # the generation of the latest lookup
         self._lock = threading.Lock()
 
     def get(self, ids: Sequence[int], generation: int) -> dict[int, domain.Brick]:
@@ -38,6 +39,10 @@ class BrickCache:
         found: dict[int, domain.Brick] = {}
         stale: dict[int, domain.Brick] = {}
         with self._lock:
+            if generation < self._newest:
+                # The counter went back: the database was replaced under this process.
+                self._entries.clear()
+            self._newest = generation
             for i in ids:
                 entry = self._entries.get(i)
                 if entry is None:
@@ -47,20 +52,16 @@ class BrickCache:
         current = self.store.brick_stamps(list(stale)) if stale else {}
         confirmed = {i: brick for i, brick in stale.items() if current.get(i) == brick.updated_at}
         found.update(confirmed)
-        missing = [i for i in ids if i not in found]
+        deleted = {i for i in stale if i not in current}
+        missing = [i for i in ids if i not in found and i not in deleted]
         fetched = self.store.get_bricks_by_ids(missing) if missing else {}
         found.update(fetched)
         with self._lock:
+            for i in deleted:
+                self._entries.pop(i, None)
             for i, brick in (confirmed | fetched).items():
-                self._remember(i, brick, generation)
+                self._entries[i] = (brick, generation)
+                self._entries.move_to_end(i)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
         return found
-
-    def _remember(self, i: int, brick: domain.Brick, generation: int) -> None:
-        # Generations only grow: never replace an entry checked at a later one.
-        entry = self._entries.get(i)
-        if entry is not None and entry[1] > generation:
-            return
-        self._entries[i] = (brick, generation)
-        self._entries.move_to_end(i)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
