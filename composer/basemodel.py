@@ -20,7 +20,7 @@ from typing import Any
 from composer.errors import InvalidBaseModel, InvalidTensorFile
 from composer.header import DEFAULT_MAX_HEADER_BYTES, FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
 
-__all__ = ["BaseModelLayout", "LinearModule", "find_linear_modules", "read_base_model"]
+__all__ = ["TRANSFORMERS_LOCK", "BaseModelLayout", "LinearModule", "find_linear_modules", "read_base_model"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -185,9 +185,10 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
 
 
 _LINEAR_CACHE: dict[str, dict[str, LinearModule]] = {}
-# Builds one map at a time: transformers' lazy module fails ("has no attribute
-# 'AutoConfig'") when several threads import it at once, and a map is worth building once.
-_LINEAR_LOCK = threading.Lock()
+# transformers' lazy module fails ("has no attribute 'AutoConfig'") when several threads
+# import from it at once: code that may be a process's first user of transformers holds this
+# lock (building a linear-module map here, loading an embedding model in the registry).
+TRANSFORMERS_LOCK = threading.RLock()
 _LINEAR_CACHE_LIMIT = 64
 
 
@@ -210,7 +211,7 @@ def find_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
     key = layout.fingerprint()
     cached = _LINEAR_CACHE.get(key)
     if cached is None:
-        with _LINEAR_LOCK:
+        with TRANSFORMERS_LOCK:
             cached = _LINEAR_CACHE.get(key)
             if cached is None:
                 cached = _build_linear_modules(layout)

@@ -273,13 +273,16 @@ def torch_encode(model: Any, layer: int, texts: list[str]) -> tuple[np.ndarray, 
 
 def load_sentence_transformer(path: Path) -> Any:
     """The sentence-transformers model at ``path``, offline, with hidden states kept."""
+    from composer.basemodel import TRANSFORMERS_LOCK
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
+    with TRANSFORMERS_LOCK:  # the warm-up may load this while a composition plans its base
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        hf_logging.disable_progress_bar()
+        model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
     transformer: Any = model[0]
     transformer.auto_model.config.output_hidden_states = True
     return model
