@@ -116,6 +116,7 @@ class _Recording(_BatchingEmbedder):
         super().__init__(Path("."), "recording")
         self.passes: list[list[str]] = []
         self.gate = threading.Event()
+        self.entered = threading.Event()  # the first pass is running (waiting for the gate)
 
     @property
     def dim(self) -> int:
@@ -123,6 +124,7 @@ class _Recording(_BatchingEmbedder):
 
     def _encode_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if not self.passes:
+            self.entered.set()
             self.gate.wait(10)
         self.passes.append(list(texts))
         time.sleep(0.05)  # a forward pass takes time: callers answered early get to run meanwhile
@@ -148,13 +150,15 @@ def test_a_short_query_overtakes_a_long_registration() -> None:
 
     first = threading.Thread(target=call, args=("first", ["warm"]))
     first.start()
-    while not embedder._queue:  # the encoding thread is blocked on the gate with "warm"
-        pass
+    assert embedder.entered.wait(10)  # the encoding thread is blocked on the gate with "warm"
     registration = threading.Thread(target=call, args=("registration", long_texts))
     registration.start()
     query = threading.Thread(target=call, args=("query", ["short query"]))
     query.start()
-    time.sleep(0.2)  # both are queued behind the gated first pass
+    deadline = time.monotonic() + 10
+    assert embedder._queue is not None
+    while embedder._queue.qsize() < 2 and time.monotonic() < deadline:  # both queued behind it
+        time.sleep(0.001)
     embedder.gate.set()
     for thread in (first, registration, query):
         thread.join(10)
