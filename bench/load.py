@@ -9,6 +9,7 @@ With ``--profile``, py-spy samples the server for the whole run and the top fram
 printed: that is what limits throughput.
 
     python bench/load.py [--backends sqlite,postgresql] [--seconds 60] [--clients 16] [--profile]
+    python bench/load.py --rate 15      # open loop: 15 requests/s offered, same mix
 """
 
 from __future__ import annotations
@@ -105,8 +106,14 @@ def seed(url: str, token: str, console: Console) -> None:
     console.print(f"seeded {SEED_BRICKS} bricks")
 
 
-def run(url: str, token: str, *, seconds: float, clients: int, console: Console) -> Recorder:
-    """``clients`` threads mixing searches, registrations and compositions for ``seconds``."""
+def run(url: str, token: str, *, seconds: float, clients: int, rate: float, console: Console) -> Recorder:
+    """``clients`` threads mixing searches, registrations and compositions for ``seconds``.
+
+    ``rate`` 0: closed loop, each client sends its next request as soon as it has an answer
+    (the server is saturated; latency is mostly queueing). ``rate`` > 0: requests arrive at
+    that many per second in total (Poisson), spread over the clients; a request's latency is
+    counted from its scheduled arrival, so time spent waiting for a busy client counts too
+    (no coordinated omission)."""
     import httpx
 
     tasks = load_tasks()
@@ -119,10 +126,16 @@ def run(url: str, token: str, *, seconds: float, clients: int, console: Console)
 
     def client(index: int) -> None:
         rng = random.Random(index)
+        arrival = time.perf_counter()
         with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
             while time.monotonic() < stop:
                 roll = rng.random()
                 started = time.perf_counter()
+                if rate > 0:
+                    arrival += rng.expovariate(rate / clients)
+                    if arrival > started:
+                        time.sleep(arrival - started)
+                    started = arrival
                 try:
                     if roll < 0.80:
                         kind = "search"
@@ -236,12 +249,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--profile", action="store_true", help="sample the server with py-spy")
     parser.add_argument("--workers", type=int, default=1, help="server processes (brickyard serve --workers)")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="offered requests/s in total (Poisson); 0: closed loop (default)"
+    )
     args = parser.parse_args()
     console = Console(width=150)
     base_model()
     summary = []
     for backend in args.backends.split(","):
-        console.rule(f"{backend}: {args.clients} clients, {args.seconds:.0f} s")
+        offered = f", {args.rate:g} req/s offered" if args.rate > 0 else ", closed loop"
+        console.rule(f"{backend}: {args.clients} clients, {args.seconds:.0f} s{offered}")
         home = Path(tempfile.mkdtemp(prefix="brickyard-load-"))
         with migrated_database(backend, home) as database_url:
             url_env = {"BRICKYARD_HOME": str(home), "BRICKYARD_DATABASE_URL": database_url}
@@ -258,7 +275,7 @@ def main() -> None:
                 seed(url, token, console)
                 server = psutil.Process(_server_pid(home))
                 cpu_before = _cpu_seconds(server)
-                recorder = run(url, token, seconds=args.seconds, clients=args.clients, console=console)
+                recorder = run(url, token, seconds=args.seconds, clients=args.clients, rate=args.rate, console=console)
                 recorder.cpu = {k: v - cpu_before.get(k, 0.0) for k, v in _cpu_seconds(server).items()}  # type: ignore[attr-defined]
                 if spy is not None:
                     spy.send_signal(2)
