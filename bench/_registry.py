@@ -106,6 +106,21 @@ def postgres() -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def scratch_home(prefix: str) -> Iterator[Path]:
+    """A temporary directory for one run (a Brickyard home: database, blobs, compositions),
+    removed afterwards: a load run leaves gigabytes. ``BRICKYARD_BENCH_KEEP=1`` keeps it
+    (its path is printed) to read the server log."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield home
+    finally:
+        if os.environ.get("BRICKYARD_BENCH_KEEP") == "1":
+            print(f"kept {home}", file=sys.stderr)
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def migrated_database(backend: str, home: Path) -> Iterator[str]:
     """A database at the latest schema: a SQLite file in ``home``, or a throwaway PostgreSQL."""
     from registry.db.migrate import upgrade

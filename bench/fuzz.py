@@ -51,7 +51,6 @@ import itertools
 import json
 import logging
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -63,7 +62,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import postgres, random_adapter, tiny_base
+from bench._registry import postgres, random_adapter, scratch_home, tiny_base
 
 BASE_URL = "http://testserver"
 BASE_MODEL = "tiny-llama"
@@ -881,6 +880,12 @@ def fuzz_app(
 
 
 def run(database_url: str | None, args: argparse.Namespace) -> int:
+    """Fuzz a registry in a scratch home; the exit code: 1 when something was found."""
+    with scratch_home("brickyard-fuzz-") as home:
+        return _run_in(home, database_url, args)
+
+
+def _run_in(home: Path, database_url: str | None, args: argparse.Namespace) -> int:
     from fastapi.testclient import TestClient
     from rich.console import Console
 
@@ -891,7 +896,6 @@ def run(database_url: str | None, args: argparse.Namespace) -> int:
     console = Console(width=200)
     # Unhandled errors are findings (with their tracebacks); the app's own log of them is noise here.
     logging.getLogger("brickyard.api").disabled = True
-    home = Path(tempfile.mkdtemp(prefix="brickyard-fuzz-"))
     settings = Settings(home=home, database_url=database_url, compose=ComposeSettings(isolation="thread"))
     registry = Registry.open(settings)
     token, _ = registry.tokens.create("fuzz-admin", "admin", actor="bench")

@@ -21,7 +21,6 @@ import json
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,7 +33,15 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import CACHE, live_server, load_tasks, migrated_database, percentile, task_brick_form
+from bench._registry import (
+    CACHE,
+    live_server,
+    load_tasks,
+    migrated_database,
+    percentile,
+    scratch_home,
+    task_brick_form,
+)
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 512, 1536, 8, 8000
 SEED_BRICKS = 100
@@ -259,8 +266,7 @@ def main() -> None:
     for backend in args.backends.split(","):
         offered = f", {args.rate:g} req/s offered" if args.rate > 0 else ", closed loop"
         console.rule(f"{backend}: {args.clients} clients, {args.seconds:.0f} s{offered}")
-        home = Path(tempfile.mkdtemp(prefix="brickyard-load-"))
-        with migrated_database(backend, home) as database_url:
+        with scratch_home("brickyard-load-") as home, migrated_database(backend, home) as database_url:
             url_env = {"BRICKYARD_HOME": str(home), "BRICKYARD_DATABASE_URL": database_url}
             with live_server(url_env, log=home / "server.log", workers=args.workers) as url:
                 token = (home / "admin-token").read_text().strip()
@@ -281,10 +287,10 @@ def main() -> None:
                     spy.send_signal(2)
                     spy.wait(60)
                 intact, lost = verify(url, token, recorder)
-        summary.append((backend, recorder, intact, lost))
-        _print(backend, recorder, intact, lost, console)
-        if args.profile and (home / "profile.txt").exists():
-            profile_top(home / "profile.txt", console)
+            summary.append((backend, recorder, intact, lost))
+            _print(backend, recorder, intact, lost, console)
+            if args.profile and (home / "profile.txt").exists():
+                profile_top(home / "profile.txt", console)
     console.rule("summary")
     for backend, recorder, intact, lost in summary:
         errors = sum(n for c in recorder.status.values() for s, n in c.items() if s >= 500)

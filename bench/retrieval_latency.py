@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,7 +33,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import CACHE, ROOT, live_server, load_tasks, migrated_database, percentile, tiny_base
+from bench._registry import (
+    CACHE,
+    ROOT,
+    live_server,
+    load_tasks,
+    migrated_database,
+    percentile,
+    scratch_home,
+    tiny_base,
+)
 
 EXAMPLES_PER_BRICK = 3
 JITTER = 0.08
@@ -325,8 +333,7 @@ def main() -> None:
             if backend == "sqlite" and size > args.sqlite_max:
                 continue
             console.rule(f"{backend}, {size:,} bricks")
-            home = Path(tempfile.mkdtemp(prefix="brickyard-latency-"))
-            with migrated_database(backend, home) as url:
+            with scratch_home("brickyard-latency-") as home, migrated_database(backend, home) as url:
                 bulk_load(url, home, size, console)
                 env = {"BRICKYARD_HOME": str(home), "BRICKYARD_DATABASE_URL": url}
                 with live_server(env, log=home / "server.log") as server:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,15 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._registry import ROOT, load_tasks, migrated_database, random_adapter, task_brick_form, tiny_base
+from bench._registry import (
+    ROOT,
+    load_tasks,
+    migrated_database,
+    random_adapter,
+    scratch_home,
+    task_brick_form,
+    tiny_base,
+)
 
 GOALS = {"A top-1": 0.70, "A top-3": 0.90, "B top-1": 0.85}
 
@@ -42,7 +49,7 @@ def metrics(ranked: list[list[str]], truth: list[str], cluster: dict[str, str]) 
     return {"top-1": float(top1), "top-3": float(top3), "cluster top-1": float(cluster1)}
 
 
-def run(database_url: str | None, console: Console) -> None:
+def run(database_url: str | None, home: Path, console: Console) -> None:
     from fastapi.testclient import TestClient
 
     from registry.api import create_app
@@ -54,7 +61,6 @@ def run(database_url: str | None, console: Console) -> None:
     queries_b = [json.loads(line) for line in (ROOT / "bench/data/description_queries.jsonl").read_text().splitlines()]
     queries_a = [(t["task_id"], inst["input"]) for t in tasks for inst in t["instances"][5:10]]
 
-    home = Path(tempfile.mkdtemp(prefix="brickyard-quality-"))
     registry = Registry.open(Settings(home=home, database_url=database_url))
     token, _ = registry.tokens.create("bench", "admin", actor="bench")
     name_of: dict[str, str] = {}
@@ -131,8 +137,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     args = parser.parse_args()
     console = Console(width=140)
-    with migrated_database(args.backend, Path(tempfile.mkdtemp(prefix="brickyard-quality-db-"))) as url:
-        run(url, console)
+    with scratch_home("brickyard-quality-") as home, migrated_database(args.backend, home) as url:
+        run(url, home, console)
 
 
 if __name__ == "__main__":
