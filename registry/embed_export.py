@@ -94,7 +94,7 @@ def _export(model_path: Path, out: Path, *, quantize: bool) -> None:
     import numpy as np
     import torch
 
-    from registry.embed import intermediate_layer, load_sentence_transformer
+    from registry.embed import intermediate_layer, load_sentence_transformer, torch_encode
 
     model = load_sentence_transformer(model_path)
     _check_supported(model, model_path)
@@ -107,8 +107,6 @@ def _export(model_path: Path, out: Path, *, quantize: bool) -> None:
     tokenizer.enable_truncation(max_length=int(model.max_seq_length))
     tokenizer.enable_padding(pad_id=hf_tokenizer.pad_token_id, pad_token=hf_tokenizer.pad_token)
     tokenizer.save(str(out / "tokenizer.json"))
-
-    from registry.embed import torch_encode
 
     want = torch_encode(model, layer, _PROBES)  # before exporting: tracing leaves the model changed
     sample = {n: torch.tensor(v) for n, v in hf_tokenizer(_PROBES[:2], padding=True).items() if n in inputs}
