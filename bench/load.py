@@ -113,7 +113,9 @@ def seed(url: str, token: str, console: Console) -> None:
     console.print(f"seeded {SEED_BRICKS} bricks")
 
 
-def run(url: str, token: str, *, seconds: float, clients: int, rate: float, console: Console) -> Recorder:
+def run(
+    url: str, token: str, *, seconds: float, clients: int, rate: float, mix: tuple[float, float], console: Console
+) -> Recorder:
     """``clients`` threads mixing searches, registrations and compositions for ``seconds``.
 
     ``rate`` 0: closed loop, each client sends its next request as soon as it has an answer
@@ -144,10 +146,10 @@ def run(url: str, token: str, *, seconds: float, clients: int, rate: float, cons
                         time.sleep(arrival - started)
                     started = arrival
                 try:
-                    if roll < 0.80:
+                    if roll < mix[0]:
                         kind = "search"
                         response = http.post("/v1/search", json={"query": rng.choice(queries), "k": 5})
-                    elif roll < 0.95:
+                    elif roll < mix[1]:
                         kind = "register"
                         with counter_lock:
                             n = next(counter)
@@ -211,6 +213,7 @@ def verify(url: str, token: str, recorder: Recorder) -> tuple[int, int]:
 
 _CATEGORIES = (
     ("composition builds (build process)", ("registry/jobs.py", "(composer/")),
+    ("embedding brick texts (embedding process)", ("registry/embed_worker.py",)),
     ("embedding texts (MiniLM forward)", ("registry/embed.py",)),
     ("adapter validation (upload)", ("registry/spec.py", "registry/blobs.py")),
     ("ranking + candidate generation", ("registry/retrieve.py", "registry/index.py", "registry/lexical.py")),
@@ -259,7 +262,14 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=0.0, help="offered requests/s in total (Poisson); 0: closed loop (default)"
     )
+    parser.add_argument(
+        "--mix", default="80,15,5", help="percent of searches, registrations, compositions (default 80,15,5)"
+    )
     args = parser.parse_args()
+    shares = [float(x) for x in args.mix.split(",")]
+    if len(shares) != 3 or min(shares) < 0 or not sum(shares):
+        parser.error("--mix takes three non-negative percentages, e.g. 80,15,5")
+    mix = (shares[0] / sum(shares), (shares[0] + shares[1]) / sum(shares))
     console = Console(width=150)
     base_model()
     summary = []
@@ -281,7 +291,9 @@ def main() -> None:
                 seed(url, token, console)
                 server = psutil.Process(_server_pid(home))
                 cpu_before = _cpu_seconds(server)
-                recorder = run(url, token, seconds=args.seconds, clients=args.clients, rate=args.rate, console=console)
+                recorder = run(
+                    url, token, seconds=args.seconds, clients=args.clients, rate=args.rate, mix=mix, console=console
+                )
                 recorder.cpu = {k: v - cpu_before.get(k, 0.0) for k, v in _cpu_seconds(server).items()}  # type: ignore[attr-defined]
                 if spy is not None:
                     spy.send_signal(2)
@@ -303,7 +315,9 @@ def main() -> None:
 
 
 def _cpu_seconds(server: Any) -> dict[str, float]:
-    """CPU seconds (user + system) of the API server and of its build processes."""
+    """CPU seconds (user + system) of the API server, its embedding and build processes,
+    the PostgreSQL server (every ``postgres`` process on the machine: the bench's own) and
+    this process, the clients."""
     import psutil
 
     def used(process: Any) -> float:
@@ -315,8 +329,16 @@ def _cpu_seconds(server: Any) -> dict[str, float]:
 
     children = server.children(recursive=True)
     builders = [c for c in children if "registry.jobs" in " ".join(c.cmdline())]
-    api = [server, *(c for c in children if c not in builders)]
-    return {"API server": sum(used(p) for p in api), "build processes": sum(used(c) for c in builders)}
+    embedders = [c for c in children if "registry.embed_worker" in " ".join(c.cmdline())]
+    api = [server, *(c for c in children if c not in builders and c not in embedders)]
+    database = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+    return {
+        "API server": sum(used(p) for p in api),
+        "embedding process": sum(used(c) for c in embedders),
+        "build processes": sum(used(c) for c in builders),
+        "PostgreSQL": sum(used(p) for p in database),
+        "load generator": used(psutil.Process()),
+    }
 
 
 def _server_pid(home: Path) -> int:
@@ -348,7 +370,9 @@ def _print(backend: str, recorder: Recorder, intact: int, lost: int, console: Co
     cpu = getattr(recorder, "cpu", {})
     if cpu:
         spent = ", ".join(
-            f"{name} {seconds:.0f} s ({100 * seconds / (2 * elapsed):.0f}% of 2 cores)" for name, seconds in cpu.items()
+            f"{name} {seconds:.0f} s ({100 * seconds / (2 * elapsed):.0f}% of 2 cores)"
+            for name, seconds in cpu.items()
+            if seconds >= 0.5
         )
         console.print(f"CPU used during the load (after seeding): {spent}")
 

@@ -15,10 +15,8 @@ machine: every process shares the queue in the database.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from registry.compositions import Compositions, worker_alive, worker_name
+from registry.priority import lower_to_background
 
 if TYPE_CHECKING:
     from registry.settings import Settings
@@ -155,10 +154,7 @@ def _child_setup() -> None:
     # build process only when no request thread is runnable, so searches keep their latency
     # while a model is merged (profiled: with nice 10 alone, builds took ~half the samples of
     # a loaded server). Fall back to plain niceness where the policy is not available.
-    os.nice(_NICENESS)
-    if hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    lower_to_background(_NICENESS)
     if sys.platform.startswith("linux"):
         import ctypes
 

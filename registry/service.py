@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from composer.basemodel import find_linear_modules, read_base_model
 from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
@@ -46,6 +47,9 @@ from registry.retrieve import rank_bricks
 from registry.settings import Settings
 from registry.spec import inspect_adapter
 from registry.store import Store
+
+if TYPE_CHECKING:
+    from registry.embed_worker import ProcessEmbedder
 
 __all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry", "SearchHit", "SearchResult"]
 
@@ -90,6 +94,10 @@ class Registry:
         self.store = store
         self.blobs = blobs
         self._embedder = embedder
+        self._embedder_given = embedder is not None
+        self._brick_embedder: Embedder | None = None
+        self._brick_embedder_lock = threading.Lock()
+        self._embed_child: ProcessEmbedder | None = None
         self.index = index if index is not None else make_index(store.db)
         self.compositions = Compositions(self)
         self.tokens = TokenStore(store.db)
@@ -109,10 +117,40 @@ class Registry:
             )
         return self._embedder
 
+    @property
+    def brick_embedder(self) -> Embedder:
+        """What embeds brick descriptions and examples: with ``embedding.isolation =
+        "process"``, a low-priority child process (see `registry.embed_worker`), so that
+        registrations do not take the CPU from searches; otherwise `embedder`. An embedder
+        given to the constructor serves both."""
+        if self._brick_embedder is None:
+            with self._brick_embedder_lock:
+                if self._brick_embedder is None:
+                    self._brick_embedder = self._open_brick_embedder()
+        return self._brick_embedder
+
+    def _open_brick_embedder(self) -> Embedder:
+        embedding = self.settings.embedding
+        if self._embedder_given or embedding.isolation == "thread":
+            return self.embedder
+        from registry.embed_worker import ProcessEmbedder
+
+        config = {
+            "path": str(embedding.resolved_model_path()),
+            "runtime": embedding.runtime,
+            "cache_dir": str(self.settings.embedding_cache_dir),
+            "quantize": embedding.quantize,
+            "threads": embedding.threads,
+        }
+        log_path = self.settings.home / "logs" / "embed-worker.log"
+        self._embed_child = ProcessEmbedder(config, log_path, timeout_s=embedding.timeout_s)
+        return self._embed_child
+
     def _embed(self, description: str, examples: tuple[str, ...]) -> EmbeddedTexts:
-        vectors, layers = self.embedder.embed_with_layer([description, *examples])
+        embedder = self.brick_embedder
+        vectors, layers = embedder.embed_with_layer([description, *examples])
         return EmbeddedTexts(
-            model=self.embedder.name,
+            model=embedder.name,
             description=description,
             examples=examples,
             desc_vec=vectors[0],
@@ -138,7 +176,9 @@ class Registry:
         return cls(settings, Store(db), LocalBlobStore(settings.blob_root))
 
     def close(self) -> None:
-        """Release database connections."""
+        """Release database connections and stop the embedding child, if any."""
+        if self._embed_child is not None:
+            self._embed_child.close()
         self.store.db.dispose()
 
     def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:

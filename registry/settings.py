@@ -78,6 +78,15 @@ class EmbeddingSettings(BaseModel):
     quantize: bool = Field(
         False, description="int8 linear layers: faster embeddings on CPU (changing it needs `brickyard reindex`)"
     )
+    isolation: Literal["process", "thread"] = Field(
+        "process",
+        description="where brick descriptions and examples are embedded: a child process at low priority "
+        "(default; searches keep their latency while bricks are registered) or the server's own threads. "
+        "Search queries are always embedded in the server.",
+    )
+    timeout_s: float = Field(
+        120.0, gt=0, description="a brick's texts not embedded in this time fail the request (503)"
+    )
 
     def resolved_model_path(self) -> Path:
         """The configured path, or the packaged all-MiniLM-L6-v2."""

@@ -157,11 +157,17 @@ def empty_database_url(backend: str, request: pytest.FixtureRequest, tmp_path: P
 
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Any:
-    """Settings for one test: its own home directory and database; compositions build in a
-    thread of the server (the child-process mode is tested against a live server)."""
+    """Settings for one test: its own home directory and database; compositions build and
+    brick texts are embedded in threads of the server (the child-process modes are tested
+    in test_embed_worker.py and against live servers)."""
     from registry.settings import ComposeSettings, Settings
 
-    return Settings(home=tmp_path / "home", database_url=database_url, compose=ComposeSettings(isolation="thread"))
+    return Settings(
+        home=tmp_path / "home",
+        database_url=database_url,
+        compose=ComposeSettings(isolation="thread"),
+        embedding={"isolation": "thread"},  # a dict: merged with the environment (the shared export cache)
+    )
 
 
 @pytest.fixture

@@ -93,6 +93,7 @@ def _warm_up(registry: Registry) -> None:
     def load() -> None:
         try:
             _ = registry.embedder.dim
+            _ = registry.brick_embedder.dim  # starts the embedding child, after any export above
         except Exception:  # reported again, as a problem, by the request that needs it
             logging.getLogger(__name__).exception("could not load the embedding model")
 

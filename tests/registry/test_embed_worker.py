@@ -1,0 +1,183 @@
+"""The embedding child: same vectors as the server's own model, low priority, and a dead or
+stalled child fails one call cleanly and is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from registry.embed import OnnxEmbedder
+from registry.embed_worker import NICENESS, ProcessEmbedder
+from registry.errors import ServiceUnavailable
+from registry.settings import EmbeddingSettings
+
+MODEL = EmbeddingSettings().resolved_model_path()
+TEXTS = [
+    "translate customer emails from Romanian to English",
+    "UPPER case and ünïcödé 🙂",
+    "a long input that goes past the model's 256-token window " * 40,
+]
+
+
+def _config(cache: Path, **changes: Any) -> dict[str, Any]:
+    return {"path": str(MODEL), "runtime": "onnx", "cache_dir": str(cache), "quantize": False, "threads": 1} | changes
+
+
+@pytest.fixture(scope="module")
+def child(embedding_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessEmbedder]:
+    embedder = ProcessEmbedder(_config(embedding_cache), tmp_path_factory.mktemp("logs") / "embed.log")
+    embedder.start()
+    yield embedder
+    embedder.close()
+
+
+def _pid(embedder: ProcessEmbedder) -> int:
+    assert embedder._child is not None
+    return embedder._child.process.pid
+
+
+def test_the_child_gives_the_servers_vectors_and_identity(child: ProcessEmbedder, embedding_cache: Path) -> None:
+    local = OnnxEmbedder(MODEL, embedding_cache)
+    want_sentences, want_layers = local.embed_with_layer(TEXTS)
+    got_sentences, got_layers = child.embed_with_layer(TEXTS)
+    assert got_sentences.dtype == np.float32 and got_sentences.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(got_sentences, want_sentences, atol=1e-6)
+    np.testing.assert_allclose(got_layers, want_layers, atol=1e-6)
+    assert child.name == local.name and child.dim == 384
+    assert child.embed([]).shape == (0, 384)
+
+
+def test_the_child_runs_at_background_priority(child: ProcessEmbedder) -> None:
+    pid = _pid(child)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == NICENESS
+    assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+    # ...and so do the onnxruntime threads it started after lowering itself.
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        assert os.sched_getscheduler(int(task.name)) == os.SCHED_IDLE
+
+
+def test_concurrent_callers_get_their_own_vectors(child: ProcessEmbedder) -> None:
+    expected = child.embed(TEXTS)
+    results: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        results[i] = child.embed([TEXTS[i % len(TEXTS)]])[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, vector in results.items():
+        np.testing.assert_allclose(vector, expected[i % len(TEXTS)], atol=1e-6)
+    assert len(results) == 9
+
+
+def test_a_child_killed_during_a_call_fails_that_call_and_is_replaced(child: ProcessEmbedder) -> None:
+    pid = _pid(child)
+    os.kill(pid, signal.SIGSTOP)  # the call below waits on it until it is killed
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            child.embed(TEXTS)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            failures.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    caller.join(30)
+    assert len(failures) == 1 and isinstance(failures[0], ServiceUnavailable)
+    assert "killed by signal 9" in str(failures[0])
+    assert child.embed(TEXTS[:1]).shape == (1, 384)
+    assert _pid(child) != pid
+
+
+def test_a_stalled_child_times_out_and_is_replaced(embedding_cache: Path, tmp_path: Path) -> None:
+    embedder = ProcessEmbedder(_config(embedding_cache), tmp_path / "embed.log", timeout_s=1.0)
+    try:
+        embedder.start()
+        pid = _pid(embedder)
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="no answer in time"):
+            embedder.embed(TEXTS)
+        assert time.monotonic() - started < 5
+        with pytest.raises(ProcessLookupError):  # the stalled child was killed, not left behind
+            os.kill(pid, 0)
+        assert embedder.embed(TEXTS[:1]).shape == (1, 384)
+    finally:
+        embedder.close()
+
+
+def test_a_model_that_does_not_load_is_a_clear_503(tmp_path: Path) -> None:
+    embedder = ProcessEmbedder(_config(tmp_path, path=str(tmp_path / "no-such-model")), tmp_path / "embed.log")
+    with pytest.raises(ServiceUnavailable, match="did not start") as caught:
+        embedder.embed(TEXTS)
+    assert str(tmp_path / "embed.log") in str(caught.value)
+    embedder.close()
+
+
+def test_the_child_exits_when_its_server_goes_away(embedding_cache: Path, tmp_path: Path) -> None:
+    embedder = ProcessEmbedder(_config(embedding_cache), tmp_path / "embed.log")
+    embedder.start()
+    assert embedder._child is not None
+    process = embedder._child.process
+    assert process.stdin is not None
+    process.stdin.close()  # what the child sees when the server dies
+    assert process.wait(30) == 0
+    embedder.close()
+
+
+def test_a_registry_embeds_brick_texts_in_the_child(settings: Any, embedding_cache: Path) -> None:
+    from registry.service import Registry
+
+    process_settings = settings.model_copy(
+        update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})}
+    )
+    registry = Registry.open(process_settings)
+    try:
+        query_vector = registry.embedder.embed(["a search first loads the server's own model"])
+        assert query_vector.shape == (1, 384)
+        embedder = registry.brick_embedder
+        assert isinstance(embedder, ProcessEmbedder)
+        embedded = registry._embed("classify the sentiment of a review", ("the food was cold",))
+        want = registry.embedder.embed(["classify the sentiment of a review", "the food was cold"])
+        np.testing.assert_allclose(np.vstack([embedded.desc_vec, embedded.ex_vecs]), want, atol=1e-6)
+        assert embedded.model == registry.embedder.name
+        process = embedder._child.process if embedder._child is not None else None
+        assert process is not None and process.poll() is None
+    finally:
+        registry.close()
+    assert process.poll() is not None
+
+
+def test_in_thread_mode_the_registry_uses_its_own_embedder(registry: Any) -> None:
+    assert registry.settings.embedding.isolation == "thread"
+    assert registry.brick_embedder is registry.embedder
+
+
+def test_an_embedder_given_to_the_registry_serves_brick_texts_too(settings: Any) -> None:
+    from registry.service import Registry
+    from registry.store import Store
+
+    given = OnnxEmbedder(MODEL, settings.embedding_cache_dir)
+    process_settings = settings.model_copy(
+        update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})}
+    )
+    opened = Registry.open(process_settings)
+    registry = Registry(process_settings, Store(opened.store.db), opened.blobs, embedder=given)
+    try:
+        assert registry.brick_embedder is given
+    finally:
+        opened.close()
