@@ -89,11 +89,25 @@ class Recorder:
         self.status: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
         self.acknowledged: dict[str, str] = {}
         self.transport_errors = 0
+        self.search_stages: dict[str, list[float]] = collections.defaultdict(list)
 
     def add(self, kind: str, seconds: float, status: int) -> None:
         with self.lock:
             self.latency[kind].append(seconds * 1000)
             self.status[kind][status] += 1
+
+    def add_search_stages(self, seconds: float, server_timing: str) -> None:
+        """A search's ``Server-Timing`` stages, and the rest of its latency ("outside":
+        waiting for a server thread, authentication, HTTP, the clients' own delays)."""
+        stages = {}
+        for part in server_timing.split(","):
+            name, _, duration = part.strip().partition(";dur=")
+            if duration:
+                stages[name] = float(duration)
+        with self.lock:
+            for name, ms in stages.items():
+                self.search_stages[name].append(ms)
+            self.search_stages["outside"].append(seconds * 1000 - sum(stages.values()))
 
 
 def seed(url: str, token: str, console: Console) -> None:
@@ -172,7 +186,10 @@ def run(
                             "method": rng.choice(["linear", "ties"]),
                         }
                         response = http.post("/v1/compositions", json=request)
-                    recorder.add(kind, time.perf_counter() - started, response.status_code)
+                    elapsed = time.perf_counter() - started
+                    recorder.add(kind, elapsed, response.status_code)
+                    if kind == "search" and response.status_code == 200:
+                        recorder.add_search_stages(elapsed, response.headers.get("server-timing", ""))
                 except httpx.TransportError:
                     with recorder.lock:
                         recorder.transport_errors += 1
@@ -364,6 +381,13 @@ def _print(backend: str, recorder: Recorder, intact: int, lost: int, console: Co
             statuses,
         )
     console.print(table)
+    if recorder.search_stages:
+        stages = Table(title="where a search's time goes (Server-Timing; outside = the rest)")
+        for column in ("stage", "p50 ms", "p95 ms", "p99 ms"):
+            stages.add_column(column, justify="right" if column != "stage" else "left")
+        for name, values in recorder.search_stages.items():
+            stages.add_row(name, *(f"{percentile(values, q):.1f}" for q in (50, 95, 99)))
+        console.print(stages)
     console.print(
         f"transport errors: {recorder.transport_errors}; acknowledged registrations intact: {intact}, lost: {lost}"
     )
