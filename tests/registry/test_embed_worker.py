@@ -181,3 +181,50 @@ def test_an_embedder_given_to_the_registry_serves_brick_texts_too(settings: Any)
         assert registry.brick_embedder is given
     finally:
         opened.close()
+
+
+@pytest.fixture
+def process_client(settings: Any, llama_base: Path) -> Iterator[tuple[Any, Any]]:
+    """The app over a registry that embeds brick texts in its child process."""
+    from fastapi.testclient import TestClient
+
+    from registry.api import create_app
+    from registry.service import Registry
+    from tests.conftest import register_base
+
+    registry = Registry.open(
+        settings.model_copy(update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})})
+    )
+    token, _ = registry.tokens.create("admin", "admin", actor="tests")
+    try:
+        with TestClient(
+            create_app(registry=registry), raise_server_exceptions=False, headers={"Authorization": f"Bearer {token}"}
+        ) as client:
+            register_base(client, llama_base)
+            yield client, registry
+    finally:
+        registry.close()
+
+
+def test_a_registration_whose_embedding_child_dies_is_a_503_that_leaves_nothing(
+    process_client: tuple[Any, Any], loras: dict[str, Path]
+) -> None:
+    from tests.conftest import upload
+    from tests.registry.api.test_bad_input import assert_nothing_stored, assert_problem
+
+    client, registry = process_client
+    embedder = registry.brick_embedder
+    assert isinstance(embedder, ProcessEmbedder)
+    embedder.start()
+    pid = _pid(embedder)
+    os.kill(pid, signal.SIGSTOP)  # the registration below waits on it...
+    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()  # ...until it is killed
+    response = upload(client, loras["r4"])
+    assert_problem(response, 503, "service-unavailable", "embedding failed", "killed by signal 9")
+    assert_nothing_stored(registry)
+    # The next registration starts a new child and succeeds, with its vectors searchable.
+    again = upload(client, loras["r4"])
+    assert again.status_code == 201, again.text
+    assert _pid(embedder) != pid
+    hits = client.post("/v1/search", json={"query": "classify sentiment", "k": 1}).json()["hits"]
+    assert [hit["brick"]["name"] for hit in hits] == ["sentiment"]
