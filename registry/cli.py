@@ -112,7 +112,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="interface to bind (default BRICKYARD_HOST or 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default BRICKYARD_PORT or 8000)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
-    workers: Annotated[int, typer.Option(help="server processes (each holds its own embedding model)")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="server processes (each holds its own embedding model and embedding child process)")
+    ] = 1,
 ) -> None:
     """Run the REST API with uvicorn."""
     import uvicorn
@@ -532,8 +534,13 @@ def reindex() -> None:
     from rich.progress import Progress
 
     from registry.service import Registry
+    from registry.settings import Settings
 
-    registry = Registry.open()
+    # A batch the user waits for: embed in this process, at its priority, not in a background child.
+    settings = Settings()
+    registry = Registry.open(
+        settings.model_copy(update={"embedding": settings.embedding.model_copy(update={"isolation": "thread"})})
+    )
     try:
         with Progress(console=console) as progress:
             task = progress.add_task("embedding bricks", total=None)

@@ -5,9 +5,11 @@ CPU each, against a few for a one-line search query. Run in the server, that wor
 with searches for the same two cores and the same GIL, and a mixed load makes every search
 wait behind it (profiled with ``bench/load.py --profile``: the MiniLM forward pass was the
 largest share of the server's CPU). `ProcessEmbedder` moves it to one long-lived child,
-``python -m registry.embed_worker``, at background priority (`registry.priority`): the
-kernel gives the child the CPU that searches leave, so under load registrations wait
-instead of searches. Queries stay in the server.
+``python -m registry.embed_worker``, at background priority (`registry.priority`; it loads
+the model first, at normal priority): the kernel gives the child the CPU that searches
+leave, so under load registrations wait instead of searches. Queries stay in the server.
+On a CPU saturated for long, a background task still gets a sliver (a registration's
+~80 ms of CPU then takes tens of seconds); a call not answered within ``timeout_s`` fails.
 
 The child loads the same model with the same settings, so its vectors are the ones the
 server would compute. It reads length-prefixed JSON lists of texts on stdin and answers each
@@ -18,10 +20,11 @@ fails cleanly) and the next call starts a new child.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import select
+import selectors
 import struct
 import subprocess
 import sys
@@ -54,36 +57,48 @@ class ProcessEmbedder:
             `registry.embed.shared_embedder` plus ``path`` (JSON-serialisable).
         log_path: where the child's stderr goes.
         timeout_s: a call not answered in this time fails, and the child is replaced.
+        start_timeout_s: how long a new child may take to load the model (it loads at
+            normal priority, exporting the ONNX graph first if no process has yet).
     """
 
-    def __init__(self, config: dict[str, Any], log_path: Path, *, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, config: dict[str, Any], log_path: Path, *, timeout_s: float = 120.0, start_timeout_s: float = 300.0
+    ) -> None:
         self.config = config
         self.log_path = Path(log_path)
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()
+        self.start_timeout_s = start_timeout_s
+        self._lock = threading.Lock()  # one call at a time talks to the child
         self._child: _Child | None = None
-        self._facts: dict[str, Any] | None = None
+        self._facts: dict[str, Any] | None = None  # the model's name and dim, once known
+        self._closed = False
 
     @property
     def name(self) -> str:
-        """Identity of the model (starts the child)."""
-        return str(self._started()["name"])
+        """Identity of the model (starts the child the first time)."""
+        return str(self._known_facts()["name"])
 
     @property
     def dim(self) -> int:
-        """Vector dimension (starts the child)."""
-        return int(self._started()["dim"])
+        """Vector dimension (starts the child the first time)."""
+        return int(self._known_facts()["dim"])
 
     def start(self) -> None:
         """Start the child and load its model now rather than on the first call."""
-        self._started()
+        with self._lock:
+            self._ensure_child()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors for ``texts`` (float32)."""
         return self.embed_with_layer(texts)[0]
 
     def embed_with_layer(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Unit sentence vectors and unit layer vectors, computed by the child."""
+        """Unit sentence vectors and unit layer vectors, computed by the child.
+
+        Raises:
+            ServiceUnavailable: the child could not start, died, stalled past ``timeout_s``
+                or failed; it is replaced on the next call.
+        """
         if not texts:
             empty = np.zeros((0, self.dim), dtype=np.float32)
             return empty, empty
@@ -94,29 +109,42 @@ class ProcessEmbedder:
             except _ChildFailed as exc:
                 self._replace()
                 raise ServiceUnavailable(f"embedding failed: {exc}; see {self.log_path}") from None
+            except BaseException:
+                self._replace()  # the pipe may be mid-frame: never reuse it
+                raise
 
     def close(self) -> None:
-        """Stop the child."""
+        """Stop the child; later calls raise `ServiceUnavailable`. A call in progress fails
+        at once (the child is killed first, then cleaned up once the call lets go)."""
+        self._closed = True
+        child = self._child
+        if child is not None:
+            child.signal_kill()
         with self._lock:
             self._replace()
 
-    def _started(self) -> dict[str, Any]:
-        with self._lock:
-            self._ensure_child()
-            assert self._facts is not None
-            return self._facts
+    def _known_facts(self) -> dict[str, Any]:
+        if self._facts is None:
+            with self._lock:
+                self._ensure_child()
+        assert self._facts is not None
+        return self._facts
 
     def _ensure_child(self) -> _Child:
+        if self._closed:
+            raise ServiceUnavailable("the embedding process was stopped (the registry is closed)")
         if self._child is not None and self._child.alive:
             return self._child
         self._replace()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         child = _Child(self.log_path)
         try:
-            facts = child.hello(self.config, time.monotonic() + self.timeout_s)
-        except _ChildFailed as exc:
+            facts = child.hello(self.config, time.monotonic() + self.start_timeout_s)
+        except BaseException as exc:
             child.kill()
-            raise ServiceUnavailable(f"the embedding process did not start: {exc}; see {self.log_path}") from None
+            if isinstance(exc, _ChildFailed):
+                raise ServiceUnavailable(f"the embedding process did not start: {exc}; see {self.log_path}") from None
+            raise
         self._child, self._facts = child, facts
         return child
 
@@ -133,17 +161,21 @@ class _ChildFailed(Exception):
 class _Child:
     def __init__(self, log_path: Path) -> None:
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "registry.embed_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            # At fork, so that every thread inherits it (numpy starts one at import).
-            preexec_fn=None if sys.platform == "win32" else _background,
-        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "registry.embed_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                process_group=0 if sys.platform != "win32" else None,  # Ctrl-C is for the server
+            )
+        except BaseException:
+            self._log.close()
+            raise
         assert self.process.stdin is not None and self.process.stdout is not None
-        self._stdin: IO[bytes] = self.process.stdin
+        self._stdin_fd = self.process.stdin.fileno()
         self._stdout_fd = self.process.stdout.fileno()
+        os.set_blocking(self._stdin_fd, False)  # writes wait with a deadline, like reads
 
     @property
     def alive(self) -> bool:
@@ -151,15 +183,19 @@ class _Child:
 
     def hello(self, config: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Send the model config; the child's answer once the model is loaded."""
-        self._send(json.dumps(config).encode())
+        self._send(json.dumps(config).encode(), deadline)
         status, _, length = _HEADER.unpack(self._read(_HEADER.size, deadline))
         body = self._read(length, deadline)
         if status != _OK:
             raise _ChildFailed(body.decode(errors="replace"))
-        return dict(json.loads(body))
+        try:
+            facts = json.loads(body)
+            return {"name": str(facts["name"]), "dim": int(facts["dim"])}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _ChildFailed(f"the embedding process answered {body[:200]!r}") from exc
 
     def embed(self, texts: list[str], deadline: float) -> tuple[np.ndarray, np.ndarray]:
-        self._send(json.dumps(texts).encode())
+        self._send(json.dumps(texts).encode(), deadline)
         status, rows, size = _HEADER.unpack(self._read(_HEADER.size, deadline))
         if status != _OK:
             raise _ChildFailed(self._read(size, deadline).decode(errors="replace"))
@@ -168,35 +204,53 @@ class _Child:
         both = np.frombuffer(self._read(2 * rows * size * 4, deadline), dtype=np.float32).reshape(2, rows, size)
         return both[0].copy(), both[1].copy()
 
-    def kill(self) -> None:
-        if self.alive:
+    def signal_kill(self) -> None:
+        """Kill the process, leaving its pipes to whoever is using them."""
+        with contextlib.suppress(OSError):
             self.process.kill()
+
+    def kill(self) -> None:
+        self.signal_kill()
         self.process.wait()
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(OSError):
+                    stream.close()
         self._log.close()
 
-    def _send(self, payload: bytes) -> None:
-        try:
-            self._stdin.write(_LENGTH.pack(len(payload)) + payload)
-            self._stdin.flush()
-        except OSError as exc:
-            raise _ChildFailed(self._exit_reason() or str(exc)) from None
+    def _send(self, payload: bytes, deadline: float) -> None:
+        view = memoryview(_LENGTH.pack(len(payload)) + payload)
+        while view:
+            self._wait(self._stdin_fd, selectors.EVENT_WRITE, deadline)
+            try:
+                written = os.write(self._stdin_fd, view)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise _ChildFailed(self._exit_reason() or str(exc)) from None
+            view = view[written:]
 
     def _read(self, n: int, deadline: float) -> bytes:
         chunks: list[bytes] = []
         while n:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._stdout_fd], [], [], left)[0]:
-                raise _ChildFailed("no answer in time")
-            chunk = os.read(self._stdout_fd, min(n, 1 << 20))
+            self._wait(self._stdout_fd, selectors.EVENT_READ, deadline)
+            try:
+                chunk = os.read(self._stdout_fd, min(n, 1 << 20))
+            except OSError as exc:
+                raise _ChildFailed(str(exc)) from None
             if not chunk:
                 self.process.wait()
                 raise _ChildFailed(self._exit_reason() or "the embedding process closed its output")
             chunks.append(chunk)
             n -= len(chunk)
         return b"".join(chunks)
+
+    def _wait(self, fd: int, event: int, deadline: float) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, event)
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                raise _ChildFailed("no answer in time")
 
     def _exit_reason(self) -> str | None:
         code = self.process.poll()
@@ -207,13 +261,11 @@ class _Child:
         return f"the embedding process exited with code {code}"
 
 
-def _background() -> None:
-    lower_to_background(NICENESS)
-
-
 def main() -> int:
-    """Child entry point: the config as the first frame, then one frame of texts per call."""
-    lower_to_background(NICENESS)
+    """Child entry point: the config as the first frame, then one frame of texts per call.
+
+    The model loads at the priority the child was started with (a saturated server must not
+    starve the start-up); then every thread drops to background priority."""
     # Answers go to a private copy of stdout; whatever a library prints goes to the log.
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -233,6 +285,7 @@ def main() -> int:
         log.exception("could not load the embedding model")
         _write(stdout, _HEADER.pack(_ERROR, 0, len(str(exc).encode())) + str(exc).encode())
         return 1
+    lower_to_background(NICENESS, all_threads=True)  # onnxruntime's threads exist by now
     _write(stdout, _HEADER.pack(_OK, 0, len(hello)) + hello)
     while (frame := _read_frame(stdin)) is not None:
         try:

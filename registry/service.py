@@ -38,6 +38,7 @@ from registry.errors import (
     InvalidBaseModel,
     InvalidInput,
     PayloadTooLarge,
+    ServiceUnavailable,
     VersionExists,
 )
 from registry.fsck import FsckReport, fsck
@@ -98,6 +99,7 @@ class Registry:
         self._brick_embedder: Embedder | None = None
         self._brick_embedder_lock = threading.Lock()
         self._embed_child: ProcessEmbedder | None = None
+        self._closed = False
         self.index = index if index is not None else make_index(store.db)
         self.compositions = Compositions(self)
         self.tokens = TokenStore(store.db)
@@ -125,6 +127,8 @@ class Registry:
         given to the constructor serves both."""
         if self._brick_embedder is None:
             with self._brick_embedder_lock:
+                if self._closed:
+                    raise ServiceUnavailable("the registry is closed")
                 if self._brick_embedder is None:
                     self._brick_embedder = self._open_brick_embedder()
         return self._brick_embedder
@@ -177,8 +181,11 @@ class Registry:
 
     def close(self) -> None:
         """Release database connections and stop the embedding child, if any."""
-        if self._embed_child is not None:
-            self._embed_child.close()
+        with self._brick_embedder_lock:
+            self._closed = True  # a warm-up still running must not start a child now
+            child = self._embed_child
+        if child is not None:
+            child.close()
         self.store.db.dispose()
 
     def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:

@@ -44,6 +44,29 @@ def _pid(embedder: ProcessEmbedder) -> int:
     return embedder._child.process.pid
 
 
+def _kill_once_sent(embedder: ProcessEmbedder, monkeypatch: pytest.MonkeyPatch) -> threading.Thread:
+    """Stop the child, then SIGKILL it as soon as the next request has been written to it,
+    so that the request is in flight when the child dies."""
+    child = embedder._child
+    assert child is not None
+    pid, sent, send = child.process.pid, threading.Event(), child._send
+
+    def spy(payload: bytes, deadline: float) -> None:
+        send(payload, deadline)
+        sent.set()
+
+    monkeypatch.setattr(child, "_send", spy)
+    os.kill(pid, signal.SIGSTOP)
+
+    def kill() -> None:
+        assert sent.wait(60)
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
+
+
 def test_the_child_gives_the_servers_vectors_and_identity(child: ProcessEmbedder, embedding_cache: Path) -> None:
     local = OnnxEmbedder(MODEL, embedding_cache)
     want_sentences, want_layers = local.embed_with_layer(TEXTS)
@@ -56,12 +79,13 @@ def test_the_child_gives_the_servers_vectors_and_identity(child: ProcessEmbedder
 
 
 def test_the_child_runs_at_background_priority(child: ProcessEmbedder) -> None:
+    child.embed(TEXTS[:1])  # the encoding thread starts on the first call
     pid = _pid(child)
-    assert os.getpriority(os.PRIO_PROCESS, pid) == NICENESS
-    assert os.sched_getscheduler(pid) == os.SCHED_IDLE
-    # ...and so do the onnxruntime threads it started after lowering itself.
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        assert os.sched_getscheduler(int(task.name)) == os.SCHED_IDLE
+    tasks = [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    assert len(tasks) >= 3  # main, onnxruntime's, the encoding thread (and numpy's)
+    for task in tasks:  # every thread, also those started before it lowered itself
+        assert os.getpriority(os.PRIO_PROCESS, task) == NICENESS
+        assert os.sched_getscheduler(task) == os.SCHED_IDLE
 
 
 def test_concurrent_callers_get_their_own_vectors(child: ProcessEmbedder) -> None:
@@ -81,30 +105,21 @@ def test_concurrent_callers_get_their_own_vectors(child: ProcessEmbedder) -> Non
     assert len(results) == 9
 
 
-def test_a_child_killed_during_a_call_fails_that_call_and_is_replaced(child: ProcessEmbedder) -> None:
+def test_a_child_killed_during_a_call_fails_that_call_and_is_replaced(
+    child: ProcessEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pid = _pid(child)
-    os.kill(pid, signal.SIGSTOP)  # the call below waits on it until it is killed
-    failures: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            child.embed(TEXTS)
-        except BaseException as exc:  # noqa: BLE001 - inspected below
-            failures.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    time.sleep(0.3)
-    os.kill(pid, signal.SIGKILL)
-    caller.join(30)
-    assert len(failures) == 1 and isinstance(failures[0], ServiceUnavailable)
-    assert "killed by signal 9" in str(failures[0])
+    killer = _kill_once_sent(child, monkeypatch)
+    with pytest.raises(ServiceUnavailable, match="killed by signal 9"):
+        child.embed(TEXTS)
+    killer.join()
     assert child.embed(TEXTS[:1]).shape == (1, 384)
     assert _pid(child) != pid
 
 
 def test_a_stalled_child_times_out_and_is_replaced(embedding_cache: Path, tmp_path: Path) -> None:
-    embedder = ProcessEmbedder(_config(embedding_cache), tmp_path / "embed.log", timeout_s=1.0)
+    # The short timeout is for calls; starting (loading the model) has its own.
+    embedder = ProcessEmbedder(_config(embedding_cache), tmp_path / "embed.log", timeout_s=1.0, start_timeout_s=120)
     try:
         embedder.start()
         pid = _pid(embedder)
@@ -137,6 +152,60 @@ def test_the_child_exits_when_its_server_goes_away(embedding_cache: Path, tmp_pa
     process.stdin.close()  # what the child sees when the server dies
     assert process.wait(30) == 0
     embedder.close()
+
+
+def test_the_child_exits_when_its_server_is_killed(embedding_cache: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from registry.embed_worker import ProcessEmbedder\n"
+        f"e = ProcessEmbedder({_config(embedding_cache)!r}, Path({str(tmp_path / 'embed.log')!r}))\n"
+        "e.start(); print(e._child.process.pid, flush=True); sys.stdin.read()\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as server:
+        assert server.stdout is not None
+        child_pid = int(server.stdout.readline())
+        os.kill(server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _running(child_pid):
+        if time.monotonic() > deadline:
+            os.kill(child_pid, signal.SIGKILL)
+            pytest.fail("the embedding child outlived its killed server")
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited child waiting to be reaped by init does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_closed_embedder_does_not_start_a_child(embedding_cache: Path, tmp_path: Path) -> None:
+    embedder = ProcessEmbedder(_config(embedding_cache), tmp_path / "embed.log")
+    embedder.start()
+    assert embedder._child is not None
+    process = embedder._child.process
+    embedder.close()
+    assert process.poll() is not None
+    with pytest.raises(ServiceUnavailable, match="stopped"):
+        embedder.embed(TEXTS)
+    assert embedder._child is None
+    assert embedder.name and embedder.dim == 384  # known facts, no new child
+
+
+def test_a_closed_registry_starts_no_embedding_child(settings: Any) -> None:
+    from registry.service import Registry
+
+    registry = Registry.open(
+        settings.model_copy(update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})})
+    )
+    registry.close()
+    with pytest.raises(ServiceUnavailable, match="closed"):
+        registry.brick_embedder  # noqa: B018 - what a late warm-up thread does
 
 
 def test_a_registry_embeds_brick_texts_in_the_child(settings: Any, embedding_cache: Path) -> None:
@@ -207,7 +276,7 @@ def process_client(settings: Any, llama_base: Path) -> Iterator[tuple[Any, Any]]
 
 
 def test_a_registration_whose_embedding_child_dies_is_a_503_that_leaves_nothing(
-    process_client: tuple[Any, Any], loras: dict[str, Path]
+    process_client: tuple[Any, Any], loras: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.conftest import upload
     from tests.registry.api.test_bad_input import assert_nothing_stored, assert_problem
@@ -217,9 +286,9 @@ def test_a_registration_whose_embedding_child_dies_is_a_503_that_leaves_nothing(
     assert isinstance(embedder, ProcessEmbedder)
     embedder.start()
     pid = _pid(embedder)
-    os.kill(pid, signal.SIGSTOP)  # the registration below waits on it...
-    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()  # ...until it is killed
+    killer = _kill_once_sent(embedder, monkeypatch)
     response = upload(client, loras["r4"])
+    killer.join()
     assert_problem(response, 503, "service-unavailable", "embedding failed", "killed by signal 9")
     assert_nothing_stored(registry)
     # The next registration starts a new child and succeeds, with its vectors searchable.
