@@ -422,9 +422,14 @@ class PgVectorIndex:
         )
         with self.db.session() as session:
             generation, stats = self._refresh(session, model, dim)
-            if not exact:
-                session.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, n))}"))
-                session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+            if not exact:  # both settings in one round trip (SET LOCAL takes one each)
+                session.execute(
+                    text(
+                        "SELECT set_config('hnsw.ef_search', :ef, true), "
+                        "set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+                    ),
+                    {"ef": str(max(40, min(1000, n)))},
+                )
             hits = session.execute(sql, params).all()
             if not hits:
                 return Candidates([], -1.0, stats, generation)
