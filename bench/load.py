@@ -134,9 +134,10 @@ def run(
 
     ``rate`` 0: closed loop, each client sends its next request as soon as it has an answer
     (the server is saturated; latency is mostly queueing). ``rate`` > 0: requests arrive at
-    that many per second in total (Poisson), spread over the clients; a request's latency is
-    counted from its scheduled arrival, so time spent waiting for a busy client counts too
-    (no coordinated omission)."""
+    that many per second in total (one Poisson schedule), and each arrival is sent by the
+    next client that is free, so a slow registration delays no other request; a request's
+    latency is counted from its scheduled arrival, so time spent waiting for a free client
+    counts too (no coordinated omission)."""
     import httpx
 
     tasks = load_tasks()
@@ -146,16 +147,22 @@ def run(
     stop = time.monotonic() + seconds
     counter = iter(range(10**9))
     counter_lock = threading.Lock()
+    schedule = random.Random(-1)
+    next_arrival = [time.perf_counter()]
+
+    def take_arrival() -> float:
+        with counter_lock:
+            next_arrival[0] += schedule.expovariate(rate)
+            return next_arrival[0]
 
     def client(index: int) -> None:
         rng = random.Random(index)
-        arrival = time.perf_counter()
         with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
             while time.monotonic() < stop:
                 roll = rng.random()
                 started = time.perf_counter()
                 if rate > 0:
-                    arrival += rng.expovariate(rate / clients)
+                    arrival = take_arrival()
                     if arrival > started:
                         time.sleep(arrival - started)
                     started = arrival
