@@ -183,11 +183,8 @@ class _Child:
 
     def hello(self, config: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Send the model config; the child's answer once the model is loaded."""
-        self._send(json.dumps(config).encode(), deadline)
-        status, _, length = _HEADER.unpack(self._read(_HEADER.size, deadline))
+        _, length = self._call(config, deadline)
         body = self._read(length, deadline)
-        if status != _OK:
-            raise _ChildFailed(body.decode(errors="replace"))
         try:
             facts = json.loads(body)
             return {"name": str(facts["name"]), "dim": int(facts["dim"])}
@@ -195,14 +192,19 @@ class _Child:
             raise _ChildFailed(f"the embedding process answered {body[:200]!r}") from exc
 
     def embed(self, texts: list[str], deadline: float) -> tuple[np.ndarray, np.ndarray]:
-        self._send(json.dumps(texts).encode(), deadline)
-        status, rows, size = _HEADER.unpack(self._read(_HEADER.size, deadline))
-        if status != _OK:
-            raise _ChildFailed(self._read(size, deadline).decode(errors="replace"))
+        rows, size = self._call(texts, deadline)
         if rows != len(texts):
             raise _ChildFailed(f"asked for {len(texts)} vectors, got {rows}")
         both = np.frombuffer(self._read(2 * rows * size * 4, deadline), dtype=np.float32).reshape(2, rows, size)
         return both[0].copy(), both[1].copy()
+
+    def _call(self, request: Any, deadline: float) -> tuple[int, int]:
+        """Send ``request`` as JSON; the (rows, size) of a good answer, whose body follows."""
+        self._send(json.dumps(request).encode(), deadline)
+        status, rows, size = _HEADER.unpack(self._read(_HEADER.size, deadline))
+        if status != _OK:
+            raise _ChildFailed(self._read(size, deadline).decode(errors="replace"))
+        return rows, size
 
     def signal_kill(self) -> None:
         """Kill the process, leaving its pipes to whoever is using them."""
@@ -283,7 +285,7 @@ def main() -> int:
         hello = json.dumps({"name": embedder.name, "dim": embedder.dim}).encode()
     except Exception as exc:  # reported to the parent, which raises it
         log.exception("could not load the embedding model")
-        _write(stdout, _HEADER.pack(_ERROR, 0, len(str(exc).encode())) + str(exc).encode())
+        _write(stdout, _error_frame(str(exc)))
         return 1
     lower_to_background(NICENESS, all_threads=True)  # onnxruntime's threads exist by now
     _write(stdout, _HEADER.pack(_OK, 0, len(hello)) + hello)
@@ -294,10 +296,14 @@ def main() -> int:
             body = np.ascontiguousarray(np.stack([sentences, layers]), dtype=np.float32).tobytes()
             answer = _HEADER.pack(_OK, len(texts), sentences.shape[1]) + body
         except Exception as exc:  # noqa: BLE001 - one bad call does not end the child
-            message = f"{type(exc).__name__}: {exc}".encode()
-            answer = _HEADER.pack(_ERROR, 0, len(message)) + message
+            answer = _error_frame(f"{type(exc).__name__}: {exc}")
         _write(stdout, answer)
     return 0
+
+
+def _error_frame(message: str) -> bytes:
+    encoded = message.encode()
+    return _HEADER.pack(_ERROR, 0, len(encoded)) + encoded
 
 
 def _read_frame(stream: IO[bytes]) -> bytes | None:

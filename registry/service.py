@@ -96,9 +96,8 @@ class Registry:
         self.blobs = blobs
         self._embedder = embedder
         self._embedder_given = embedder is not None
-        self._brick_embedder: Embedder | None = None
-        self._brick_embedder_lock = threading.Lock()
         self._embed_child: ProcessEmbedder | None = None
+        self._embed_child_lock = threading.Lock()
         self._closed = False
         self.index = index if index is not None else make_index(store.db)
         self.compositions = Compositions(self)
@@ -125,20 +124,20 @@ class Registry:
         "process"``, a low-priority child process (see `registry.embed_worker`), so that
         registrations do not take the CPU from searches; otherwise `embedder`. An embedder
         given to the constructor serves both."""
-        if self._brick_embedder is None:
-            with self._brick_embedder_lock:
+        if self._embedder_given or self.settings.embedding.isolation == "thread":
+            return self.embedder
+        if self._embed_child is None:
+            with self._embed_child_lock:
                 if self._closed:
                     raise ServiceUnavailable("the registry is closed")
-                if self._brick_embedder is None:
-                    self._brick_embedder = self._open_brick_embedder()
-        return self._brick_embedder
+                if self._embed_child is None:
+                    self._embed_child = self._new_embed_child()
+        return self._embed_child
 
-    def _open_brick_embedder(self) -> Embedder:
-        embedding = self.settings.embedding
-        if self._embedder_given or embedding.isolation == "thread":
-            return self.embedder
+    def _new_embed_child(self) -> ProcessEmbedder:
         from registry.embed_worker import ProcessEmbedder
 
+        embedding = self.settings.embedding
         config = {
             "path": str(embedding.resolved_model_path()),
             "runtime": embedding.runtime,
@@ -147,8 +146,7 @@ class Registry:
             "threads": embedding.threads,
         }
         log_path = self.settings.home / "logs" / "embed-worker.log"
-        self._embed_child = ProcessEmbedder(config, log_path, timeout_s=embedding.timeout_s)
-        return self._embed_child
+        return ProcessEmbedder(config, log_path, timeout_s=embedding.timeout_s)
 
     def _embed(self, description: str, examples: tuple[str, ...]) -> EmbeddedTexts:
         embedder = self.brick_embedder
@@ -181,7 +179,7 @@ class Registry:
 
     def close(self) -> None:
         """Release database connections and stop the embedding child, if any."""
-        with self._brick_embedder_lock:
+        with self._embed_child_lock:
             self._closed = True  # a warm-up still running must not start a child now
             child = self._embed_child
         if child is not None:

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,21 +56,28 @@ def test_a_text_embeds_the_same_alone_and_in_a_batch(onnx_embedder: OnnxEmbedder
         np.testing.assert_allclose(onnx_embedder.embed([text])[0], batch[i], atol=1e-5)
 
 
-def test_concurrent_callers_each_get_their_own_vectors(onnx_embedder: OnnxEmbedder) -> None:
-    expected = onnx_embedder.embed(TEXTS)
+def assert_concurrent_callers_get_their_own_vectors(
+    embedder: Any, texts: list[str], callers: int, *, atol: float
+) -> None:
+    """``callers`` threads at once, each embedding one of ``texts``, each get its vector."""
+    expected = embedder.embed(texts)
     results: dict[int, np.ndarray] = {}
 
     def ask(i: int) -> None:
-        results[i] = onnx_embedder.embed([TEXTS[i % len(TEXTS)]])[0]
+        results[i] = embedder.embed([texts[i % len(texts)]])[0]
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(24)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(callers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     for i, vector in results.items():
-        np.testing.assert_allclose(vector, expected[i % len(TEXTS)], atol=1e-5)
-    assert len(results) == 24
+        np.testing.assert_allclose(vector, expected[i % len(texts)], atol=atol)
+    assert len(results) == callers
+
+
+def test_concurrent_callers_each_get_their_own_vectors(onnx_embedder: OnnxEmbedder) -> None:
+    assert_concurrent_callers_get_their_own_vectors(onnx_embedder, TEXTS, 24, atol=1e-5)
 
 
 def test_no_texts_give_an_empty_array(onnx_embedder: OnnxEmbedder) -> None:

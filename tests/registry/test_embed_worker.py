@@ -18,6 +18,7 @@ from registry.embed import OnnxEmbedder
 from registry.embed_worker import NICENESS, ProcessEmbedder
 from registry.errors import ServiceUnavailable
 from registry.settings import EmbeddingSettings
+from tests.registry.test_embed import assert_concurrent_callers_get_their_own_vectors
 
 MODEL = EmbeddingSettings().resolved_model_path()
 TEXTS = [
@@ -37,6 +38,11 @@ def child(embedding_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     embedder.start()
     yield embedder
     embedder.close()
+
+
+def _process_mode(settings: Any) -> Any:
+    """``settings`` with brick texts embedded in the child process."""
+    return settings.model_copy(update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})})
 
 
 def _pid(embedder: ProcessEmbedder) -> int:
@@ -89,20 +95,7 @@ def test_the_child_runs_at_background_priority(child: ProcessEmbedder) -> None:
 
 
 def test_concurrent_callers_get_their_own_vectors(child: ProcessEmbedder) -> None:
-    expected = child.embed(TEXTS)
-    results: dict[int, np.ndarray] = {}
-
-    def call(i: int) -> None:
-        results[i] = child.embed([TEXTS[i % len(TEXTS)]])[0]
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(9)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for i, vector in results.items():
-        np.testing.assert_allclose(vector, expected[i % len(TEXTS)], atol=1e-6)
-    assert len(results) == 9
+    assert_concurrent_callers_get_their_own_vectors(child, TEXTS, 9, atol=1e-6)
 
 
 def test_a_child_killed_during_a_call_fails_that_call_and_is_replaced(
@@ -201,9 +194,7 @@ def test_a_closed_embedder_does_not_start_a_child(embedding_cache: Path, tmp_pat
 def test_a_closed_registry_starts_no_embedding_child(settings: Any) -> None:
     from registry.service import Registry
 
-    registry = Registry.open(
-        settings.model_copy(update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})})
-    )
+    registry = Registry.open(_process_mode(settings))
     registry.close()
     with pytest.raises(ServiceUnavailable, match="closed"):
         registry.brick_embedder  # noqa: B018 - what a late warm-up thread does
@@ -212,9 +203,7 @@ def test_a_closed_registry_starts_no_embedding_child(settings: Any) -> None:
 def test_a_registry_embeds_brick_texts_in_the_child(settings: Any, embedding_cache: Path) -> None:
     from registry.service import Registry
 
-    process_settings = settings.model_copy(
-        update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})}
-    )
+    process_settings = _process_mode(settings)
     registry = Registry.open(process_settings)
     try:
         query_vector = registry.embedder.embed(["a search first loads the server's own model"])
@@ -242,9 +231,7 @@ def test_an_embedder_given_to_the_registry_serves_brick_texts_too(settings: Any)
     from registry.store import Store
 
     given = OnnxEmbedder(MODEL, settings.embedding_cache_dir)
-    process_settings = settings.model_copy(
-        update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})}
-    )
+    process_settings = _process_mode(settings)
     opened = Registry.open(process_settings)
     registry = Registry(process_settings, Store(opened.store.db), opened.blobs, embedder=given)
     try:
@@ -262,9 +249,7 @@ def process_client(settings: Any, llama_base: Path) -> Iterator[tuple[Any, Any]]
     from registry.service import Registry
     from tests.conftest import register_base
 
-    registry = Registry.open(
-        settings.model_copy(update={"embedding": settings.embedding.model_copy(update={"isolation": "process"})})
-    )
+    registry = Registry.open(_process_mode(settings))
     token, _ = registry.tokens.create("admin", "admin", actor="tests")
     try:
         with TestClient(
