@@ -384,7 +384,7 @@ def _write_full(plan: CompositionPlan, staging: Path, report: _Reporter) -> None
         stream_shards(
             jobs,
             update,
-            prefetch=lambda info: _load(plan, by_tensor[info.name], files),
+            load=lambda info: _load(plan, by_tensor[info.name], files),
             progress=lambda written, name: report(
                 _STREAM_SHARE * written / total, f"merged {name}" if name else "copying"
             ),

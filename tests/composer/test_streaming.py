@@ -46,7 +46,7 @@ def test_full_merge_memory_is_bounded_and_flat_in_depth(tmp_path: Path) -> None:
 
     make_synthetic_llama(tmp_path / "tiny", num_layers=1, **{**SHAPE, "hidden": 64, "intermediate": 128, "vocab": 256})
     make_synthetic_lora(tmp_path / "tiny", tmp_path / "tiny-brick", r=4)
-    for name, layers in (("shallow", 6), ("deep", 12)):
+    for name, layers in (("shallow", 14), ("deep", 28)):
         make_synthetic_llama(tmp_path / name, num_layers=layers, shard_bytes=SHARD, **SHAPE)  # type: ignore[arg-type]
         make_synthetic_lora(tmp_path / name, tmp_path / f"{name}-a", r=16, seed=1)
         make_synthetic_lora(tmp_path / name, tmp_path / f"{name}-b", r=8, seed=2)
