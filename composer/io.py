@@ -80,10 +80,27 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += count
 
 
+def _set_direct(fd: int, *, on: bool) -> bool:
+    """Turn ``O_DIRECT`` on or off for ``fd``; False if the filesystem refuses it."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return True
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+        count = os.pwrite(fd, view[done:], offset + done)
+        if count == 0:
+            raise OSError(errno.EIO, f"write stopped at offset {offset + done}")
+        # A short direct write ends on a logical block, so the rest can go direct too (and
+        # a full disk then reports ENOSPC).
+        done += count
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -201,17 +218,25 @@ def _plan_runs(job_index: int, job: ShardJob) -> Iterator[_Copy | TensorInfo]:
         yield _Copy(job_index, start, job.header.file_size - start)
 
 
-# Tensor buffers beyond the merge workers' own. The writer must take tensors in file order
-# and a model mixes tensors of very different cost (an MLP projection is 4x an attention
-# one in Llama), so slack lets the workers run ahead of a slow tensor. On the 0.5B bench
-# the full merge took 1.21-1.26 s with 2 spare buffers, 0.96-1.02 s with 4, 0.84-0.98 s
-# with 6 and no better with 8. Memory: (workers + 6) x the largest targeted tensor.
-_SPARE_BUFFERS = 6
+# Tensor buffers beyond the merge workers' own: always 2 (one being read, one being
+# written), and up to 4 more while they fit in _SLACK_BYTES. The writer must take tensors
+# in file order and a model mixes tensors of very different cost (an MLP projection is 4x
+# an attention one in Llama), so slack lets the workers run ahead of a slow tensor. On the
+# 0.5B bench (largest tensor 8 MB) the full merge took 1.21-1.26 s with 2 spare buffers,
+# 0.96-1.02 s with 4, 0.84-0.98 s with 6 and no better with 8. The byte cap keeps models
+# with huge targeted tensors (a LoRA on a 128k-token embedding: 1 GB) to the minimum.
+_SPARE_BUFFERS = 2
+_SLACK_BUFFERS = 4
+_SLACK_BYTES = 256 * 1024 * 1024
+
+
+def _pool_size(workers: int, largest: int) -> int:
+    return workers + _SPARE_BUFFERS + min(_SLACK_BUFFERS, _SLACK_BYTES // max(1, largest))
 
 
 class _Pipeline:
     """reader thread -> merge workers (read, load, update) -> writer thread, in file order,
-    with a fixed pool of ``workers + _SPARE_BUFFERS`` buffers of the largest tensor."""
+    with a fixed pool (`_pool_size`) of buffers of the largest targeted tensor."""
 
     def __init__(self, jobs: Sequence[ShardJob], load: Load | None, update: Update, workers: int, direct: bool) -> None:
         self.jobs = jobs
@@ -221,15 +246,15 @@ class _Pipeline:
         self.update = update
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        depth = workers + _SPARE_BUFFERS
+        largest = max((job.header.tensors[name].nbytes for job in jobs for name in job.updates), default=0)
+        depth = _pool_size(workers, largest)
         # Items in file order: raw copies and tensors (each with the future of its merge).
         self.ordered: queue.Queue[Any] = queue.Queue(maxsize=4 * depth)
         self.pool: queue.Queue[torch.Tensor] = queue.Queue()
         self.merge = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="composer-merge")
         self.bytes_written = 0
         self.current = ""
-        largest = max((job.header.tensors[name].nbytes for job in jobs for name in job.updates), default=0)
-        for _ in range(depth if largest else 0):
+        for _ in range(depth):
             self.pool.put(torch.empty(largest, dtype=torch.uint8))
 
     def _put(self, channel: queue.Queue[Any], item: Any) -> None:
@@ -349,7 +374,8 @@ class _ShardWriter:
     writing overlap; the last block is padded and the file truncated to its size. Otherwise
     writes go through the page cache and copies use ``copy_file_range``. If the first
     direct write is refused (alignment the filesystem does not take), the file switches to
-    buffered writes; nothing was written yet, so the bytes stay the same.
+    buffered writes; nothing was written yet, so the bytes stay the same. A refusal of a
+    later direct write is an error like any other.
     """
 
     def __init__(self, source: Path, target: Path, staging: mmap.mmap | None) -> None:
@@ -362,20 +388,15 @@ class _ShardWriter:
         self.pending: Future[None] | None = None
         self.io: ThreadPoolExecutor | None = None
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-            if staging is not None:
-                try:
-                    self.fd = os.open(target, flags | os.O_DIRECT, 0o644)
-                    half = len(staging) // 2
-                    self.halves = [memoryview(staging)[:half], memoryview(staging)[half:]]
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise  # else this filesystem takes no O_DIRECT
-            if self.fd < 0:
-                self.fd = os.open(target, flags, 0o644)
+            self.fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except BaseException:
             os.close(self.src)
             raise
+        # O_DIRECT is turned on after the exclusive create: open(O_DIRECT) on a filesystem
+        # that refuses it (tmpfs before Linux 6.6, ramfs) creates the file, then fails.
+        if staging is not None and _set_direct(self.fd, on=True):
+            half = len(staging) // 2
+            self.halves = [memoryview(staging)[:half], memoryview(staging)[half:]]
 
     def copy(self, offset: int, length: int) -> None:
         """Append ``length`` bytes of the source from ``offset``."""
@@ -419,9 +440,9 @@ class _ShardWriter:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                # Opened O_DIRECT but this alignment is refused: nothing is written yet,
-                # so write the same bytes through the page cache from here on.
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                # O_DIRECT taken but this alignment refused: nothing is written yet, so
+                # write the same bytes through the page cache from here on.
+                _set_direct(self.fd, on=False)
                 _write_all(self.fd, data)
                 self.halves = None
                 self.filled = 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,53 +81,73 @@ def _opened_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
+def _takes_o_direct(directory: Path) -> bool:
+    probe = directory / "probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return True
+
+
+def _spy_writes(monkeypatch: pytest.MonkeyPatch, check: Callable[[int], object]) -> None:
+    """Call ``check(fd)`` before every os.write and os.pwrite (it may raise)."""
+    real_write, real_pwrite = os.write, os.pwrite
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        check(fd)
+        return real_write(fd, data)
+
+    def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+        check(fd)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
 def test_direct_writes_bypass_the_page_cache_where_the_filesystem_takes_them(
     shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[bool] = []
-    real_write, real_pwrite = os.write, os.pwrite
-
-    def spy_write(fd: int, data: bytes | memoryview) -> int:
-        seen.append(_opened_direct(fd))
-        return real_write(fd, data)
-
-    def spy_pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
-        seen.append(_opened_direct(fd))
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "write", spy_write)
-    monkeypatch.setattr(os, "pwrite", spy_pwrite)
-    probe = tmp_path / "probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
-    except OSError as exc:
-        pytest.fail(f"the test directory's filesystem takes no O_DIRECT ({exc}); run the suite on one that does")
+    _spy_writes(monkeypatch, lambda fd: seen.append(_opened_direct(fd)))
     _stream(shards, tmp_path / "out", {"w1", "w3"})
-    assert seen and all(seen)
+    # Every write is direct on a filesystem that takes O_DIRECT (ext4, xfs, btrfs, tmpfs
+    # since Linux 6.6), and none elsewhere.
+    assert seen and set(seen) == {_takes_o_direct(tmp_path)}
 
 
 def test_a_filesystem_without_o_direct_gets_buffered_writes(
     shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # As on filesystems that refuse O_DIRECT at open (EINVAL).
-    real_open = os.open
+    # As on filesystems that refuse O_DIRECT (tmpfs before Linux 6.6, ramfs): EINVAL.
+    real_fcntl = fcntl.fcntl
+    refused: list[int] = []
 
-    def refuse(path: str | Path, flags: int, *args: int) -> int:
-        if flags & os.O_DIRECT:
+    def refuse(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
+        return real_fcntl(fd, cmd, arg)
 
-    monkeypatch.setattr(os, "open", refuse)
     expected = _stream(shards, tmp_path / "buffered", {"w1"}, direct=False)
+    monkeypatch.setattr(fcntl, "fcntl", refuse)
     got = _stream(shards, tmp_path / "fallback", {"w1"})
+    assert len(refused) == len(shards)
     assert [p.read_bytes() for p in got] == [p.read_bytes() for p in expected]
 
 
+@pytest.mark.parametrize("chunk", [4096, 3 * 4096, io._DIRECT_CHUNK])
 def test_a_refused_direct_write_falls_back_before_anything_is_written(
-    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    # As on filesystems that open O_DIRECT but need another alignment (EINVAL on write).
-    real_write, real_pwrite = os.write, os.pwrite
+    # As on filesystems that take O_DIRECT but need another alignment (EINVAL on write).
+    # Small chunks make the fallback happen part-way through a shard, not at its end.
+    monkeypatch.setattr(io, "_DIRECT_CHUNK", chunk)
     refused: list[int] = []
 
     def refuse_direct(fd: int) -> None:
@@ -133,33 +155,71 @@ def test_a_refused_direct_write_falls_back_before_anything_is_written(
             refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
 
-    def picky_write(fd: int, data: bytes | memoryview) -> int:
-        refuse_direct(fd)
-        return real_write(fd, data)
-
-    def picky_pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
-        refuse_direct(fd)
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "write", picky_write)
-    monkeypatch.setattr(os, "pwrite", picky_pwrite)
     expected = _stream(shards, tmp_path / "buffered", {"w1", "w3"}, direct=False)
+    _spy_writes(monkeypatch, refuse_direct)
     got = _stream(shards, tmp_path / "fallback", {"w1", "w3"})
     assert refused, "no direct write was attempted"
     assert [p.read_bytes() for p in got] == [p.read_bytes() for p in expected]
 
 
-def test_other_write_errors_fail_the_stream(
-    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def full(fd: int, data: bytes | memoryview, *offset: int) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
 
-    monkeypatch.setattr(os, "write", full)
-    monkeypatch.setattr(os, "pwrite", full)
+
+def _composer_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("composer")}
+
+
+@pytest.mark.parametrize("failing_write", [1, 3])
+def test_write_errors_fail_the_stream_and_leak_nothing(
+    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_write: int
+) -> None:
+    # The first direct write of a shard runs on the writer thread, later ones on a helper:
+    # an error on either must fail the stream (not be dropped with the helper's future).
+    monkeypatch.setattr(io, "_DIRECT_CHUNK", 4096)
+    calls: list[int] = []
+
+    def full(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == failing_write:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    fds = _open_fds()
+    _spy_writes(monkeypatch, full)
     with pytest.raises(OSError) as caught:
-        _stream(shards, tmp_path / "out", {"w1"})
+        _stream(shards, tmp_path / "out", {"w1", "w3"}, workers=2)
     assert caught.value.errno == errno.ENOSPC
+    assert _open_fds() == fds
+    assert _composer_threads() == set()
+
+
+def test_an_update_error_stops_the_stream_and_leaks_nothing(shards: list[Path], tmp_path: Path) -> None:
+    def update(info: TensorInfo, tensor: torch.Tensor, payload: object) -> None:
+        if info.name == "w3":
+            raise RuntimeError("boom")
+        tensor.mul_(2)
+
+    (tmp_path / "out").mkdir()
+    jobs = []
+    for source in shards:
+        header = read_header(source)
+        jobs.append(
+            io.ShardJob(source, tmp_path / "out" / source.name, header, frozenset({"w1", "w3"}) & header.tensors.keys())
+        )
+    fds = _open_fds()
+    with pytest.raises(RuntimeError, match="boom"):
+        io.stream_shards(jobs, update, workers=2)
+    assert _open_fds() == fds
+    assert _composer_threads() == set()
+
+
+@pytest.mark.timeout(30)
+def test_empty_targeted_tensors_stream(tmp_path: Path) -> None:
+    source = tmp_path / "src" / "empty.safetensors"
+    source.parent.mkdir()
+    save_file({"empty": torch.zeros(0, 5), "w": torch.ones(2, 3)}, str(source))
+    (out,) = _stream([source], tmp_path / "out", {"empty"})
+    assert out.read_bytes() == source.read_bytes()
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
