@@ -151,6 +151,12 @@ class TensorFile:
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         return self.read_into(info, buffer)
 
+    def will_need(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading a byte range of the file into the page cache
+        (asynchronous; a no-op for pages already cached)."""
+        if length > 0:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def read_into(self, info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:
         """Read ``info`` into the front of ``buffer`` (uint8) and return a typed view of it."""
         raw = buffer[: info.nbytes]
@@ -294,9 +300,13 @@ class _Pipeline:
                 # merge threads), or by stream_shards after a failure.
                 source = self.sources[index] = TensorFile(job.source, job.header)
                 for run in _plan_runs(index, job):
+                    # Start reading ahead now: the pool or the queue may keep this thread
+                    # waiting, and the page cache may no longer hold all of the base.
                     if isinstance(run, _Copy):
+                        source.will_need(run.offset, run.length)
                         self._put(self.ordered, run)
                         continue
+                    source.will_need(job.header.data_offset + run.start, run.nbytes)
                     buffer = self._get(self.pool)
                     merged = self.merge.submit(self._merge_one, source, run, buffer)
                     self._put(self.ordered, _Tensor(index, run, buffer, merged))
