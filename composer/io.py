@@ -80,6 +80,11 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += count
 
 
+def _aligned(length: int) -> int:
+    """``length`` rounded up to a whole number of direct-I/O blocks."""
+    return -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
+
+
 def _set_direct(fd: int, *, on: bool) -> bool:
     """Turn ``O_DIRECT`` on or off for ``fd``; False if the filesystem refuses it."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -328,6 +333,11 @@ class _Pipeline:
         if source is not None:
             source.close()
 
+    def close_sources(self) -> None:
+        """Close the source files still open (after a failure; merges must have stopped)."""
+        for index in list(self.sources):
+            self._close_source(index)
+
     def write(self) -> None:
         sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="composer-fsync")
         pending: list[Future[None]] = []
@@ -475,7 +485,7 @@ class _ShardWriter:
         """Write what is staged and return the open file descriptor (the caller fsyncs it)."""
         if self.halves is not None:
             if self.filled:
-                padded = -(-self.filled // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                padded = _aligned(self.filled)
                 self.halves[0][self.filled : padded] = bytes(padded - self.filled)
                 self._flush(padded)
             self._wait_pending()
@@ -562,8 +572,7 @@ def stream_shards(
         reader.join()
         writer.join()
         pipeline.merge.shutdown(wait=True, cancel_futures=True)
-        for index in list(pipeline.sources):
-            pipeline._close_source(index)
+        pipeline.close_sources()
     if pipeline.errors:
         raise pipeline.errors[0]
 
@@ -593,7 +602,7 @@ def copy_file(source: Path, target: Path, *, direct: bool = True) -> None:
     """Copy a file's bytes (following symlinks) to a new file and fsync it; with ``direct``,
     through an aligned buffer with ``O_DIRECT`` where the filesystem takes it, like shards."""
     size = os.path.getsize(source)
-    chunk = min(_DIRECT_CHUNK, max(_DIRECT_ALIGN, -(-size // _DIRECT_ALIGN) * _DIRECT_ALIGN))
+    chunk = min(_DIRECT_CHUNK, max(_DIRECT_ALIGN, _aligned(size)))
     writer = _ShardWriter(source, target, mmap.mmap(-1, 2 * chunk) if direct else None)
     try:
         writer.copy(0, size)

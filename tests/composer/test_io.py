@@ -33,14 +33,16 @@ def _double(info: TensorInfo, tensor: torch.Tensor, payload: object) -> None:
     tensor.mul_(2)
 
 
-def _stream(sources: list[Path], out: Path, updates: set[str], **kwargs: object) -> list[Path]:
+def _stream(
+    sources: list[Path], out: Path, updates: set[str], *, update: io.Update = _double, **kwargs: object
+) -> list[Path]:
     out.mkdir()
     jobs = []
     for source in sources:
         header = read_header(source)
         names = frozenset(n for n in updates if n in header.tensors)
         jobs.append(io.ShardJob(source, out / source.name, header, names))
-    io.stream_shards(jobs, _double, load=lambda info: info.name, **kwargs)  # type: ignore[arg-type]
+    io.stream_shards(jobs, update, load=lambda info: info.name, **kwargs)  # type: ignore[arg-type]
     return [out / source.name for source in sources]
 
 
@@ -199,16 +201,9 @@ def test_an_update_error_stops_the_stream_and_leaks_nothing(shards: list[Path], 
             raise RuntimeError("boom")
         tensor.mul_(2)
 
-    (tmp_path / "out").mkdir()
-    jobs = []
-    for source in shards:
-        header = read_header(source)
-        jobs.append(
-            io.ShardJob(source, tmp_path / "out" / source.name, header, frozenset({"w1", "w3"}) & header.tensors.keys())
-        )
     fds = _open_fds()
     with pytest.raises(RuntimeError, match="boom"):
-        io.stream_shards(jobs, update, workers=2)
+        _stream(shards, tmp_path / "out", {"w1", "w3"}, update=update, workers=2)
     assert _open_fds() == fds
     assert _composer_threads() == set()
 
