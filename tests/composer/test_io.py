@@ -227,3 +227,47 @@ def test_copy_file(tmp_path: Path, size: int, direct: bool, monkeypatch: pytest.
     assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
     with pytest.raises(FileExistsError):
         io.copy_file(source, tmp_path / "copy.bin", direct=direct)
+
+
+def test_clone_shares_the_whole_file_or_leaves_the_target_empty(tmp_path: Path) -> None:
+    # The real ioctl on this filesystem: a reflink on XFS/btrfs, refused on ext4/tmpfs.
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(3 * 4096 + 5))
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(tmp_path / "clone.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        cloned = io._clone(src, dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    expected = source.read_bytes() if cloned else b""
+    assert (tmp_path / "clone.bin").read_bytes() == expected
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_whole_files_are_cloned_where_the_filesystem_can(
+    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    # As on XFS/btrfs: the untouched shard and copied files take a reflink, and the writer
+    # writes none of their bytes; shards with a targeted tensor are written as before.
+    cloned: list[str] = []
+
+    def clone(src: int, dst: int) -> bool:
+        cloned.append(os.readlink(f"/proc/self/fd/{src}"))
+        with open(f"/proc/self/fd/{dst}", "r+b") as shared:  # another open file: no O_DIRECT
+            shared.write(os.pread(src, os.fstat(src).st_size, 0))
+        return True
+
+    written: set[str] = set()
+    _spy_writes(monkeypatch, lambda fd: written.add(os.readlink(f"/proc/self/fd/{fd}")))
+    monkeypatch.setattr(io, "_clone", clone)
+    got = _stream(shards, tmp_path / "out", {"w1"}, direct=direct)
+    io.copy_file(shards[0], tmp_path / "copy.bin", direct=direct)
+
+    assert cloned == [str(shards[1]), str(shards[2]), str(shards[0])]
+    for source, target in [(shards[1], got[1]), (shards[2], got[2]), (shards[0], tmp_path / "copy.bin")]:
+        assert target.read_bytes() == source.read_bytes()
+        assert str(target) not in written
+    if direct:  # buffered copies of raw ranges go through copy_file_range, not write
+        assert str(got[0]) in written
+    assert load_file(str(got[0]))["w1"].equal(load_file(str(shards[0]))["w1"] * 2)
