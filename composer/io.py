@@ -7,10 +7,13 @@ each targeted tensor is read with ``pread`` into a reusable buffer, updated in p
 caller's function, and written out. Threads overlap the work: a reader hands out buffers in
 file order, merge workers read, load and update tensors (the math; torch releases the GIL),
 a writer writes them in order; another fsyncs finished shards while the next ones are
-produced, and the calling thread reports progress. Memory is bounded by a fixed pool of
-buffers of the largest targeted tensor, whatever the model size: nothing is memory-mapped,
-so the page cache never counts toward the process's resident memory, and outputs are new
-files (never in-place writes to mapped weights).
+produced, and the calling thread reports progress. Long raw ranges (an untouched
+embedding, a shard with no targeted tensor) are left out of the ordered stream: the writer
+copies them, at their place in any shard, whenever it would otherwise wait for a merge, so
+that neither the device nor the merge workers idle at the start and end of a model.
+Memory is bounded by a fixed pool of buffers of the largest targeted tensor, whatever the
+model size: nothing is memory-mapped, so the page cache never counts toward the process's
+resident memory, and outputs are new files (never in-place writes to mapped weights).
 
 Shards are written with ``O_DIRECT`` where the filesystem takes it (`_ShardWriter`): bytes
 are staged in aligned buffers and go from them to the device, bypassing the page cache. A
@@ -24,6 +27,7 @@ that have them, so no byte is written.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import json
@@ -117,17 +121,18 @@ def _write_all(fd: int, view: memoryview) -> None:
         done += os.write(fd, view[done : done + _WRITE_CHUNK])
 
 
-def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
-    """Append ``length`` bytes of ``src`` from ``offset`` to ``dst`` at its file position."""
+def _copy_range(src: int, dst: int, offset: int, length: int, *, same_offset: bool = False) -> None:
+    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst``: appended at its file
+    position, or with ``same_offset`` written at ``offset`` (the file position is kept)."""
     remaining = length
     while remaining > 0:
         chunk = min(remaining, _COPY_CHUNK)
         try:
-            count = os.copy_file_range(src, dst, chunk, offset)
+            count = os.copy_file_range(src, dst, chunk, offset, offset if same_offset else None)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise
-            count = _copy_by_read(src, dst, offset, chunk)
+            count = _copy_by_read(src, dst, offset, chunk, same_offset=same_offset)
         if count == 0:
             raise OSError(errno.EIO, f"unexpected end of file at offset {offset}")
         offset += count
@@ -155,9 +160,12 @@ def _clone(src: int, dst: int) -> bool:
     return True
 
 
-def _copy_by_read(src: int, dst: int, offset: int, length: int) -> int:
-    data = os.pread(src, length, offset)
-    _write_all(dst, memoryview(data))
+def _copy_by_read(src: int, dst: int, offset: int, length: int, *, same_offset: bool) -> int:
+    data = memoryview(os.pread(src, length, offset))
+    if same_offset:
+        _pwrite_all(dst, data, offset)
+    else:
+        _write_all(dst, data)
     return len(data)
 
 
@@ -224,6 +232,16 @@ class _Copy:
 
 
 @dataclass(frozen=True)
+class _Skip:
+    """An aligned range of raw bytes left out of the in-order stream: the writer copies it
+    whenever it would otherwise wait (`_deferred_copies`)."""
+
+    job: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class _Tensor:
     job: int
     info: TensorInfo
@@ -236,6 +254,43 @@ _DONE = object()
 Load = Callable[[TensorInfo], Any]
 Update = Callable[[TensorInfo, torch.Tensor, Any], None]
 Progress = Callable[[int, str], None]
+
+
+# Raw ranges whose aligned interior is at least this long (an untouched embedding, an
+# untouched shard) are copied out of order, while the writer waits for a merge (`_Skip`).
+# In order, a model's first and last tensors (embeddings) were written while the merge
+# workers had nothing to do, and the middle of the merge left the device idle.
+_DEFER_MIN = 1024 * 1024
+
+
+def _plan_items(job_index: int, job: ShardJob) -> Iterator[_Copy | _Skip | TensorInfo]:
+    """`_plan_runs`, with the aligned interior of long raw ranges made a `_Skip`."""
+    for run in _plan_runs(job_index, job):
+        if not isinstance(run, _Copy):
+            yield run
+            continue
+        end = run.offset + run.length
+        begin, stop = _aligned(run.offset), end // _DIRECT_ALIGN * _DIRECT_ALIGN
+        if stop - begin < _DEFER_MIN:
+            yield run
+            continue
+        if begin > run.offset:
+            yield _Copy(job_index, run.offset, begin - run.offset)
+        yield _Skip(job_index, begin, stop - begin)
+        if end > stop:
+            yield _Copy(job_index, stop, end - stop)
+
+
+def _deferred_copies(plans: Sequence[Sequence[_Copy | _Skip | TensorInfo]]) -> list[_Copy]:
+    """Every `_Skip` range of the plans, in file order, in pieces of at most ``_DIRECT_CHUNK``."""
+    pieces = []
+    for plan in plans:
+        for item in plan:
+            if isinstance(item, _Skip):
+                for offset in range(item.offset, item.offset + item.length, _DIRECT_CHUNK):
+                    length = min(_DIRECT_CHUNK, item.offset + item.length - offset)
+                    pieces.append(_Copy(item.job, offset, length))
+    return pieces
 
 
 def _plan_runs(job_index: int, job: ShardJob) -> Iterator[_Copy | TensorInfo]:
@@ -274,6 +329,8 @@ class _Pipeline:
 
     def __init__(self, jobs: Sequence[ShardJob], load: Load | None, update: Update, workers: int, direct: bool) -> None:
         self.jobs = jobs
+        # What the reader streams in order, and the writer copies out of order: one plan.
+        self.plans = [list(_plan_items(index, job)) for index, job in enumerate(jobs)]
         self.direct = direct
         self.load = load
         self.sources: dict[int, TensorFile] = {}
@@ -327,11 +384,14 @@ class _Pipeline:
                 # Closed by the writer once the shard is written (its tensors are read by the
                 # merge threads), or by stream_shards after a failure.
                 source = self.sources[index] = TensorFile(job.source, job.header)
-                for run in _plan_runs(index, job):
+                for run in self.plans[index]:
                     # Start reading ahead now: the pool or the queue may keep this thread
                     # waiting, and the page cache may no longer hold all of the base.
                     if isinstance(run, _Copy):
                         source.will_need(run.offset, run.length)
+                        self._put(self.ordered, run)
+                        continue
+                    if isinstance(run, _Skip):
                         self._put(self.ordered, run)
                         continue
                     source.will_need(job.header.data_offset + run.start, run.nbytes)
@@ -362,70 +422,149 @@ class _Pipeline:
             self._close_source(index)
 
     def write(self) -> None:
-        sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="composer-fsync")
-        pending: list[Future[None]] = []
-        # Freed with its last reference (an error's traceback may hold a view of it).
-        staging = mmap.mmap(-1, 2 * _DIRECT_CHUNK) if self.direct else None
-        job_index = -1
-        shard: _ShardWriter | None = None
+        writer: _Writer | None = None
         try:
-            while True:
-                item = self._get(self.ordered)
-                if item is _DONE:
-                    break
-                if item.job != job_index:
-                    if shard is not None:
-                        # fsync finished shards in the background while the next ones stream.
-                        pending.append(sync.submit(_fsync_close, shard.finish()))
-                        shard = None
-                        self._close_source(job_index)
-                    job_index = item.job
-                    job = self.jobs[job_index]
-                    shard = _ShardWriter(job.source, job.target, staging)
-                assert shard is not None
-                if isinstance(item, _Copy):
-                    shard.copy(item.offset, item.length)
-                    self.bytes_written += item.length
-                else:
-                    self._wait(item.merged)
-                    shard.write(_byte_view(item.buffer[: item.info.nbytes]))
-                    self.bytes_written += item.info.nbytes
-                    self.current = item.info.name
-                    self.pool.put(item.buffer)
-            if shard is not None:
-                pending.append(sync.submit(_fsync_close, shard.finish()))
-                shard = None
-                self._close_source(job_index)
-            for future in pending:
-                future.result()
+            writer = _Writer(self)
+            writer.run()
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             self._fail(exc)
         finally:
-            if shard is not None:
-                shard.close()
-            sync.shutdown(wait=True)
+            if writer is not None:
+                writer.close()
+
+
+# Out-of-order copies go at most this many shards ahead of the ordered stream (so that few
+# files are open at once), and read ahead this many pieces.
+_AHEAD_SHARDS = 2
+_READ_AHEAD = 4
+
+
+class _Writer:
+    """The pipeline's writer thread: the ordered stream, shard by shard, and the pieces of
+    the `_Skip` ranges, copied whenever the next tensor's merge is not done yet."""
+
+    def __init__(self, pipeline: _Pipeline) -> None:
+        self.pipeline = pipeline
+        self.jobs = pipeline.jobs
+        self.sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="composer-fsync")
+        self.pending: list[Future[None]] = []
+        # Freed with their last reference (an error's traceback may hold a view of them).
+        self.staging = mmap.mmap(-1, 2 * _DIRECT_CHUNK) if pipeline.direct else None
+        self.buffer = memoryview(mmap.mmap(-1, _DIRECT_CHUNK)) if pipeline.direct else None
+        self.shards: dict[int, _ShardWriter] = {}  # created on first use, closed when done
+        self.cloned: set[int] = set()
+        self.streamed: set[int] = set()
+        self.deferred = collections.deque(_deferred_copies(pipeline.plans))
+        self.left = collections.Counter(piece.job for piece in self.deferred)
+        self.job = -1  # the shard of the ordered stream
+
+    def run(self) -> None:
+        while True:
+            item = self.pipeline._get(self.pipeline.ordered)
+            if item is _DONE:
+                break
+            if item.job != self.job:
+                if self.job >= 0:
+                    self._end_stream(self.job)
+                self.job = item.job
+            shard = self._shard(self.job)
+            if isinstance(item, _Tensor):
+                while self._can_copy() and not item.merged.done():
+                    self._copy_deferred()  # instead of waiting
+                self.pipeline._wait(item.merged)
+                shard.write(_byte_view(item.buffer[: item.info.nbytes]))
+                self.pipeline.bytes_written += item.info.nbytes
+                self.pipeline.current = item.info.name
+                self.pipeline.pool.put(item.buffer)
+            elif self.job in self.cloned:
+                continue
+            elif isinstance(item, _Skip):
+                shard.skip(item.length)
+            else:
+                shard.copy(item.offset, item.length)
+                self.pipeline.bytes_written += item.length
+        if self.job >= 0:
+            self._end_stream(self.job)
+        while self.deferred:
+            self._copy_deferred()
+        for future in self.pending:
+            future.result()
+
+    def _shard(self, index: int) -> _ShardWriter:
+        shard = self.shards.get(index)
+        if shard is None:
+            job = self.jobs[index]
+            shard = self.shards[index] = _ShardWriter(job.source, job.target, self.staging)
+            if not job.updates and shard.clone():
+                self.cloned.add(index)
+                self.pipeline.bytes_written += job.header.file_size
+                self.deferred = collections.deque(p for p in self.deferred if p.job != index)
+                self.left[index] = 0
+        return shard
+
+    def _can_copy(self) -> bool:
+        return bool(self.deferred) and self.deferred[0].job <= self.job + _AHEAD_SHARDS
+
+    def _copy_deferred(self) -> None:
+        if self.pipeline.stop.is_set():
+            raise _Stopped
+        piece = self.deferred.popleft()
+        shard = self._shard(piece.job)
+        if piece.job in self.cloned:  # cloned when just opened: its pieces are gone
+            return
+        if len(self.deferred) >= _READ_AHEAD:
+            ahead = self.deferred[_READ_AHEAD - 1]
+            self._shard(ahead.job).will_need(ahead.offset, ahead.length)
+        shard.copy_at(piece.offset, piece.length, self.buffer)
+        self.pipeline.bytes_written += piece.length
+        self.left[piece.job] -= 1
+        if not self.left[piece.job] and piece.job in self.streamed:
+            self._done(piece.job)
+
+    def _end_stream(self, index: int) -> None:
+        self._shard(index).end_stream()
+        self.pipeline._close_source(index)
+        self.streamed.add(index)
+        if not self.left[index]:
+            self._done(index)
+
+    def _done(self, index: int) -> None:
+        # fsync finished shards in the background while the next ones stream.
+        fd = self.shards[index].finish()
+        del self.shards[index]
+        self.pending.append(self.sync.submit(_fsync_close, fd))
+
+    def close(self) -> None:
+        """Close the shards still open (after a failure) and wait for the fsyncs."""
+        for shard in self.shards.values():
+            shard.close()
+        self.shards.clear()
+        self.sync.shutdown(wait=True)
 
 
 class _ShardWriter:
-    """Writes one new shard front to back: raw ranges copied from its source and tensor bytes.
+    """Writes one new shard: front to back (raw ranges copied from its source and tensor
+    bytes, `copy` and `write`), except for aligned ranges of the source left out of that
+    stream (`skip`) and copied at their place whenever convenient (`copy_at`).
 
     Given ``staging`` (page-aligned, two halves of a multiple of ``_DIRECT_ALIGN`` each) and
-    a filesystem that takes it, the file is opened ``O_DIRECT``: bytes are staged in one half
-    while the other half is written to the device by a helper thread, so that filling and
-    writing overlap; the last block is padded and the file truncated to its size. Otherwise
-    writes go through the page cache and copies use ``copy_file_range``. If the first
-    direct write is refused (alignment the filesystem does not take), the file switches to
-    buffered writes; nothing was written yet, so the bytes stay the same. A refusal of a
-    later direct write is an error like any other.
+    a filesystem that takes it, the file is opened ``O_DIRECT``: the stream's bytes are
+    staged in one half while the other half is written to the device by a helper thread,
+    so that filling and writing overlap; the last block is padded and the file truncated to
+    its size. Otherwise writes go through the page cache and copies use
+    ``copy_file_range``. If the first direct write is refused (alignment the filesystem
+    does not take), the file switches to buffered writes; nothing was written yet, so the
+    bytes stay the same. A refusal of a later direct write is an error like any other.
     """
 
     def __init__(self, source: Path, target: Path, staging: mmap.mmap | None) -> None:
         self.src = os.open(source, os.O_RDONLY)
         self.fd = -1
-        self.size = 0  # bytes appended so far
-        self.flushed = 0  # bytes handed to the device so far (direct mode)
+        self.size = 0  # bytes of the stream so far (skipped ranges included)
+        self.flushed = 0  # of which handed to the device (direct mode)
+        self.proven = False  # a direct write went through
         self.halves: list[memoryview] | None = None
         self.filled = 0
         self.pending: Future[None] | None = None
@@ -441,15 +580,18 @@ class _ShardWriter:
             half = len(staging) // 2
             self.halves = [memoryview(staging)[:half], memoryview(staging)[half:]]
 
+    def clone(self) -> bool:
+        """Make the (still empty) file a reflink of the whole source, where the filesystem
+        has them (see `_clone`); False, and nothing written, elsewhere."""
+        size = os.fstat(self.src).st_size
+        if size == 0 or not _clone(self.src, self.fd):
+            return False
+        os.lseek(self.fd, size, os.SEEK_SET)
+        self.size = self.flushed = size
+        return True
+
     def copy(self, offset: int, length: int) -> None:
         """Append ``length`` bytes of the source from ``offset``."""
-        # The whole file (an untouched shard, a tokenizer file): a reflink where the
-        # filesystem has them, which neither the page cache nor O_DIRECT can match.
-        whole = offset == 0 and self.size == 0 and 0 < length == os.fstat(self.src).st_size
-        if whole and _clone(self.src, self.fd):
-            os.lseek(self.fd, length, os.SEEK_SET)
-            self.size = self.flushed = length
-            return
         self.size += length
         while length > 0 and self.halves is not None:
             buffer = self.halves[0]
@@ -473,6 +615,57 @@ class _ShardWriter:
         if len(data) > 0:
             _write_all(self.fd, data)
 
+    def skip(self, length: int) -> None:
+        """Move the stream past ``length`` bytes (from an aligned offset, a whole number of
+        blocks) that `copy_at` writes."""
+        if self.halves is not None and self.filled:
+            self._flush(self.filled)  # ends where the skip starts: aligned, no padding
+        self.size += length
+        if self.halves is not None:
+            self.flushed += length
+        else:
+            os.lseek(self.fd, self.size, os.SEEK_SET)
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Ask the kernel to read a range of the source ahead (see `TensorFile.will_need`)."""
+        if length > 0:
+            os.posix_fadvise(self.src, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def copy_at(self, offset: int, length: int, buffer: memoryview | None) -> None:
+        """Copy ``length`` bytes of the source from ``offset`` to the same place in the file
+        (aligned; through ``buffer``, at least ``length`` long, in direct mode)."""
+        if self.halves is not None and buffer is not None:
+            data = buffer[:length]
+            _pread_into(self.src, data, offset)
+            if self._direct_write(data, offset):
+                return
+        _copy_range(self.src, self.fd, offset, length, same_offset=True)
+
+    def _direct_write(self, data: memoryview, offset: int) -> bool:
+        """Write ``data`` at ``offset`` with O_DIRECT; False if the very first direct write of
+        the file is refused (the file then takes buffered writes; nothing was written)."""
+        try:
+            _pwrite_all(self.fd, data, offset)
+        except OSError as exc:
+            if self.proven or exc.errno != errno.EINVAL:
+                raise
+            self._to_buffered()
+            return False
+        self.proven = True
+        return True
+
+    def _to_buffered(self) -> None:
+        # O_DIRECT taken but this alignment refused, before any direct write: write what is
+        # staged through the page cache, and everything from here on.
+        assert self.halves is not None and self.pending is None
+        _set_direct(self.fd, on=False)
+        if self.filled:
+            _pwrite_all(self.fd, self.halves[0][: self.filled], self.flushed)
+        # Where the stream is (a copy or write in progress has counted its whole length in size).
+        os.lseek(self.fd, self.flushed + self.filled, os.SEEK_SET)
+        self.halves = None
+        self.filled = 0
+
     def _staged(self, count: int) -> None:
         assert self.halves is not None
         self.filled += count
@@ -483,19 +676,9 @@ class _ShardWriter:
         """Hand the filled half to the device and stage into the other one."""
         assert self.halves is not None
         data = self.halves[0][:length]
-        if self.flushed == 0:
+        if not self.proven:
             # The first write runs here, so that a refusal can still change the mode.
-            try:
-                _pwrite_all(self.fd, data, 0)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                # O_DIRECT taken but this alignment refused: nothing is written yet, so
-                # write the same bytes through the page cache from here on.
-                _set_direct(self.fd, on=False)
-                _write_all(self.fd, data)
-                self.halves = None
-                self.filled = 0
+            if not self._direct_write(data, self.flushed):
                 return
         else:
             self._wait_pending()  # the other half is free again once its write is done
@@ -511,16 +694,22 @@ class _ShardWriter:
             pending, self.pending = self.pending, None
             pending.result()
 
-    def finish(self) -> int:
-        """Write what is staged and return the open file descriptor (the caller fsyncs it)."""
+    def end_stream(self) -> None:
+        """Write what is staged (the last block padded) and wait for it: the staging area
+        is free for another shard. `copy_at` may still follow."""
         if self.halves is not None:
             if self.filled:
                 padded = _aligned(self.filled)
                 self.halves[0][self.filled : padded] = bytes(padded - self.filled)
                 self._flush(padded)
             self._wait_pending()
-            if self.flushed != self.size:
-                os.ftruncate(self.fd, self.size)
+
+    def finish(self) -> int:
+        """End the stream, cut the padding and return the open file descriptor (the caller
+        fsyncs it)."""
+        self.end_stream()
+        if self.halves is not None and self.flushed != self.size:
+            os.ftruncate(self.fd, self.size)
         self._stop_io()
         os.close(self.src)
         self.src = -1
@@ -635,7 +824,8 @@ def copy_file(source: Path, target: Path, *, direct: bool = True) -> None:
     chunk = min(_DIRECT_CHUNK, max(_DIRECT_ALIGN, _aligned(size)))
     writer = _ShardWriter(source, target, mmap.mmap(-1, 2 * chunk) if direct else None)
     try:
-        writer.copy(0, size)
+        if not writer.clone():
+            writer.copy(0, size)
         fd = writer.finish()
     except BaseException:
         writer.close()

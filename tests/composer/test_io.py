@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,17 +54,25 @@ def shards(tmp_path: Path) -> list[Path]:
     return [
         _shard(src / "a.safetensors", {"embed": (333, 77), "w1": (129, 211), "norm": (211,), "w2": (5, 3)}, seed=1),
         _shard(src / "b.safetensors", {"w3": (1001, 13), "bias": (17,)}, seed=2),
-        _shard(src / "c.safetensors", {"untouched": (3, 5)}, seed=3),
+        _shard(src / "c.safetensors", {"untouched": (301, 53)}, seed=3),
     ]
 
 
+def _defer_small_ranges(monkeypatch: pytest.MonkeyPatch, defer: bool) -> None:
+    """Copy the raw ranges of the test shards (tens of KB) out of order, or none of them."""
+    monkeypatch.setattr(io, "_DEFER_MIN", 4096 if defer else 1 << 62)
+
+
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("chunk", [4096, 3 * 4096, io._DIRECT_CHUNK])
 def test_direct_and_buffered_writes_give_the_same_files(
-    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, defer: bool
 ) -> None:
     # Small staging buffers make tensors and copied ranges straddle many flushes.
     monkeypatch.setattr(io, "_DIRECT_CHUNK", chunk)
-    updates = {"w1", "w2", "w3"}
+    _defer_small_ranges(monkeypatch, defer)
+    # "norm" comes first: the deferred range after it starts part-way through a block.
+    updates = {"norm", "w1", "w2", "w3"}
     direct = _stream(shards, tmp_path / "direct", updates)
     buffered = _stream(shards, tmp_path / "buffered", updates, direct=False)
     for source, one, other in zip(shards, direct, buffered, strict=True):
@@ -143,13 +152,16 @@ def test_a_filesystem_without_o_direct_gets_buffered_writes(
     assert [p.read_bytes() for p in got] == [p.read_bytes() for p in expected]
 
 
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("chunk", [4096, 3 * 4096, io._DIRECT_CHUNK])
 def test_a_refused_direct_write_falls_back_before_anything_is_written(
-    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, defer: bool
 ) -> None:
     # As on filesystems that take O_DIRECT but need another alignment (EINVAL on write).
-    # Small chunks make the fallback happen part-way through a shard, not at its end.
+    # Small chunks make the fallback happen part-way through a shard, not at its end; with
+    # deferred ranges, the refused first write may be an out-of-order copy.
     monkeypatch.setattr(io, "_DIRECT_CHUNK", chunk)
+    _defer_small_ranges(monkeypatch, defer)
     refused: list[int] = []
 
     def refuse_direct(fd: int) -> None:
@@ -157,9 +169,9 @@ def test_a_refused_direct_write_falls_back_before_anything_is_written(
             refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
 
-    expected = _stream(shards, tmp_path / "buffered", {"w1", "w3"}, direct=False)
+    expected = _stream(shards, tmp_path / "buffered", {"norm", "w1", "w3"}, direct=False)
     _spy_writes(monkeypatch, refuse_direct)
-    got = _stream(shards, tmp_path / "fallback", {"w1", "w3"})
+    got = _stream(shards, tmp_path / "fallback", {"norm", "w1", "w3"})
     assert refused, "no direct write was attempted"
     assert [p.read_bytes() for p in got] == [p.read_bytes() for p in expected]
 
@@ -172,13 +184,16 @@ def _composer_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if t.name.startswith("composer")}
 
 
-@pytest.mark.parametrize("failing_write", [1, 3])
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("failing_write", [1, 3, 12])
 def test_write_errors_fail_the_stream_and_leak_nothing(
-    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_write: int
+    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_write: int, defer: bool
 ) -> None:
-    # The first direct write of a shard runs on the writer thread, later ones on a helper:
-    # an error on either must fail the stream (not be dropped with the helper's future).
+    # The first direct write of a shard runs on the writer thread, later ones on a helper
+    # (or on the writer again, for a deferred range): an error on any must fail the stream
+    # (not be dropped with the helper's future).
     monkeypatch.setattr(io, "_DIRECT_CHUNK", 4096)
+    _defer_small_ranges(monkeypatch, defer)
     calls: list[int] = []
 
     def full(fd: int) -> None:
@@ -271,3 +286,91 @@ def test_whole_files_are_cloned_where_the_filesystem_can(
     if direct:  # buffered copies of raw ranges go through copy_file_range, not write
         assert str(got[0]) in written
     assert load_file(str(got[0]))["w1"].equal(load_file(str(shards[0]))["w1"] * 2)
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+@pytest.mark.parametrize("direct", [True, False])
+def test_long_raw_ranges_are_copied_while_the_writer_waits_for_merges(
+    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, ahead: int
+) -> None:
+    # The untouched embedding of a.safetensors and the whole of c.safetensors are copied
+    # out of order while the first merge is still running, not when the stream reaches
+    # them; but no further than `ahead` shards beyond the stream's (c is 2 ahead of a).
+    monkeypatch.setattr(io, "_DIRECT_CHUNK", 4096)
+    monkeypatch.setattr(io, "_AHEAD_SHARDS", ahead)
+    _defer_small_ranges(monkeypatch, True)
+    events: list[tuple[str, str]] = []
+    real_copy_at, real_write = io._ShardWriter.copy_at, io._ShardWriter.write
+
+    def copy_at(self: io._ShardWriter, offset: int, length: int, buffer: memoryview | None) -> None:
+        events.append(("copy_at", Path(os.readlink(f"/proc/self/fd/{self.fd}")).name))
+        real_copy_at(self, offset, length, buffer)
+
+    def write(self: io._ShardWriter, data: memoryview) -> None:
+        events.append(("write", Path(os.readlink(f"/proc/self/fd/{self.fd}")).name))
+        real_write(self, data)
+
+    def slow_double(info: TensorInfo, tensor: torch.Tensor, payload: object) -> None:
+        time.sleep(0.5 if info.name == "w1" else 0)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(io._ShardWriter, "copy_at", copy_at)
+    monkeypatch.setattr(io._ShardWriter, "write", write)
+    got = _stream(shards, tmp_path / "out", {"w1", "w3"}, update=slow_double, direct=direct)
+
+    first_tensor = events.index(("write", "a.safetensors"))
+    before = {target for _, target in events[:first_tensor]}
+    assert {target for kind, target in events if kind == "copy_at"} == {"a.safetensors", "c.safetensors"}
+    assert before == ({"a.safetensors", "c.safetensors"} if ahead == 2 else {"a.safetensors"})
+    _defer_small_ranges(monkeypatch, False)
+    expected = _stream(shards, tmp_path / "in-order", {"w1", "w3"}, direct=direct)
+    assert [p.read_bytes() for p in got] == [p.read_bytes() for p in expected]
+
+
+def test_a_stop_does_not_wait_for_the_deferred_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failing progress callback (or Ctrl-C) stops the stream after the piece being
+    # copied, not after the rest of the model.
+    monkeypatch.setattr(io, "_DIRECT_CHUNK", 4096)
+    _defer_small_ranges(monkeypatch, True)
+    src = tmp_path / "src"
+    src.mkdir()
+    sources = [
+        _shard(src / "a.safetensors", {"w1": (64, 64)}, seed=1),
+        _shard(src / "b.safetensors", {"untouched": (1024, 1024)}, seed=2),  # 1024 pieces
+    ]
+    copies: list[int] = []
+    real_copy_at = io._ShardWriter.copy_at
+
+    def slow_copy_at(self: io._ShardWriter, offset: int, length: int, buffer: memoryview | None) -> None:
+        copies.append(offset)
+        time.sleep(0.002)  # ~2 s for all of them
+        real_copy_at(self, offset, length, buffer)
+
+    def progress(written: int, name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io._ShardWriter, "copy_at", slow_copy_at)
+    fds = _open_fds()
+    with pytest.raises(KeyboardInterrupt):
+        _stream(sources, tmp_path / "out", {"w1"}, progress=progress)
+    assert 0 < len(copies) < 256
+    assert _open_fds() == fds
+    assert _composer_threads() == set()
+
+
+def test_a_failure_to_finish_a_shard_leaks_nothing(
+    shards: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As when cutting the padding of the last direct block (ftruncate) fails: the shard's
+    # files and its write thread must still be closed.
+    def broken_finish(self: io._ShardWriter) -> int:
+        self.end_stream()
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(io._ShardWriter, "finish", broken_finish)
+    fds = _open_fds()
+    with pytest.raises(OSError) as caught:
+        _stream(shards, tmp_path / "out", {"w1", "w3"}, workers=2)
+    assert caught.value.errno == errno.EIO
+    assert _open_fds() == fds
+    assert _composer_threads() == set()
