@@ -86,6 +86,13 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         done += count
 
 
+def _will_need(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a byte range of the file into the page cache
+    (asynchronous; a no-op for pages already cached)."""
+    if length > 0:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
 def _aligned(length: int) -> int:
     """``length`` rounded up to a whole number of direct-I/O blocks."""
     return -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
@@ -188,10 +195,8 @@ class TensorFile:
         return self.read_into(info, buffer)
 
     def will_need(self, offset: int, length: int) -> None:
-        """Ask the kernel to start reading a byte range of the file into the page cache
-        (asynchronous; a no-op for pages already cached)."""
-        if length > 0:
-            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        """Start reading a byte range of the file ahead (`_will_need`)."""
+        _will_need(self._fd, offset, length)
 
     def read_into(self, info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:
         """Read ``info`` into the front of ``buffer`` (uint8) and return a typed view of it."""
@@ -518,7 +523,7 @@ class _Writer:
             return
         if len(self.deferred) >= _READ_AHEAD:
             ahead = self.deferred[_READ_AHEAD - 1]
-            self._shard(ahead.job).will_need(ahead.offset, ahead.length)
+            _will_need(self._shard(ahead.job).src, ahead.offset, ahead.length)
         shard.copy_at(piece.offset, piece.length, self.buffer)
         self.pipeline.bytes_written += piece.length
         self.left[piece.job] -= 1
@@ -627,11 +632,6 @@ class _ShardWriter:
             self.flushed += length
         else:
             os.lseek(self.fd, self.size, os.SEEK_SET)
-
-    def will_need(self, offset: int, length: int) -> None:
-        """Ask the kernel to read a range of the source ahead (see `TensorFile.will_need`)."""
-        if length > 0:
-            os.posix_fadvise(self.src, offset, length, os.POSIX_FADV_WILLNEED)
 
     def copy_at(self, offset: int, length: int, buffer: memoryview | None) -> None:
         """Copy ``length`` bytes of the source from ``offset`` to the same place in the file
