@@ -18,7 +18,7 @@ COPY migrations ./migrations
 # Editable install keeps migrations/ next to the package, where Alembic looks for it.
 RUN pip install -e . && useradd --create-home --uid 10001 brickyard && mkdir -p /data && chown brickyard /data
 # Export the embedding model to ONNX now, so the server neither waits for it nor imports torch.
-RUN python -c "from registry.settings import Settings; from registry.embed import shared_embedder; \
+RUN python -c "from registry.settings import Settings; from registry.search.embed import shared_embedder; \
 s = Settings(); shared_embedder(s.embedding.resolved_model_path(), cache_dir=s.embedding_cache_dir).dim"
 USER brickyard
 EXPOSE 8000

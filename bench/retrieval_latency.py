@@ -55,9 +55,9 @@ def source_material() -> dict[str, Any]:
     if cache.exists():
         data = dict(np.load(cache, allow_pickle=True))
         return {k: (v.item() if v.dtype == object and v.shape == () else v) for k, v in data.items()}
-    from registry.embed import shared_embedder
-    from registry.lexical import HASH_DIM, VIEWS
-    from registry.retrieve import CorpusStats, index_brick_texts
+    from registry.search.embed import shared_embedder
+    from registry.search.lexical import HASH_DIM, VIEWS
+    from registry.search.ranking import CorpusStats, index_brick_texts
     from registry.settings import Settings
 
     settings = Settings()
@@ -116,7 +116,7 @@ def bulk_load(database_url: str, home: Path, n_bricks: int, console: Console) ->
         RetrievalStatsRow,
         utcnow,
     )
-    from registry.lexical import VIEWS
+    from registry.search.lexical import VIEWS
     from registry.service import Registry
     from registry.settings import Settings
 

@@ -24,12 +24,9 @@ from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
 from registry import domain
 from registry.auth import TokenStore
 from registry.blobs import LocalBlobStore
-from registry.brick_cache import BrickCache
 from registry.compositions import Compositions
 from registry.db.migrate import ensure_schema
-from registry.db.retrieval import EmbeddedTexts
 from registry.db.session import Database
-from registry.embed import Embedder, shared_embedder
 from registry.errors import (
     BaseModelNotFound,
     BrickNotFound,
@@ -42,15 +39,18 @@ from registry.errors import (
     VersionExists,
 )
 from registry.fsck import FsckReport, fsck
-from registry.index import SearchFilters, SearchIndex, make_index
 from registry.inputs import NAME_PATTERN, BaseModelCreate, BrickMetadata, BrickPatchIn, SearchRequest, parse_json_model
-from registry.retrieve import rank_bricks
+from registry.search.embed import Embedder, shared_embedder
+from registry.search.hit_cache import BrickCache
+from registry.search.index import SearchFilters, SearchIndex, make_index
+from registry.search.index_rows import EmbeddedTexts
+from registry.search.ranking import rank_bricks
 from registry.settings import Settings
 from registry.spec import inspect_adapter
 from registry.store import Store
 
 if TYPE_CHECKING:
-    from registry.embed_worker import ProcessEmbedder
+    from registry.search.embed_process import ProcessEmbedder
 
 __all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry", "SearchHit", "SearchResult"]
 
@@ -121,7 +121,7 @@ class Registry:
     @property
     def brick_embedder(self) -> Embedder:
         """What embeds brick descriptions and examples: with ``embedding.isolation =
-        "process"``, a low-priority child process (see `registry.embed_worker`), so that
+        "process"``, a low-priority child process (see `registry.search.embed_process`), so that
         registrations do not take the CPU from searches; otherwise `embedder`. An embedder
         given to the constructor serves both."""
         if self._embedder_given or self.settings.embedding.isolation == "thread":
@@ -135,7 +135,7 @@ class Registry:
         return self._embed_child
 
     def _new_embed_child(self) -> ProcessEmbedder:
-        from registry.embed_worker import ProcessEmbedder
+        from registry.search.embed_process import ProcessEmbedder
 
         embedding = self.settings.embedding
         config = {

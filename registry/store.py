@@ -16,15 +16,6 @@ from sqlalchemy.orm import Session
 from registry import domain
 from registry.db.events import Event, list_events, record_event
 from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, _aware, utcnow
-from registry.db.retrieval import (
-    EmbeddedTexts,
-    bump_generation,
-    check_index_model,
-    read_index_model,
-    rebuild_index,
-    remove_brick_index,
-    write_brick_index,
-)
 from registry.db.session import Database
 from registry.errors import (
     BaseModelExists,
@@ -34,6 +25,15 @@ from registry.errors import (
     Conflict,
     InvalidInput,
     VersionExists,
+)
+from registry.search.index_rows import (
+    EmbeddedTexts,
+    bump_generation,
+    check_index_model,
+    read_index_model,
+    rebuild_index,
+    remove_brick_index,
+    write_brick_index,
 )
 
 __all__ = ["Store"]

@@ -159,7 +159,7 @@ def empty_database_url(backend: str, request: pytest.FixtureRequest, tmp_path: P
 def settings(tmp_path: Path, database_url: str) -> Any:
     """Settings for one test: its own home directory and database; compositions build and
     brick texts are embedded in threads of the server (the child-process modes are tested
-    in test_embed_worker.py and against live servers)."""
+    in tests/registry/search/test_embed_process.py and against live servers)."""
     from registry.settings import ComposeSettings, Settings
 
     return Settings(

@@ -20,7 +20,7 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-VIEWS = ("shape", "prefix", "word")  # as of this revision (registry.lexical.VIEWS)
+VIEWS = ("shape", "prefix", "word")  # as of this revision (registry.search.lexical.VIEWS)
 HASH_DIM = 1 << 18
 
 

@@ -256,7 +256,7 @@ class IndexStateRow(Base):
 
 
 class BrickLexicalRow(Base):
-    """A brick's lexical vectors (`registry.lexical`): hashed indices and values per view;
+    """A brick's lexical vectors (`registry.search.lexical`): hashed indices and values per view;
     and the sum and sum of squares of its examples' layer vectors (float64)."""
 
     __tablename__ = "brick_lexical"

@@ -196,7 +196,7 @@ def test_document_frequencies_follow_every_write(catalog: Any, registry: Any) ->
     import numpy as np
 
     from registry.db.models import RetrievalDfRow
-    from registry.lexical import count_documents
+    from registry.search.lexical import count_documents
 
     def stored() -> dict[tuple[str, int], int]:
         with registry.store.db.session() as session:
@@ -223,7 +223,7 @@ def test_document_frequencies_follow_every_write(catalog: Any, registry: Any) ->
     registry.reindex()
     assert stored() == recounted()
     with registry.store.db.session() as session:
-        from registry.db.retrieval import read_generation
+        from registry.search.index_rows import read_generation
 
         mirrored = registry.index.doc_freqs(read_generation(session))
     assert {(v, int(b)): int(mirrored[v][b]) for v in mirrored for b in np.flatnonzero(mirrored[v])} == stored()

@@ -10,7 +10,7 @@ exact scan), with filters applied inside the query (iterative index scans keep N
 coming when filters are selective); the candidates' vectors and lexical vectors are then
 fetched by id.
 
-Both return the same `Candidates`, which `registry.retrieve.rank_bricks` scores.
+Both return the same `Candidates`, which `registry.search.ranking.rank_bricks` scores.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from registry.db.models import BrickLexicalRow, BrickRow, BrickTagRow, BrickVectorRow
-from registry.db.retrieval import check_index_model, read_df_changes, read_generation, read_stats
 from registry.db.session import Database
-from registry.lexical import HASH_DIM, VIEWS, SparseVector
-from registry.retrieve import BrickFeatures, CorpusStats
+from registry.search.index_rows import check_index_model, read_df_changes, read_generation, read_stats
+from registry.search.lexical import HASH_DIM, VIEWS, SparseVector
+from registry.search.ranking import BrickFeatures, CorpusStats
 
 __all__ = ["Candidates", "InMemoryIndex", "PgVectorIndex", "SearchFilters", "SearchIndex", "make_index"]
 

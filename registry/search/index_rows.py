@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from registry.db.models import BrickLexicalRow, BrickVectorRow, IndexStateRow, RetrievalDfRow, RetrievalStatsRow
 from registry.errors import ServiceUnavailable
-from registry.lexical import HASH_DIM, VIEWS, SparseVector, count_documents
-from registry.retrieve import CorpusStats, IndexedTexts, index_brick_texts, stats_delta
+from registry.search.lexical import HASH_DIM, VIEWS, SparseVector, count_documents
+from registry.search.ranking import CorpusStats, IndexedTexts, index_brick_texts, stats_delta
 
 __all__ = [
     "EmbeddedTexts",

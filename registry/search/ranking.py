@@ -9,7 +9,7 @@ brick is scored by two branches and a gate decides between them *from the query 
   + w_prefix * prefix(q, examples) + w_layer * layer(q, examples))``, where ``cos_c`` is the
   cosine after subtracting the corpus mean of example vectors ``mu`` (removing the
   direction all inputs share), ``shape``/``prefix``/``word`` are cosines of the lexical
-  views (`registry.lexical`), and ``layer`` is the cosine between the query's and the
+  views (`registry.search.lexical`), and ``layer`` is the cosine between the query's and the
   examples' mean-pooled hidden states of MiniLM's layer 4 (of 6), standardised per
   dimension over all registered examples: the last layer is tuned for meaning, an
   intermediate one still carries surface form (script, casing, markup, list skeleton),
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from registry.lexical import HASH_DIM, VIEWS, SparseVector, brick_vector, text_features, unit_tfidf
+from registry.search.lexical import HASH_DIM, VIEWS, SparseVector, brick_vector, text_features, unit_tfidf
 
 __all__ = [
     "RANKING",

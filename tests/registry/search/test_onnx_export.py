@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.embed_export import ensure_exported
 from registry.errors import ServiceUnavailable
+from registry.search.onnx_export import ensure_exported
 from registry.settings import EmbeddingSettings
 
 MODEL = EmbeddingSettings().resolved_model_path()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from registry.embed import OnnxEmbedder, TorchEmbedder, _BatchingEmbedder, _next_pass, _Request, shared_embedder
+from registry.search.embed import OnnxEmbedder, TorchEmbedder, _BatchingEmbedder, _next_pass, _Request, shared_embedder
 from registry.settings import EmbeddingSettings
 
 MODEL = EmbeddingSettings().resolved_model_path()
@@ -107,7 +107,7 @@ def test_a_process_embedding_with_onnx_never_imports_torch(onnx_embedder: OnnxEm
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from registry.embed import OnnxEmbedder\n"
+        "from registry.search.embed import OnnxEmbedder\n"
         "from registry.settings import EmbeddingSettings\n"
         f"e = OnnxEmbedder(EmbeddingSettings().resolved_model_path(), Path({str(embedding_cache)!r}))\n"
         "print(e.embed(['hello']).shape, 'torch' in sys.modules)\n"

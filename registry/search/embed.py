@@ -6,7 +6,7 @@ same vectors (to about 1e-6), so the vectors in the database do not depend on wh
 * `OnnxEmbedder` (the default): onnxruntime + the ``tokenizers`` library. About 2.5x
   faster than torch for a one-sentence query on this CPU, and a server that loads it never
   imports torch. The ONNX graph is exported from the sentence-transformers model once per
-  model and kept under ``$BRICKYARD_HOME/cache/embeddings`` (see `registry.embed_export`).
+  model and kept under ``$BRICKYARD_HOME/cache/embeddings`` (see `registry.search.onnx_export`).
 * `TorchEmbedder`: the sentence-transformers model itself (``embedding.runtime = "torch"``),
   for models the exporter does not support.
 
@@ -28,7 +28,9 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-__all__ = ["Embedder", "OnnxEmbedder", "TorchEmbedder", "model_identity", "shared_embedder", "torch_encode"]
+from registry.search.torch_model import intermediate_layer, load_sentence_transformer, quantized, torch_encode
+
+__all__ = ["Embedder", "OnnxEmbedder", "TorchEmbedder", "model_identity", "shared_embedder"]
 
 Runtime = Literal["onnx", "torch"]
 
@@ -52,7 +54,7 @@ class Embedder(Protocol):
 
     def embed_with_layer(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Unit sentence vectors and unit mean-pooled hidden states of an intermediate layer,
-        from one forward pass (see `registry.retrieve` for why the layer view helps)."""
+        from one forward pass (see `registry.search.ranking` for why the layer view helps)."""
         ...
 
 
@@ -69,12 +71,6 @@ def model_identity(path: Path) -> str:
             else:
                 digest.update(str(item.stat().st_size).encode())
     return f"{path.name}-{digest.hexdigest()[:12]}"
-
-
-def intermediate_layer(num_hidden_layers: int) -> int:
-    """The hidden layer whose mean-pooled states form the second view: 2/3 of the depth
-    (layer 4 of MiniLM's 6)."""
-    return max(1, round(num_hidden_layers * 2 / 3))
 
 
 class _BatchingEmbedder:
@@ -190,7 +186,7 @@ class TorchEmbedder(_BatchingEmbedder):
                     model = load_sentence_transformer(self.path)
                     self._layer = intermediate_layer(model[0].auto_model.config.num_hidden_layers)
                     if self.quantize:
-                        model = _quantized(model)
+                        model = quantized(model)
                     self._model = model
         return self._model
 
@@ -228,8 +224,8 @@ class OnnxEmbedder(_BatchingEmbedder):
                 if self._failure is not None:  # do not export again on every request
                     raise self._failure
                 if self._session is None:
-                    from registry.embed_export import ensure_exported, open_exported
                     from registry.errors import ServiceUnavailable
+                    from registry.search.onnx_export import ensure_exported, open_exported
 
                     try:
                         exported = ensure_exported(self.path, self.cache_dir / self.name, quantize=self.quantize)
@@ -248,59 +244,10 @@ class OnnxEmbedder(_BatchingEmbedder):
         return int(self._exported.dim)
 
     def _encode_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        from registry.embed_export import onnx_encode
+        from registry.search.onnx_export import onnx_encode
 
         session = self._load()
         return onnx_encode(session, self._tokenizer, self._exported.inputs, texts)
-
-
-def torch_encode(model: Any, layer: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Unit sentence vectors and unit mean-pooled vectors of hidden ``layer`` of ``texts``,
-    from a sentence-transformers model (see `load_sentence_transformer`)."""
-    import torch
-
-    features = model.preprocess(texts)
-    with torch.inference_mode():
-        out = model(features)
-    hidden = out["all_layer_embeddings"][layer]
-    mask = out["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return (
-        torch.nn.functional.normalize(out["sentence_embedding"], dim=1).numpy(),
-        torch.nn.functional.normalize(pooled, dim=1).numpy(),
-    )
-
-
-def load_sentence_transformer(path: Path) -> Any:
-    """The sentence-transformers model at ``path``, offline, with hidden states kept."""
-    from composer.basemodel import TRANSFORMERS_LOCK
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    with TRANSFORMERS_LOCK:  # the warm-up may load this while a composition plans its base
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-    transformer: Any = model[0]
-    transformer.auto_model.config.output_hidden_states = True
-    return model
-
-
-def _quantized(model: Any) -> Any:
-    """The model with int8 weights in its linear layers (per output channel) and int8
-    matrix products: about 2.5x faster on a CPU for a one-sentence query, at a cosine of
-    about 0.98 to the float32 embedding. Vectors of the two are not comparable, which is
-    why the model identity records the quantization."""
-    import warnings
-
-    import torch
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's notice that eager quantization moves to torchao
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 class _Request:

@@ -5,7 +5,7 @@ CPU each, against a few for a one-line search query. Run in the server, that wor
 with searches for the same two cores and the same GIL, and a mixed load makes every search
 wait behind it (profiled with ``bench/load.py --profile``: the MiniLM forward pass was the
 largest share of the server's CPU). `ProcessEmbedder` moves it to one long-lived child,
-``python -m registry.embed_worker``, at background priority (`registry.priority`; it loads
+``python -m registry.search.embed_process``, at background priority (`registry.priority`; it loads
 the model first, at normal priority): the kernel gives the child the CPU that searches
 leave, so under load registrations wait instead of searches. Queries stay in the server.
 On a CPU saturated for long, a background task still gets a sliver (a registration's
@@ -50,11 +50,11 @@ _OK, _ERROR = 0, 1
 
 
 class ProcessEmbedder:
-    """An `registry.embed.Embedder` that runs the model in a low-priority child process.
+    """An `registry.search.embed.Embedder` that runs the model in a low-priority child process.
 
     Args:
         config: how the child loads the model, the keyword arguments of
-            `registry.embed.shared_embedder` plus ``path`` (JSON-serialisable).
+            `registry.search.embed.shared_embedder` plus ``path`` (JSON-serialisable).
         log_path: where the child's stderr goes.
         timeout_s: a call not answered in this time fails, and the child is replaced.
         start_timeout_s: how long a new child may take to load the model (it loads at
@@ -163,7 +163,7 @@ class _Child:
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the child
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "registry.embed_worker"],
+                [sys.executable, "-m", "registry.search.embed_process"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self._log,
@@ -276,7 +276,7 @@ def main() -> int:
     if config is None:
         return 0
     try:
-        from registry.embed import shared_embedder
+        from registry.search.embed import shared_embedder
 
         options = json.loads(config)
         path = Path(options.pop("path"))

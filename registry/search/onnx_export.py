@@ -1,4 +1,4 @@
-"""Export a sentence-transformers model to an ONNX graph for `registry.embed.OnnxEmbedder`.
+"""Export a sentence-transformers model to an ONNX graph for `registry.search.embed.OnnxEmbedder`.
 
 The graph takes the tokenizer's outputs and returns both views the retriever uses, already
 pooled and normalised: ``sentence`` (the model's mean-pooled sentence embedding) and
@@ -94,7 +94,7 @@ def _export(model_path: Path, out: Path, *, quantize: bool) -> None:
     import numpy as np
     import torch
 
-    from registry.embed import intermediate_layer, load_sentence_transformer, torch_encode
+    from registry.search.torch_model import intermediate_layer, load_sentence_transformer, torch_encode
 
     model = load_sentence_transformer(model_path)
     _check_supported(model, model_path)

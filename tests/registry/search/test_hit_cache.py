@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from registry import domain
-from registry.brick_cache import BrickCache
 from registry.db.models import BrickRow
-from registry.db.retrieval import read_generation
 from registry.db.session import Database
+from registry.search.hit_cache import BrickCache
+from registry.search.index_rows import read_generation
 from registry.store import Store
 from tests.registry.test_store import base_draft, brick_draft
 

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from registry.embed import OnnxEmbedder
-from registry.embed_worker import NICENESS, ProcessEmbedder
 from registry.errors import ServiceUnavailable
+from registry.search.embed import OnnxEmbedder
+from registry.search.embed_process import NICENESS, ProcessEmbedder
 from registry.settings import EmbeddingSettings
-from tests.registry.test_embed import assert_concurrent_callers_get_their_own_vectors
+from tests.registry.search.test_embed import assert_concurrent_callers_get_their_own_vectors
 
 MODEL = EmbeddingSettings().resolved_model_path()
 TEXTS = [
@@ -153,7 +153,7 @@ def test_the_child_exits_when_its_server_is_killed(embedding_cache: Path, tmp_pa
     import sys
 
     script = (
-        "import sys; from pathlib import Path; from registry.embed_worker import ProcessEmbedder\n"
+        "import sys; from pathlib import Path; from registry.search.embed_process import ProcessEmbedder\n"
         f"e = ProcessEmbedder({_config(embedding_cache)!r}, Path({str(tmp_path / 'embed.log')!r}))\n"
         "e.start(); print(e._child.process.pid, flush=True); sys.stdin.read()\n"
     )
