@@ -31,7 +31,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def tiny_base() -> Path:
     """A tiny Llama base model, built once into .bench/ (hidden size 32, 2 layers)."""
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     path = CACHE / "tiny-llama"
     if not (path / "config.json").exists():

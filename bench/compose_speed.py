@@ -66,7 +66,7 @@ def _shape(args: argparse.Namespace, layers: int) -> dict[str, Any]:
 
 def _ensure_base(args: argparse.Namespace, layers: int) -> Path:
     sys.path.insert(0, str(ROOT))
-    from registry.toy import make_synthetic_llama
+    from composer.testing import make_synthetic_llama
 
     shape = _shape(args, layers)
     name = "base-" + "-".join(f"{k}{v}" for k, v in shape.items() if k != "dtype")
@@ -81,7 +81,7 @@ def _ensure_base(args: argparse.Namespace, layers: int) -> Path:
 
 
 def _ensure_bricks(base: Path, ranks: tuple[int, ...], tag: str) -> list[Path]:
-    from registry.toy import make_synthetic_lora
+    from composer.testing import make_synthetic_lora
 
     bricks = []
     for index, rank in enumerate(ranks):

@@ -50,7 +50,7 @@ EXAMPLES = 3  # instance inputs registered as a brick's examples
 
 def base_model() -> Path:
     """A Llama-shaped random base of ~35M parameters (float32, ~140 MB), built once."""
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     path = CACHE / "load-base"
     if not (path / "config.json").exists():

@@ -79,7 +79,7 @@ def build_models(workdir: Path, console: Console) -> tuple[Path, dict[str, Path]
     """Build (once) the tiny base model and one adapter per demo brick under ``workdir``."""
     from transformers.utils import logging as hf_logging
 
-    from registry.toy import make_base_model, make_lora
+    from composer.testing import make_base_model, make_lora
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

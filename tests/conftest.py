@@ -216,7 +216,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama_base(models_dir: Path) -> Path:
     """A tiny Llama base model, saved in several safetensors shards with an index."""
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     return make_base_model(models_dir / "llama", max_shard_size="40KB")
 
@@ -224,7 +224,7 @@ def llama_base(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def llama_base_single(models_dir: Path) -> Path:
     """The same kind of tiny Llama, different weights, in one safetensors file."""
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     return make_base_model(models_dir / "llama-single", seed=5)
 
@@ -232,7 +232,7 @@ def llama_base_single(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_base(models_dir: Path) -> Path:
     """A tiny GPT-2 (Conv1D projections, tied lm_head)."""
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     return make_base_model(models_dir / "gpt2", family="gpt2")
 
@@ -240,7 +240,7 @@ def gpt2_base(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def loras(models_dir: Path, llama_base: Path) -> dict[str, Path]:
     """Tiny random LoRAs for ``llama_base``: ranks 4 and 8, rsLoRA, rank/alpha patterns, all-linear."""
-    from registry.toy import LLAMA_PROJECTIONS, make_lora
+    from composer.testing import LLAMA_PROJECTIONS, make_lora
 
     root = models_dir / "loras"
     return {
@@ -264,7 +264,7 @@ def loras(models_dir: Path, llama_base: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def gpt2_lora(models_dir: Path, gpt2_base: Path) -> Path:
     """A tiny LoRA on GPT-2's Conv1D attention projections."""
-    from registry.toy import make_lora
+    from composer.testing import make_lora
 
     return make_lora(gpt2_base, models_dir / "gpt2-lora", target_modules=("c_attn", "c_proj"), seed=7)
 

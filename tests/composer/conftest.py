@@ -36,7 +36,7 @@ def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def toy_llama(toy_dir: Path) -> Path:
     """A float32 Llama (2 layers, hidden 32, GQA k/v 16 wide) in several shards with an index."""
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     return make_base_model(toy_dir / "llama", max_shard_size="20KB")
 
@@ -44,7 +44,7 @@ def toy_llama(toy_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def toy_llama_bf16(toy_dir: Path) -> Path:
     """A bfloat16 Llama in one safetensors file."""
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     return make_base_model(toy_dir / "llama-bf16", dtype="bfloat16", seed=3, tokenizer=False)
 
@@ -52,7 +52,7 @@ def toy_llama_bf16(toy_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def toy_gpt2(toy_dir: Path) -> Path:
     """A float32 GPT-2 (Conv1D projections stored in x out, tied lm_head), one file."""
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     return make_base_model(toy_dir / "gpt2", family="gpt2", seed=4)
 
@@ -66,7 +66,7 @@ def llama_bricks(toy_dir: Path, toy_llama: Path) -> dict[str, Path]:
     * ``all6``: r=6 on all seven projections, with a full-name ``rank_pattern`` entry.
     * ``rs8``: rsLoRA r=8 on q/k/gate.
     """
-    from registry.toy import LLAMA_PROJECTIONS, make_lora
+    from composer.testing import LLAMA_PROJECTIONS, make_lora
 
     root = toy_dir / "llama-bricks"
     return {
@@ -112,7 +112,7 @@ def llama_bricks(toy_dir: Path, toy_llama: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def bf16_brick(toy_dir: Path, toy_llama_bf16: Path) -> Path:
     """A float32 brick (r=4, q/v/up) for the bfloat16 base."""
-    from registry.toy import make_lora
+    from composer.testing import make_lora
 
     return make_lora(
         toy_llama_bf16, toy_dir / "bf16-brick", r=4, target_modules=("q_proj", "v_proj", "up_proj"), seed=21
@@ -122,7 +122,7 @@ def bf16_brick(toy_dir: Path, toy_llama_bf16: Path) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_bricks(toy_dir: Path, toy_gpt2: Path) -> dict[str, Path]:
     """Bricks for ``toy_gpt2`` on its Conv1D modules (fan_in_fan_out)."""
-    from registry.toy import make_lora
+    from composer.testing import make_lora
 
     root = toy_dir / "gpt2-bricks"
     return {

@@ -42,7 +42,7 @@ SHARD = 8 * 1000 * 1000
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
 def test_full_merge_memory_is_bounded_and_flat_in_depth(tmp_path: Path) -> None:
-    from registry.toy import make_synthetic_llama, make_synthetic_lora
+    from composer.testing import make_synthetic_llama, make_synthetic_lora
 
     make_synthetic_llama(tmp_path / "tiny", num_layers=1, **{**SHAPE, "hidden": 64, "intermediate": 128, "vocab": 256})
     make_synthetic_lora(tmp_path / "tiny", tmp_path / "tiny-brick", r=4)

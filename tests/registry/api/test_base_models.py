@@ -56,7 +56,7 @@ def test_gpt2_conv1d_modules_and_tied_head(client: Any, gpt2_base: Path) -> None
 
 
 def test_fingerprint_ignores_sharding_but_not_shapes(client: Any, llama_base: Path, tmp_path: Path) -> None:
-    from registry.toy import make_base_model
+    from composer.testing import make_base_model
 
     resharded = make_base_model(tmp_path / "same-arch-one-file", seed=9, tokenizer=False)
     wider = make_base_model(tmp_path / "wider", hidden=48, tokenizer=False)
