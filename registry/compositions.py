@@ -38,7 +38,9 @@ from registry.errors import (
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
 
 if TYPE_CHECKING:
-    from registry.service import Registry
+    from registry.blobs import BlobStore
+    from registry.settings import Settings
+    from registry.store import Store
 
 __all__ = ["Compositions", "recipe_id", "softmax_weights"]
 
@@ -68,10 +70,23 @@ def softmax_weights(scores: list[float]) -> list[float]:
 class Compositions:
     """Use cases of compositions; builds run through `build_claimed` (worker or local)."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.store = CompositionStore(registry.store.db)
-        self.root = registry.settings.compositions_dir
+    def __init__(
+        self,
+        catalog: Store,
+        blobs: BlobStore,
+        settings: Settings,
+        *,
+        search: Callable[[SearchRequest], domain.SearchResult],
+    ) -> None:
+        """``catalog`` holds the base models and bricks a request names, ``blobs`` their bytes,
+        ``search`` finds bricks for an instruction; compositions live in their own store
+        (`CompositionStore`, on the catalog's database) and under ``settings.compositions_dir``."""
+        self.catalog = catalog
+        self.blobs = blobs
+        self.settings = settings
+        self.search = search
+        self.store = CompositionStore(catalog.db)
+        self.root = settings.compositions_dir
         self.root.mkdir(parents=True, exist_ok=True)
 
     # -- requests ------------------------------------------------------------------------
@@ -87,12 +102,10 @@ class Compositions:
         """
         if not isinstance(request, ComposeRequest):
             request = parse_json_model(ComposeRequest, dict(request), what="composition")
-        base = self.registry.store.get_base_model(request.base_model)
-        base_id = self.registry.store.base_model_id(base.name)
+        base = self.catalog.get_base_model(request.base_model)
+        base_id = self.catalog.base_model_id(base.name)
         if request.instruction is not None:
-            hits = self.registry.search(
-                SearchRequest(query=request.instruction, base_model=base.name, k=request.k)
-            ).hits
+            hits = self.search(SearchRequest(query=request.instruction, base_model=base.name, k=request.k)).hits
             if not hits:
                 raise InvalidRecipe(
                     f"no brick of base model {base.name!r} matches the instruction",
@@ -111,7 +124,7 @@ class Compositions:
             assert request.bricks is not None
             chosen = []
             for choice in request.bricks:
-                chosen.append((self.registry.store.get_brick(choice.name, choice.version), choice.weight))
+                chosen.append((self.catalog.get_brick(choice.name, choice.version), choice.weight))
             foreign = [b for b, _ in chosen if b.base_model != base.name]
             if foreign:
                 raise IncompatibleBrick(
@@ -164,8 +177,8 @@ class Compositions:
         sources = []
         missing = []
         for brick in recipe["bricks"]:
-            config = self.registry.blobs.path(brick["config_sha256"])
-            weights = self.registry.blobs.path(brick["sha256"])
+            config = self.blobs.path(brick["config_sha256"])
+            weights = self.blobs.path(brick["sha256"])
             if not (config.exists() and weights.exists()):
                 missing.append(f"{brick['name']}@{brick['version']}")
             sources.append(BrickSource(f"{brick['name']}@{brick['version']}", config, weights, brick["weight"]))
@@ -283,7 +296,7 @@ class Compositions:
         target = self.root / composition.id
         heartbeat = _Heartbeat(self.store, composition.id, worker)
         try:
-            base = self.registry.store.get_base_model(recipe["base_model"]["name"])
+            base = self.catalog.get_base_model(recipe["base_model"]["name"])
             if read_base_model(Path(base.path)).fingerprint() != recipe["base_model"]["fingerprint"]:
                 raise InvalidRecipe(
                     f"the files of base model {base.name!r} at {base.path} changed since it was registered",
@@ -319,7 +332,7 @@ class Compositions:
 
     def evict_to_budget(self, *, keep: str | None = None) -> list[str]:
         """Delete least recently used ready compositions until the cache fits its budget."""
-        budget = self.registry.settings.compose.cache_bytes
+        budget = self.settings.compose.cache_bytes
         entries = self.store.ready_by_age()
         total = sum(size for _, size in entries)
         evicted = []
@@ -340,7 +353,7 @@ class Compositions:
         past the heartbeat timeout, and remove half-built directories. Returns their ids."""
         from registry.db.models import utcnow
 
-        timeout = self.registry.settings.compose.heartbeat_timeout_s
+        timeout = self.settings.compose.heartbeat_timeout_s
         now = utcnow()
         failed = []
         for composition_id, worker, heartbeat in self.store.running():

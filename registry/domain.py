@@ -20,6 +20,8 @@ __all__ = [
     "Composition",
     "LinearShape",
     "Page",
+    "SearchHit",
+    "SearchResult",
 ]
 
 T = TypeVar("T")
@@ -174,3 +176,22 @@ class Composition:
     started_at: datetime | None
     finished_at: datetime | None
     requested_by: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result: the brick, its ranking score, and what matched (and how well)."""
+
+    brick: Brick
+    score: float
+    matched: str
+    text: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Hits, best first, and where the time went (milliseconds per stage)."""
+
+    hits: list[SearchHit]
+    timings_ms: dict[str, float]

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from registry.service import Registry
+    from registry.blobs import BlobStore
+    from registry.compositions import Compositions
+    from registry.store import Store
 
 __all__ = ["FsckReport", "fsck"]
 
@@ -53,12 +55,20 @@ def _old(path: Path, grace_s: float) -> bool:
         return False
 
 
-def fsck(registry: Registry, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
-    """Check (and optionally repair) the registry's storage. See the module docstring."""
+def fsck(
+    store: Store,
+    blobs: BlobStore,
+    compositions: Compositions,
+    *,
+    repair: bool = False,
+    verify: bool = True,
+    grace_s: float = 3600.0,
+) -> FsckReport:
+    """Check (and optionally repair) the storage of bricks (``store`` rows against ``blobs``)
+    and of ``compositions``. See the module docstring."""
     report = FsckReport()
-    blobs = registry.blobs
     referenced: dict[str, list[str]] = {}
-    for brick_ref, digests in registry.store.blob_references().items():
+    for brick_ref, digests in store.blob_references().items():
         for digest in digests:
             referenced.setdefault(digest, []).append(brick_ref)
     for digest, bricks in sorted(referenced.items()):
@@ -78,12 +88,11 @@ def fsck(registry: Registry, *, repair: bool = False, verify: bool = True, grace
         if repair and _old(leftover, grace_s):
             leftover.unlink(missing_ok=True)
             report.removed.append(f"staging file {leftover.name}")
-    _check_compositions(registry, report, repair=repair, grace_s=grace_s)
+    _check_compositions(compositions, report, repair=repair, grace_s=grace_s)
     return report
 
 
-def _check_compositions(registry: Registry, report: FsckReport, *, repair: bool, grace_s: float) -> None:
-    compositions = registry.compositions
+def _check_compositions(compositions: Compositions, report: FsckReport, *, repair: bool, grace_s: float) -> None:
     root = compositions.root
     ready = {cid for cid, _ in compositions.store.ready_by_age()}
     for composition_id in sorted(ready):

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -23,7 +23,7 @@ from composer.basemodel import find_linear_modules, read_base_model
 from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
 from registry import domain
 from registry.auth import TokenStore
-from registry.blobs import LocalBlobStore
+from registry.blobs import BlobStore, LocalBlobStore
 from registry.compositions import Compositions
 from registry.db.migrate import ensure_schema
 from registry.db.session import Database
@@ -52,31 +52,12 @@ from registry.store import Store
 if TYPE_CHECKING:
     from registry.search.embed_process import ProcessEmbedder
 
-__all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry", "SearchHit", "SearchResult"]
+__all__ = ["CONFIG_FILENAME", "WEIGHTS_FILENAME", "Registry"]
 
 log = logging.getLogger("brickyard")
 
 CONFIG_FILENAME = "adapter_config.json"
 WEIGHTS_FILENAME = "adapter_model.safetensors"
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """One search result: the brick, its ranking score, and what matched (and how well)."""
-
-    brick: domain.Brick
-    score: float
-    matched: str
-    text: str
-    similarity: float
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Hits, best first, and where the time went (milliseconds per stage)."""
-
-    hits: list[SearchHit]
-    timings_ms: dict[str, float]
 
 
 class Registry:
@@ -86,7 +67,7 @@ class Registry:
         self,
         settings: Settings,
         store: Store,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         *,
         embedder: Embedder | None = None,
         index: SearchIndex | None = None,
@@ -100,7 +81,7 @@ class Registry:
         self._embed_child_lock = threading.Lock()
         self._closed = False
         self.index = index if index is not None else make_index(store.db)
-        self.compositions = Compositions(self)
+        self.compositions = Compositions(store, blobs, settings, search=self.search)
         self.tokens = TokenStore(store.db)
         self._hit_bricks = BrickCache(store, size=_BRICK_CACHE_SIZE)
 
@@ -188,7 +169,7 @@ class Registry:
 
     def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
         """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers."""
-        return fsck(self, repair=repair, verify=verify, grace_s=grace_s)
+        return fsck(self.store, self.blobs, self.compositions, repair=repair, verify=verify, grace_s=grace_s)
 
     def bootstrap_admin_token(self) -> str | None:
         """With auth on and no admin token yet, create one named ``admin``, save it to
@@ -424,7 +405,7 @@ class Registry:
 
     # -- search ------------------------------------------------------------------------
 
-    def search(self, request: SearchRequest | Mapping[str, Any]) -> SearchResult:
+    def search(self, request: SearchRequest | Mapping[str, Any]) -> domain.SearchResult:
         """Rank the compatible bricks for a task description or an example input.
 
         Filters (base model, tags, latest version) apply before ranking, so ``k`` hits
@@ -483,9 +464,11 @@ class Registry:
             if brick is None:  # deleted between ranking and lookup
                 continue
             text = brick.description if r.matched == "description" else brick.examples[r.ordinal]
-            hits.append(SearchHit(brick=brick, score=r.score, matched=r.matched, text=text, similarity=r.similarity))
+            hits.append(
+                domain.SearchHit(brick=brick, score=r.score, matched=r.matched, text=text, similarity=r.similarity)
+            )
         lap("rank")
-        return SearchResult(hits=hits, timings_ms=timings)
+        return domain.SearchResult(hits=hits, timings_ms=timings)
 
     def reindex(self, progress: Callable[[int, int], None] | None = None, *, batch: int = 64) -> int:
         """Re-embed every brick with the configured model and rebuild the index.
