@@ -11,6 +11,8 @@ does not import torch; composing does.
 """
 
 from composer._version import COMPOSER_VERSION
+from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
+from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, read_base_model
 from composer.compose import ComposeResult, TruncationStats, WrittenFile, compose
 from composer.errors import (
     ComposeError,
@@ -22,6 +24,7 @@ from composer.errors import (
     NonFiniteResult,
     UnknownMethod,
 )
+from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
 from composer.methods import MERGE_METHODS, MergeMethod, MethodInfo, get_method, list_methods
 from composer.plan import BrickSource, CompositionPlan, plan_composition
 
@@ -29,7 +32,9 @@ __version__ = COMPOSER_VERSION
 
 __all__ = [
     "COMPOSER_VERSION",
+    "FLOAT_DTYPES",
     "MERGE_METHODS",
+    "TRANSFORMERS_LOCK",
     "BrickSource",
     "ComposeError",
     "ComposeResult",
@@ -39,15 +44,25 @@ __all__ = [
     "InvalidBaseModel",
     "InvalidParams",
     "InvalidTensorFile",
+    "LoraSettings",
     "MergeMethod",
     "MethodInfo",
     "NonFiniteResult",
+    "SafetensorsHeader",
     "TruncationStats",
     "UnknownMethod",
     "WrittenFile",
     "__version__",
     "compose",
+    "find_linear_modules",
+    "find_nonfinite",
     "get_method",
     "list_methods",
+    "map_adapter_tensors",
+    "parse_lora_config",
     "plan_composition",
+    "read_base_model",
+    "read_header",
+    "sniff_format",
+    "split_lora_key",
 ]

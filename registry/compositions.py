@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry import domain
+from registry.composer_errors import composer_errors
 from registry.composition_store import FAILED, READY, RUNNING, CompositionStore
 from registry.errors import (
     CompositionNotFound,
@@ -135,20 +136,11 @@ class Compositions:
                     },
                 )
         from composer import COMPOSER_VERSION, get_method
-        from composer.errors import ComposeError
 
-        try:
+        with composer_errors(into=InvalidRecipe):
             method = get_method(request.method)
-            params = method.params_model.model_validate(request.params).model_dump(mode="json")
-        except ComposeError as exc:
-            raise InvalidRecipe(exc.message, errors=exc.problems) from None
-        except ValueError as exc:  # pydantic's ValidationError
-            from pydantic import ValidationError
-
-            from registry.inputs import validation_errors
-
-            lines = validation_errors(exc, "params") if isinstance(exc, ValidationError) else [str(exc)]
-            raise InvalidRecipe(f"invalid parameters for merge method {request.method!r}", errors=lines) from None
+        with composer_errors(into=InvalidRecipe, field="params"):
+            params = method.validate_params(request.params).model_dump(mode="json")
         recipe = {
             "schema": RECIPE_SCHEMA,
             "composer_version": COMPOSER_VERSION,
@@ -191,19 +183,17 @@ class Compositions:
 
     def _plan(self, recipe: dict[str, Any], base_path: Path) -> None:
         from composer import plan_composition
-        from composer.errors import ComposeError
 
         try:
-            plan_composition(
-                base_path,
-                self._brick_sources(recipe),
-                method=recipe["method"],
-                params=recipe["params"],
-                output=recipe["output"],
-                rank=recipe["rank"],
-            )
-        except ComposeError as exc:
-            raise InvalidRecipe(exc.message, errors=exc.problems) from None
+            with composer_errors(into=InvalidRecipe):
+                plan_composition(
+                    base_path,
+                    self._brick_sources(recipe),
+                    method=recipe["method"],
+                    params=recipe["params"],
+                    output=recipe["output"],
+                    rank=recipe["rank"],
+                )
         except OSError as exc:
             raise InvalidRecipe(f"cannot read the base model at {base_path}: {exc.strerror or exc}") from None
 
@@ -288,9 +278,7 @@ class Compositions:
         Failures are recorded on the composition (status failed, error, error code); only
         an interruption (KeyboardInterrupt, SystemExit) propagates.
         """
-        from composer import compose
-        from composer.basemodel import read_base_model
-        from composer.errors import ComposeError
+        from composer import ComposeError, compose, read_base_model
 
         recipe: dict[str, Any] = dict(composition.recipe)
         target = self.root / composition.id

@@ -19,11 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from composer.basemodel import find_linear_modules, read_base_model
-from composer.errors import InvalidBaseModel as ComposerInvalidBaseModel
+from composer import find_linear_modules, read_base_model
 from registry import domain
 from registry.auth import TokenStore
 from registry.blobs import BlobStore, LocalBlobStore
+from registry.composer_errors import composer_errors
 from registry.compositions import Compositions
 from registry.db.migrate import ensure_schema
 from registry.db.session import Database
@@ -205,10 +205,9 @@ class Registry:
             request = parse_json_model(BaseModelCreate, dict(request), what="base model")
         path = Path(request.path).expanduser()
         try:
-            layout = read_base_model(path, max_header_bytes=self.settings.limits.max_header_bytes)
-            linear = find_linear_modules(layout)
-        except ComposerInvalidBaseModel as exc:
-            raise InvalidBaseModel(exc.message, errors=exc.problems) from None
+            with composer_errors():
+                layout = read_base_model(path, max_header_bytes=self.settings.limits.max_header_bytes)
+                linear = find_linear_modules(layout)
         except (OSError, ValueError) as exc:  # unreadable, too long, or not a path at all
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise InvalidBaseModel(

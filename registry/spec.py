@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
-from composer.errors import InvalidAdapter as ComposerInvalidAdapter
-from composer.errors import InvalidTensorFile
-from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
+from composer import (
+    FLOAT_DTYPES,
+    LoraSettings,
+    SafetensorsHeader,
+    find_nonfinite,
+    map_adapter_tensors,
+    parse_lora_config,
+    read_header,
+    sniff_format,
+    split_lora_key,
+)
+from composer import InvalidAdapter as ComposerInvalidAdapter
 from registry import domain
+from registry.composer_errors import composer_problems
 from registry.errors import UnsupportedMediaType
 
 __all__ = ["AdapterSpec", "inspect_adapter"]
@@ -104,28 +113,24 @@ def _settings(config_bytes: bytes, problems: list[str]) -> LoraSettings | None:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         problems.append(f"adapter_config: not valid JSON ({reason})")
         return None
-    try:
+    with composer_problems(problems, "adapter_config"):
         return parse_lora_config(data)
-    except ComposerInvalidAdapter as exc:
-        problems.extend(f"adapter_config: {p}" for p in exc.problems)
-        return None
+    return None
 
 
 def _header(weights_path: Path, max_header_bytes: int, problems: list[str]) -> SafetensorsHeader | None:
-    try:
+    with composer_problems(problems, "adapter_weights"):
         return read_header(weights_path, max_header_bytes=max_header_bytes)
-    except InvalidTensorFile as exc:
-        problems.extend(f"adapter_weights: {p}" for p in exc.problems)
-        return None
+    return None
 
 
 def _check_tensors(
     header: SafetensorsHeader, settings: LoraSettings | None, base: domain.BaseModel, problems: list[str]
 ) -> tuple[str, ...]:
-    try:
+    mapping = None
+    with composer_problems(problems, "adapter_weights"):
         mapping = map_adapter_tensors(header.tensors)
-    except ComposerInvalidAdapter as exc:
-        problems.extend(f"adapter_weights: {p}" for p in exc.problems)
+    if mapping is None:
         # Keep checking the well-formed part, so that every problem is reported at once.
         pairs = [n for n in header.tensors if split_lora_key(n) is not None]
         try:

@@ -42,7 +42,7 @@ def torch_encode(model: Any, layer: int, texts: list[str]) -> tuple[np.ndarray, 
 
 def load_sentence_transformer(path: Path) -> Any:
     """The sentence-transformers model at ``path``, offline, with hidden states kept."""
-    from composer.basemodel import TRANSFORMERS_LOCK
+    from composer import TRANSFORMERS_LOCK
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

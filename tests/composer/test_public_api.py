@@ -20,6 +20,19 @@ def test_all_names_exist_and_include_the_registry_contract() -> None:
         "get_method",
         "MERGE_METHODS",
         "plan_composition",
+        # what the registry's upload check, base-model registration and embedder use
+        "LoraSettings",
+        "parse_lora_config",
+        "map_adapter_tensors",
+        "split_lora_key",
+        "FLOAT_DTYPES",
+        "SafetensorsHeader",
+        "read_header",
+        "find_nonfinite",
+        "sniff_format",
+        "read_base_model",
+        "find_linear_modules",
+        "TRANSFORMERS_LOCK",
     }
     assert contract <= set(composer.__all__)
 
