@@ -12,11 +12,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from registry.errors import BrickyardError
 
@@ -25,7 +26,22 @@ __all__ = ["app", "main"]
 console = Console()
 err_console = Console(stderr=True)
 
+
+class _ReportingGroup(TyperGroup):
+    """The root command group: the one place a `BrickyardError` from any command (and its
+    subcommands) becomes the exit message, instead of an except block in every command."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer.Context (typer vendors click)
+        """Run the command; a `BrickyardError` is printed as ``error (code): detail`` plus its
+        problems and extra members, and exits with status 1."""
+        try:
+            return super().invoke(ctx)
+        except BrickyardError as exc:
+            _fail(exc)
+
+
 app = typer.Typer(
+    cls=_ReportingGroup,
     name="brickyard",
     help="Registry and composition service for LoRA adapter bricks.",
     no_args_is_help=True,
@@ -67,7 +83,7 @@ def _client(url: str | None) -> Iterator[Any]:
         client.close()
 
 
-def _fail(exc: BrickyardError) -> None:
+def _fail(exc: BrickyardError) -> NoReturn:
     err_console.print(f"[bold red]error[/] ({exc.code}): {exc.detail}")
     for line in exc.errors:
         err_console.print(f"  - {line}", markup=False, highlight=False)
@@ -180,13 +196,10 @@ def base_add(
     url: UrlOption = None,
 ) -> None:
     """Register a base model (reads only its config and safetensors headers)."""
-    try:
-        with _client(url) as client:
-            base = client.add_base_model(
-                name, str(path if url else path.resolve()), description=description, aliases=alias or []
-            )
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        base = client.add_base_model(
+            name, str(path if url else path.resolve()), description=description, aliases=alias or []
+        )
     console.print(
         f"registered base model [bold]{base.name}[/]: {base.architecture}, {base.dtype}, "
         f"{base.parameter_count:,} parameters, {base.linear_module_count} linear modules"
@@ -196,11 +209,8 @@ def base_add(
 @base_app.command("list")
 def base_list(url: UrlOption = None) -> None:
     """List base models."""
-    try:
-        with _client(url) as client:
-            bases = client.list_base_models()
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        bases = client.list_base_models()
     table = Table("name", "architecture", "dtype", "parameters", "fingerprint", "path")
     for base in bases:
         table.add_row(
@@ -212,11 +222,8 @@ def base_list(url: UrlOption = None) -> None:
 @base_app.command("show")
 def base_show(name: str, url: UrlOption = None) -> None:
     """Show a base model."""
-    try:
-        with _client(url) as client:
-            base = client.get_base_model(name)
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        base = client.get_base_model(name)
     _show_record(base, skip=("linear_modules",))
 
 
@@ -250,11 +257,8 @@ def brick_push(
         metadata["license"] = license
     if metric:
         metadata["metrics"] = dict(_parse_metric(m) for m in metric)
-    try:
-        with _client(url) as client:
-            brick = client.register_brick(adapter_dir, metadata)
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        brick = client.register_brick(adapter_dir, metadata)
     console.print(
         f"registered [bold]{brick.name}@{brick.version}[/] on {brick.base_model}: rank {brick.rank}, "
         f"{brick.module_count} modules ({', '.join(brick.target_modules)}), sha256 {brick.sha256[:12]}"
@@ -283,24 +287,21 @@ def brick_list(
     from registry.client import iter_bricks
 
     table = Table("brick", "base model", "rank", "modules", "tags", "size", "description")
-    try:
-        with _client(url) as client:
-            for count, brick in enumerate(
-                iter_bricks(client, base_model=base, tag=tag, all_versions=all_versions, limit=min(limit, 500))
-            ):
-                if count >= limit:
-                    break
-                table.add_row(
-                    f"{brick.name}@{brick.version}",
-                    brick.base_model,
-                    str(brick.rank),
-                    ",".join(brick.target_modules),
-                    ",".join(brick.tags),
-                    _size(brick.size_bytes),
-                    brick.description if len(brick.description) <= 60 else brick.description[:57] + "...",
-                )
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        for count, brick in enumerate(
+            iter_bricks(client, base_model=base, tag=tag, all_versions=all_versions, limit=min(limit, 500))
+        ):
+            if count >= limit:
+                break
+            table.add_row(
+                f"{brick.name}@{brick.version}",
+                brick.base_model,
+                str(brick.rank),
+                ",".join(brick.target_modules),
+                ",".join(brick.tags),
+                _size(brick.size_bytes),
+                brick.description if len(brick.description) <= 60 else brick.description[:57] + "...",
+            )
     console.print(table)
 
 
@@ -317,11 +318,8 @@ def _size(n: int) -> str:
 def brick_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")], url: UrlOption = None) -> None:
     """Show a brick version (the latest by default)."""
     name, version = _parse_ref(ref)
-    try:
-        with _client(url) as client:
-            brick = client.get_brick(name, version)
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        brick = client.get_brick(name, version)
     _show_record(brick)
 
 
@@ -333,12 +331,9 @@ def brick_pull(
 ) -> None:
     """Download a brick as a PEFT adapter directory."""
     name, version = _parse_ref(ref)
-    try:
-        with _client(url) as client:
-            version = version or client.get_brick(name).version
-            paths = client.download_brick(name, version, out)
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        version = version or client.get_brick(name).version
+        paths = client.download_brick(name, version, out)
     console.print(f"wrote {name}@{version} to {out}: {', '.join(p.name for p in paths)}")
 
 
@@ -361,11 +356,8 @@ def brick_edit(
         changes["examples"] = example
     if tag is not None:
         changes["tags"] = tag
-    try:
-        with _client(url) as client:
-            brick = client.update_brick(name, version, **changes)
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        brick = client.update_brick(name, version, **changes)
     console.print(f"updated [bold]{brick.name}@{brick.version}[/]")
 
 
@@ -381,11 +373,8 @@ def brick_rm(
         raise typer.BadParameter("name the version to delete: NAME@VERSION")
     if not yes and not typer.confirm(f"delete {name}@{version}?"):
         raise typer.Exit(1)
-    try:
-        with _client(url) as client:
-            brick = client.delete_brick(name, version)
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        brick = client.delete_brick(name, version)
     console.print(f"deleted [bold]{brick.name}@{brick.version}[/]")
 
 
@@ -443,8 +432,6 @@ def token_create(
     registry = Registry.open()
     try:
         token, info = registry.tokens.create(name, scope, actor=_local_actor())  # type: ignore[arg-type]
-    except BrickyardError as exc:
-        _fail(exc)
     finally:
         registry.close()
     err_console.print(f"created {info.scope} token [bold]{info.name}[/]; keep it secret, it will not be shown again:")
@@ -483,8 +470,6 @@ def token_revoke(name: Annotated[str, typer.Argument(help="token name")]) -> Non
     registry = Registry.open()
     try:
         info = registry.tokens.revoke(name, actor=_local_actor())
-    except BrickyardError as exc:
-        _fail(exc)
     finally:
         registry.close()
     console.print(f"revoked token [bold]{info.name}[/]")
@@ -509,11 +494,8 @@ def search(
     url: UrlOption = None,
 ) -> None:
     """Find the bricks that fit a task description or an example input."""
-    try:
-        with _client(url) as client:
-            hits = client.search(query, base_model=base, tags=tag or None, k=k, min_score=min_score)
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        hits = client.search(query, base_model=base, tags=tag or None, k=k, min_score=min_score)
     table = Table("#", "brick", "base model", "score", "matched", "text")
     for rank, hit in enumerate(hits, 1):
         shown = hit.text if len(hit.text) <= 70 else hit.text[:67] + "..."
@@ -603,25 +585,22 @@ def compose(
         request["params"] = dict(parse_param(p) for p in param)
     if rank is not None:
         request["rank"] = rank
-    try:
-        with _client(url) as client:
-            composition = client.compose(request)
-            bricks = ", ".join(f"{b['name']}@{b['version']} x{b['weight']:.3g}" for b in composition.recipe["bricks"])
-            console.print(f"composition [bold]{composition.id[:16]}[/] ({method}, {output}): {bricks}")
-            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
-            with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
-                task = progress.add_task(composition.status, total=1.0)
+    with _client(url) as client:
+        composition = client.compose(request)
+        bricks = ", ".join(f"{b['name']}@{b['version']} x{b['weight']:.3g}" for b in composition.recipe["bricks"])
+        console.print(f"composition [bold]{composition.id[:16]}[/] ({method}, {output}): {bricks}")
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
+        with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task(composition.status, total=1.0)
 
-                def show(state: Any) -> None:
-                    progress.update(task, completed=state.progress, description=f"{state.status}: {state.message}"[:60])
+            def show(state: Any) -> None:
+                progress.update(task, completed=state.progress, description=f"{state.status}: {state.message}"[:60])
 
-                composition = client.wait_composition(composition.id, show)
-            if composition.status != "ready":
-                err_console.print(f"[bold red]the build failed[/] ({composition.error_code}): {composition.error}")
-                raise typer.Exit(1)
-            paths = client.download_composition(composition.id, out)
-    except BrickyardError as exc:
-        _fail(exc)
+            composition = client.wait_composition(composition.id, show)
+        if composition.status != "ready":
+            err_console.print(f"[bold red]the build failed[/] ({composition.error_code}): {composition.error}")
+            raise typer.Exit(1)
+        paths = client.download_composition(composition.id, out)
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} files ({_size(size)}) to {out}")
 
@@ -629,11 +608,8 @@ def compose(
 @app.command()
 def methods(url: UrlOption = None) -> None:
     """List the merge methods and their parameters."""
-    try:
-        with _client(url) as client:
-            found = client.merge_methods()
-    except BrickyardError as exc:
-        _fail(exc)
+    with _client(url) as client:
+        found = client.merge_methods()
     table = Table("method", "parameters (default)", "description")
     for method in found:
         props = method.params.get("properties", {})
