@@ -77,16 +77,16 @@ class TokenInfo:
 
 
 def _info(row: ApiTokenRow) -> TokenInfo:
-    from registry.db.models import _aware
+    from registry.db.models import as_utc
 
     return TokenInfo(
         name=row.name,
         scope=row.scope,  # type: ignore[arg-type]
         prefix=row.prefix,
-        created_at=_aware(row.created_at),
+        created_at=as_utc(row.created_at),
         created_by=row.created_by,
-        last_used_at=_aware(row.last_used_at) if row.last_used_at else None,
-        revoked_at=_aware(row.revoked_at) if row.revoked_at else None,
+        last_used_at=as_utc(row.last_used_at) if row.last_used_at else None,
+        revoked_at=as_utc(row.revoked_at) if row.revoked_at else None,
     )
 
 
@@ -163,9 +163,9 @@ class TokenStore:
     def _touch(self, token_id: int, last_used: datetime | None) -> None:
         now = utcnow()
         if last_used is not None:
-            from registry.db.models import _aware
+            from registry.db.models import as_utc
 
-            if (now - _aware(last_used)).total_seconds() < 60:
+            if (now - as_utc(last_used)).total_seconds() < 60:
                 return  # one write a minute per token is enough for "last used"
         with self.db.session(write=True) as session:
             session.execute(update(ApiTokenRow).where(ApiTokenRow.id == token_id).values(last_used_at=now))

@@ -339,13 +339,13 @@ class Compositions:
     def recover(self, is_alive: Callable[[str], bool]) -> list[str]:
         """Fail running builds whose worker is gone (``is_alive(worker)`` False) or silent
         past the heartbeat timeout, and remove half-built directories. Returns their ids."""
-        from registry.db.models import utcnow
+        from registry.db.models import as_utc, utcnow
 
         timeout = self.settings.compose.heartbeat_timeout_s
         now = utcnow()
         failed = []
         for composition_id, worker, heartbeat in self.store.running():
-            silent = heartbeat is None or (now - _aware(heartbeat)).total_seconds() > timeout
+            silent = heartbeat is None or (now - as_utc(heartbeat)).total_seconds() > timeout
             if (worker is not None and not is_alive(worker)) or silent:
                 reason = "the build was interrupted (its worker stopped); request the composition again to retry"
                 if self.store.fail(composition_id, worker, reason, "interrupted"):
@@ -355,12 +355,6 @@ class Compositions:
             if leftover.name[1:65] not in active:
                 shutil.rmtree(leftover, ignore_errors=True)
         return failed
-
-
-def _aware(value: Any) -> Any:
-    from datetime import UTC
-
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _walk(root: Path) -> Iterator[Path]:

@@ -25,6 +25,7 @@ from registry.auth import TokenStore
 from registry.blobs import BlobStore, LocalBlobStore
 from registry.composer_errors import composer_errors
 from registry.compositions import Compositions
+from registry.db.events import Event
 from registry.db.migrate import ensure_schema
 from registry.db.session import Database
 from registry.errors import (
@@ -166,6 +167,15 @@ class Registry:
         if child is not None:
             child.close()
         self.store.db.dispose()
+
+    def check_database(self) -> str:
+        """Run a trivial query; returns the database dialect. Raises `ServiceUnavailable`
+        (through the session's error translation) when the database does not answer."""
+        return self.store.ping()
+
+    def brick_history(self, name: str, *, limit: int = 100) -> list[Event]:
+        """Audit events of every version of brick ``name``, newest first."""
+        return self.store.events(f"brick:{name}@", limit=limit)
 
     def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
         """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers."""

@@ -9,13 +9,13 @@ import json
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import Select, and_, exists, func, select, update
+from sqlalchemy import Select, and_, exists, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from registry import domain
 from registry.db.events import Event, list_events, record_event
-from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, _aware, utcnow
+from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, as_utc, utcnow
 from registry.db.session import Database
 from registry.errors import (
     BaseModelExists,
@@ -308,7 +308,7 @@ class Store:
             return {}
         with self.db.session() as session:
             rows = session.execute(select(BrickRow.id, BrickRow.updated_at).where(BrickRow.id.in_(ids)))
-            return {row.id: _aware(row.updated_at) for row in rows}
+            return {row.id: as_utc(row.updated_at) for row in rows}
 
     def all_brick_texts(self) -> list[tuple[int, str, tuple[str, ...]]]:
         """(row id, description, examples) of every brick version, for re-indexing."""
@@ -333,6 +333,12 @@ class Store:
                     item = embed(description, tuple(examples))
                 entries.append((brick_id, item))
             rebuild_index(session, entries)
+
+    def ping(self) -> str:
+        """Run ``SELECT 1``; returns the dialect name (``sqlite`` or ``postgresql``)."""
+        with self.db.session() as session:
+            session.execute(text("SELECT 1"))
+        return self.db.dialect
 
     def events(self, subject_prefix: str | None = None, *, limit: int = 200) -> list[Event]:
         """Audit events, newest first."""

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.db.models import EventRow, _aware, utcnow
+from registry.db.models import EventRow, as_utc, utcnow
 
 __all__ = ["Event", "list_events", "record_event"]
 
@@ -23,7 +23,7 @@ class Event:
     __slots__ = ("action", "actor", "at", "details", "subject")
 
     def __init__(self, row: EventRow) -> None:
-        self.at = _aware(row.at)
+        self.at = as_utc(row.at)
         self.actor = row.actor
         self.action = row.action
         self.subject = row.subject

@@ -44,6 +44,7 @@ __all__ = [
     "EventRow",
     "IndexStateRow",
     "RetrievalStatsRow",
+    "as_utc",
     "utcnow",
 ]
 
@@ -61,8 +62,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite returns naive datetimes; every stored time is UTC.
+def as_utc(value: datetime) -> datetime:
+    """``value`` as a timezone-aware UTC datetime: SQLite returns naive datetimes, and every
+    stored time is UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
@@ -106,7 +108,7 @@ class BaseModelRow(Base):
             linear_modules={k: domain.LinearShape(*v) for k, v in self.linear_modules.items()},
             config=self.config,
             aliases=tuple(self.aliases),
-            created_at=_aware(self.created_at),
+            created_at=as_utc(self.created_at),
             created_by=self.created_by,
         )
 
@@ -185,8 +187,8 @@ class BrickRow(Base):
             alpha_pattern=dict(self.alpha_pattern),
             license=self.license,
             metrics=dict(self.metrics),
-            created_at=_aware(self.created_at),
-            updated_at=_aware(self.updated_at),
+            created_at=as_utc(self.created_at),
+            updated_at=as_utc(self.updated_at),
             created_by=self.created_by,
         )
 
@@ -342,9 +344,9 @@ class CompositionRow(Base):
             error_code=self.error_code,
             size_bytes=self.size_bytes,
             attempts=self.attempts,
-            created_at=_aware(self.created_at),
-            started_at=_aware(self.started_at) if self.started_at else None,
-            finished_at=_aware(self.finished_at) if self.finished_at else None,
+            created_at=as_utc(self.created_at),
+            started_at=as_utc(self.started_at) if self.started_at else None,
+            finished_at=as_utc(self.finished_at) if self.finished_at else None,
             requested_by=self.requested_by,
         )
 

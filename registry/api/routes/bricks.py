@@ -119,4 +119,4 @@ def brick_history(
     name: NamePath, registry: RegistryDep, _: ReadActor, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[EventOut]:
     """Who registered, changed or deleted versions of this brick, and when (newest first)."""
-    return [EventOut.of(e) for e in registry.store.events(f"brick:{name}@", limit=limit)]
+    return [EventOut.of(e) for e in registry.brick_history(name, limit=limit)]

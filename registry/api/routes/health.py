@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy import text
 
 from registry.api.deps import RegistryDep
 
@@ -19,6 +18,4 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz")
 def readyz(registry: RegistryDep) -> dict[str, str]:
     """The database answers (503 problem otherwise)."""
-    with registry.store.db.session() as session:
-        session.execute(text("SELECT 1"))
-    return {"status": "ready", "database": registry.store.db.dialect}
+    return {"status": "ready", "database": registry.check_database()}
