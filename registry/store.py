@@ -53,22 +53,7 @@ class Store:
         Raises:
             BaseModelExists: the name is taken.
         """
-        row = BaseModelRow(
-            name=draft.name,
-            path=draft.path,
-            description=draft.description,
-            architecture=draft.architecture,
-            dtype=draft.dtype,
-            parameter_count=draft.parameter_count,
-            size_bytes=draft.size_bytes,
-            fingerprint=draft.fingerprint,
-            config=dict(draft.config),
-            linear_modules={
-                k: [v.out_features, v.in_features, v.fan_in_fan_out] for k, v in draft.linear_modules.items()
-            },
-            aliases=list(draft.aliases),
-            created_by=actor,
-        )
+        row = BaseModelRow.from_draft(draft, created_by=actor)
         try:
             with self.db.session(write=True) as session:
                 session.add(row)
@@ -148,30 +133,7 @@ class Store:
                     )
                 version = _allocate_version(session, draft.name, draft.version)
                 now = utcnow()
-                row = BrickRow(
-                    name=draft.name,
-                    version=version,
-                    base_model_id=base_id,
-                    description=draft.description,
-                    examples=list(draft.examples),
-                    license=draft.license,
-                    metrics=dict(draft.metrics),
-                    sha256=draft.sha256,
-                    config_sha256=draft.config_sha256,
-                    size_bytes=draft.size_bytes,
-                    config_size_bytes=draft.config_size_bytes,
-                    rank=draft.rank,
-                    lora_alpha=draft.lora_alpha,
-                    use_rslora=draft.use_rslora,
-                    target_modules=list(draft.target_modules),
-                    modules=list(draft.modules),
-                    rank_pattern=dict(draft.rank_pattern),
-                    alpha_pattern=dict(draft.alpha_pattern),
-                    created_at=now,
-                    updated_at=now,
-                    created_by=actor,
-                    tag_rows=[BrickTagRow(tag=t) for t in sorted(set(draft.tags))],
-                )
+                row = BrickRow.from_draft(draft, version=version, base_model_id=base_id, at=now, created_by=actor)
                 session.add(row)
                 session.flush()
                 if embedded is not None:

@@ -94,6 +94,26 @@ class BaseModelRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(100))
 
+    @classmethod
+    def from_draft(cls, draft: domain.BaseModelDraft, *, created_by: str | None) -> BaseModelRow:
+        """The row for a new base model (the inverse of `to_domain`)."""
+        return cls(
+            name=draft.name,
+            path=draft.path,
+            description=draft.description,
+            architecture=draft.architecture,
+            dtype=draft.dtype,
+            parameter_count=draft.parameter_count,
+            size_bytes=draft.size_bytes,
+            fingerprint=draft.fingerprint,
+            config=dict(draft.config),
+            linear_modules={
+                k: [v.out_features, v.in_features, v.fan_in_fan_out] for k, v in draft.linear_modules.items()
+            },
+            aliases=list(draft.aliases),
+            created_by=created_by,
+        )
+
     def to_domain(self) -> domain.BaseModel:
         """The domain object for this row."""
         return domain.BaseModel(
@@ -164,6 +184,37 @@ class BrickRow(Base):
     tag_rows: Mapped[list[BrickTagRow]] = relationship(
         lazy="selectin", cascade="all, delete-orphan", passive_deletes=True, order_by="BrickTagRow.tag"
     )
+
+    @classmethod
+    def from_draft(
+        cls, draft: domain.BrickDraft, *, version: int, base_model_id: int, at: datetime, created_by: str | None
+    ) -> BrickRow:
+        """The row for a new brick version (the inverse of `to_domain`); ``at`` is its
+        creation and update time."""
+        return cls(
+            name=draft.name,
+            version=version,
+            base_model_id=base_model_id,
+            description=draft.description,
+            examples=list(draft.examples),
+            license=draft.license,
+            metrics=dict(draft.metrics),
+            sha256=draft.sha256,
+            config_sha256=draft.config_sha256,
+            size_bytes=draft.size_bytes,
+            config_size_bytes=draft.config_size_bytes,
+            rank=draft.rank,
+            lora_alpha=draft.lora_alpha,
+            use_rslora=draft.use_rslora,
+            target_modules=list(draft.target_modules),
+            modules=list(draft.modules),
+            rank_pattern=dict(draft.rank_pattern),
+            alpha_pattern=dict(draft.alpha_pattern),
+            created_at=at,
+            updated_at=at,
+            created_by=created_by,
+            tag_rows=[BrickTagRow(tag=t) for t in sorted(set(draft.tags))],
+        )
 
     def to_domain(self) -> domain.Brick:
         """The domain object for this row."""
