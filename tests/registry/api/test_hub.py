@@ -331,6 +331,7 @@ def test_closed_reads_refuse_without_a_token_and_accept_hf_token(
 def test_transformers_and_peft_load_from_the_endpoint(
     bricks: HubServer, hf: Path, llama_base: Path, loras: dict[str, Path], registry: Any
 ) -> None:
+    from huggingface_hub import HfApi
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -355,5 +356,17 @@ def test_transformers_and_peft_load_from_the_endpoint(
 
     # The base comes through the endpoint too: adapter_config.json names base-models/tiny-llama.
     auto = AutoPeftModelForCausalLM.from_pretrained("bricks/sentiment")
-    assert torch.allclose(_logits(auto), expected, atol=1e-6)
+    assert torch.equal(_logits(auto), expected)
     assert any("/base-models/tiny-llama/resolve/" in a.path for a in bricks.log)
+
+    # An adapter output: its served adapter_config.json names the base repository as well.
+    with bricks.http() as http:
+        request = {**request, "output": "adapter"}
+        adapter_id = http.post("/v1/compositions", json=request).json()["id"]
+        assert wait_ready(http, adapter_id)["status"] == "ready"
+    base = AutoModelForCausalLM.from_pretrained(llama_base)
+    local_adapter = _logits(PeftModel.from_pretrained(base, registry.compositions.directory(adapter_id)))
+    served_adapter = AutoPeftModelForCausalLM.from_pretrained(f"compositions/{adapter_id}")
+    assert torch.equal(_logits(served_adapter), local_adapter)
+    card = HfApi(endpoint=bricks.url).model_info(f"compositions/{adapter_id}").card_data
+    assert card is not None and card["base_model_relation"] == "adapter"
