@@ -129,6 +129,10 @@ def hf(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_api.api, "endpoint", hub_server.url)  # the module's default client (file_exists, ...)
+    from transformers.utils import hub as transformers_hub
+
+    # transformers keeps one HfApi made on first use: make it here, and forget it afterwards.
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-hf-token"))
     return cache
