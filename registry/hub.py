@@ -380,7 +380,7 @@ class Hub:
         version: int | None = None
         if revision == MAIN:
             version = latest.version
-        elif revision.isdigit() and len(revision) < 10:
+        elif revision.isascii() and revision.isdigit() and len(revision) < 10:
             version = int(revision)
         elif _COMMIT.match(revision):
             for brick in self._brick_versions(name):

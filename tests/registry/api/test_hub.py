@@ -254,7 +254,7 @@ def test_missing_repo_revision_and_file_raise_the_typed_errors(bricks: HubServer
             api.model_info(repo)
         with pytest.raises(RepositoryNotFoundError):
             hf_hub_download(repo, "config.json", cache_dir=hf)
-    for revision in ("3", "no-such-alias", "f" * 40):
+    for revision in ("3", "0", "²", "no-such-alias", "f" * 40):
         with pytest.raises(RevisionNotFoundError):
             api.model_info("bricks/sentiment", revision=revision)
         with pytest.raises(RevisionNotFoundError):
