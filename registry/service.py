@@ -523,6 +523,26 @@ class Registry:
             errors=[f"files are {CONFIG_FILENAME} and {WEIGHTS_FILENAME}"],
         )
 
+    # -- Hugging Face Hub view (registry.hub) ------------------------------------------------
+
+    def ready_compositions(self, *, base_model: str | None = None) -> list[domain.Composition]:
+        """Ready compositions (of one base model when given), most recently used last.
+
+        The cache budget keeps them few, so one look-up each is cheap enough."""
+        from registry.errors import NotFound
+
+        found = []
+        for composition_id, _ in self.compositions.store.ready_by_age():
+            try:
+                composition = self.compositions.get(composition_id)
+            except NotFound:  # evicted meanwhile
+                continue
+            if composition.status == "ready" and (
+                base_model is None or composition.recipe["base_model"]["name"] == base_model  # type: ignore[index]
+            ):
+                found.append(composition)
+        return found
+
 
 def _parse_metadata(raw: Mapping[str, Any] | str | bytes) -> BrickMetadata:
     return parse_json_model(BrickMetadata, raw if isinstance(raw, (str, bytes)) else dict(raw), what="metadata")
