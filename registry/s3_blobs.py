@@ -25,14 +25,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from registry.blobs import LocalBlobStore, StagedBlob
+from registry.blobs import BlobStore, LocalBlobStore, StagedBlob
 from registry.errors import StorageCorrupt
 
 if TYPE_CHECKING:
@@ -334,8 +335,11 @@ class S3BlobStore:
             StorageCorrupt: the stored bytes do not hash to ``sha256``.
         """
         cached = self.cache.path(sha256)
-        if cached.is_file():
+        try:
+            os.utime(cached)  # a use: the clock of `trim_cache`'s least-recently-used order
             return cached
+        except FileNotFoundError:
+            pass
         with self.open(sha256) as body:
             staged = self.cache.stage(body, max_bytes=1 << 62, what=sha256)
         if staged.sha256 != sha256:
@@ -346,6 +350,33 @@ class S3BlobStore:
             )
         self.cache.commit(staged)  # a concurrent download of the same blob is harmless
         return cached
+
+    def trim_cache(self, max_bytes: int, *, keep: Collection[str] = ()) -> list[str]:
+        """Remove cached copies, least recently used first, until the cache holds at most
+        ``max_bytes``; blobs in ``keep`` (those a build is about to read) stay. A file already
+        open keeps its bytes until closed (POSIX), so only a path handed out and not yet opened
+        is at risk: pass those in ``keep``.
+
+        Returns:
+            The digests whose cached copies were removed.
+        """
+        cached = []
+        for digest in self.cache.digests():
+            try:
+                stat = self.cache.path(digest).stat()
+            except FileNotFoundError:
+                continue
+            cached.append((stat.st_mtime, stat.st_size, digest))
+        total = sum(size for _, size, _ in cached)
+        removed = []
+        for _, size, digest in sorted(cached):
+            if total <= max_bytes:
+                break
+            if digest not in keep:
+                self.cache.delete(digest)
+                total -= size
+                removed.append(digest)
+        return removed
 
     def path(self, sha256: str) -> Path:
         """Where the read-through cache keeps this blob (it may not exist: use `local_path`)."""
@@ -449,6 +480,12 @@ class _StreamReader(io.RawIOBase):
         if not self.closed:
             self._body.close()
         super().close()
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_protocol(store: S3BlobStore) -> BlobStore:  # checked by mypy only
+        return store
 
 
 def _b64(raw: bytes) -> str:

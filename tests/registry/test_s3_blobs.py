@@ -37,7 +37,11 @@ _buckets = itertools.count()
 def s3_endpoint() -> Iterator[str]:
     """URL of moto's S3 server on a free loopback port, with dummy credentials in the
     environment (the usual AWS way, also seen by child processes)."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
 
     env = {
         "AWS_ACCESS_KEY_ID": "brickyard-test",
@@ -352,6 +356,22 @@ def test_local_path_is_a_verified_cached_copy(s3: S3BlobStore, s3_client: Any, b
         s3.local_path(hashlib.sha256(b"absent").hexdigest())
     s3.delete(good.sha256)
     assert not path.exists()
+
+
+def test_cache_is_trimmed_least_recently_used_first(s3: S3BlobStore) -> None:
+    digests = []
+    for i in range(4):
+        staged = s3.stage_bytes(bytes([i]) * 1000)
+        s3.commit(staged)
+        digests.append(staged.sha256)
+    for age, digest in enumerate(digests):  # fetched in order 0, 1, 2, 3
+        os.utime(s3.local_path(digest), (1000 + age, 1000 + age))
+    s3.local_path(digests[0])  # used again: now the most recent
+    assert s3.trim_cache(3000, keep={digests[1]}) == [digests[2]]  # 1 is pinned, 2 goes
+    assert s3.trim_cache(2000) == [digests[1]]
+    assert sorted(s3.cache.digests()) == sorted([digests[0], digests[3]])
+    assert all(s3.exists(d) for d in digests)  # the bucket keeps everything
+    assert s3.trim_cache(0) == [digests[3], digests[0]]
 
 
 def test_presigned_urls(s3_endpoint: str, bucket: str, tmp_path: Path) -> None:
