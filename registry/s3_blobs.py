@@ -23,24 +23,28 @@ boto3 is imported only when an S3 store is built: the local default does not pay
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import os
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, ParamSpec, TypeVar, cast
 
 from registry.blobs import BlobStore, LocalBlobStore, StagedBlob
-from registry.errors import StorageCorrupt
+from registry.errors import BrickyardError, ServiceUnavailable, StorageCorrupt
 
 if TYPE_CHECKING:
     from registry.settings import Settings
 
 __all__ = ["BlobInfo", "S3BlobStore", "StaleUpload", "make_blob_store", "make_s3_client", "parse_s3_url"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
 _CHUNK = 1024 * 1024
 _HEX = frozenset("0123456789abcdef")
 # Metadata field holding Brickyard's sha256 of the whole object (``x-amz-meta-sha256``). S3's own
@@ -123,6 +127,62 @@ def make_s3_client(*, endpoint_url: str | None = None, region: str | None = None
         response_checksum_validation="when_required",
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Translate an object store that cannot be reached or refuses us (network, credentials,
+    permissions, missing bucket, 5xx) into `ServiceUnavailable`, once, here: callers see
+    Brickyard's errors only, and the API answers 503 with the reason."""
+    try:
+        yield
+    except (BrickyardError, FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:
+        reason = _unavailable_reason(exc)
+        if reason is None:
+            raise
+        raise ServiceUnavailable(f"object storage is unavailable: {reason}") from exc
+
+
+def _translating_storage_errors(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def translated(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _storage_errors():
+            return method(*args, **kwargs)
+
+    return translated
+
+
+def _unavailable_reason(exc: BaseException) -> str | None:
+    from botocore.exceptions import (
+        ClientError,
+        HTTPClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ResponseStreamingError,
+    )
+    from botocore.exceptions import ConnectionError as EndpointUnreachable
+
+    unavailable = (
+        EndpointUnreachable,
+        HTTPClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ResponseStreamingError,
+    )
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, unavailable):
+            return str(seen)
+        if isinstance(seen, ClientError):
+            error = seen.response.get("Error", {})
+            status = _status(seen) or 0
+            if status == 403 or status >= 500 or error.get("Code") == "NoSuchBucket":
+                return f"{error.get('Code', status)}: {error.get('Message', '')}".rstrip(": ")
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class S3BlobStore:
@@ -208,6 +268,7 @@ class S3BlobStore:
 
     # -- commit ---------------------------------------------------------------------------
 
+    @_translating_storage_errors
     def commit(self, staged: StagedBlob) -> bool:
         """Upload a staged blob under its sha256, check what was stored, remove the staged file.
 
@@ -244,14 +305,22 @@ class S3BlobStore:
             else:
                 expected = _b64(bytes.fromhex(staged.sha256))
                 extra["ChecksumSHA256"] = expected
-            try:
-                self._client.upload_file(str(staged.path), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
-            except Exception as exc:
-                # boto3 wraps the ClientError in S3UploadFailedError; s3transfer has already
-                # aborted a multipart upload that failed.
-                if _precondition_failed(exc):
-                    return False
-                raise
+            for attempt in range(3):
+                try:
+                    self._client.upload_file(str(staged.path), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
+                    break
+                except Exception as exc:
+                    # boto3 wraps the ClientError in S3UploadFailedError; s3transfer has already
+                    # aborted a multipart upload that failed.
+                    status = _status_in_chain(exc)
+                    if status == 412:  # the same bytes were committed first by someone else
+                        return False
+                    # 409 ConditionalRequestConflict: S3 was completing a conditional write of the
+                    # same key at the same moment; the other one may still fail, so look and retry.
+                    if status != 409 or attempt == 2:
+                        raise
+                    if self.exists(staged.sha256):
+                        return False
             self._check_upload(staged, key, expected)
             return True
         finally:
@@ -290,6 +359,7 @@ class S3BlobStore:
         """Whether a committed blob with this digest exists."""
         return self.info(sha256) is not None
 
+    @_translating_storage_errors
     def info(self, sha256: str) -> BlobInfo | None:
         """Size and modification time of a stored blob, or None when it is absent."""
         from botocore.exceptions import ClientError
@@ -302,6 +372,7 @@ class S3BlobStore:
             raise
         return BlobInfo(sha256, head["ContentLength"], head["LastModified"].timestamp())
 
+    @_translating_storage_errors
     def open(self, sha256: str, start: int = 0, end: int | None = None) -> BinaryIO:
         """Stream a committed blob's bytes ``[start, end)`` (to the end when ``end`` is None).
 
@@ -326,6 +397,7 @@ class S3BlobStore:
             raise
         return cast(BinaryIO, _StreamReader(body))
 
+    @_translating_storage_errors
     def local_path(self, sha256: str) -> Path:
         """A local file holding the blob's bytes, downloaded once into the read-through cache
         and checked against the digest before it is used.
@@ -393,6 +465,7 @@ class S3BlobStore:
         url: str = self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=self.presigned_expires_s)
         return url
 
+    @_translating_storage_errors
     def verify(self, sha256: str) -> bool:
         """Whether the stored bytes still hash to their name (reads the whole object)."""
         digest = hashlib.sha256()
@@ -406,14 +479,22 @@ class S3BlobStore:
     def digests(self) -> Iterator[str]:
         """sha256 of every committed blob, in sorted order (listed a page at a time)."""
         paginator = self._client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(
-            Bucket=self.bucket, Prefix=self._objects, PaginationConfig={"PageSize": self._list_page_size}
-        ):
+        pages = iter(
+            paginator.paginate(
+                Bucket=self.bucket, Prefix=self._objects, PaginationConfig={"PageSize": self._list_page_size}
+            )
+        )
+        while True:
+            with _storage_errors():
+                page = next(pages, None)
+            if page is None:
+                return
             for entry in page.get("Contents", ()):
                 name = entry["Key"].rsplit("/", 1)[-1]
                 if len(name) == 64 and _HEX.issuperset(name):
                     yield name
 
+    @_translating_storage_errors
     def delete(self, sha256: str) -> None:
         """Delete a committed blob and its cached copy (no error if it is absent)."""
         self._client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
@@ -425,6 +506,7 @@ class S3BlobStore:
         """Local staging files present now (uploads in flight, or left by a crash)."""
         return self.cache.staging_files()
 
+    @_translating_storage_errors
     def stale_uploads(self) -> list[StaleUpload]:
         """Multipart uploads under this store's prefix that were never completed nor aborted:
         in flight, or left by a process that died mid-upload. No object is visible for them."""
@@ -438,6 +520,7 @@ class S3BlobStore:
                 uploads.append(StaleUpload(upload["Key"], upload["UploadId"], initiated.timestamp()))
         return uploads
 
+    @_translating_storage_errors
     def sweep_staging(self, older_than_s: float = 3600.0) -> int:
         """Abort multipart uploads and remove local staging files older than ``older_than_s``
         (left by crashed uploads); returns how many were removed."""
@@ -469,12 +552,14 @@ class _StreamReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._body.read(len(buffer))
+        with _storage_errors():
+            data = self._body.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
     def read(self, size: int = -1) -> bytes:
-        return bytes(self._body.read(None if size is None or size < 0 else size))
+        with _storage_errors():
+            return bytes(self._body.read(None if size is None or size < 0 else size))
 
     def close(self) -> None:
         if not self.closed:
@@ -513,11 +598,12 @@ def _status(exc: Any) -> int | None:
     return int(status) if status is not None else None
 
 
-def _precondition_failed(exc: BaseException) -> bool:
-    """Whether an upload failed because the key already existed (``If-None-Match: *``)."""
+def _status_in_chain(exc: BaseException) -> int | None:
+    """The HTTP status of the first S3 error response behind ``exc`` (boto3 wraps them)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if _status(seen) == 412 or "PreconditionFailed" in str(seen):
-            return True
+        status = _status(seen)
+        if status is not None:
+            return status
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from registry.blobs import LocalBlobStore
-from registry.errors import PayloadTooLarge, StorageCorrupt
+from registry.errors import PayloadTooLarge, ServiceUnavailable, StorageCorrupt
 from registry.s3_blobs import S3BlobStore, make_blob_store, make_s3_client, parse_s3_url
 from registry.settings import Settings
 
@@ -49,6 +49,8 @@ def s3_endpoint() -> Iterator[str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        # Never ask the instance metadata service (a link-local address) for credentials.
+        "AWS_EC2_METADATA_DISABLED": "true",
     }
     previous = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
@@ -286,6 +288,32 @@ def test_concurrent_duplicate_commit_is_harmless(
     assert s3.staging_files() == []
 
 
+@pytest.mark.parametrize("other_wins", [False, True])
+def test_conflicting_conditional_write_is_retried(
+    s3: S3BlobStore, s3_client: Any, bucket: str, other_wins: bool
+) -> None:
+    from botocore.exceptions import ClientError
+
+    data = b"committed while another process commits the same bytes"
+    staged = s3.stage_bytes(data)
+    attempts = []
+
+    def conflict_once(params: dict[str, Any], **_: Any) -> None:
+        attempts.append(params["Key"])
+        if len(attempts) == 1:  # S3 answers 409 to concurrent conditional writes of one key
+            if other_wins:
+                s3_client.put_object(Bucket=bucket, Key=params["Key"], Body=data)
+            raise ClientError(
+                {"Error": {"Code": "ConditionalRequestConflict"}, "ResponseMetadata": {"HTTPStatusCode": 409}},
+                "PutObject",
+            )
+
+    s3._client.meta.events.register("before-parameter-build.s3.PutObject", conflict_once)
+    assert s3.commit(staged) is (not other_wins)
+    assert len(attempts) == (1 if other_wins else 2)
+    assert s3.verify(staged.sha256) and s3.staging_files() == []
+
+
 def test_failed_multipart_upload_leaves_nothing(s3: S3BlobStore, s3_client: Any, bucket: str) -> None:
     sent = []
 
@@ -402,6 +430,41 @@ def test_listing_is_paginated(s3_endpoint: str, bucket: str, tmp_path: Path) -> 
     lists = _counting(store._client, "ListObjectsV2")
     assert list(store.digests()) == sorted(expected)
     assert len(lists) == 4  # 7 + 7 + 7 + 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_or_refusing_storage_is_service_unavailable(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+    from botocore.config import Config
+
+    def store(endpoint: str, bucket: str) -> S3BlobStore:
+        config = Config(retries={"max_attempts": 1}, connect_timeout=2, s3={"addressing_style": "path"})
+        client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1", config=config)
+        return S3BlobStore(client, bucket, cache_dir=tmp_path / bucket)
+
+    digest = hashlib.sha256(b"x").hexdigest()
+    down = store(f"http://127.0.0.1:{_free_port()}", "bricks")  # nothing listens there
+    for call in (lambda: down.exists(digest), lambda: list(down.digests()), lambda: down.open(digest)):
+        with pytest.raises(ServiceUnavailable, match="object storage is unavailable"):
+            call()
+    no_bucket = store(s3_endpoint, "no-such-bucket")
+    staged = no_bucket.stage_bytes(b"bytes with nowhere to go")
+    with pytest.raises(ServiceUnavailable, match="NoSuchBucket"):
+        no_bucket.commit(staged)
+    assert no_bucket.staging_files() == []
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ServiceUnavailable, match="credentials"):
+        store(s3_endpoint, "bricks").exists(digest)
 
 
 _CRASHING_UPLOAD = textwrap.dedent(
