@@ -27,6 +27,7 @@ import functools
 import hashlib
 import io
 import os
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,9 @@ __all__ = ["BlobInfo", "S3BlobStore", "StaleUpload", "make_blob_store", "make_s3
 P = ParamSpec("P")
 R = TypeVar("R")
 _CHUNK = 1024 * 1024
+_session: Any = None
+_session_pid = 0
+_session_lock = threading.Lock()
 _HEX = frozenset("0123456789abcdef")
 # Metadata field holding Brickyard's sha256 of the whole object (``x-amz-meta-sha256``). S3's own
 # checksum of a multipart object is a checksum of the parts' checksums, not the object's sha256.
@@ -126,7 +130,13 @@ def make_s3_client(*, endpoint_url: str | None = None, region: str | None = None
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+    global _session, _session_pid
+    # One session per process: a new one loads the S3 service model again (~0.25 s). Sessions
+    # are not thread-safe, clients are: create clients under a lock.
+    with _session_lock:
+        if _session is None or _session_pid != os.getpid():
+            _session, _session_pid = boto3.session.Session(), os.getpid()
+        return _session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 @contextmanager
