@@ -20,6 +20,7 @@ BRICKYARD_BLOBS__ENDPOINT_URL                 S3 endpoint (MinIO, Ceph, ...; uns
 BRICKYARD_BLOBS__REGION                       S3 region (unset: the AWS default chain)
 BRICKYARD_BLOBS__MULTIPART_THRESHOLD_BYTES    uploads at least this large go in parts (64 MiB)
 BRICKYARD_BLOBS__MULTIPART_CHUNK_BYTES        size of one part (16 MiB; S3's minimum is 5 MiB)
+BRICKYARD_BLOBS__MAX_CONCURRENCY              parts of one upload sent at once (4)
 BRICKYARD_BLOBS__VERIFY_CHECKSUMS             require the server's SHA-256 checksum of every
                                               upload to match Brickyard's (true; false for
                                               servers that keep no checksums)

@@ -198,13 +198,14 @@ def test_keys_are_content_addressed_under_the_prefix(s3: S3BlobStore, s3_client:
     assert head["Metadata"] == {"sha256": staged.sha256}
 
 
-def test_multipart_upload(s3: S3BlobStore, s3_client: Any, bucket: str) -> None:
-    data = os.urandom(12 * _MiB + 123)
+@pytest.mark.parametrize(("size", "n_parts"), [(5 * _MiB, 1), (10 * _MiB, 2), (12 * _MiB + 123, 3)])
+def test_multipart_upload(s3: S3BlobStore, s3_client: Any, bucket: str, size: int, n_parts: int) -> None:
+    data = os.urandom(size)
     parts = _counting(s3._client, "UploadPart")
     puts = _counting(s3._client, "PutObject")
     staged = s3.stage(io.BytesIO(data), max_bytes=len(data), what="weights")
     assert s3.commit(staged) is True
-    assert len(parts) == 3 and puts == []
+    assert len(parts) == n_parts and puts == []
     key = s3.key(staged.sha256)
     head = s3_client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     assert head["ContentLength"] == len(data)
