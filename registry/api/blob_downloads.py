@@ -1,0 +1,109 @@
+"""Download responses for blobs that are not local files: a stream from the blob store with
+HTTP ``Range``, or a redirect to a presigned URL when the store offers one and the
+settings allow it. (`registry.api.files.file_response` serves local files.)
+
+Errors take the problem+json shape of every other error: a malformed ``Range`` is 400, a
+range outside the blob 416. Several ranges are answered with the whole blob (200), which
+RFC 9110 allows; clients that fetch pieces (Hugging Face's, browsers resuming) ask for one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO, Protocol
+from urllib.parse import quote
+
+from fastapi import Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
+
+from registry.errors import InvalidInput, RangeNotSatisfiable
+
+__all__ = ["RangedBlobs", "blob_response"]
+
+_CHUNK = 1 << 20
+
+
+class RangedBlobs(Protocol):
+    """What a download needs from a blob store."""
+
+    def open(self, sha256: str, start: int = 0, end: int | None = None) -> BinaryIO: ...
+    def presigned_url(self, sha256: str, *, filename: str | None = None) -> str | None: ...
+
+
+def blob_response(
+    request: Request,
+    blobs: RangedBlobs,
+    *,
+    sha256: str,
+    size: int,
+    media_type: str,
+    filename: str,
+    etag: str,
+    redirect: bool = False,
+) -> Response:
+    """The blob ``sha256`` of ``size`` bytes as a download: a 307 to a presigned URL when
+    ``redirect`` is set and the store signs URLs, else streamed (206 for one ``Range``).
+
+    Raises:
+        InvalidInput: a malformed ``Range`` header.
+        RangeNotSatisfiable: the range lies outside the blob.
+    """
+    if redirect and (url := blobs.presigned_url(sha256, filename=filename)) is not None:
+        return RedirectResponse(url, status_code=307)
+    headers = {
+        "ETag": f'"{etag}"',
+        "Cache-Control": "public, max-age=31536000, immutable",
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": _attachment(filename),
+    }
+    start, end, status = 0, size, 200
+    http_range = request.headers.get("range")
+    if http_range is not None and size > 0:
+        ranges = _parse_range(http_range, size)
+        if len(ranges) == 1:
+            (start, end), status = ranges[0], 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD" or end == start:
+        return Response(status_code=status, headers=headers, media_type=media_type)
+    return StreamingResponse(
+        _stream(blobs, sha256, start, end), status_code=status, headers=headers, media_type=media_type
+    )
+
+
+def _parse_range(http_range: str, size: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` (end exclusive) of a ``Range`` header, parsed as Starlette
+    parses it for local files, so both kinds of download accept the same headers."""
+    from fastapi.responses import FileResponse
+    from starlette.responses import MalformedRangeHeader
+    from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
+
+    try:
+        return FileResponse._parse_range_header(http_range, size)
+    except MalformedRangeHeader as exc:
+        raise InvalidInput("malformed Range header", errors=[f"range: {exc.content}"]) from None
+    except StarletteRangeNotSatisfiable:
+        raise RangeNotSatisfiable(
+            f"the range {http_range[:100]!r} lies outside the {size}-byte file", extra={"size_bytes": size}
+        ) from None
+
+
+def _stream(blobs: RangedBlobs, sha256: str, start: int, end: int) -> Iterator[bytes]:
+    """The bytes ``[start, end)``, a chunk at a time (Starlette runs this in a worker thread;
+    the store's connection is released when the client goes away)."""
+    with blobs.open(sha256, start, end) as handle:
+        remaining = end - start
+        while remaining > 0:
+            chunk = handle.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise OSError(f"blob {sha256} ended {remaining} bytes early")
+            remaining -= len(chunk)
+            yield chunk
+
+
+def _attachment(filename: str) -> str:
+    """A ``Content-Disposition`` as Starlette's `FileResponse` writes it."""
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'
