@@ -337,13 +337,15 @@ class AdapterTensors:
     * ``copies``: full copies of a module's weight (``modules_to_save``, or an embedding
       saved by PEFT's ``save_embedding_layers``) ``{module: name}``;
     * ``base_layers``: a targeted module's own base weight (``<module>.base_layer.weight``,
-      which PEFT saves with ``save_embedding_layers``) ``{module: name}``.
+      which PEFT saves with ``save_embedding_layers``) ``{module: name}``;
+    * ``bias_copies``: the bias of a saved module copy ``{module: name}``.
     """
 
     modules: Mapping[str, tuple[str, str]]
     magnitudes: Mapping[str, str] = field(default_factory=dict)
     copies: Mapping[str, str] = field(default_factory=dict)
     base_layers: Mapping[str, str] = field(default_factory=dict)
+    bias_copies: Mapping[str, str] = field(default_factory=dict)
 
 
 def map_adapter_tensors(names: Iterable[str]) -> AdapterTensors:
@@ -357,6 +359,7 @@ def map_adapter_tensors(names: Iterable[str]) -> AdapterTensors:
     magnitudes: dict[str, str] = {}
     copies: dict[str, str] = {}
     base_layers: dict[str, str] = {}
+    bias_copies: dict[str, str] = {}
     problems: list[str] = []
     for name in names:
         split = split_lora_key(name)
@@ -373,11 +376,8 @@ def map_adapter_tensors(names: Iterable[str]) -> AdapterTensors:
             base_layers[stripped.removesuffix(".base_layer.weight")] = name
         elif stripped.endswith(".weight") and len(stripped) > len(".weight") and "lora_" not in stripped:
             copies[stripped.removesuffix(".weight")] = name
-        elif stripped.endswith(".bias") and "lora_" not in stripped:
-            problems.append(
-                f"tensor {name[:200]!r} is a saved copy of a bias (modules_to_save on a module with a bias): only "
-                "weights are merged; save the adapter without that module's bias or merge it with PEFT"
-            )
+        elif stripped.endswith(".bias") and len(stripped) > len(".bias") and "lora_" not in stripped:
+            bias_copies[stripped.removesuffix(".bias")] = name
         else:
             problems.append(
                 f"tensor {name[:200]!r} is not a LoRA tensor (expected '<module>.lora_A.weight', '.lora_B.weight', "
@@ -388,6 +388,9 @@ def map_adapter_tensors(names: Iterable[str]) -> AdapterTensors:
         missing = [f"lora_{'embedding_' if embedding else ''}{f}" for f in ("A", "B") if f not in factors]
         if missing:
             problems.append(f"module {module!r} has no {' or '.join(missing)} tensor")
+    for module in sorted(bias_copies):
+        if module not in copies:
+            problems.append(f"module {module!r} has a saved bias but no saved weight (not a modules_to_save copy)")
     for module in sorted(magnitudes):
         if module not in found:
             problems.append(f"module {module!r} has a DoRA magnitude vector but no lora_A/lora_B factors")
@@ -400,4 +403,5 @@ def map_adapter_tensors(names: Iterable[str]) -> AdapterTensors:
         magnitudes=dict(sorted(magnitudes.items())),
         copies=dict(sorted(copies.items())),
         base_layers=dict(sorted(base_layers.items())),
+        bias_copies=dict(sorted(bias_copies.items())),
     )

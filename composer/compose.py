@@ -579,9 +579,7 @@ def _open_base_shards(plan: CompositionPlan, stack: ExitStack) -> dict[str, Tens
     from composer.io import TensorFile
 
     shards = {m.shard for m in plan.modules.values() if m.checks or not m.low_rank}
-    return {
-        shard: stack.enter_context(TensorFile(plan.base.path / shard, plan.base.shards[shard])) for shard in shards
-    }
+    return {shard: stack.enter_context(TensorFile(plan.base.path / shard, plan.base.shards[shard])) for shard in shards}
 
 
 def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> tuple[TruncationStats, dict[str, int]]:
@@ -607,10 +605,11 @@ def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> t
                 part = future.result()
                 prefix = f"base_model.model.{module.name}"
                 if part.saved is not None:
-                    # PEFT saves a modules_to_save copy under the module's own weight name.
-                    tensors[f"{prefix}.weight"] = part.saved.contiguous()
-                    saved.append(module.name)
-                    errors[module.name] = 0.0
+                    # PEFT saves a modules_to_save copy under the module's own parameter names.
+                    tensors[f"{prefix}.{module.parameter}"] = part.saved.contiguous()
+                    if module.name not in saved:
+                        saved.append(module.name)
+                    errors[module.key] = 0.0
                 elif part.low_rank is not None:
                     low_rank = part.low_rank
                     a_key, b_key = (
@@ -636,9 +635,7 @@ def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> t
     return stats, ranks
 
 
-def adapter_config(
-    plan: CompositionPlan, ranks: Mapping[str, int], saved: Sequence[str] = ()
-) -> dict[str, Any]:
+def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int], saved: Sequence[str] = ()) -> dict[str, Any]:
     """The ``adapter_config.json`` of an adapter output: scaling 1 everywhere (``lora_alpha``
     equals the rank of every module), per-module ranks in ``rank_pattern`` with the module
     names escaped as regexes, ``target_modules`` as suffixes when they select exactly the

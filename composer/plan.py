@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +67,7 @@ class BrickPlan:
     magnitudes: Mapping[str, TensorInfo] = field(default_factory=dict)
     copies: Mapping[str, TensorInfo] = field(default_factory=dict)
     base_layers: Mapping[str, TensorInfo] = field(default_factory=dict)
+    bias_copies: Mapping[str, TensorInfo] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,13 @@ class ModulePlan:
     # (brick, tensor): a saved copy of this module's base weight (PEFT's ``base_layer.weight``),
     # which must equal the base's own weight.
     checks: tuple[tuple[int, TensorInfo], ...] = ()
+    # "bias" for the bias of a saved module copy (``module.weight_name`` is then the bias).
+    parameter: str = "weight"
+
+    @property
+    def key(self) -> str:
+        """The key in `CompositionPlan.modules`: the module name, plus ``.bias`` for a bias."""
+        return self.name if self.parameter == "weight" else f"{self.name}.{self.parameter}"
 
     @property
     def low_rank(self) -> bool:
@@ -241,13 +249,20 @@ def plan_composition(
             )
         for module, info in brick_plan.base_layers.items():
             checks.setdefault(module, []).append((index, info))
-    module_plans = []
-    for module in sorted(set(contributions) | set(checks)):
-        shard, tensor = layout.tensor(linear[module].weight_name)
-        module_plans.append(
-            ModulePlan(
-                linear[module], shard, tensor, tuple(contributions.get(module, ())), tuple(checks.get(module, ()))
+        for module, info in brick_plan.bias_copies.items():
+            contributions.setdefault(f"{module}.bias", []).append(
+                Contribution(brick=index, a=None, b=None, rank=0, scaling=1.0, weight=weight, copy=info)
             )
+    module_plans = []
+    for key in sorted(set(contributions) | set(checks)):
+        parameter = "weight"
+        target = linear.get(key)
+        if target is None:  # "<module>.bias": the bias of a saved copy, a plain tensor
+            module, parameter = key.rsplit(".", 1)
+            target = replace(linear[module], stored_name=_bias_name(linear[module]), fan_in_fan_out=False)
+        shard, tensor = layout.tensor(target.weight_name)
+        module_plans.append(
+            ModulePlan(target, shard, tensor, tuple(contributions.get(key, ())), tuple(checks.get(key, ())), parameter)
         )
     shard_order = {file: position for position, file in enumerate(layout.shards)}
     module_plans.sort(key=lambda m: (shard_order[m.shard], m.tensor.start))
@@ -258,7 +273,7 @@ def plan_composition(
         params=method_params,
         output=output,  # type: ignore[arg-type]  # checked against OUTPUT_KINDS above
         rank=rank,
-        modules={m.name: m for m in module_plans},
+        modules={m.key: m for m in module_plans},
     )
 
 
@@ -351,6 +366,21 @@ def _plan_brick(
     base_layers = _saved_weights(
         label, mapped.base_layers, header, layout, linear, incompatible, "a saved base_layer.weight"
     )
+    bias_copies: dict[str, TensorInfo] = {}
+    for module, name in mapped.bias_copies.items():
+        info, target = header.tensors[name], linear.get(module)
+        if target is None or module not in copies:
+            continue  # the module's weight copy is refused already
+        base_bias = layout.weight_map.get(_bias_name(target))
+        expected = layout.shards[base_bias].tensors[_bias_name(target)] if base_bias else None
+        if expected is None or expected.shape != info.shape or info.dtype not in FLOAT_DTYPES:
+            have = f"{list(expected.shape)}" if expected is not None else "none"
+            incompatible.append(
+                f"{label}: the saved bias of {module!r} is {info.dtype} {list(info.shape)}, the base model's bias "
+                f"is {have}: it does not fit"
+            )
+            continue
+        bias_copies[module] = info
     task_type = config_data.get("task_type") if isinstance(config_data, dict) else None
     return BrickPlan(
         source=brick,
@@ -361,7 +391,12 @@ def _plan_brick(
         magnitudes=magnitudes,
         copies=copies,
         base_layers=base_layers,
+        bias_copies=bias_copies,
     )
+
+
+def _bias_name(target: LinearModule) -> str:
+    return target.weight_name.removesuffix("weight") + "bias"
 
 
 def _check_base_dtype(where: str, layout: BaseModelLayout, target: LinearModule, incompatible: list[str]) -> bool:
