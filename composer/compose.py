@@ -495,7 +495,11 @@ def _non_finite(
     for index, (contribution, factors) in enumerate(zip(module.contributions, payload.factors, strict=True)):
         label = f"brick {plan.bricks[contribution.brick].source.name!r} (weight {contribution.weight:g})"
         extra = [("lora_magnitude_vector", payload.magnitudes), ("its saved copy", payload.copies)]
-        held = [(n, ts[index]) for n, ts in extra if index < len(ts) and ts[index] is not None]
+        held: list[tuple[str, torch.Tensor]] = []
+        for what, tensors in extra:
+            tensor = tensors[index] if index < len(tensors) else None
+            if tensor is not None:
+                held.append((what, tensor))
         if factors is not None:
             held = [("lora_A", factors.a), ("lora_B", factors.b), *held]
         bad = [n for n, t in held if not bool(torch.isfinite(t).all())]

@@ -179,3 +179,15 @@ def test_checkpoints_without_the_base_model_prefix_are_found(arch: str, tmp_path
     assert len(linear) >= 8  # 2 layers x at least 4 projections
     for name, module in find_mergeable_modules(layout).items():
         assert module.weight_name in layout.weight_map and module.weight_name != f"{name}.weight"
+
+
+def test_a_saved_copy_holding_nan_is_named(llama: Path, tmp_path: Path) -> None:
+    from composer import NonFiniteResult
+
+    brick = make_adapter(llama, tmp_path / "mts", seed=5, r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    tensors = load_file(str(brick / "adapter_model.safetensors"))
+    tensors[f"{PREFIX}lm_head.weight"][0, 0] = float("nan")
+    save_file(tensors, str(brick / "adapter_model.safetensors"))
+    with pytest.raises(NonFiniteResult) as caught:
+        compose(llama, [source(brick, name="nan@1")], tmp_path / "out")
+    assert "'nan@1'" in str(caught.value) and "its saved copy hold NaN or Inf" in str(caught.value)
