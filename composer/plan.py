@@ -280,7 +280,7 @@ def plan_composition(
 def _plan_brick(
     brick: BrickSource,
     layout: BaseModelLayout,
-    linear: Mapping[str, LinearModule],
+    linear: dict[str, LinearModule],
     invalid: list[str],
     incompatible: list[str],
 ) -> BrickPlan | None:
@@ -312,10 +312,11 @@ def _plan_brick(
     for module, (a_name, b_name) in mapped.modules.items():
         where = f"{label}: module {module!r}"
         a, b = header.tensors[a_name], header.tensors[b_name]
-        target = linear.get(module)
+        target = linear.get(module) or _stored_linear(module, layout)
         if target is None:
             incompatible.append(f"{where}: {_why_not_linear(module, layout)}")
             continue
+        linear[module] = target
         names = ("lora_embedding_A", "lora_embedding_B") if target.embedding else ("lora_A", "lora_B")
         ok = True
         if settings.target_modules is not None and not settings.targets(module):
@@ -393,6 +394,27 @@ def _plan_brick(
         base_layers=base_layers,
         bias_copies=bias_copies,
     )
+
+
+def _stored_linear(module: str, layout: BaseModelLayout) -> LinearModule | None:
+    """A module the model built from the config does not have, but whose 2-D weight the
+    checkpoint stores under ``<module>.weight`` (taken as ``out x in``, as ``nn.Linear``
+    stores it; the factors' shapes are checked against it like any module's).
+
+    The checkpoint's own names are the truth for where a delta lands: Mixtral checkpoints
+    still store ``block_sparse_moe.experts.N.w1/w2/w3`` and ``block_sparse_moe.gate``
+    (``nn.Linear`` layers when those adapters were trained), while transformers 5 builds
+    fused 3-D expert tensors from them on load.
+    """
+    name = f"{module}.weight"
+    file = layout.weight_map.get(name)
+    if file is None:
+        return None
+    info = layout.shards[file].tensors[name]
+    if len(info.shape) != 2:
+        return None
+    out_features, in_features = info.shape
+    return LinearModule(module, int(out_features), int(in_features))
 
 
 def _bias_name(target: LinearModule) -> str:
