@@ -191,3 +191,11 @@ def test_a_saved_copy_holding_nan_is_named(llama: Path, tmp_path: Path) -> None:
     with pytest.raises(NonFiniteResult) as caught:
         compose(llama, [source(brick, name="nan@1")], tmp_path / "out")
     assert "'nan@1'" in str(caught.value) and "its saved copy hold NaN or Inf" in str(caught.value)
+
+
+def test_lm_head_lora_with_its_saved_base_layer_composes(llama: Path, tmp_path: Path) -> None:
+    brick = make_adapter(llama, tmp_path / "head", seed=6, r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    assert f"{PREFIX}lm_head.base_layer.weight" in load_file(str(brick / "adapter_model.safetensors"))
+    expected = _logits(peft_reference(llama, [brick], [0.5]))
+    out = compose(llama, [source(brick, 0.5)], tmp_path / "out")
+    torch.testing.assert_close(_logits(load_model(out.out_dir)), expected, atol=2e-4, rtol=1e-4)
