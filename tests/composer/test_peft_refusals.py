@@ -199,3 +199,11 @@ def test_lm_head_lora_with_its_saved_base_layer_composes(llama: Path, tmp_path: 
     expected = _logits(peft_reference(llama, [brick], [0.5]))
     out = compose(llama, [source(brick, 0.5)], tmp_path / "out")
     torch.testing.assert_close(_logits(load_model(out.out_dir)), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_dora_on_the_embedding_gives_peft_merge(llama: Path, tmp_path: Path) -> None:
+    config = {"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["embed_tokens", "v_proj"]}
+    brick = make_adapter(llama, tmp_path / "emb-dora", seed=7, **config)
+    expected = _logits(peft_reference(llama, [brick], [0.8]))
+    out = compose(llama, [source(brick, 0.8)], tmp_path / "out")
+    torch.testing.assert_close(_logits(load_model(out.out_dir)), expected, atol=2e-4, rtol=1e-4)
