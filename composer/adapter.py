@@ -39,20 +39,43 @@ _MAX_PATTERN_CHARS = 512
 _MAX_PATTERNS = 4096
 _KEY_PREFIX = "base_model.model."
 
-# Config keys whose non-default value changes the forward pass beyond ``W + s * B @ A``
-# (or adds weights that are not LoRA factors). Refused, with the reason, until supported.
+# Config keys whose non-default value changes the forward pass beyond what a brick can carry
+# (a per-module delta of a stored weight). Refused with what the setting is, why it cannot
+# be merged, and what to do instead: one line per adapter, whatever its number of modules.
 _UNSUPPORTED: Mapping[str, str] = {
-    "use_dora": "DoRA adapters (use_dora) rescale the merged weight by a learned magnitude",
-    "modules_to_save": "modules_to_save ships full copies of modules, which are not LoRA factors",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
-    "layer_replication": "layer_replication changes the base model's layer layout",
-    "trainable_token_indices": "trainable_token_indices adds embedding rows, which are not LoRA factors",
-    "lora_bias": "lora_bias adds a trained bias to lora_B",
-    "use_qalora": "QA-LoRA adapters are not supported",
-    "use_bdlora": "block-diagonal LoRA adapters are not supported",
-    "alora_invocation_tokens": "activated LoRA (aLoRA) changes behaviour per token and cannot be merged",
-    "megatron_config": "Megatron-parallel LoRA layers are not supported",
+    "target_parameters": "LoRA on raw parameters (PEFT's ParamWrapper, e.g. fused MoE expert tensors) is not "
+    "supported yet; target the modules instead (target_modules), or merge it with PEFT's merge_and_unload and "
+    "register the result as a base model",
+    "layer_replication": "it changes the base model's layer layout, which a merged delta cannot express; merge it "
+    "with PEFT's merge_and_unload and register the result as a base model",
+    "trainable_token_indices": "it trains single embedding rows (PEFT's TrainableTokens), not a LoRA update; save "
+    "the embedding with modules_to_save instead, or merge with PEFT and register the result as a base model",
+    "lora_bias": "lora_B carries a trained bias, which is not part of s * B @ A; retrain with lora_bias=False",
+    "use_qalora": "QA-LoRA pools the input groupwise, so its update is not s * B @ A on the full weight; merge it "
+    "with PEFT and register the result as a base model",
+    "use_bdlora": "block-diagonal LoRA shards its factors per device; retrain without it or merge it with PEFT",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after its invocation tokens, so it changes "
+    "behaviour per token and cannot be merged into weights; serve it unmerged with PEFT",
+    "megatron_config": "Megatron-parallel LoRA layers are sharded across devices; save a consolidated adapter "
+    "with PEFT and register that",
 }
+
+# peft_type values of adapters that are not LoRA: what they are, and why they are no brick.
+_OTHER_PEFT_TYPES: Mapping[str, str] = {
+    "LOHA": "a LoHa adapter (Hadamard product of two low-rank products): its update is not s * B @ A",
+    "LOKR": "a LoKr adapter (Kronecker product of factors): its update is not s * B @ A",
+    "IA3": "an IA3 adapter: it rescales activations by learned vectors instead of adding a low-rank update",
+    "ADALORA": "an AdaLoRA adapter (P diag(E) Q with a rank mask per module): its factors are not LoRA's A and B",
+    "PROMPT_TUNING": "a prompt-tuning adapter: it adds learned virtual tokens to the input and changes no weight",
+    "PREFIX_TUNING": "a prefix-tuning adapter: it adds learned keys and values to attention and changes no weight",
+    "P_TUNING": "a P-tuning adapter: it adds virtual tokens from a prompt encoder and changes no weight",
+    "MULTITASK_PROMPT_TUNING": "a multitask prompt-tuning adapter: it adds virtual tokens and changes no weight",
+}
+_OTHER_ADVICE = (
+    "only LoRA adapters (peft_type 'LORA', with or without DoRA) are bricks; merge it into the base with "
+    "PEFT's merge_and_unload and register the result as a base model, or retrain it as a LoRA"
+)
+_PROMPT_ADVICE = "there is no weight to merge; use it unmerged with PEFT, or train a LoRA instead"
 
 
 def _is_unset(value: Any) -> bool:
@@ -72,6 +95,8 @@ class LoraSettings:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
     def rank_for(self, module: str) -> int:
         """The LoRA rank of ``module`` (``rank_pattern`` first, else ``r``)."""
@@ -140,13 +165,31 @@ def parse_lora_config(data: Any) -> LoraSettings:
     problems: list[str] = []
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
-        problems.append(f"peft_type must be 'LORA', got {_show(peft_type)}: only LoRA adapters are bricks for now")
+        what = _OTHER_PEFT_TYPES.get(peft_type) if isinstance(peft_type, str) else None
+        if what is None:
+            problems.append(f"peft_type is {_show(peft_type)}, not 'LORA': {_OTHER_ADVICE}")
+        else:
+            advice = _PROMPT_ADVICE if "changes no weight" in what else _OTHER_ADVICE
+            problems.append(f"peft_type is {peft_type!r}: {what}, so it cannot be merged as a brick; {advice}")
+        # The rest of a non-LoRA config means something else: one line says all there is to say.
+        raise InvalidAdapter("unsupported or invalid adapter_config.json", problems)
     for key, reason in _UNSUPPORTED.items():
         if not _is_unset(data.get(key)):
             problems.append(f"{key} is set: {reason}")
     bias = data.get("bias", "none")
     if bias != "none":
-        problems.append(f"bias is {_show(bias)}: adapters that train biases are not supported (need 'none')")
+        problems.append(
+            f"bias is {_show(bias)}: the adapter also trains the base model's biases, which a brick does not carry "
+            "(only weight updates are merged); retrain with bias='none', or merge it with PEFT's merge_and_unload "
+            "and register the result as a base model"
+        )
+    use_dora = data.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        problems.append(f"use_dora must be true or false, got {_show(use_dora)}")
+    modules_to_save = data.get("modules_to_save") or []
+    if not isinstance(modules_to_save, list) or not all(isinstance(m, str) and m for m in modules_to_save):
+        problems.append("modules_to_save must be a list of module names")
+        modules_to_save = []
     r: Any = data.get("r")
     if not _is_int(r) or r < 1:
         problems.append(f"r must be a positive integer, got {_show(r)}")
@@ -179,6 +222,8 @@ def parse_lora_config(data: Any) -> LoraSettings:
         rank_pattern={k: int(v) for k, v in rank_pattern.items()},
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
         base_model_name_or_path=base,
+        use_dora=bool(use_dora),
+        modules_to_save=tuple(modules_to_save),
     )
 
 
@@ -239,16 +284,26 @@ def _pattern_map(value: Any, key: str, problems: list[str], *, integer: bool) ->
 
 Factor = Literal["A", "B"]
 
+_MAGNITUDE = "lora_magnitude_vector"
+
 
 def split_lora_key(key: str) -> tuple[str, Factor] | None:
     """Split a saved adapter tensor name into (module name, "A" | "B"), or None.
 
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` gives
-    ``("model.layers.0.self_attn.q_proj", "A")``. PEFT strips the adapter name on save; a
-    name that still carries one (``lora_A.default.weight``) is accepted too.
+    ``("model.layers.0.self_attn.q_proj", "A")``; an embedding LoRA's
+    ``...embed_tokens.lora_embedding_A`` gives ``("model.embed_tokens", "A")``. PEFT strips
+    the adapter name on save; a name that still carries one (``lora_A.default.weight``,
+    ``lora_embedding_A.default``) is accepted too.
     """
     name = key.removeprefix(_KEY_PREFIX)
     parts = name.split(".")
+    if len(parts) >= 2 and parts[-1] in ("lora_embedding_A", "lora_embedding_B"):
+        module = ".".join(parts[:-1])
+        return module, "A" if parts[-1].endswith("A") else "B"
+    if len(parts) >= 3 and parts[-2] in ("lora_embedding_A", "lora_embedding_B") and parts[-1]:
+        module = ".".join(parts[:-2])
+        return module, "A" if parts[-2].endswith("A") else "B"
     if len(parts) < 3 or parts[-1] != "weight":
         return None
     for index in (-2, -3):
@@ -260,37 +315,93 @@ def split_lora_key(key: str) -> tuple[str, Factor] | None:
     return None
 
 
+def _split_magnitude(key: str) -> str | None:
+    """The module of a DoRA magnitude vector (``<module>.lora_magnitude_vector``, optionally
+    followed by the adapter name and/or ``.weight``), or None."""
+    parts = key.removeprefix(_KEY_PREFIX).split(".")
+    if _MAGNITUDE not in parts[1:]:
+        return None
+    index = parts.index(_MAGNITUDE, 1)
+    rest = parts[index + 1 :]
+    if len(rest) > 2 or (rest and rest[-1] != "weight" and len(rest) == 2):
+        return None
+    return ".".join(parts[:index])
+
+
 @dataclass(frozen=True)
 class AdapterTensors:
-    """Tensor names of an adapter, grouped by base-model module: ``{module: (A, B)}``."""
+    """Tensor names of an adapter, grouped by base-model module.
+
+    * ``modules``: LoRA factor pairs ``{module: (A, B)}`` (linear and embedding LoRA);
+    * ``magnitudes``: DoRA magnitude vectors ``{module: name}``;
+    * ``copies``: full copies of a module's weight (``modules_to_save``, or an embedding
+      saved by PEFT's ``save_embedding_layers``) ``{module: name}``;
+    * ``base_layers``: a targeted module's own base weight (``<module>.base_layer.weight``,
+      which PEFT saves with ``save_embedding_layers``) ``{module: name}``;
+    * ``bias_copies``: the bias of a saved module copy ``{module: name}``.
+    """
 
     modules: Mapping[str, tuple[str, str]]
+    magnitudes: Mapping[str, str] = field(default_factory=dict)
+    copies: Mapping[str, str] = field(default_factory=dict)
+    base_layers: Mapping[str, str] = field(default_factory=dict)
+    bias_copies: Mapping[str, str] = field(default_factory=dict)
 
 
 def map_adapter_tensors(names: Iterable[str]) -> AdapterTensors:
-    """Group adapter tensor names by module; every tensor must be a LoRA A or B factor.
+    """Group adapter tensor names by module and kind (see `AdapterTensors`).
 
     Raises:
-        InvalidAdapter: for tensors that are not LoRA factors (biases, DoRA magnitudes,
-            embedding LoRAs, saved modules) and for modules missing their A or B.
+        InvalidAdapter: for tensors of no known kind (biases, other PEFT methods' tensors),
+            modules missing their A or B, and magnitudes without factors.
     """
     found: dict[str, dict[Factor, str]] = {}
+    magnitudes: dict[str, str] = {}
+    copies: dict[str, str] = {}
+    base_layers: dict[str, str] = {}
+    bias_copies: dict[str, str] = {}
     problems: list[str] = []
     for name in names:
         split = split_lora_key(name)
-        if split is None:
-            problems.append(
-                f"tensor {name[:200]!r} is not a LoRA factor (expected '<module>.lora_A.weight' or '.lora_B.weight')"
-            )
+        if split is not None:
+            module, factor = split
+            found.setdefault(module, {})[factor] = name
             continue
-        module, factor = split
-        found.setdefault(module, {})[factor] = name
+        magnitude = _split_magnitude(name)
+        if magnitude is not None:
+            magnitudes[magnitude] = name
+            continue
+        stripped = name.removeprefix(_KEY_PREFIX)
+        if stripped.endswith(".base_layer.weight"):
+            base_layers[stripped.removesuffix(".base_layer.weight")] = name
+        elif stripped.endswith(".weight") and len(stripped) > len(".weight") and "lora_" not in stripped:
+            copies[stripped.removesuffix(".weight")] = name
+        elif stripped.endswith(".bias") and len(stripped) > len(".bias") and "lora_" not in stripped:
+            bias_copies[stripped.removesuffix(".bias")] = name
+        else:
+            problems.append(
+                f"tensor {name[:200]!r} is not a LoRA tensor (expected '<module>.lora_A.weight', '.lora_B.weight', "
+                "'.lora_embedding_A/B', '.lora_magnitude_vector' or a saved module's '.weight')"
+            )
     for module, factors in sorted(found.items()):
-        missing = [f"lora_{f}" for f in ("A", "B") if f not in factors]
+        embedding = any("lora_embedding_" in n for n in factors.values())
+        missing = [f"lora_{'embedding_' if embedding else ''}{f}" for f in ("A", "B") if f not in factors]
         if missing:
             problems.append(f"module {module!r} has no {' or '.join(missing)} tensor")
-    if not found and not problems:
+    for module in sorted(bias_copies):
+        if module not in copies:
+            problems.append(f"module {module!r} has a saved bias but no saved weight (not a modules_to_save copy)")
+    for module in sorted(magnitudes):
+        if module not in found:
+            problems.append(f"module {module!r} has a DoRA magnitude vector but no lora_A/lora_B factors")
+    if not found and not copies and not problems:
         problems.append("the weights file holds no LoRA tensors")
     if problems:
         raise InvalidAdapter("invalid adapter weights", problems[:50])
-    return AdapterTensors(modules={m: (f["A"], f["B"]) for m, f in sorted(found.items())})
+    return AdapterTensors(
+        modules={m: (f["A"], f["B"]) for m, f in sorted(found.items())},
+        magnitudes=dict(sorted(magnitudes.items())),
+        copies=dict(sorted(copies.items())),
+        base_layers=dict(sorted(base_layers.items())),
+        bias_copies=dict(sorted(bias_copies.items())),
+    )

@@ -13,14 +13,21 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from composer.errors import InvalidBaseModel, InvalidTensorFile
 from composer.header import DEFAULT_MAX_HEADER_BYTES, FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
 
-__all__ = ["TRANSFORMERS_LOCK", "BaseModelLayout", "LinearModule", "find_linear_modules", "read_base_model"]
+__all__ = [
+    "TRANSFORMERS_LOCK",
+    "BaseModelLayout",
+    "LinearModule",
+    "find_linear_modules",
+    "find_mergeable_modules",
+    "read_base_model",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -29,18 +36,23 @@ _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version"})
 
 @dataclass(frozen=True)
 class LinearModule:
-    """A linear module of the base model. ``fan_in_fan_out`` marks GPT-2 style Conv1D,
-    whose stored weight is ``in x out`` instead of ``out x in``."""
+    """A module of the base model a LoRA can merge into. ``fan_in_fan_out`` marks a weight
+    stored ``in x out`` instead of ``out x in``: GPT-2 style Conv1D, and embeddings, which
+    PEFT adapts as ``vocab -> hidden`` maps (``in_features`` is the vocabulary,
+    ``embedding`` is set). ``stored_name`` is the weight's name in the checkpoint when it is
+    not ``<name>.weight`` (a checkpoint saved without the model's ``base_model_prefix``)."""
 
     name: str
     out_features: int
     in_features: int
     fan_in_fan_out: bool = False
+    embedding: bool = False
+    stored_name: str | None = None
 
     @property
     def weight_name(self) -> str:
-        """Name of the module's weight tensor in the checkpoint."""
-        return f"{self.name}.weight"
+        """Name of the module's weight tensor in the checkpoint (the checkpoint's own key)."""
+        return self.stored_name or f"{self.name}.weight"
 
 
 @dataclass(frozen=True)
@@ -193,7 +205,14 @@ _LINEAR_CACHE_LIMIT = 64
 
 
 def find_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
-    """Every linear module whose weight is stored in the checkpoint, by module name.
+    """Every linear and Conv1D module whose weight is stored in the checkpoint, by module
+    name (see `find_mergeable_modules`, which adds the embeddings)."""
+    return {name: m for name, m in find_mergeable_modules(layout).items() if not m.embedding}
+
+
+def find_mergeable_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
+    """Every linear, Conv1D and embedding module whose weight is stored in the checkpoint,
+    by module name (the name PEFT uses: the model's own, with ``base_model_prefix``).
 
     Results are remembered per fingerprint (config and every tensor's name, dtype and
     shape determine the answer), so planning many compositions on one base builds its
@@ -201,7 +220,9 @@ def find_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
 
     The architecture is instantiated on the ``meta`` device from the config (no weights
     are read or allocated) to learn which modules are ``nn.Linear`` or transformers'
-    ``Conv1D``; each is checked against the checkpoint's header. Linear modules whose
+    ``Conv1D`` or ``nn.Embedding``; each is looked up in the checkpoint's header under its
+    own name or, for checkpoints saved from the bare model (GPT-2 ``h.0...``, OPT
+    ``decoder...``), without the ``base_model_prefix``. Linear modules whose
     weight is not stored (a ``lm_head`` tied to the embeddings) are left out: merging a
     delta into them would silently change the tied tensor too.
 
@@ -245,22 +266,36 @@ def _build_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
             "unsupported architecture",
             [f"transformers cannot build {layout.architecture!r} from config.json: {type(exc).__name__}: {exc}"],
         ) from None
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
     modules: dict[str, LinearModule] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             out_features, in_features = module.out_features, module.in_features
-            info = LinearModule(name, out_features, in_features, fan_in_fan_out=False)
+            info = LinearModule(name, out_features, in_features)
             expected: tuple[int, ...] = (out_features, in_features)
         elif isinstance(module, Conv1D):
             in_features, out_features = module.weight.shape
             info = LinearModule(name, int(out_features), int(in_features), fan_in_fan_out=True)
             expected = (int(in_features), int(out_features))
+        elif isinstance(module, nn.Embedding):
+            vocab, hidden = module.weight.shape
+            info = LinearModule(name, int(hidden), int(vocab), fan_in_fan_out=True, embedding=True)
+            expected = (int(vocab), int(hidden))
         else:
             continue
-        stored = layout.weight_map.get(info.weight_name)
-        if stored is None:
+        stored = _stored_weight_name(name, prefix, layout)
+        if stored is None or layout.shards[layout.weight_map[stored]].tensors[stored].shape != expected:
             continue
-        if layout.shards[stored].tensors[info.weight_name].shape != expected:
-            continue
+        if stored != info.weight_name:
+            info = replace(info, stored_name=stored)
         modules[name] = info
     return modules
+
+
+def _stored_weight_name(module: str, prefix: str, layout: BaseModelLayout) -> str | None:
+    """The checkpoint key of ``module``'s weight: its own name, else the name without the
+    model's ``base_model_prefix`` (how a bare ``GPT2Model``/``OPTModel`` is saved)."""
+    for candidate in (f"{module}.weight", f"{module.removeprefix(prefix)}.weight" if prefix else None):
+        if candidate is not None and candidate in layout.weight_map:
+            return candidate
+    return None

@@ -237,37 +237,96 @@ def _open_bricks(plan: CompositionPlan, stack: ExitStack) -> list[TensorFile]:
 
 @dataclass
 class _Payload:
-    factors: list[Factors]
+    # One entry per contribution, in order: LoRA factors (None for a saved copy), the DoRA
+    # magnitude (or None) and the saved copy (or None).
+    factors: list[Factors | None]
     stacked: tuple[torch.Tensor, torch.Tensor] | None
     keys: tuple[str, ...]
+    magnitudes: list[torch.Tensor | None] = field(default_factory=list)
+    copies: list[torch.Tensor | None] = field(default_factory=list)
+    checks: list[torch.Tensor] = field(default_factory=list)
 
 
 def _load(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]) -> _Payload:
     import torch
 
-    from composer.lora import Factors, content_key, stacked_factors
+    from composer.lora import Factors, stacked_factors, tensor_key
 
-    factors = [
-        Factors(a=files[c.brick].read(c.a), b=files[c.brick].read(c.b), scaling=c.scaling, weight=c.weight)
-        for c in module.contributions
-    ]
-    if not all(_fits(f.a, torch.float32) and _fits(f.b, torch.float32) for f in factors):
+    factors: list[Factors | None] = []
+    magnitudes: list[torch.Tensor | None] = []
+    copies: list[torch.Tensor | None] = []
+    for c in module.contributions:
+        source = files[c.brick]
+        if c.a is not None and c.b is not None:
+            factors.append(Factors(a=source.read(c.a), b=source.read(c.b), scaling=c.scaling, weight=c.weight))
+        else:
+            factors.append(None)
+        magnitudes.append(source.read(c.magnitude) if c.magnitude is not None else None)
+        copies.append(source.read(c.copy) if c.copy is not None else None)
+    checks = [files[brick].read(info) for brick, info in module.checks]
+    payload = _Payload(factors, None, (), magnitudes, copies, checks)
+    own = [t for f in factors if f is not None for t in (f.a, f.b)] + [t for t in magnitudes + copies if t is not None]
+    if not all(_fits(t, torch.float32) for t in own):
         # Fail on the brick's own data, before any arithmetic can turn it into an
         # exception of another kind (an eigendecomposition of NaNs) or a silent mess.
-        raise _non_finite(plan, module, _Payload(factors, None, ()), None)
-    if plan.method.sums_deltas:
-        return _Payload(factors, stacked_factors(factors), ())
-    return _Payload(factors, None, tuple(content_key(f) for f in factors))
+        raise _non_finite(plan, module, payload, None)
+    if plan.method.sums_deltas and module.low_rank:
+        payload.stacked = stacked_factors([f for f in factors if f is not None]) if factors else None
+        return payload
+    if not plan.method.sums_deltas:
+        payload.keys = tuple(
+            tensor_key(*[t for t in (f.a, f.b) if f is not None], *[t for t in (m, k) if t is not None])
+            if f is not None
+            else tensor_key(*[t for t in (k,) if t is not None])
+            for f, m, k in zip(factors, magnitudes, copies, strict=True)
+        )
+    return payload
 
 
-def _merged_delta(plan: CompositionPlan, module: ModulePlan, payload: _Payload) -> torch.Tensor:
-    """The method's combination of the dense deltas (``out x in``, float32)."""
-    from composer.lora import delta
+def _check_base_layers(plan: CompositionPlan, module: ModulePlan, payload: _Payload, stored: torch.Tensor) -> None:
+    """PEFT saves a targeted embedding's (or head's) own weight as ``base_layer.weight``:
+    it must be the base's weight, or the brick was trained on another base."""
+    import torch
+
+    from composer.errors import IncompatibleBricks
+
+    problems = []
+    for (brick, info), saved in zip(module.checks, payload.checks, strict=True):
+        if not torch.equal(saved.to(stored.dtype), stored):
+            diff = float((saved.to(torch.float64) - stored.to(torch.float64)).abs().max())
+            problems.append(
+                f"brick {plan.bricks[brick].source.name!r}: {info.name!r} differs from the base model's "
+                f"{module.tensor.name!r} (largest difference {diff:.3g}): the adapter was trained on another base "
+                "model (or with a changed vocabulary); register and compose on that base"
+            )
+    if problems:
+        raise IncompatibleBricks(f"module {module.name!r} does not match the base model", problems)
+
+
+def _merged_delta(
+    plan: CompositionPlan, module: ModulePlan, payload: _Payload, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The method's combination of the dense deltas (``out x in``, float32). ``base`` is
+    the stored base weight, needed by DoRA and saved copies (their delta depends on it)."""
+    from composer.lora import copy_delta, delta, dora_delta, oriented
     from composer.methods import MergeContext
 
-    deltas = [delta(f) for f in payload.factors]
+    fan_in_fan_out = module.module.fan_in_fan_out
+    weight = oriented(base, fan_in_fan_out) if base is not None else None
+    deltas = []
+    for factors, magnitude, saved in zip(payload.factors, payload.magnitudes, payload.copies, strict=True):
+        if saved is not None:
+            assert weight is not None
+            deltas.append(copy_delta(weight, oriented(saved, fan_in_fan_out)))
+        elif magnitude is not None:
+            assert weight is not None and factors is not None
+            deltas.append(dora_delta(weight, factors, magnitude))
+        else:
+            assert factors is not None
+            deltas.append(delta(factors))
     context = MergeContext(module=module.name, brick_keys=payload.keys)
-    return plan.method.combine(deltas, [f.weight for f in payload.factors], plan.params, context)
+    weights = [c.weight for c in module.contributions]
+    return plan.method.combine(deltas, weights, plan.params, context)
 
 
 def _fits(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -364,6 +423,10 @@ def _write_full(plan: CompositionPlan, staging: Path, report: _Reporter) -> None
 
     def update(info: Any, tensor: torch.Tensor, payload: _Payload) -> None:
         module = by_tensor[info.name]
+        if module.checks:
+            _check_base_layers(plan, module, payload, tensor)
+        if not module.contributions:
+            return
         if payload.stacked is not None:
             b_cat, a_cat = payload.stacked
             # The base weight is out x in (in x out for Conv1D): its rows follow B (or A^T).
@@ -372,7 +435,7 @@ def _write_full(plan: CompositionPlan, staging: Path, report: _Reporter) -> None
                 raise _non_finite(plan, module, payload, _BaseWeight(plan, module))
             return
         work_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-        merged = _merged_delta(plan, module, payload).to(work_dtype)
+        merged = _merged_delta(plan, module, payload, tensor).to(work_dtype)
         work = tensor.to(work_dtype).add_(merged.T if module.module.fan_in_fan_out else merged)
         if not _fits(work, tensor.dtype):
             raise _non_finite(plan, module, payload, _BaseWeight(plan, module))
@@ -429,9 +492,21 @@ def _non_finite(
     from composer.lora import delta
 
     problems = []
-    for contribution, factors in zip(module.contributions, payload.factors, strict=True):
+    for index, (contribution, factors) in enumerate(zip(module.contributions, payload.factors, strict=True)):
         label = f"brick {plan.bricks[contribution.brick].source.name!r} (weight {contribution.weight:g})"
-        bad = [n for n, t in (("lora_A", factors.a), ("lora_B", factors.b)) if not bool(torch.isfinite(t).all())]
+        extra = [("lora_magnitude_vector", payload.magnitudes), ("its saved copy", payload.copies)]
+        held: list[tuple[str, torch.Tensor]] = []
+        for what, tensors in extra:
+            tensor = tensors[index] if index < len(tensors) else None
+            if tensor is not None:
+                held.append((what, tensor))
+        if factors is not None:
+            held = [("lora_A", factors.a), ("lora_B", factors.b), *held]
+        bad = [n for n, t in held if not bool(torch.isfinite(t).all())]
+        if factors is None:
+            if bad:
+                problems.append(f"{label}: {' and '.join(bad)} hold NaN or Inf")
+            continue
         if bad:
             problems.append(f"{label}: {' and '.join(bad)} hold NaN or Inf")
         elif not bool(torch.isfinite(delta(factors)).all()):
@@ -445,13 +520,46 @@ def _non_finite(
     return NonFiniteResult(f"merging module {module.name!r} produced NaN or Inf", problems)
 
 
-def _adapter_module(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]) -> Any:
-    """One module of an adapter output: exact or truncated factors (a `LowRank`)."""
+@dataclass
+class _AdapterPart:
+    """One module of an adapter output: LoRA factors (a `LowRank`), or the module's merged
+    weight carried as a ``modules_to_save`` copy, or nothing (a module only checked)."""
+
+    low_rank: Any = None
+    saved: torch.Tensor | None = None
+
+
+def _adapter_module(
+    plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile], base_files: Mapping[str, TensorFile]
+) -> _AdapterPart:
+    """One module of an adapter output.
+
+    Plain LoRA contributions give exact (or truncated) factors. A module that a brick saves
+    whole (``modules_to_save``) stays a full copy: the base weight plus the merged delta,
+    which is exact. DoRA contributions depend on the base weight and are not low-rank: their
+    merged delta is stored as its truncated SVD at the requested rank (the plan requires one).
+    """
     import torch
 
     from composer.lowrank import LowRank, truncate_product, truncated_svd
 
     payload = _load(plan, module, files)
+    base: torch.Tensor | None = None
+    if module.checks or not module.low_rank:
+        base = base_files[module.shard].read(module.tensor)
+    if module.checks:
+        assert base is not None
+        _check_base_layers(plan, module, payload, base)
+    if not module.contributions:
+        return _AdapterPart()
+    if any(c.copy is not None for c in module.contributions):
+        assert base is not None
+        merged = _merged_delta(plan, module, payload, base)
+        work = base.to(torch.float64 if base.dtype == torch.float64 else torch.float32)
+        work.add_(merged.T if module.module.fan_in_fan_out else merged)
+        if not _fits(work, base.dtype):
+            raise _non_finite(plan, module, payload, None)
+        return _AdapterPart(saved=work.to(base.dtype))
     if payload.stacked is not None:
         b_cat, a_cat = payload.stacked
         if plan.rank is None:
@@ -459,15 +567,23 @@ def _adapter_module(plan: CompositionPlan, module: ModulePlan, files: Sequence[T
         else:
             low_rank = truncate_product(b_cat, a_cat, plan.rank)
     else:
-        assert plan.rank is not None  # the plan requires a rank for these methods
-        merged = _merged_delta(plan, module, payload)
+        assert plan.rank is not None  # the plan requires a rank for these methods and for DoRA
+        merged = _merged_delta(plan, module, payload, base)
         if not _fits(merged, torch.float32):
             raise _non_finite(plan, module, payload, None)
         low_rank = truncated_svd(merged, plan.rank)
     finite = _fits(low_rank.a, torch.float32) and _fits(low_rank.b, torch.float32)
     if not finite or not math.isfinite(low_rank.relative_error):
         raise _non_finite(plan, module, payload, None)
-    return low_rank
+    return _AdapterPart(low_rank=low_rank)
+
+
+def _open_base_shards(plan: CompositionPlan, stack: ExitStack) -> dict[str, TensorFile]:
+    """The base shards holding a module whose adapter output needs the base weight."""
+    from composer.io import TensorFile
+
+    shards = {m.shard for m in plan.modules.values() if m.checks or not m.low_rank}
+    return {shard: stack.enter_context(TensorFile(plan.base.path / shard, plan.base.shards[shard])) for shard in shards}
 
 
 def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> tuple[TruncationStats, dict[str, int]]:
@@ -478,26 +594,42 @@ def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> t
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
+    saved: list[str] = []
     modules = list(plan.modules.values())
     workers = _merge_workers()
     with ExitStack() as stack:
         files = _open_bricks(plan, stack)
+        base_files = _open_base_shards(plan, stack)
         if workers > 1:
             stack.enter_context(_torch_single_threaded())
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="composer-adapter")
         try:
-            futures = [pool.submit(_adapter_module, plan, module, files) for module in modules]
+            futures = [pool.submit(_adapter_module, plan, module, files, base_files) for module in modules]
             for index, (module, future) in enumerate(zip(modules, futures, strict=True)):
-                low_rank = future.result()
-                tensors[f"base_model.model.{module.name}.lora_A.weight"] = low_rank.a.contiguous()
-                tensors[f"base_model.model.{module.name}.lora_B.weight"] = low_rank.b.contiguous()
-                ranks[module.name] = low_rank.rank
-                errors[module.name] = low_rank.relative_error
+                part = future.result()
+                prefix = f"base_model.model.{module.name}"
+                if part.saved is not None:
+                    # PEFT saves a modules_to_save copy under the module's own parameter names.
+                    tensors[f"{prefix}.{module.parameter}"] = part.saved.contiguous()
+                    if module.name not in saved:
+                        saved.append(module.name)
+                    errors[module.key] = 0.0
+                elif part.low_rank is not None:
+                    low_rank = part.low_rank
+                    a_key, b_key = (
+                        ("lora_embedding_A", "lora_embedding_B")
+                        if module.module.embedding
+                        else ("lora_A.weight", "lora_B.weight")
+                    )
+                    tensors[f"{prefix}.{a_key}"] = low_rank.a.contiguous()
+                    tensors[f"{prefix}.{b_key}"] = low_rank.b.contiguous()
+                    ranks[module.name] = low_rank.rank
+                    errors[module.name] = low_rank.relative_error
                 report(_STREAM_SHARE * (index + 1) / max(1, len(modules)), f"merged {module.name}")
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     write_safetensors(staging / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
-    write_json(staging / ADAPTER_CONFIG, adapter_config(plan, ranks))
+    write_json(staging / ADAPTER_CONFIG, adapter_config(plan, ranks, saved))
     values = list(errors.values())
     stats = TruncationStats(
         max_relative_error=max(values, default=0.0),
@@ -507,15 +639,18 @@ def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> t
     return stats, ranks
 
 
-def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int]) -> dict[str, Any]:
+def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int], saved: Sequence[str] = ()) -> dict[str, Any]:
     """The ``adapter_config.json`` of an adapter output: scaling 1 everywhere (``lora_alpha``
     equals the rank of every module), per-module ranks in ``rank_pattern`` with the module
     names escaped as regexes, ``target_modules`` as suffixes when they select exactly the
-    merged modules, else as full names."""
+    merged modules, else as full names; modules carried as full copies in
+    ``modules_to_save`` (full names)."""
     counts = Counter(ranks.values())
     r = max(counts, key=lambda k: (counts[k], k)) if counts else 1
     rank_pattern = {re.escape(name): k for name, k in ranks.items() if k != r}
-    fan_in_fan_out = bool(plan.modules) and all(m.module.fan_in_fan_out for m in plan.modules.values())
+    # PEFT's Embedding layer ignores fan_in_fan_out; the linear layers decide it.
+    linear = [plan.modules[name].module for name in ranks if not plan.modules[name].module.embedding]
+    fan_in_fan_out = bool(linear) and all(m.fan_in_fan_out for m in linear)
     task_types = {brick.task_type for brick in plan.bricks}
     bases = {brick.settings.base_model_name_or_path for brick in plan.bricks}
     return {
@@ -534,15 +669,16 @@ def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int]) -> dict[str,
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(saved) or None,
     }
 
 
 def _target_modules(plan: CompositionPlan, modules: Sequence[str]) -> list[str]:
+    from composer.basemodel import find_mergeable_modules
+
     chosen = set(modules)
     suffixes = {name.rsplit(".", 1)[-1] for name in chosen}
-    stored = {name.removesuffix(".weight") for name in plan.base.weight_map if name.endswith(".weight")}
-    selected = {m for m in stored if m.rsplit(".", 1)[-1] in suffixes}
+    selected = {m for m in find_mergeable_modules(plan.base) if m.rsplit(".", 1)[-1] in suffixes}
     return sorted(suffixes) if selected == chosen else sorted(chosen)
 
 

@@ -1,4 +1,5 @@
-"""LoRA algebra on one module: ``delta = s * B @ A`` and weighted factor stacks.
+"""LoRA algebra on one module: ``delta = s * B @ A``, weighted factor stacks, and the
+deltas that depend on the base weight (DoRA, saved module copies).
 
 ``A`` is ``r x in`` and ``B`` is ``out x r`` for every PEFT LoRA layer; for GPT-2 style
 ``Conv1D`` modules (``fan_in_fan_out``) the *base weight* is stored ``in x out``, so the
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Factors", "content_key", "delta", "oriented", "stacked_factors"]
+__all__ = ["Factors", "content_key", "copy_delta", "delta", "dora_delta", "oriented", "stacked_factors", "tensor_key"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,39 @@ def oriented(update: Tensor, fan_in_fan_out: bool) -> Tensor:
 def content_key(factors: Factors) -> str:
     """sha256 (hex) of A's bytes then B's bytes as stored: identifies a brick's content on
     one module, independent of its name, weight and position in the recipe."""
+    return tensor_key(factors.a, factors.b)
+
+
+def dora_delta(weight: Tensor, factors: Factors, magnitude: Tensor) -> Tensor:
+    """A DoRA brick's update ``W' - W`` in float32 (``out x in``), as PEFT merges it.
+
+    ``V = W + s * B @ A``, ``W' = (m / ||V||) * V`` where ``||V||`` is the L2 norm of each
+    output row of ``V`` (PEFT's ``DoraLinearLayer.get_weight_norm``: norm over ``dim=1`` of
+    the ``out x in`` weight; for an embedding, over the vocabulary for each hidden unit) and
+    ``m`` is ``lora_magnitude_vector``.
+
+    Args:
+        weight: the base weight laid out ``out x in`` (any float dtype).
+        factors: the brick's factors and scaling (its recipe weight is not applied here).
+        magnitude: the ``out``-long magnitude vector.
+
+    Returns:
+        The unweighted delta ``W' - W``.
+    """
+    base = weight.to(torch.float32)
+    merged = delta(factors).add_(base)
+    norm = torch.linalg.vector_norm(merged, dim=1)
+    return merged.mul_((magnitude.to(torch.float32) / norm).unsqueeze(1)).sub_(base)
+
+
+def copy_delta(weight: Tensor, saved: Tensor) -> Tensor:
+    """A saved module copy's update ``W_saved - W`` in float32 (same layout as both)."""
+    return saved.to(torch.float32) - weight.to(torch.float32)
+
+
+def tensor_key(*tensors: Tensor) -> str:
+    """sha256 (hex) of the tensors' bytes as stored, in order."""
     digest = hashlib.sha256()
-    for tensor in (factors.a, factors.b):
+    for tensor in tensors:
         digest.update(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().data)
     return digest.hexdigest()

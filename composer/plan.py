@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config
-from composer.basemodel import BaseModelLayout, LinearModule, find_linear_modules, read_base_model
+from composer.basemodel import BaseModelLayout, LinearModule, find_mergeable_modules, read_base_model
 from composer.errors import IncompatibleBricks, InvalidAdapter, InvalidParams, InvalidTensorFile
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
 from composer.methods import MergeMethod, MethodParams, get_method
@@ -56,26 +56,42 @@ class BrickSource:
 
 @dataclass(frozen=True)
 class BrickPlan:
-    """A validated brick: its LoRA settings, weights header and ``{module: (A, B)}`` entries."""
+    """A validated brick: its LoRA settings, weights header, ``{module: (A, B)}`` entries,
+    DoRA magnitudes, saved module copies and saved base-layer weights (to be checked)."""
 
     source: BrickSource
     settings: LoraSettings
     header: SafetensorsHeader
     modules: Mapping[str, tuple[TensorInfo, TensorInfo]]
     task_type: str | None = None
+    magnitudes: Mapping[str, TensorInfo] = field(default_factory=dict)
+    copies: Mapping[str, TensorInfo] = field(default_factory=dict)
+    base_layers: Mapping[str, TensorInfo] = field(default_factory=dict)
+    bias_copies: Mapping[str, TensorInfo] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Contribution:
     """Brick ``brick`` (index into `CompositionPlan.bricks`) on one module: its factor
-    entries, rank, LoRA scaling ``s`` and recipe weight ``w``."""
+    entries, rank, LoRA scaling ``s`` and recipe weight ``w``.
+
+    A DoRA module also has its ``magnitude`` vector (its delta then depends on the base
+    weight); a saved module copy (``modules_to_save``) has ``copy`` and no factors (its
+    delta is ``W_saved - W``)."""
 
     brick: int
-    a: TensorInfo
-    b: TensorInfo
+    a: TensorInfo | None
+    b: TensorInfo | None
     rank: int
     scaling: float
     weight: float
+    magnitude: TensorInfo | None = None
+    copy: TensorInfo | None = None
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether the delta is ``s * B @ A`` alone (not DoRA, not a copy)."""
+        return self.magnitude is None and self.copy is None
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,21 @@ class ModulePlan:
     shard: str
     tensor: TensorInfo
     contributions: tuple[Contribution, ...]
+    # (brick, tensor): a saved copy of this module's base weight (PEFT's ``base_layer.weight``),
+    # which must equal the base's own weight.
+    checks: tuple[tuple[int, TensorInfo], ...] = ()
+    # "bias" for the bias of a saved module copy (``module.weight_name`` is then the bias).
+    parameter: str = "weight"
+
+    @property
+    def key(self) -> str:
+        """The key in `CompositionPlan.modules`: the module name, plus ``.bias`` for a bias."""
+        return self.name if self.parameter == "weight" else f"{self.name}.{self.parameter}"
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether every contribution is a plain ``s * B @ A`` (no DoRA, no copy)."""
+        return all(c.low_rank for c in self.contributions)
 
     @property
     def name(self) -> str:
@@ -175,7 +206,7 @@ def plan_composition(
         raise InvalidParams(f"invalid composition request for method {method!r}", param_problems)
 
     layout = read_base_model(Path(base_dir))
-    linear = find_linear_modules(layout)
+    linear = find_mergeable_modules(layout)
     invalid: list[str] = []
     incompatible: list[str] = []
     planned: list[BrickPlan] = []
@@ -183,13 +214,23 @@ def plan_composition(
         found = _plan_brick(brick, layout, linear, invalid, incompatible)
         if found is not None:
             planned.append(found)
+    if output == "adapter" and rank is None:
+        for brick_plan in planned:
+            if brick_plan.magnitudes:
+                incompatible.append(
+                    f"brick {brick_plan.source.name!r} uses DoRA: its delta rescales the base weight row by row, "
+                    "so it is not low-rank and an adapter output needs rank=k (a truncated SVD of the merged delta, "
+                    "its error reported); or compose output='full', which is exact"
+                )
     if incompatible:
         raise IncompatibleBricks("bricks do not fit the base model", (incompatible + invalid)[:_MAX_PROBLEMS])
     if invalid:
         raise InvalidAdapter("cannot read bricks", invalid[:_MAX_PROBLEMS])
 
     contributions: dict[str, list[Contribution]] = {}
+    checks: dict[str, list[tuple[int, TensorInfo]]] = {}
     for index, brick_plan in enumerate(planned):
+        weight = float(brick_plan.source.weight)
         for module, (a, b) in brick_plan.modules.items():
             contributions.setdefault(module, []).append(
                 Contribution(
@@ -198,13 +239,31 @@ def plan_composition(
                     b=b,
                     rank=a.shape[0],
                     scaling=brick_plan.settings.scaling_for(module),
-                    weight=float(brick_plan.source.weight),
+                    weight=weight,
+                    magnitude=brick_plan.magnitudes.get(module),
                 )
             )
+        for module, info in brick_plan.copies.items():
+            contributions.setdefault(module, []).append(
+                Contribution(brick=index, a=None, b=None, rank=0, scaling=1.0, weight=weight, copy=info)
+            )
+        for module, info in brick_plan.base_layers.items():
+            checks.setdefault(module, []).append((index, info))
+        for module, info in brick_plan.bias_copies.items():
+            contributions.setdefault(f"{module}.bias", []).append(
+                Contribution(brick=index, a=None, b=None, rank=0, scaling=1.0, weight=weight, copy=info)
+            )
     module_plans = []
-    for module, parts in contributions.items():
-        shard, tensor = layout.tensor(linear[module].weight_name)
-        module_plans.append(ModulePlan(linear[module], shard, tensor, tuple(parts)))
+    for key in sorted(set(contributions) | set(checks)):
+        parameter = "weight"
+        target = linear.get(key)
+        if target is None:  # "<module>.bias": the bias of a saved copy, a plain tensor
+            module, parameter = key.rsplit(".", 1)
+            target = replace(linear[module], stored_name=_bias_name(linear[module]), fan_in_fan_out=False)
+        shard, tensor = layout.tensor(target.weight_name)
+        module_plans.append(
+            ModulePlan(target, shard, tensor, tuple(contributions.get(key, ())), tuple(checks.get(key, ())), parameter)
+        )
     shard_order = {file: position for position, file in enumerate(layout.shards)}
     module_plans.sort(key=lambda m: (shard_order[m.shard], m.tensor.start))
     return CompositionPlan(
@@ -214,14 +273,14 @@ def plan_composition(
         params=method_params,
         output=output,  # type: ignore[arg-type]  # checked against OUTPUT_KINDS above
         rank=rank,
-        modules={m.name: m for m in module_plans},
+        modules={m.key: m for m in module_plans},
     )
 
 
 def _plan_brick(
     brick: BrickSource,
     layout: BaseModelLayout,
-    linear: Mapping[str, LinearModule],
+    linear: dict[str, LinearModule],
     invalid: list[str],
     incompatible: list[str],
 ) -> BrickPlan | None:
@@ -253,10 +312,12 @@ def _plan_brick(
     for module, (a_name, b_name) in mapped.modules.items():
         where = f"{label}: module {module!r}"
         a, b = header.tensors[a_name], header.tensors[b_name]
-        target = linear.get(module)
+        target = linear.get(module) or _stored_linear(module, layout)
         if target is None:
             incompatible.append(f"{where}: {_why_not_linear(module, layout)}")
             continue
+        linear[module] = target
+        names = ("lora_embedding_A", "lora_embedding_B") if target.embedding else ("lora_A", "lora_B")
         ok = True
         if settings.target_modules is not None and not settings.targets(module):
             incompatible.append(
@@ -264,7 +325,7 @@ def _plan_brick(
                 "(PEFT would silently ignore them)"
             )
             ok = False
-        not_float = [f"{factor} is {info.dtype}" for info, factor in ((a, "lora_A"), (b, "lora_B"))]
+        not_float = [f"{factor} is {info.dtype}" for info, factor in zip((a, b), names, strict=True)]
         not_float = [text for text, info in zip(not_float, (a, b), strict=True) if info.dtype not in FLOAT_DTYPES]
         if not_float:
             incompatible.append(f"{where}: {' and '.join(not_float)}, not a float type")
@@ -273,17 +334,54 @@ def _plan_brick(
         expected_a, expected_b = (rank, target.in_features), (target.out_features, rank)
         if a.shape != expected_a or b.shape != expected_b:
             incompatible.append(
-                f"{where}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
+                f"{where}: {names[0]} {list(a.shape)} and {names[1]} {list(b.shape)} do not fit "
                 f"{target.out_features}x{target.in_features} at rank {rank} "
-                f"(expected lora_A {list(expected_a)}, lora_B {list(expected_b)})"
+                f"(expected {names[0]} {list(expected_a)}, {names[1]} {list(expected_b)})"
             )
             ok = False
-        base_dtype = layout.tensor(target.weight_name)[1].dtype
-        if base_dtype not in FLOAT_DTYPES:
-            incompatible.append(f"{where}: the base weight is {base_dtype}, which cannot take a float delta")
-            ok = False
+        ok = _check_base_dtype(where, layout, target, incompatible) and ok
         if ok:
             modules[module] = (a, b)
+    magnitudes: dict[str, TensorInfo] = {}
+    for module, name in mapped.magnitudes.items():
+        where = f"{label}: module {module!r}"
+        info = header.tensors[name]
+        if not settings.use_dora:
+            incompatible.append(f"{where}: the weights hold a DoRA magnitude vector but use_dora is not set")
+        elif module in modules:
+            target = linear[module]
+            if info.shape != (target.out_features,) or info.dtype not in FLOAT_DTYPES:
+                incompatible.append(
+                    f"{where}: lora_magnitude_vector is {info.dtype} {list(info.shape)}, expected a float vector "
+                    f"of {target.out_features} (one per output feature)"
+                )
+            else:
+                magnitudes[module] = info
+    without = [module for module in modules if settings.use_dora and module not in mapped.magnitudes]
+    if without:
+        incompatible.append(
+            f"{label}: use_dora is set but the weights hold no lora_magnitude_vector for {len(without)} of its "
+            f"modules (first: {without[0]!r}): the file is not a complete DoRA adapter; save it again with PEFT"
+        )
+    copies = _saved_weights(label, mapped.copies, header, layout, linear, incompatible, "a saved copy")
+    base_layers = _saved_weights(
+        label, mapped.base_layers, header, layout, linear, incompatible, "a saved base_layer.weight"
+    )
+    bias_copies: dict[str, TensorInfo] = {}
+    for module, name in mapped.bias_copies.items():
+        info, target = header.tensors[name], linear.get(module)
+        if target is None or module not in copies:
+            continue  # the module's weight copy is refused already
+        base_bias = layout.weight_map.get(_bias_name(target))
+        expected = layout.shards[base_bias].tensors[_bias_name(target)] if base_bias else None
+        if expected is None or expected.shape != info.shape or info.dtype not in FLOAT_DTYPES:
+            have = f"{list(expected.shape)}" if expected is not None else "none"
+            incompatible.append(
+                f"{label}: the saved bias of {module!r} is {info.dtype} {list(info.shape)}, the base model's bias "
+                f"is {have}: it does not fit"
+            )
+            continue
+        bias_copies[module] = info
     task_type = config_data.get("task_type") if isinstance(config_data, dict) else None
     return BrickPlan(
         source=brick,
@@ -291,7 +389,82 @@ def _plan_brick(
         header=header,
         modules=modules,
         task_type=task_type if isinstance(task_type, str) else None,
+        magnitudes=magnitudes,
+        copies=copies,
+        base_layers=base_layers,
+        bias_copies=bias_copies,
     )
+
+
+def _stored_linear(module: str, layout: BaseModelLayout) -> LinearModule | None:
+    """A module the model built from the config does not have, but whose 2-D weight the
+    checkpoint stores under ``<module>.weight`` (taken as ``out x in``, as ``nn.Linear``
+    stores it; the factors' shapes are checked against it like any module's).
+
+    The checkpoint's own names are the truth for where a delta lands: Mixtral checkpoints
+    still store ``block_sparse_moe.experts.N.w1/w2/w3`` and ``block_sparse_moe.gate``
+    (``nn.Linear`` layers when those adapters were trained), while transformers 5 builds
+    fused 3-D expert tensors from them on load.
+    """
+    name = f"{module}.weight"
+    file = layout.weight_map.get(name)
+    if file is None:
+        return None
+    info = layout.shards[file].tensors[name]
+    if len(info.shape) != 2:
+        return None
+    out_features, in_features = info.shape
+    return LinearModule(module, int(out_features), int(in_features))
+
+
+def _bias_name(target: LinearModule) -> str:
+    return target.weight_name.removesuffix("weight") + "bias"
+
+
+def _check_base_dtype(where: str, layout: BaseModelLayout, target: LinearModule, incompatible: list[str]) -> bool:
+    base_dtype = layout.tensor(target.weight_name)[1].dtype
+    if base_dtype not in FLOAT_DTYPES:
+        incompatible.append(f"{where}: the base weight is {base_dtype}, which cannot take a float delta")
+        return False
+    return True
+
+
+def _saved_weights(
+    label: str,
+    saved: Mapping[str, str],
+    header: SafetensorsHeader,
+    layout: BaseModelLayout,
+    linear: Mapping[str, LinearModule],
+    incompatible: list[str],
+    what: str,
+) -> dict[str, TensorInfo]:
+    """Full weights a brick carries for base modules (``modules_to_save`` copies, or PEFT's
+    ``base_layer.weight``), checked to have the base weight's shape and a float dtype."""
+    found: dict[str, TensorInfo] = {}
+    for module, name in saved.items():
+        where = f"{label}: {what} of {module!r}"
+        info = header.tensors[name]
+        target = linear.get(module)
+        if target is None:
+            incompatible.append(f"{where}: {_why_not_linear(module, layout)}")
+            continue
+        base = layout.tensor(target.weight_name)[1]
+        if info.shape != base.shape:
+            rows = "the vocabulary was resized" if target.embedding or module.endswith(("lm_head", "embed_out")) else ""
+            reason = (
+                f"{rows}: the saved weight has {info.shape[0] if info.shape else 0} rows, the base {base.shape[0]}; "
+                "compose on a base model saved with that vocabulary (resize_token_embeddings, then register it)"
+                if rows and len(info.shape) == 2 and info.shape[1:] == base.shape[1:]
+                else "the base model's layer has another shape"
+            )
+            incompatible.append(f"{where} is {list(info.shape)}, the base weight {list(base.shape)}: {reason}")
+            continue
+        if info.dtype not in FLOAT_DTYPES:
+            incompatible.append(f"{where} is {info.dtype}, not a float type")
+            continue
+        if _check_base_dtype(where, layout, target, incompatible):
+            found[module] = info
+    return found
 
 
 def _read_config(path: Path, label: str, problems: list[str]) -> Any:
@@ -316,7 +489,11 @@ def _read_config(path: Path, label: str, problems: list[str]) -> Any:
 
 def _why_not_linear(module: str, layout: BaseModelLayout) -> str:
     if f"{module}.weight" in layout.weight_map:
-        return "the base model's module is not a linear layer LoRA can merge into"
+        return "the base model's module is not a linear layer (nor an embedding) a delta can merge into"
     if module.endswith("lm_head") or module.endswith("embed_out"):
-        return "the base model does not store this weight (it is tied to the embeddings), so it cannot be merged"
+        return (
+            "the base model does not store this weight (it is tied to the embeddings), so it cannot be merged "
+            "without changing the embeddings too; untie it in the base (tie_word_embeddings=false, lm_head saved) "
+            "and register that"
+        )
     return f"the base model ({layout.architecture}) has no such module"

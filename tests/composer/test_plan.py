@@ -102,17 +102,17 @@ def test_tied_output_embedding_cannot_take_a_delta(tmp_path: Path, toy_gpt2: Pat
 
 
 def test_unreadable_bricks_are_invalid_adapters(tmp_path: Path, toy_llama: Path, llama_bricks: dict[str, Path]) -> None:
-    dora = tmp_path / "dora"
-    shutil.copytree(llama_bricks["qv4"], dora)
-    config = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    loha = tmp_path / "loha"
+    shutil.copytree(llama_bricks["qv4"], loha)
+    config = json.loads((loha / "adapter_config.json").read_text())
+    (loha / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "LOHA"}))
     missing = tmp_path / "missing"
     missing.mkdir()
     (missing / "adapter_config.json").write_text("{not json")
     with pytest.raises(InvalidAdapter) as caught:
-        plan_composition(toy_llama, [source(dora, name="dora@1"), source(missing, name="missing@1")])
+        plan_composition(toy_llama, [source(loha, name="loha@1"), source(missing, name="missing@1")])
     problems = caught.value.problems
-    assert any("dora@1" in p and "use_dora" in p for p in problems)
+    assert any("loha@1" in p and "LOHA" in p for p in problems)
     assert any("missing@1" in p and "not valid JSON" in p for p in problems)
     assert any("missing@1" in p and "does not exist" in p for p in problems)
 
