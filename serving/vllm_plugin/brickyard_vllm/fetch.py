@@ -13,7 +13,6 @@ and concurrent downloads of one adapter race harmlessly (the first rename wins).
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,8 +26,6 @@ import httpx
 from brickyard_vllm.refs import BrickRef, CompositionRef, Reference, adapter_key
 
 __all__ = ["AdapterRefused", "AdapterSource", "FetchedAdapter", "local_fingerprint"]
-
-log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 

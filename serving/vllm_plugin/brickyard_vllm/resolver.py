@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from pathlib import Path
 
 import httpx
+from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
@@ -16,7 +16,9 @@ from brickyard_vllm.refs import lora_int_id, parse_reference
 
 __all__ = ["BrickyardResolver", "resolver_from_environment"]
 
-log = logging.getLogger("brickyard_vllm")
+# Under "vllm.": vLLM configures handlers for its own logger tree only, so a logger outside it
+# would print nothing in the server's log.
+log = init_logger("vllm.brickyard")
 
 
 class BrickyardResolver(LoRAResolver):
