@@ -13,9 +13,13 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python3.11}"
 requirements="$repo/serving/vllm-requirements.txt"
 
+# Two clones (worktrees, a CI run) may ask at once: one builds, the other waits.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+
 if [ ! -f "$venv/.installed-stamp" ]; then
     rm -rf "$venv"
-    mkdir -p "$(dirname "$venv")"
     start=$(date +%s)
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip

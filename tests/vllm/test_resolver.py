@@ -3,10 +3,12 @@ transformers + PEFT (greedy, float32)."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from tests.vllm.conftest import BRICKS, OTHER_BASE, Stack, greedy_reference
+from tests.vllm.conftest import BASE, BRICKS, OTHER_BASE, Stack, greedy_reference
 
 
 def test_a_brick_requested_by_name_matches_transformers_and_peft(stack: Stack) -> None:
@@ -65,3 +67,28 @@ def test_eight_concurrent_requests_to_different_bricks_get_their_single_answers(
         concurrent = dict(pool.map(ask, reversed(BRICKS)))
     assert concurrent == single
     assert single["c3"] == greedy_reference(stack.base, stack.adapters["c3"])
+
+
+def test_an_adapter_composition_is_served_by_id(stack: Stack, tmp_path: Path) -> None:
+    bricks = [{"name": "alpha", "version": 1, "weight": 0.7}, {"name": "beta", "version": 1, "weight": -0.4}]
+    body = {"base_model": BASE, "bricks": bricks, "output": "adapter"}
+    response = stack.brickyard.post("/v1/compositions", json=body)
+    assert response.status_code in (200, 202), response.text
+    composition_id = response.json()["id"]
+    deadline = time.monotonic() + 120
+    while (status := stack.brickyard.get(f"/v1/compositions/{composition_id}").json()["status"]) not in (
+        "ready",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, "composition not built in 120 s"
+        time.sleep(0.2)
+    assert status == "ready"
+    # The reference runs PEFT on the composition's files as the REST API serves them.
+    local = tmp_path / "composition"
+    for file in stack.brickyard.get(f"/v1/compositions/{composition_id}/files").json():
+        target = local / file["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(stack.brickyard.get(f"/v1/compositions/{composition_id}/files/{file['path']}").content)
+    expected = greedy_reference(stack.base, local)
+    assert stack.tokens(composition_id) == expected
+    assert expected not in (stack.tokens("alpha"), stack.tokens("beta"))

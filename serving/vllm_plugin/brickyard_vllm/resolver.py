@@ -21,7 +21,7 @@ __all__ = ["BrickyardResolver", "resolver_from_environment"]
 log = init_logger("vllm.brickyard")
 
 
-class BrickyardResolver(LoRAResolver):
+class BrickyardResolver(LoRAResolver):  # type: ignore[misc]  # vLLM is not installed where mypy runs
     """Resolves an unknown ``model`` (brick reference or composition id) from a Brickyard server."""
 
     def __init__(self, source: AdapterSource) -> None:
