@@ -34,6 +34,15 @@ VLLM_START_TIMEOUT_S = 420.0
 TIMINGS: dict[str, float] = {}  # printed at the end of the run
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The first test also pays for the session's set-up (models, both servers: minutes on a busy
+    host), which pytest-timeout counts against it: give these tests more than the suite's 300 s."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.timeout(900))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print how long the servers took to start (``make test-vllm`` reports it)."""
     for what, seconds in TIMINGS.items():
