@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install demo test lint typecheck bench fuzz clean
+.PHONY: install demo test lint typecheck bench fuzz clean vllm-env test-vllm
 
 install: $(STAMP)
 
@@ -25,14 +25,27 @@ demo: install
 	$(BIN)/brickyard demo --workdir .demo
 
 lint: install
-	$(BIN)/ruff check registry composer tests bench migrations
-	$(BIN)/ruff format --check registry composer tests bench migrations
+	$(BIN)/ruff check registry composer serving tests bench migrations
+	$(BIN)/ruff format --check registry composer serving tests bench migrations
 
 test: install lint
 	$(BIN)/python -m pytest -q
 
 typecheck: install
-	$(BIN)/mypy registry composer
+	$(BIN)/mypy registry composer serving/vllm_plugin/brickyard_vllm
+
+# vLLM's CPU build pins transformers<5.20 (Brickyard: 5.23), so it gets its own virtualenv, made
+# once per requirements file and kept outside the clone (first creation: several minutes).
+VLLM_REQUIREMENTS := serving/vllm-requirements.txt
+VLLM_VENV ?= $(HOME)/.cache/brickyard/vllm-venv-$(shell sha256sum $(VLLM_REQUIREMENTS) | cut -c1-12)
+
+vllm-env:
+	PYTHON=$(PYTHON) serving/vllm-env.sh $(VLLM_VENV)
+
+# Integration tests against a real vLLM OpenAI server with Brickyard's LoRA resolver
+# (tests/vllm, which plain `make test` does not collect).
+test-vllm: install vllm-env
+	BRICKYARD_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q tests/vllm
 
 bench: install
 	$(BIN)/python bench/compose_speed.py

@@ -1,0 +1,192 @@
+"""Download a brick or a composition from a Brickyard server into a local adapter cache.
+
+Synchronous and free of vLLM, so it is tested against the registry's own app in-process.
+`AdapterSource.fetch` answers a local PEFT directory, None when the server does not know the
+reference, or raises `AdapterRefused` when it exists but must not be served here (another
+base model, not an adapter, not built, a file that does not match its checksum).
+
+Cache layout: ``<root>/<adapter key>/<files>``; a download goes to ``<root>/.tmp-*`` and is
+renamed into place only when every file checked out, so a reader never sees half an adapter
+and concurrent downloads of one adapter race harmlessly (the first rename wins).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+
+from brickyard_vllm.refs import BrickRef, CompositionRef, Reference, adapter_key
+
+__all__ = ["AdapterRefused", "AdapterSource", "FetchedAdapter", "local_fingerprint"]
+
+_CHUNK = 1 << 20
+
+
+class AdapterRefused(Exception):
+    """The reference exists on the server but cannot be served by this vLLM (reason in the message)."""
+
+
+@dataclass(frozen=True)
+class FetchedAdapter:
+    """A verified adapter directory in the cache."""
+
+    label: str  # what it is on the server: ``name@version`` or ``composition <id>``
+    key: str  # `adapter_key` of its files: the cache directory's name
+    path: Path
+
+
+@dataclass(frozen=True)
+class _RemoteFile:
+    path: str  # relative, POSIX
+    size: int
+    sha256: str | None  # None where the server lists no digest (composition files)
+
+
+@lru_cache(maxsize=16)
+def local_fingerprint(base_dir: str) -> str:
+    """composer's fingerprint of a local base model directory (config + tensor names, dtypes, shapes).
+
+    Only the config and the safetensors headers are read. Remembered per path: vLLM serves one
+    base for its whole life.
+    """
+    from composer.basemodel import read_base_model
+
+    return read_base_model(Path(base_dir)).fingerprint()
+
+
+class AdapterSource:
+    """Brickyard's REST API as a source of verified adapter directories."""
+
+    def __init__(
+        self, http: httpx.Client, cache_dir: Path, fingerprint: Callable[[str], str] = local_fingerprint
+    ) -> None:
+        """``http`` has the server's base URL and token; ``fingerprint`` maps vLLM's base to its fingerprint."""
+        self.http = http
+        self.cache_dir = cache_dir
+        self.fingerprint = fingerprint
+
+    def fetch(self, base_model: str, ref: Reference) -> FetchedAdapter | None:
+        """The local directory of ``ref`` for vLLM serving ``base_model`` (its ``--model`` path).
+
+        Returns:
+            the verified adapter, or None when the server has no such brick, version or composition.
+
+        Raises:
+            AdapterRefused: another base model (by fingerprint), a composition that is not a
+                ready adapter, a file whose size or sha256 differs from the listing.
+            httpx.HTTPError: the server could not be reached or answered an unexpected error.
+        """
+        if isinstance(ref, BrickRef):
+            return self._fetch_brick(base_model, ref)
+        return self._fetch_composition(base_model, ref)
+
+    # -- bricks ---------------------------------------------------------------------------
+
+    def _fetch_brick(self, base_model: str, ref: BrickRef) -> FetchedAdapter | None:
+        url = f"/v1/bricks/{ref.name}" if ref.version is None else f"/v1/bricks/{ref.name}/versions/{ref.version}"
+        brick = self._get_json(url)
+        if brick is None:
+            return None
+        label = f"{brick['name']}@{brick['version']}"
+        base = self._get_json(f"/v1/base-models/{brick['base_model']}")
+        if base is None:
+            raise AdapterRefused(f"{label}: its base model {brick['base_model']!r} is not registered")
+        self._check_base(base_model, base["fingerprint"], f"{label} (base model {brick['base_model']!r})")
+        prefix = f"/v1/bricks/{brick['name']}/versions/{brick['version']}/files"
+        listing = self._get_json(prefix)
+        if listing is None:
+            return None  # deleted between the two requests
+        files = [_RemoteFile(f["filename"], int(f["size_bytes"]), f["sha256"]) for f in listing]
+        key = adapter_key((f.path, f.sha256 or "") for f in files)
+        return self._materialise(label, key, prefix, files)
+
+    # -- compositions ---------------------------------------------------------------------
+
+    def _fetch_composition(self, base_model: str, ref: CompositionRef) -> FetchedAdapter | None:
+        composition = self._get_json(f"/v1/compositions/{ref.id}")
+        if composition is None:
+            return None
+        label = f"composition {ref.id[:12]}"
+        if composition["output"] != "adapter":
+            raise AdapterRefused(f"{label} is a full model (output={composition['output']!r}), not an adapter")
+        if composition["status"] != "ready":
+            raise AdapterRefused(f"{label} is {composition['status']}, not ready")
+        recipe_base = composition["recipe"]["base_model"]
+        self._check_base(base_model, recipe_base["fingerprint"], f"{label} (base model {recipe_base['name']!r})")
+        prefix = f"/v1/compositions/{ref.id}/files"
+        listing = self._get_json(prefix)
+        if listing is None:
+            return None
+        files = [_RemoteFile(f["path"], int(f["size_bytes"]), None) for f in listing]
+        # The id already hashes the recipe; sizes tell a rebuilt output apart from a stale cache.
+        key = adapter_key([("composition", ref.id), *((f.path, f"size={f.size}") for f in files)])
+        return self._materialise(label, key, prefix, files)
+
+    # -- shared ---------------------------------------------------------------------------
+
+    def _check_base(self, base_model: str, expected: str, what: str) -> None:
+        try:
+            actual = self.fingerprint(base_model)
+        except Exception as exc:  # composer's InvalidBaseModel, OSError: vLLM's base is unreadable here
+            raise AdapterRefused(f"cannot fingerprint vLLM's base model {base_model!r}: {exc}") from exc
+        if actual != expected:
+            raise AdapterRefused(
+                f"{what} has base fingerprint {expected[:12]}, "
+                f"vLLM serves {base_model!r} with fingerprint {actual[:12]}"
+            )
+
+    def _get_json(self, url: str) -> Any:
+        response = self.http.get(url)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def _materialise(self, label: str, key: str, prefix: str, files: list[_RemoteFile]) -> FetchedAdapter:
+        final = self.cache_dir / key
+        if not final.is_dir():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=self.cache_dir))
+            try:
+                for file in files:
+                    self._download(label, f"{prefix}/{file.path}", staging / _safe_relative(file.path), file)
+                try:
+                    staging.rename(final)
+                except OSError:
+                    if not final.is_dir():  # not "another download won the race"
+                        raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return FetchedAdapter(label=label, key=key, path=final)
+
+    def _download(self, label: str, url: str, target: Path, file: _RemoteFile) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        with self.http.stream("GET", url) as response, target.open("wb") as out:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        if size != file.size:
+            raise AdapterRefused(f"{label}: {file.path} has {size} bytes, the server lists {file.size}")
+        if file.sha256 is not None and digest.hexdigest() != file.sha256:
+            raise AdapterRefused(
+                f"{label}: {file.path} has sha256 {digest.hexdigest()[:12]}, the server lists {file.sha256[:12]}"
+            )
+
+
+def _safe_relative(path: str) -> PurePosixPath:
+    relative = PurePosixPath(path)
+    if relative.is_absolute() or not relative.parts or any(p in ("", ".", "..") for p in relative.parts):
+        raise AdapterRefused(f"the server listed a file outside the adapter: {path!r}")
+    return relative
