@@ -18,6 +18,7 @@ from registry.api.routes import base_models, bricks, compositions, health, merge
 from registry.jobs import WorkerPool
 from registry.service import Registry
 from registry.settings import Settings
+from registry.web import mount_web
 
 __all__ = ["create_app"]
 
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     install_problem_handlers(app)
     for module in (health, base_models, bricks, search, compositions, merge_methods, tokens):
         app.include_router(module.router)
+    mount_web(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
