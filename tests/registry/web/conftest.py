@@ -154,7 +154,7 @@ def _register(client: httpx.Client, name: str, base: str, seed: int, **metadata:
     return Uploaded(name, response.json()["version"], base, config, weights)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def web_server(
     tmp_path_factory: pytest.TempPathFactory, llama_base: Path, llama_base_single: Path
 ) -> Iterator[WebServer]:
@@ -224,7 +224,7 @@ def web_server(
         stop_server(process)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chromium_path() -> str:
     """Debian's chromium. Missing is a failure, never a skip (see the module docstring)."""
     path = shutil.which("chromium") or "/usr/bin/chromium"
@@ -233,9 +233,10 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(chromium_path: str) -> Iterator[Any]:
-    """One headless chromium for the session."""
+    """One headless chromium for these tests (package scope: Playwright's event loop and
+    the server are gone before the rest of the suite runs)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

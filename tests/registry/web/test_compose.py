@@ -119,7 +119,7 @@ def test_schema_checks_agree_with_the_api(web_server: WebServer, open_page: Any)
     page.locator("#base-models").wait_for()
     verdicts = page.evaluate(
         """async ([methods, cases]) => {
-            const { checkValue } = await import("./js/schema.js");
+            const { checkValue } = await import(document.querySelector("link[href$='js/schema.js']").href);
             return cases.map(([m, name, raw]) => {
               const schema = methods[m];
               const result = checkValue(schema.properties[name], raw, (schema.required || []).includes(name));
@@ -167,3 +167,21 @@ def test_unauthorized_and_forbidden_are_messages(web_server: WebServer, open_pag
     expect(notice).to_contain_text("403")
     expect(notice).to_contain_text("scope does not allow this")
     assert "/compose" in page.url  # still on the form, nothing broken
+
+
+def test_compose_by_instruction(web_server: WebServer, open_page: Any) -> None:
+    page = open_page()
+    page.goto(web_server.page + "#/compose")
+    page.evaluate("token => sessionStorage.setItem('brickyard.token', token)", web_server.write_token)
+    page.get_by_label("An instruction (search picks the bricks)").check()
+    expect(page.locator("#source-bricks")).to_be_hidden()
+    page.get_by_label("Instruction", exact=True).fill("translate romanian emails into english")
+    page.get_by_label("k (bricks to merge, 1-16)").fill("2")
+    page.get_by_label("One LoRA adapter").check()
+    page.get_by_role("button", name="Compose", exact=True).click()
+    expect(page.locator("#composition-status")).to_have_text(re.compile(r"^ready · 100%"), timeout=60_000)
+    bricks = page.locator("section[aria-labelledby=recipe-title] ul li").all_inner_texts()
+    assert len(bricks) == 2
+    assert bricks[0].startswith("translate-ro-en@2 weight ")
+    weights = [float(b.rsplit(" ", 1)[1]) for b in bricks]
+    assert abs(sum(weights) - 1) < 1e-6 and weights[0] > weights[1]  # softmax of the scores

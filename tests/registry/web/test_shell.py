@@ -5,31 +5,31 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 import pytest
 
-from registry.web import STATIC_DIR
+from registry.web import STATIC_DIR, asset_version
 from tests.registry.web.conftest import WebServer, start_server, stop_server
 
 _IMPORT = re.compile(r"""(?:from|import)\s*["'](\.{1,2}/[^"']+)["']""")
 _HTML_REF = re.compile(r"""(?:href|src)="([^"#][^"]*)\"""")
 
 
-def _assets(html: str) -> set[str]:
-    """Every file the page loads: the HTML's links and scripts, then the modules' imports."""
-    found = {ref for ref in _HTML_REF.findall(html)}
-    todo = [ref for ref in found if ref.endswith(".js")]
+def _assets(page_url: str, html: str) -> dict[str, httpx.Response]:
+    """Every file the page loads, fetched: the HTML's links and scripts, then every module
+    they import (resolved like the browser does, relative to the importing module)."""
+    todo = [urljoin(page_url, ref) for ref in _HTML_REF.findall(html)]
+    fetched: dict[str, httpx.Response] = {}
     while todo:
-        module = todo.pop()
-        source = (STATIC_DIR / module).read_text()
-        for rel in _IMPORT.findall(source):
-            resolved = str(Path(module).parent / rel).replace("/./", "/")
-            resolved = str(Path(resolved)).lstrip("./") if resolved.startswith("./") else str(Path(resolved))
-            if resolved not in found:
-                found.add(resolved)
-                todo.append(resolved)
-    return found
+        url = todo.pop()
+        if url in fetched:
+            continue
+        response = fetched[url] = httpx.get(url)
+        if url.endswith(".js") and response.status_code == 200:
+            todo += [urljoin(url, rel) for rel in _IMPORT.findall(response.text)]
+    return fetched
 
 
 def test_page_and_every_asset_come_from_the_server(web_server: WebServer) -> None:
@@ -38,17 +38,21 @@ def test_page_and_every_asset_come_from_the_server(web_server: WebServer) -> Non
     page = httpx.get(web_server.page)
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["cache-control"] == "no-cache"
     csp = page.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
-    assets = _assets(page.text)
-    assert {"app.css", "js/main.js", "js/api.js", "js/views.js", "js/compose.js", "js/schema.js"} <= assets
+    assets = _assets(web_server.page, page.text)
+    prefix = f"{web_server.url}/ui/assets/{asset_version()}/"
+    names = {url.removeprefix(prefix) for url in assets}
+    # Every file of the static directory but the page itself is loaded, and nothing else.
+    on_disk = {p.relative_to(STATIC_DIR).as_posix() for p in STATIC_DIR.rglob("*") if p.is_file()}
+    assert names == on_disk - {"index.html"}
     types = {".js": "javascript", ".css": "text/css", ".svg": "image/svg+xml"}
-    for asset in sorted(assets):
-        assert "://" not in asset, f"{asset} is not served by Brickyard"
-        response = httpx.get(web_server.page + asset)
-        assert response.status_code == 200, asset
-        assert types[Path(asset).suffix] in response.headers["content-type"], asset
+    for url, response in assets.items():
+        assert response.status_code == 200, url
+        assert types[Path(url).suffix] in response.headers["content-type"], url
         assert response.headers["x-content-type-options"] == "nosniff"
+        assert "immutable" in response.headers["cache-control"]
     # Nothing in the shell points at another host (no CDN, no web font, no analytics).
     for file in STATIC_DIR.rglob("*"):
         if file.is_file():
@@ -56,9 +60,18 @@ def test_page_and_every_asset_come_from_the_server(web_server: WebServer) -> Non
             assert not re.search(r"(?:src|href|url|import|from)\s*[=(]?\s*[\"']?(?:https?:)?//", text), file
 
 
-def test_unknown_asset_is_a_404(web_server: WebServer) -> None:
-    assert httpx.get(web_server.page + "js/nope.js").status_code == 404
-    assert httpx.get(web_server.url + "/ui/../pyproject.toml").status_code == 404
+def test_unknown_assets_are_404(web_server: WebServer) -> None:
+    assert httpx.get(f"{web_server.url}/ui/assets/{asset_version()}/js/nope.js").status_code == 404
+    assert httpx.get(f"{web_server.url}/ui/assets/0123456789abcdef/js/main.js").status_code == 404
+    assert httpx.get(f"{web_server.url}/ui/assets/{asset_version()}/../../../pyproject.toml").status_code == 404
+
+
+def test_asset_version_follows_the_content(tmp_path: Path) -> None:
+    (tmp_path / "a.js").write_text("export const a = 1;")
+    first = asset_version(tmp_path)
+    assert asset_version(tmp_path) == first
+    (tmp_path / "a.js").write_text("export const a = 2;")
+    assert asset_version(tmp_path) != first
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +89,7 @@ def closed_server(web_server: WebServer, tmp_path_factory: pytest.TempPathFactor
 
 def test_shell_is_public_when_reads_are_closed(closed_server: WebServer) -> None:
     assert httpx.get(closed_server.page).status_code == 200
-    assert httpx.get(closed_server.page + "js/main.js").status_code == 200
+    assert httpx.get(f"{closed_server.url}/ui/assets/{asset_version()}/js/main.js").status_code == 200
     assert httpx.get(closed_server.url + "/v1/base-models").status_code == 401
 
 

@@ -270,9 +270,9 @@ export async function compositionView({ args: [id], signal, say, explain }) {
         h("caption", { class: "visually-hidden" }, "Files"),
         h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c)))),
         h("tbody", {}, list.map((f) => h("tr", {},
-          h("td", { "data-label": "File" }, h("code", {}, f.path)),
-          h("td", { "data-label": "Size" }, bytes(f.size_bytes)),
-          h("td", { "data-label": "Download" }, link(`${path("/v1/compositions/{}/files", id)}/${f.path.split("/").map(encodeURIComponent).join("/")}`, f.path.split("/").pop(), `Download ${f.path}`)))))),
+          h("td", { "data-label": "File" }, h("div", {}, h("code", {}, f.path))),
+          h("td", { "data-label": "Size" }, h("div", {}, bytes(f.size_bytes))),
+          h("td", { "data-label": "Download" }, h("div", {}, link(`${path("/v1/compositions/{}/files", id)}/${f.path.split("/").map(encodeURIComponent).join("/")}`, f.path.split("/").pop(), `Download ${f.path}`))))))),
     );
   }
 

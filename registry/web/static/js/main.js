@@ -72,6 +72,11 @@ tokenDialog.addEventListener("close", () => {
   tokenButton.focus();
 });
 tokenButton.addEventListener("click", () => askToken());
+// The skip link must not change the hash: the hash is the route.
+document.querySelector(".skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  main.focus();
+});
 
 function showToken() {
   tokenButton.textContent = getToken() ? "Token: set" : "Token: none";

@@ -25,7 +25,14 @@ function table(caption, columns, rows, attrs = {}) {
 }
 
 function cells(columns, values) {
-  return h("tr", {}, values.map((v, i) => h("td", { "data-label": columns[i] }, v)));
+  // One wrapper per cell: on phones each cell is a two-column grid (label, value).
+  return h("tr", {}, values.map((v, i) => h("td", { "data-label": columns[i] }, h("div", {}, v))));
+}
+
+/** The first paragraph of a Markdown description as plain text (for one-line summaries). */
+function summary(markdown) {
+  const first = markdown.trim().split(/\n\s*\n/)[0];
+  return first.replace(/[*`#]+/g, "").replace(/\s+/g, " ").trim();
 }
 
 const BRICK_COLUMNS = ["Brick", "Base model", "Description", "Tags", "Rank", "Size", "Updated"];
@@ -34,7 +41,7 @@ function brickRow(brick) {
   return cells(BRICK_COLUMNS, [
     brickLink(brick),
     brick.base_model,
-    h("span", { class: "clip" }, brick.description),
+    h("span", { class: "clip", title: summary(brick.description) }, summary(brick.description)),
     brick.tags.map((t) => h("span", { class: "tag" }, t)),
     String(brick.rank),
     bytes(brick.size_bytes),
@@ -246,7 +253,7 @@ export async function brickView({ args: [name, version], signal, say, explain })
           versions.items.map((v) =>
             cells(versionColumns, [
               v.version === brick.version ? h("span", { "aria-current": "true" }, `${v.version} (shown)`) : brickLink(v),
-              h("span", { class: "clip" }, v.description),
+              h("span", { class: "clip" }, summary(v.description)),
               String(v.rank),
               time(v.created_at),
               v.created_by || "—",
@@ -270,15 +277,34 @@ export async function brickView({ args: [name, version], signal, say, explain })
   };
 }
 
-/** Search: the query is a task description or an example input; hits best first. */
-export async function searchView({ query, signal }) {
+let focusResults = false; // set by a submit from the form: move focus to what it found
+
+function hitItem(hit, q) {
+  return h(
+    "li",
+    { class: "hit" },
+    h(
+      "div",
+      { class: "hit-head" },
+      h("h3", {}, brickLink(hit.brick)),
+      h("span", { class: "score", title: `cosine similarity ${hit.similarity.toFixed(3)}` }, `score ${hit.score.toFixed(3)}`),
+      h("span", { class: `badge ${hit.matched}` }, `matched ${hit.matched}`),
+    ),
+    h("blockquote", { class: "matched" }, highlight(hit.text, q)),
+    hit.matched === "example" ? h("p", { class: "hint" }, hit.brick.description) : null,
+    h("p", { class: "meta" }, `${hit.brick.base_model} · `, hit.brick.tags.map((t) => h("span", { class: "tag" }, t))),
+  );
+}
+
+/**
+ * Search: the query is a task description or an example input; hits best first. The page
+ * renders at once; the hits fill a region whose space is reserved, so nothing moves.
+ */
+export async function searchView({ query, signal, say, explain }) {
   const q = query.get("q") || "";
   const mode = query.get("mode") === "example" ? "example" : "description";
   const baseFilter = query.get("base_model") || "";
-  const [bases, result] = await Promise.all([
-    get("/v1/base-models", { signal }),
-    q ? post("/v1/search", { query: q, k: 10, ...(baseFilter ? { base_model: baseFilter } : {}) }, { signal }) : null,
-  ]);
+  const bases = await get("/v1/base-models", { signal });
 
   const field =
     mode === "example"
@@ -325,6 +351,7 @@ export async function searchView({ query, signal }) {
         event.preventDefault();
         const params = new URLSearchParams({ q: field.value.trim(), mode });
         if (baseSelect.value) params.set("base_model", baseSelect.value);
+        focusResults = true;
         location.hash = `#/search?${params}`;
       },
     },
@@ -337,42 +364,39 @@ export async function searchView({ query, signal }) {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
   });
 
-  let results;
-  let heading = null;
-  if (!result) {
-    results = h("p", { class: "hint" }, "Describe a task or paste an example input; bricks are ranked best first.");
-  } else {
-    heading = h("h2", { id: "results-title", tabindex: "-1" }, `${result.hits.length} result${result.hits.length === 1 ? "" : "s"} for “${q}”`);
-    results = [
-      heading,
-      result.hits.length
-        ? h(
-            "ol",
-            { class: "hits", id: "hits" },
-            result.hits.map((hit) =>
-              h(
-                "li",
-                { class: "hit" },
-                h(
-                  "div",
-                  { class: "hit-head" },
-                  h("h3", {}, brickLink(hit.brick)),
-                  h("span", { class: "score", title: `cosine similarity ${hit.similarity.toFixed(3)}` }, `score ${hit.score.toFixed(3)}`),
-                  h("span", { class: `badge ${hit.matched}` }, `matched ${hit.matched}`),
-                ),
-                h("blockquote", { class: "matched" }, highlight(hit.text, q)),
-                hit.matched === "example" ? h("p", { class: "hint" }, hit.brick.description) : null,
-                h("p", { class: "meta" }, `${hit.brick.base_model} · `, hit.brick.tags.map((t) => h("span", { class: "tag" }, t))),
-              ),
-            ),
-          )
-        : h("p", {}, "No brick matched."),
-    ];
+  const results = h(
+    "section",
+    { class: "results", "aria-labelledby": "results-title", "aria-busy": q ? "true" : null },
+    h("h2", { id: "results-title", tabindex: "-1" }, q ? "Searching…" : "Results"),
+    q ? null : h("p", { class: "hint" }, "Describe a task or paste an example input; bricks are ranked best first."),
+  );
+
+  async function run() {
+    const wantFocus = focusResults;
+    focusResults = false;
+    let content;
+    try {
+      const body = { query: q, k: 10, ...(baseFilter ? { base_model: baseFilter } : {}) };
+      const result = await post("/v1/search", body, { signal });
+      const n = result.hits.length;
+      content = [
+        h("h2", { id: "results-title", tabindex: "-1" }, `${n} result${n === 1 ? "" : "s"} for “${q}”`),
+        n ? h("ol", { class: "hits", id: "hits" }, result.hits.map((hit) => hitItem(hit, q))) : h("p", {}, "No brick matched."),
+      ];
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      content = [h("h2", { id: "results-title", tabindex: "-1" }, "Search failed"), h("div", { class: "message error" }, explain(error))];
+    }
+    replace(results, content);
+    results.removeAttribute("aria-busy");
+    performance.mark("brickyard:results");
+    if (wantFocus) results.querySelector("h2").focus();
   }
+
   return {
     title: q ? `Search: ${q}` : "Search",
-    focus: heading,
-    node: h("div", {}, h("h1", {}, "Search bricks"), form, h("section", { class: "results", "aria-labelledby": heading ? "results-title" : null }, results)),
+    after: q ? run : null,
+    node: h("div", {}, h("h1", {}, "Search bricks"), form, results),
   };
 }
 
@@ -448,5 +472,11 @@ export async function chatView({ signal, say, explain }) {
     h("div", { class: "field grow" }, h("label", { for: "chat-input" }, "Message"), input),
     send,
   );
-  return { title: "Try a model", node: h("div", {}, h("h1", {}, "Try a model"), log, form) };
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
+  });
+  return {
+    title: "Try a model",
+    node: h("div", {}, h("h1", {}, "Try a model"), h("p", { class: "hint" }, "Ctrl+Enter sends."), log, form),
+  };
 }
