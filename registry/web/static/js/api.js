@@ -52,6 +52,15 @@ async function problem(response) {
   );
 }
 
+/** The response of a request early.js started for `path` with the current token, once. */
+function early(path) {
+  const started = window.brickyardEarly;
+  if (!started || !(path in started.requests) || (started.token || "") !== getToken()) return null;
+  const response = started.requests[path];
+  delete started.requests[path];
+  return response;
+}
+
 /**
  * Send a request; answers the parsed JSON body (or the Response with `raw`).
  * `body` is sent as JSON; `bodyText` as-is (already JSON).
@@ -64,7 +73,7 @@ export async function request(method, path, { body, bodyText, raw = false, signa
   }
   let response;
   try {
-    response = await fetch(path, init);
+    response = (method === "GET" && (await early(path))) || (await fetch(path, init));
   } catch (error) {
     if (error.name === "AbortError") throw error;
     throw new ApiError(0, "Server unreachable", `${method} ${path} failed: ${error.message}`);

@@ -51,7 +51,7 @@ export function buildRequest(form) {
     if (!form.bricks.length) errors.push("bricks: add at least one brick");
     if (form.bricks.length > 32) errors.push("bricks: at most 32");
     body.bricks = form.bricks.map((b, i) => {
-      if (!NAME.test(b.name || "")) errors.push(`bricks.${i}.name: choose a brick`);
+      if (!NAME.test(b.name || "")) errors.push(`bricks.${i}.name: ${b.name ? "not a valid brick name" : "choose a brick"}`);
       const choice = { name: b.name, weight: weight(String(b.weight).trim(), `bricks.${i}.weight`) };
       if (b.version) choice.version = b.version;
       return choice;
@@ -98,7 +98,9 @@ export async function composeView({ query, signal, say, explain, askToken }) {
   const bricksOfBase = () => page.items.filter((b) => b.base_model === baseSelect.value);
   function addRow(ref) {
     const n = ++rowCounter;
-    const select = h("select", { id: `brick-${n}`, class: "brick-name" }, h("option", { value: "" }, "choose a brick"), bricksOfBase().map((b) => h("option", { value: b.name }, `${b.name} (latest v${b.version})`)));
+    // A text field with suggestions, not a select: any brick name is accepted, also one
+    // beyond the first page of bricks the suggestions come from.
+    const select = h("input", { id: `brick-${n}`, class: "brick-name", list: "brick-names", autocomplete: "off", spellcheck: "false", placeholder: "brick name" });
     const version = h("input", { id: `brick-${n}-version`, class: "brick-version", inputmode: "numeric", placeholder: "latest", autocomplete: "off", size: 6 });
     const weight = h("input", { id: `brick-${n}-weight`, class: "brick-weight", inputmode: "decimal", value: "1", autocomplete: "off", size: 6 });
     if (ref) {
@@ -117,16 +119,17 @@ export async function composeView({ query, signal, say, explain, askToken }) {
     return select;
   }
   const addButton = h("button", { type: "button", onclick: () => addRow().focus() }, "Add a brick");
+  const suggestions = h("datalist", { id: "brick-names" });
+  const suggest = () =>
+    replace(suggestions, bricksOfBase().map((b) => h("option", { value: b.name }, `${b.name} (latest v${b.version}): ${b.description.slice(0, 60)}`)));
+  suggest();
   addRow(preset ? brickRef(preset) : null);
-  baseSelect.addEventListener("change", () => {
-    rows.replaceChildren();
-    addRow();
-  });
+  baseSelect.addEventListener("change", suggest);
 
   const instruction = h("textarea", { id: "compose-instruction", rows: 3, placeholder: "e.g. classify the sentiment of product reviews" });
   const k = h("input", { id: "compose-k", inputmode: "numeric", value: "3", size: 4, autocomplete: "off" });
   const weights = h("input", { id: "compose-weights", placeholder: "softmax of the scores", autocomplete: "off", "aria-describedby": "weights-hint" });
-  const bricksPanel = h("div", { id: "source-bricks" }, rows, addButton);
+  const bricksPanel = h("div", { id: "source-bricks" }, rows, addButton, suggestions);
   const instructionPanel = h(
     "div",
     { id: "source-instruction", hidden: true },
@@ -188,7 +191,7 @@ export async function composeView({ query, signal, say, explain, askToken }) {
       base_model: baseSelect.value,
       source,
       bricks: [...rows.querySelectorAll(".brick-row")].map((row) => ({
-        name: row.querySelector(".brick-name").value,
+        name: row.querySelector(".brick-name").value.trim(),
         version: row.querySelector(".brick-version").value.trim() ? Number(row.querySelector(".brick-version").value) : undefined,
         weight: row.querySelector(".brick-weight").value,
       })),

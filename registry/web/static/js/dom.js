@@ -79,7 +79,8 @@ export function queryTerms(query) {
 export function highlight(text, query) {
   const terms = queryTerms(query);
   if (!terms.length) return [text];
-  const stems = terms.map((t) => (t.length > 4 ? t.slice(0, 4) : t));
+  // A crude stem (the word less up to 3 final letters, at least 4 kept): "emails" marks "email".
+  const stems = terms.map((t) => t.slice(0, Math.max(4, t.length - 3)));
   const nodes = [];
   let last = 0;
   for (const match of text.matchAll(/[\p{L}\p{N}]+/gu)) {
