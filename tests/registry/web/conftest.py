@@ -94,10 +94,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(home: Path, log: Path, **env: str) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start ``brickyard serve`` on a free loopback port; answers (url, process) once ready."""
+def launch_server(home: Path, log: Path, **env: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start ``brickyard serve`` on a free loopback port; answers (url, process) at once
+    (`wait_ready` waits for it)."""
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     environment = {
         **os.environ,
         "BRICKYARD_HOME": str(home),
@@ -107,25 +107,36 @@ def start_server(home: Path, log: Path, **env: str) -> tuple[str, subprocess.Pop
         "BRICKYARD_COMPOSE__ISOLATION": "thread",
         **env,
     }
-    out = open(log, "ab")  # noqa: SIM115 - the child owns it; closed with the fixture's process
-    process = subprocess.Popen(
-        [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "warning"],
-        env=environment,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    out.close()
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "warning"],
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return f"http://127.0.0.1:{port}", process
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until the server answers ``/readyz`` (fail with its log if it dies or stalls)."""
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return url, process
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
     process.kill()
     raise AssertionError("server did not start: " + log.read_text())
+
+
+def start_server(home: Path, log: Path, **env: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """`launch_server`, then `wait_ready`."""
+    url, process = launch_server(home, log, **env)
+    wait_ready(url, process, log)
+    return url, process
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
@@ -155,16 +166,23 @@ def _register(client: httpx.Client, name: str, base: str, seed: int, **metadata:
 
 
 @pytest.fixture(scope="package")
-def web_server(
-    tmp_path_factory: pytest.TempPathFactory, llama_base: Path, llama_base_single: Path
-) -> Iterator[WebServer]:
+def web_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[WebServer]:
     """The server the browser tests look at: bases ``tiny-llama`` and ``tiny-llama-b``
     (with an alias), bricks ``sentiment``, ``translate-ro-en`` (two versions) and
-    ``summarize`` (a hostile description)."""
+    ``summarize`` (a hostile description).
+
+    Alone, this takes ~50 s on the busy 2-core machine: ~25 s to build the tiny models
+    (importing torch; the server starts meanwhile) and ~24 s for the first registration,
+    which waits for the embedding model's one-time ONNX export. In the whole suite both are
+    shared with earlier tests (session fixtures and export cache)."""
     root = tmp_path_factory.mktemp("web")
     home = root / "home"
-    url, process = start_server(home, root / "server.log")
+    url, process = launch_server(home, root / "server.log")
     try:
+        # Built while the server starts (both take seconds: torch, the embedding model).
+        llama_base: Path = request.getfixturevalue("llama_base")
+        llama_base_single: Path = request.getfixturevalue("llama_base_single")
+        wait_ready(url, process, root / "server.log")
         admin = (home / "admin-token").read_text().strip()
         server = WebServer(url, home, process, admin)
         with server.http() as client:
