@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install demo test lint typecheck bench fuzz clean vllm-env test-vllm
+.PHONY: install browser demo test lint typecheck bench fuzz clean vllm-env test-vllm
 
 install: $(STAMP)
 
@@ -28,7 +28,14 @@ lint: install
 	$(BIN)/ruff check registry composer serving tests bench migrations
 	$(BIN)/ruff format --check registry composer serving tests bench migrations
 
-test: install lint
+# The web page's tests (tests/registry/web) drive Debian's chromium through Playwright
+# (Playwright's own browser download cannot work offline). No browser, no pass: the tests
+# fail when chromium is missing, so an install failure here must stop the run too.
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	chromium --version
+
+test: install lint browser
 	$(BIN)/python -m pytest -q
 
 typecheck: install

@@ -18,6 +18,7 @@ from registry.api.routes import base_models, bricks, compositions, health, hub, 
 from registry.jobs import WorkerPool
 from registry.service import Registry
 from registry.settings import Settings
+from registry.web import mount_web
 
 __all__ = ["create_app"]
 
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     # hub last: its /{namespace}/{name}/resolve/... routes must not shadow the others
     for module in (health, base_models, bricks, search, compositions, merge_methods, tokens, hub):
         app.include_router(module.router)
+    mount_web(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
