@@ -32,7 +32,7 @@ lint: install
 # (Playwright's own browser download cannot work offline). No browser, no pass: the tests
 # fail when chromium is missing, so an install failure here must stop the run too.
 browser:
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	chromium --version
 
 test: install lint browser
