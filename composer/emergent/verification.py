@@ -133,11 +133,16 @@ class VerificationTable:
 
     def specificity(self, function: str) -> float:
         """Own-function increase over the mean increase of the other functions, for ``function``'s
-        set (``inf`` when the others do not rise at all; needs at least two functions)."""
+        set. When the others do not rise on average (mean <= 0) the ratio means nothing: then
+        ``inf`` if the own loss rises and ``0.0`` if not. Needs at least two functions."""
         row = self.relative_increase()[function]
         others = [v for f, v in row.items() if f != function]
+        if not others:
+            raise InvalidParams("specificity needs at least two functions")
         mean_other = sum(others) / len(others)
-        return row[function] / mean_other if mean_other > 0 else float("inf")
+        if mean_other > 0:
+            return row[function] / mean_other
+        return float("inf") if row[function] > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form, stored with an emergent brick."""

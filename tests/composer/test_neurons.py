@@ -437,3 +437,21 @@ def test_neuron_file_round_trip_and_refusals(tmp_path: Path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(InvalidTensorFile):
         load_neuron_set(tmp_path / "junk.safetensors")
+
+
+def test_specificity_is_own_over_mean_other_increase() -> None:
+    from composer.emergent import VerificationTable
+
+    base = {"a": 2.0, "b": 1.0, "c": 4.0}
+    table = VerificationTable(
+        base_loss=base,
+        loss={
+            "a": {"a": 4.0, "b": 1.1, "c": 4.4},  # +100%; others +10%, +10%
+            "b": {"a": 1.8, "b": 1.5, "c": 4.0},  # others fall on average: ratio is meaningless
+            "c": {"a": 2.0, "b": 0.9, "c": 3.0},  # nothing rises
+        },
+        sizes={"a": 1, "b": 1, "c": 1},
+    )
+    assert table.specificity("a") == pytest.approx(10.0)
+    assert table.specificity("b") == math.inf
+    assert table.specificity("c") == 0.0
