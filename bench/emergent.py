@@ -175,11 +175,14 @@ def _child(contender: str, model_dir: Path, probes_file: Path, repeat: int, batc
             for handle in handles:
                 handle.remove()
 
-    run = {
-        "statistics": lambda: collect_statistics(model, probes),
-        "noop-hook": lambda: floor(True),
+    runs = {
         "no-hook": lambda: floor(False),
-    }[contender]
+        "noop-hook": lambda: floor(True),
+        "statistics": lambda: collect_statistics(model, probes),
+    }
+    if contender == "interleaved":
+        return _interleaved(runs, repeat, tokens)
+    run = runs[contender]
     run()  # warm-up
     times = []
     for _ in range(repeat):
@@ -190,6 +193,23 @@ def _child(contender: str, model_dir: Path, probes_file: Path, repeat: int, batc
     if contender == "statistics":
         result["statistics_bytes"] = collect_statistics(model, probes).nbytes()
     return result
+
+
+def _interleaved(runs: dict[str, Any], rounds: int, tokens: int) -> dict[str, Any]:
+    """All contenders in one process, one pass each per round in rotating order: the
+    per-round ratio to the floor cancels the shared host's drifts, which separate processes
+    minutes apart do not."""
+    names = list(runs)
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % 3 :] + names[: round_ % 3]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    ratios = [s / f for s, f in zip(times["statistics"], times["noop-hook"], strict=True)]
+    return {"contender": "interleaved", "tokens": tokens, "times": times, "ratio_to_floor": ratios}
 
 
 def _cost(model_dir: Path, probes_file: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -210,7 +230,11 @@ def _cost(model_dir: Path, probes_file: Path, args: argparse.Namespace) -> list[
                 results[contender]["peak_rss"] = max(results[contender]["peak_rss"], row["peak_rss"])
             else:
                 results[contender] = row
-    return [results[c] for c in contenders]
+    command = [sys.executable, __file__, "--child", "interleaved", "--model", str(model_dir)]
+    command += ["--probes-file", str(probes_file), "--repeat", str(args.interleaved_rounds)]
+    command += ["--batch-size", str(args.batch_size)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return [results[c] for c in contenders] + [json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 def _wide_random_model(out: Path, seed: int) -> Path:
@@ -286,11 +310,16 @@ def _quality(model_dir: Path, probes: dict[str, list[list[int]]], args: argparse
 
 def _print_report(costs: dict[str, list[dict[str, Any]]], quality: dict[str, Any]) -> None:
     for model, cost in costs.items():
-        print(f"\n## Discovery cost on {model} (median of all timed passes; peak RSS = max VmHWM)")
+        print(f"\n## Discovery cost on {model} (fresh processes: median of timed passes; peak RSS = max VmHWM)")
         print(f"{'contender':<12} {'s / 1k tokens':>14} {'peak RSS MB':>12}")
-        for row in cost:
+        for row in cost[:3]:
             per_k = statistics.median(row["times"]) / (row["tokens"] / 1000)
             print(f"{row['contender']:<12} {per_k:>14.4f} {row['peak_rss'] / 2**20:>12.1f}")
+        ratios = cost[3]["ratio_to_floor"]
+        print(
+            f"same process, {len(ratios)} interleaved rounds: statistics / no-op-hook floor median "
+            f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)"
+        )
         floor = statistics.median(cost[1]["times"])
         print(
             f"statistics / no-op-hook floor: {statistics.median(cost[2]['times']) / floor:.2f}x time, "
@@ -318,13 +347,16 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=64, help="synthetic texts per function (default model)")
     parser.add_argument("--length", type=int, default=64, help="tokens per synthetic text")
     parser.add_argument("--max-length", type=int, default=256, help="truncate tokenised probe texts")
-    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3, help="timed passes per process")
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per contender")
     parser.add_argument("--no-wide", action="store_true", help="skip the cost run on a wider random model")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--child", choices=("statistics", "noop-hook", "no-hook"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved-rounds", type=int, default=6, help="rounds of the same-process comparison")
+    parser.add_argument(
+        "--child", choices=("statistics", "noop-hook", "no-hook", "interleaved"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--probes-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
