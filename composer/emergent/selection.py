@@ -42,6 +42,9 @@ __all__ = [
 NeuronSet = dict[int, Tensor]
 """Layer number -> sorted int64 neuron indices in that layer."""
 
+AP_BLOCK_ELEMENTS = 1 << 22
+"""Texts x neurons scored at once by the AP method (bounds its temporary memory)."""
+
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -160,12 +163,16 @@ def select_average_precision(stats: NeuronStatistics, *, top_fraction: float = 0
         raise InvalidParams("the AP method needs per-text statistics", ["collect them with per_text=True"])
     means = stats.text_mean_abs.reshape(stats.text_mean_abs.shape[0], -1)  # [T, L*I]
     count = max(round(means.shape[1] * top_fraction), 1)
+    # AP sorts a float64 copy of the scores and keeps a few same-sized temporaries: blocks of
+    # neurons bound that to ~AP_BLOCK_ELEMENTS * 40 bytes (a 7B model's 458k neurons x 1k
+    # texts would otherwise take several GB).
+    step = max(1, AP_BLOCK_ELEMENTS // max(means.shape[0], 1))
     result = {}
     for f, name in enumerate(stats.functions):
         labels = stats.text_function == f
         if labels.all():
             raise InvalidParams("the AP method needs texts of at least two functions")
-        ap = average_precision(means, labels)
+        ap = torch.cat([average_precision(means[:, i : i + step], labels) for i in range(0, means.shape[1], step)])
         chosen = torch.sort(-ap, stable=True).indices[:count]
         result[name] = _as_neuron_set(chosen, stats.layers, stats.width)
     return result

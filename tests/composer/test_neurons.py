@@ -33,6 +33,7 @@ from composer.emergent import (
     select_average_precision,
     select_lape,
     select_neurons,
+    selection,
     verify_neuron_sets,
 )
 from composer.errors import InvalidParams, InvalidTensorFile, UnknownMethod
@@ -250,7 +251,7 @@ def test_average_precision_by_hand_and_against_loops_with_ties() -> None:
         assert float(got[column]) == pytest.approx(_ap_loops(scores[:, column].tolist(), labels.tolist()), abs=1e-12)
 
 
-def test_average_precision_selection_finds_the_planted_neurons() -> None:
+def test_average_precision_selection_finds_the_planted_neurons(monkeypatch: pytest.MonkeyPatch) -> None:
     generator = torch.Generator().manual_seed(4)
     texts, layers, width = 24, 2, 20
     text_function = torch.arange(texts) % 3
@@ -271,6 +272,11 @@ def test_average_precision_selection_finds_the_planted_neurons() -> None:
     sets = select_average_precision(stats, top_fraction=0.05)  # 2 of 40 neurons per function
     for f, neurons in planted.items():
         assert {(layer, int(i)) for layer, index in sets[f"f{f}"].items() for i in index} == set(neurons)
+    monkeypatch.setattr(selection, "AP_BLOCK_ELEMENTS", 24 * 7)  # blocks of 7 neurons, the last one short
+    blocked = select_average_precision(stats, top_fraction=0.2)
+    monkeypatch.undo()
+    whole = select_average_precision(stats, top_fraction=0.2)
+    assert all(torch.equal(blocked[f][layer], whole[f][layer]) for f in whole for layer in whole[f])
 
 
 def test_select_neurons_validates_method_and_params() -> None:
