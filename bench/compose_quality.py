@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from composer import BrickSource, compose
 from composer.fit import LoraMixture, fit_weights
-from composer.testbed import TASKS, TestBed, ensure_testbed, exact_match, format_prompt
+from composer.testbed import TASKS, TestBed, ensure_testbed, exact_match, format_prompt, load_testbed
 
 # How a user would ask for each task (not the brick's own description, so retrieval has work to do).
 REQUESTS = {
@@ -51,6 +51,7 @@ REQUESTS = {
     "sentiment": "is this customer review good or bad",
     "count": "how many elements does this list have",
     "maximum": "which digit is the biggest",
+    "parity": "is this number divisible by two",
     "initials": "first and last character of the hashtag, uppercase",
 }
 METHODS: list[tuple[str, dict[str, Any]]] = [
@@ -132,7 +133,8 @@ def per_task(bed: TestBed, merger: _Composer, rows: dict[tuple[str, ...], list[f
     names = list(bed.tasks)
     base = AutoModelForCausalLM.from_pretrained(bed.base_dir)
     uniform = merger.model({n: 1 / len(names) for n in names})
-    retrieved = {k: _retrieve(bed, k) for k in (1, 3)}
+    ranking = _retrieve(bed, 3)
+    retrieved = {k: {n: chosen[:k] for n, chosen in ranking.items()} for k in (1, 3)}
     for name in names:
         task = bed.tasks[name]
         rows[(name, "base")].append(exact_match(base, task.eval_set))
@@ -239,6 +241,7 @@ def main() -> int:
     parser.add_argument(
         "--cache", type=Path, default=Path(os.environ.get("BRICKYARD_HOME", "~/.brickyard")).expanduser() / "cache"
     )
+    parser.add_argument("--testbed", type=Path, help="use this built test bed (one seed) instead of the cache")
     parser.add_argument("--quick", action="store_true", help="full output and default parameters only")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BRICKYARD_TESTBED_THREADS", "1")))
@@ -249,7 +252,10 @@ def main() -> int:
     methods = METHODS[:4] if args.quick else METHODS
     for seed in args.seeds:
         started = time.perf_counter()
-        bed = ensure_testbed(args.cache, seed=seed, variant="small" if args.small else "full", progress=print)
+        if args.testbed is not None:
+            bed = load_testbed(args.testbed)
+        else:
+            bed = ensure_testbed(args.cache, seed=seed, variant="small" if args.small else "full", progress=print)
         print(
             f"seed {seed}: test bed ready ({bed.build_seconds:.0f} s to build) in {time.perf_counter() - started:.0f} s"
         )

@@ -61,8 +61,9 @@ Variant = Literal["full", "small"]
 Progress = Callable[[str], None]
 
 # The documented accuracies a build reaches (exact match on the held-out eval sets): every brick at
-# least BRICK_MIN_ACCURACY on its own task, the base at most BASE_MAX_ACCURACY on every task.
-BRICK_MIN_ACCURACY = 0.9
+# least BRICK_MIN_ACCURACY[variant] on its own task, the base at most BASE_MAX_ACCURACY on every
+# task. The small variant (a quarter of the model, a few hundred steps, for tests) is held to less.
+BRICK_MIN_ACCURACY: Mapping[str, float] = {"full": 0.9, "small": 0.8}
 BASE_MAX_ACCURACY = 0.05
 
 SEPARATOR = "="
@@ -139,6 +140,11 @@ def _maximum(rng: random.Random) -> tuple[str, str]:
     return " ".join(map(str, digits)), str(max(digits))
 
 
+def _parity(rng: random.Random) -> tuple[str, str]:
+    number = rng.randint(100, 99999)
+    return str(number), "even" if number % 2 == 0 else "odd"
+
+
 def _tag(rng: random.Random) -> tuple[str, str]:
     # "#" and a word: answer is the word's first and last letter, upper-cased.
     word = _letters(rng, _LOWER, 3, 7)
@@ -165,6 +171,7 @@ TASKS: Mapping[str, Task] = {
         Task("sentiment", "Classify the sentiment of a short review as positive or negative.", _sentiment),
         Task("count", "Count how many items there are in a semicolon-separated list.", _count),
         Task("maximum", "Find the largest number in a list of digits.", _maximum),
+        Task("parity", "Tell whether a whole number is even or odd.", _parity),
         Task("initials", "Give the first and last letter of a hashtag word in capitals.", _tag),
     )
 }
@@ -188,7 +195,13 @@ class _Recipe:
 VARIANTS: Mapping[str, _Recipe] = {
     "full": _Recipe(tuple(TASKS), hidden=256, layers=2, base_steps=500, brick_steps=300, batch=48, eval_size=100),
     "small": _Recipe(
-        ("sentiment", "maximum", "count"), hidden=128, layers=2, base_steps=300, brick_steps=250, batch=24, eval_size=40
+        ("sentiment", "maximum", "parity"),
+        hidden=128,
+        layers=2,
+        base_steps=300,
+        brick_steps=400,
+        batch=24,
+        eval_size=40,
     ),
 }
 _HEAD_DIM, _MAX_POSITIONS = 64, 64
@@ -516,7 +529,7 @@ def build_testbed(
             "code_version": code_version(),
             "base": "base",
             "prompt_format": format_prompt("{input}"),
-            "thresholds": {"brick_min_accuracy": BRICK_MIN_ACCURACY, "base_max_accuracy": BASE_MAX_ACCURACY},
+            "thresholds": {"brick_min_accuracy": BRICK_MIN_ACCURACY[variant], "base_max_accuracy": BASE_MAX_ACCURACY},
             "build_seconds": round(time.perf_counter() - started, 1),
             "torch_threads": torch.get_num_threads(),
             "tasks": records,

@@ -20,7 +20,7 @@ def test_examples_hash_is_sha256_of_canonical_json() -> None:
     assert examples_hash([("x", "1"), ("y", "2")]) != examples_hash([("y", "2"), ("x", "1")])
 
 
-def _mixture_examples(bed: TestBed, per_task: int = 5) -> list[tuple[str, str]]:
+def _mixture_examples(bed: TestBed, per_task: int = 3) -> list[tuple[str, str]]:
     names = sorted(bed.tasks)[:2]
     return [pair for name in names for pair in bed.tasks[name].eval_set[:per_task]]
 
@@ -34,16 +34,16 @@ def test_fit_lowers_loss_from_uniform_and_is_deterministic(small_testbed: TestBe
         small_testbed.base_dir,
         bricks,
         examples,
-        steps=15,
+        steps=8,
         prompt_template=format_prompt("{input}"),
         progress=lambda fraction, _message: steps.append(fraction),
     )
-    second = fit_weights(small_testbed.base_dir, bricks, examples, steps=15, prompt_template=format_prompt("{input}"))
+    second = fit_weights(small_testbed.base_dir, bricks, examples, steps=8, prompt_template=format_prompt("{input}"))
     assert first.final_loss < first.initial_loss
     assert first.weights == second.weights
     assert first.losses == second.losses
-    assert len(first.losses) == 16
-    assert steps == [(k + 1) / 15 for k in range(15)]
+    assert len(first.losses) == 9
+    assert steps == [(k + 1) / 8 for k in range(8)]
     assert first.examples_hash == examples_hash(examples)
 
 
