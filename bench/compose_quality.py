@@ -267,9 +267,10 @@ def main() -> int:
             print(f"seed {seed}: groups done")
         few_shot(bed, seed, fit_rows)
         print(f"seed {seed}: few-shot done ({time.perf_counter() - started:.0f} s)")
-    _print("per task: exact match", tasks_rows)
-    _print("groups: exact match / own brick's, mean over the group's tasks", group_rows)
-    _print("few-shot weights (5 examples): exact match and seconds", fit_rows)
+        # Tables after every seed (over the seeds so far): a long run is readable while it goes.
+        _print("per task: exact match", tasks_rows)
+        _print("groups: exact match / own brick's, mean over the group's tasks", group_rows)
+        _print("few-shot weights (5 examples): exact match and seconds", fit_rows)
     return 0
 
 

@@ -98,7 +98,7 @@ class LoraMixture:
         start = [1.0 / len(brick_dirs)] * len(brick_dirs) if init is None else [float(w) for w in init]
         if len(start) != len(brick_dirs):
             raise InvalidParams("one initial weight per brick", [f"{len(start)} weights for {len(brick_dirs)} bricks"])
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         model.eval()
         model.requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -121,12 +121,12 @@ class LoraMixture:
         handles = []
         for module_name, entries in factors.items():
             try:
-                module = model.get_submodule(module_name)
+                layer = model.get_submodule(module_name)
             except AttributeError as error:
                 raise InvalidAdapter(f"the base has no module {module_name!r}", []) from error
-            if not isinstance(module, torch.nn.Linear):
+            if not isinstance(layer, torch.nn.Linear):
                 raise InvalidAdapter(f"module {module_name!r} is not a linear layer", [])
-            handles.append(module.register_forward_hook(_delta_hook(entries, weights)))
+            handles.append(layer.register_forward_hook(_delta_hook(entries, weights)))
         return cls(model, tokenizer, weights, handles)
 
     def detach(self) -> None:
@@ -167,7 +167,8 @@ class LoraMixture:
     def loss(self, ids: Any, labels: Any) -> torch.Tensor:
         """Mean cross-entropy of the labelled tokens (right padding: no mask needed, a causal
         model never attends to later positions)."""
-        return self.model(input_ids=ids, labels=labels).loss
+        loss: torch.Tensor = self.model(input_ids=ids, labels=labels).loss
+        return loss
 
 
 def _delta_hook(entries: list[tuple[int, torch.Tensor, torch.Tensor, float]], weights: torch.Tensor) -> Any:
@@ -266,7 +267,7 @@ def fit_weights(
         total, cross_entropy = objective(ids, labels)
         losses.append(total.detach().item())
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        total.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         with torch.no_grad():
             weights.clamp_(*bounds)

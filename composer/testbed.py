@@ -240,7 +240,7 @@ def _save_tokenizer(out_dir: Path) -> None:
     core.decoder = decoders.Fuse()
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, _VOCAB[BOS])])
     core.add_special_tokens([PAD, BOS, EOS, UNK])
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
     )
     tokenizer.model_max_length = _MAX_POSITIONS
@@ -345,18 +345,18 @@ def greedy_answers(model: Any, inputs: Sequence[str], *, max_new_tokens: int = 1
         for indices in by_length.values():
             for start in range(0, len(indices), batch):
                 chunk = indices[start : start + batch]
-                ids = torch.tensor([encoded[i] for i in chunk])
+                tokens = torch.tensor([encoded[i] for i in chunk])
                 done = torch.zeros(len(chunk), dtype=torch.bool)
                 produced: list[torch.Tensor] = []
                 for _ in range(max_new_tokens):
-                    logits = model(input_ids=ids).logits[:, -1, :]
+                    logits = model(input_ids=tokens).logits[:, -1, :]
                     token = logits.argmax(dim=-1)
                     token = torch.where(done, torch.full_like(token, _VOCAB[EOS]), token)
                     produced.append(token)
                     done |= token == _VOCAB[EOS]
-                    if bool(done.all()) or ids.shape[1] >= _MAX_POSITIONS:
+                    if bool(done.all()) or tokens.shape[1] >= _MAX_POSITIONS:
                         break
-                    ids = torch.cat([ids, token[:, None]], dim=1)
+                    tokens = torch.cat([tokens, token[:, None]], dim=1)
                 for row, index in enumerate(chunk):
                     text = []
                     for token in (int(t[row]) for t in produced):
@@ -502,7 +502,7 @@ def build_testbed(
             say(f"brick {task}: {recipe.brick_steps} steps")
             _train(model, task_batches(), recipe.brick_steps, _BRICK_LR, task, say)
             brick_dir = staging / "bricks" / task
-            model.save_pretrained(brick_dir)
+            model.save_pretrained(str(brick_dir))
             brick_accuracy = exact_match(model, evals[task])
             base_accuracy = exact_match(base, evals[task])
             say(f"  {task}: base {base_accuracy:.2f} brick {brick_accuracy:.2f}")
