@@ -66,58 +66,18 @@ def test_base_and_brick_commands_end_to_end(cli: Any, llama_base: Path, loras: d
 def test_compose_plan_shows_the_bricks_and_weights_of_an_instruction_and_builds_nothing(
     cli: Any, registry: Any, llama_base: Path, loras: dict[str, Path]
 ) -> None:
-
     cli("base", "add", str(llama_base), "--name", "tiny-llama")
-    cli(
-        "brick",
-        "push",
-        str(loras["r4"]),
-        "-n",
-        "reviews",
-        "-b",
-        "tiny-llama",
-        "-d",
-        "Classify the sentiment of a product review.",
-    )
-    cli(
-        "brick",
-        "push",
-        str(loras["r8"]),
-        "-n",
-        "tweets",
-        "-b",
-        "tiny-llama",
-        "-d",
-        "Classify the sentiment of a tweet.",
-    )
-    cli(
-        "brick",
-        "push",
-        str(loras["rslora"]),
-        "-n",
-        "ro-en",
-        "-b",
-        "tiny-llama",
-        "-d",
-        "Translate Romanian emails to English.",
-    )
-    out = cli(
-        "compose",
-        "-b",
-        "tiny-llama",
-        "-o",
-        "unused",
-        "-i",
-        "classify the sentiment of reviews and tweets",
-        "-k",
-        "3",
-        "--plan",
-    ).output
-    rows = {
-        cells[0]: cells[3]
-        for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines())
-        if cells
+    bricks = {
+        "reviews": ("r4", "Classify the sentiment of a product review."),
+        "tweets": ("r8", "Classify the sentiment of a tweet."),
+        "ro-en": ("rslora", "Translate Romanian emails to English."),
     }
+    for name, (lora, description) in bricks.items():
+        cli("brick", "push", str(loras[lora]), "-n", name, "-b", "tiny-llama", "-d", description)
+    instruction = "classify the sentiment of reviews and tweets"
+    out = cli("compose", "-b", "tiny-llama", "-o", "unused", "-i", instruction, "-k", "3", "--plan").output
+    table = ([c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines())
+    rows = {cells[0]: cells[3] for cells in table if cells}
     weights = {name: float(rows[name]) for name in ("reviews@1", "tweets@1")}
     assert sum(weights.values()) == pytest.approx(1.0, abs=2e-3) and min(weights.values()) > 0.2
     assert rows["ro-en@1"].startswith("dropped"), out
