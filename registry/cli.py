@@ -567,6 +567,9 @@ def compose(
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE method parameter")] = None,
     output: Annotated[str, typer.Option("--output", help="full (merged model) or adapter (one LoRA)")] = "full",
     rank: Annotated[int | None, typer.Option(help="adapter output: truncate to this rank")] = None,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="with --instruction: show the bricks and weights it would merge, and stop")
+    ] = False,
     url: UrlOption = None,
 ) -> None:
     """Compose bricks into the base model (or one adapter) and download the result."""
@@ -574,6 +577,11 @@ def compose(
 
     if (brick is None) == (instruction is None):
         raise typer.BadParameter("give --brick (one or more) or --instruction")
+    if plan:
+        if instruction is None:
+            raise typer.BadParameter("--plan goes with --instruction")
+        _print_instruction_plan(instruction, base, k, url)
+        return
     request: dict[str, Any] = {"base_model": base, "method": method, "output": output}
     if brick is not None:
         request["bricks"] = [_parse_brick(b) for b in brick]
@@ -603,6 +611,24 @@ def compose(
         paths = client.download_composition(composition.id, out)
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} files ({_size(size)}) to {out}")
+
+
+def _print_instruction_plan(instruction: str, base: str, k: int, url: str | None) -> None:
+    """The bricks an instruction finds and the weights a composition would give them
+    (`registry.instruction_weights`), without building anything."""
+    from registry.instruction_weights import instruction_weights
+
+    with _client(url) as client:
+        hits = client.search(instruction, base_model=base, k=k)
+    if not hits:
+        err_console.print(f"no brick of base model {base!r} matches the instruction")
+        raise typer.Exit(1)
+    weights = instruction_weights([h.similarity for h in hits])
+    table = Table("brick", "matched", "similarity", "weight")
+    for hit, weight in zip(hits, weights, strict=True):
+        shown = f"{weight:.3f}" if weight > 0 else "dropped (below the floor)"
+        table.add_row(f"{hit.brick.name}@{hit.brick.version}", hit.matched, f"{hit.similarity:.3f}", shown)
+    console.print(table)
 
 
 @app.command()

@@ -8,9 +8,11 @@ composer version. Its canonical JSON's sha256 is the composition id, so identica
 requests, however phrased, share one build and one cached result.
 
 With an instruction instead of named bricks, the top-``k`` compatible bricks from search
-are used; unless ``weights`` are given, brick i gets ``softmax(score)_i`` over those k
-(weights summing to 1: a convex combination of the deltas, so the merged delta stays on
-the scale of one brick, and a clearly better match dominates).
+are used; unless ``weights`` are given, they get weights from their cosine similarity to
+the instruction (`registry.instruction_weights`: a softmax with a temperature, and a floor
+below which a brick is dropped), summing to 1: a convex combination of the deltas, so the
+merged delta stays on the scale of one brick. The recipe records the chosen bricks and
+weights, so a client shows them before the build's result is used.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -37,13 +38,14 @@ from registry.errors import (
     StorageCorrupt,
 )
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
+from registry.instruction_weights import instruction_weights
 
 if TYPE_CHECKING:
     from registry.blobs import BlobStore
     from registry.settings import Settings
     from registry.store import Store
 
-__all__ = ["Compositions", "recipe_id", "softmax_weights"]
+__all__ = ["Compositions", "recipe_id"]
 
 log = logging.getLogger("brickyard.compositions")
 
@@ -58,14 +60,6 @@ def canonical_json(document: Any) -> bytes:
 def recipe_id(recipe: dict[str, Any]) -> str:
     """The composition id: sha256 of the canonical recipe."""
     return hashlib.sha256(canonical_json(recipe)).hexdigest()
-
-
-def softmax_weights(scores: list[float]) -> list[float]:
-    """``softmax(scores)``: the weights given to bricks found by an instruction."""
-    top = max(scores)
-    exps = [math.exp(s - top) for s in scores]
-    total = sum(exps)
-    return [e / total for e in exps]
 
 
 class Compositions:
@@ -119,8 +113,11 @@ class Compositions:
                         f"weights: give {len(hits)} weights, in rank order: {', '.join(h.brick.ref for h in hits)}"
                     ],
                 )
-            weights = request.weights or softmax_weights([h.score for h in hits])
-            chosen = [(h.brick, w) for h, w in zip(hits, weights, strict=True)]
+            if request.weights is not None:
+                chosen = [(h.brick, w) for h, w in zip(hits, request.weights, strict=True)]
+            else:
+                weights = instruction_weights([h.similarity for h in hits])
+                chosen = [(h.brick, w) for h, w in zip(hits, weights, strict=True) if w > 0]
         else:
             assert request.bricks is not None
             chosen = []

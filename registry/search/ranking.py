@@ -35,6 +35,7 @@ from registry.search.lexical import HASH_DIM, VIEWS, SparseVector, brick_vector,
 
 __all__ = [
     "RANKING",
+    "Branches",
     "BrickFeatures",
     "CorpusStats",
     "Ranked",
@@ -42,6 +43,7 @@ __all__ = [
     "StatsDelta",
     "index_brick_texts",
     "rank_bricks",
+    "score_branches",
 ]
 
 
@@ -226,6 +228,51 @@ def _layer_scores(query_layer: np.ndarray, candidates: Sequence[BrickFeatures], 
     return np.where(present, (means @ q) / norms, 0.0)
 
 
+@dataclass(frozen=True)
+class Branches:
+    """Per candidate: the cosine to its description, and the two branch scores."""
+
+    s_desc: np.ndarray
+    description: np.ndarray
+    example: np.ndarray
+
+
+def score_branches(
+    query_vec: np.ndarray,
+    query_text: str,
+    candidates: Sequence[BrickFeatures],
+    stats: CorpusStats,
+    params: RankingParams = RANKING,
+    *,
+    query_layer: np.ndarray | None = None,
+) -> Branches:
+    """The description and example branch scores of every candidate (module docstring)."""
+    q = query_vec.astype(np.float32)
+    desc = np.stack([c.desc_vec for c in candidates]).astype(np.float32)
+    s_desc = desc @ q
+    mu = stats.mu
+    dim = q.shape[0]
+    zero = np.zeros(dim, np.float32)
+    ex_means = np.stack([_example_mean(c) if len(c.ex_vecs) else zero for c in candidates])
+    centred = ex_means - mu
+    q_centred = q - mu
+    norms = np.linalg.norm(centred, axis=1) * float(np.linalg.norm(q_centred)) + 1e-12
+    has_examples = np.array([len(c.ex_vecs) > 0 for c in candidates])
+    s_dense = np.where(has_examples, (centred @ q_centred) / norms, 0.0)
+    lexical = {
+        view: _sparse_dots(
+            unit_tfidf(query_text, view, stats.df[view], stats.n_docs), [getattr(c, view) for c in candidates]
+        )
+        for view in VIEWS
+    }
+    s_layer = _layer_scores(query_layer, candidates, stats) if query_layer is not None else 0.0
+    example_branch = params.a * (
+        s_dense + params.w_shape * lexical["shape"] + params.w_prefix * lexical["prefix"] + params.w_layer * s_layer
+    )
+    description_branch = params.lam * (s_desc + params.beta * lexical["word"])
+    return Branches(s_desc=s_desc, description=description_branch, example=example_branch)
+
+
 def rank_bricks(
     query_vec: np.ndarray,
     query_text: str,
@@ -253,32 +300,12 @@ def rank_bricks(
     """
     if not candidates:
         return []
-    q = query_vec.astype(np.float32)
-    desc = np.stack([c.desc_vec for c in candidates]).astype(np.float32)
-    s_desc = desc @ q
-    mu = stats.mu
-    dim = q.shape[0]
-    zero = np.zeros(dim, np.float32)
-    ex_means = np.stack([_example_mean(c) if len(c.ex_vecs) else zero for c in candidates])
-    centred = ex_means - mu
-    q_centred = q - mu
-    norms = np.linalg.norm(centred, axis=1) * float(np.linalg.norm(q_centred)) + 1e-12
-    has_examples = np.array([len(c.ex_vecs) > 0 for c in candidates])
-    s_dense = np.where(has_examples, (centred @ q_centred) / norms, 0.0)
-    lexical = {
-        view: _sparse_dots(
-            unit_tfidf(query_text, view, stats.df[view], stats.n_docs), [getattr(c, view) for c in candidates]
-        )
-        for view in VIEWS
-    }
-    s_layer = _layer_scores(query_layer, candidates, stats) if query_layer is not None else 0.0
-    example_branch = params.a * (
-        s_dense + params.w_shape * lexical["shape"] + params.w_prefix * lexical["prefix"] + params.w_layer * s_layer
-    )
-    description_branch = params.lam * (s_desc + params.beta * lexical["word"])
+    branches = score_branches(query_vec, query_text, candidates, stats, params, query_layer=query_layer)
+    s_desc = branches.s_desc
     gap = float(s_desc.max()) - max_example_sim
     alpha = 1.0 / (1.0 + np.exp(-np.clip((gap - params.g0) / params.s, -50.0, 50.0)))
-    scores = alpha * description_branch + (1.0 - alpha) * example_branch
+    scores = alpha * branches.description + (1.0 - alpha) * branches.example
+    q = query_vec.astype(np.float32)
     ranked = []
     for position, candidate in enumerate(candidates):
         ex_sims = candidate.ex_vecs @ q if len(candidate.ex_vecs) else np.zeros(0, np.float32)

@@ -63,6 +63,27 @@ def test_base_and_brick_commands_end_to_end(cli: Any, llama_base: Path, loras: d
     assert "brick-not-found" in missing.output
 
 
+def test_compose_plan_shows_the_bricks_and_weights_of_an_instruction_and_builds_nothing(
+    cli: Any, registry: Any, llama_base: Path, loras: dict[str, Path]
+) -> None:
+    cli("base", "add", str(llama_base), "--name", "tiny-llama")
+    bricks = {
+        "reviews": ("r4", "Classify the sentiment of a product review."),
+        "tweets": ("r8", "Classify the sentiment of a tweet."),
+        "ro-en": ("rslora", "Translate Romanian emails to English."),
+    }
+    for name, (lora, description) in bricks.items():
+        cli("brick", "push", str(loras[lora]), "-n", name, "-b", "tiny-llama", "-d", description)
+    instruction = "classify the sentiment of reviews and tweets"
+    out = cli("compose", "-b", "tiny-llama", "-o", "unused", "-i", instruction, "-k", "3", "--plan").output
+    table = ([c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines())
+    rows = {cells[0]: cells[3] for cells in table if cells}
+    weights = {name: float(rows[name]) for name in ("reviews@1", "tweets@1")}
+    assert sum(weights.values()) == pytest.approx(1.0, abs=2e-3) and min(weights.values()) > 0.2
+    assert rows["ro-en@1"].startswith("dropped"), out
+    assert registry.compositions.store.ready_by_age() == []
+
+
 def test_errors_are_printed_with_every_problem(cli: Any, llama_base: Path, tmp_path: Path) -> None:
     cli("base", "add", str(llama_base), "--name", "tiny-llama")
     adapter = tmp_path / "bad"

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from registry.search.lexical import HASH_DIM, SparseVector
-from registry.search.ranking import RANKING, BrickFeatures, CorpusStats, index_brick_texts, rank_bricks
+from registry.search.ranking import (
+    RANKING,
+    BrickFeatures,
+    CorpusStats,
+    index_brick_texts,
+    rank_bricks,
+    score_branches,
+)
 
 DIM = 4
 EMPTY = SparseVector(np.zeros(0, np.int32), np.zeros(0, np.float32))
@@ -127,3 +134,16 @@ def test_a_brick_without_examples_has_a_zero_layer_mean() -> None:
     assert indexed.layer_mean.tolist() == [0, 0, 0, 0]
     assert after.example_count == 0 and after.n_docs == 1
     assert len(indexed.shape.idx) == 0
+
+
+def test_branch_scores_are_the_two_terms_of_the_formula() -> None:
+    a = brick(1, unit(1, 0, 0, 0), [unit(0, 1, 0, 0)])
+    b = brick(2, unit(0, 0, 1, 0), [unit(0, 1, 1, 0), unit(0, 0, 0, 1)])
+    query = unit(1, 1, 0, 0)
+    branches = score_branches(query, "zzz", [a, b], CorpusStats.empty(DIM))
+    # No lexical overlap, empty corpus (mean zero): D = lam * cos(q, desc), E = a * cos(q, mean(examples)).
+    assert branches.s_desc == pytest.approx([1 / math.sqrt(2), 0.0], abs=1e-6)
+    assert branches.description == pytest.approx(RANKING.lam * branches.s_desc, rel=1e-6)
+    mean_b = (unit(0, 1, 1, 0) + unit(0, 0, 0, 1)) / 2
+    expected_b = float(query @ mean_b) / float(np.linalg.norm(mean_b))
+    assert branches.example == pytest.approx([RANKING.a / math.sqrt(2), RANKING.a * expected_b], rel=1e-5)
