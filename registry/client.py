@@ -411,12 +411,12 @@ class LocalClient:
         import shutil
 
         _empty_target(out_dir)
-        root = self.registry.compositions.directory(composition_id)
         written = []
         for relative, _ in self.registry.compositions.files(composition_id):
             target = out_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / relative, target)
+            with self.registry.compositions.open_file(composition_id, relative) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
             written.append(target)
         return written
 
@@ -427,9 +427,9 @@ class LocalClient:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for entry in self.registry.brick_files(name, version):
-            _, source = self.registry.brick_file(name, version, entry.filename)
             target = out_dir / entry.filename
-            shutil.copyfile(source, target)
+            with self.registry.blobs.open(entry.sha256) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
             written.append(target)
         return written
 

@@ -325,7 +325,7 @@ def test_local_path_is_a_verified_cached_copy(s3: S3BlobStore, s3_client: Any, b
     s3_client.put_object(Bucket=bucket, Key=s3.key(bad.sha256), Body=b"rot")
     with pytest.raises(StorageCorrupt):
         s3.local_path(bad.sha256)
-    assert not s3.path(bad.sha256).exists() and s3.staging_files() == []
+    assert not s3.cache.path(bad.sha256).exists() and s3.staging_files() == []
     with pytest.raises(FileNotFoundError):
         s3.local_path(hashlib.sha256(b"absent").hexdigest())
     s3.delete(good.sha256)
