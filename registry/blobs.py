@@ -167,13 +167,16 @@ class LocalBlobStore:
 
         Raises:
             FileNotFoundError: no such blob.
-            ValueError: an empty or reversed range.
+            ValueError: an empty or reversed range, or one starting past the end (as S3's 416).
         """
         if start < 0 or (end is not None and end <= start):
             raise ValueError(f"bad byte range [{start}, {end})")
         handle = open(self.path(sha256), "rb")  # noqa: SIM115 - returned to the caller, who closes it
         if start == 0 and end is None:
             return handle
+        if start > 0 and start >= os.fstat(handle.fileno()).st_size:
+            handle.close()
+            raise ValueError(f"byte range [{start}, {end}) starts past the end of {sha256}")
         handle.seek(start)
         return cast(BinaryIO, _RangeReader(handle, None if end is None else end - start))
 
