@@ -259,7 +259,9 @@ class RemoteClient:
     def download_file(self, path: str, target: Path) -> None:
         """Stream one file to ``target`` (written to a temporary name, then renamed)."""
         partial = target.with_name(target.name + ".partial")
-        with self._http.stream("GET", path) as response:
+        # A server with presigned downloads answers 307 to the object store (httpx drops the
+        # Authorization header when it leaves the server's origin).
+        with self._http.stream("GET", path, follow_redirects=True) as response:
             if response.status_code >= 400:
                 response.read()
                 raise error_from_problem(response.status_code, response.json())
