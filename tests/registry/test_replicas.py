@@ -60,9 +60,14 @@ def processes(settings: Any, registry: Any, tmp_path: Path) -> Iterator[dict[str
 
     urls = []
     try:
-        for name in ("api-a", "api-b"):
+        for name, presigned in (("api-a", "true"), ("api-b", "false")):
             port = _free_port()
-            start(name, ["serve", "--port", str(port), "--log-level", "warning"], BRICKYARD_COMPOSE__WORKERS="0")
+            start(
+                name,
+                ["serve", "--port", str(port), "--log-level", "warning"],
+                BRICKYARD_COMPOSE__WORKERS="0",
+                BRICKYARD_BLOBS__PRESIGNED_DOWNLOADS=presigned,  # A redirects downloads to the bucket
+            )
             urls.append(f"http://127.0.0.1:{port}")
         start("worker", ["worker", "--workers", "1"], BRICKYARD_COMPOSE__ISOLATION="thread")
         deadline = time.monotonic() + 90
@@ -98,7 +103,7 @@ def test_register_on_one_compose_on_the_other_build_in_the_worker(
 ) -> None:
     headers = {"Authorization": f"Bearer {processes['token']}"}
     with (
-        httpx.Client(base_url=processes["a"], headers=headers, timeout=120) as a,
+        httpx.Client(base_url=processes["a"], headers=headers, timeout=120, follow_redirects=True) as a,
         httpx.Client(base_url=processes["b"], headers=headers, timeout=120) as b,
     ):
         assert a.post("/v1/base-models", json={"name": "tiny-llama", "path": str(llama_base)}).status_code == 201
@@ -128,6 +133,18 @@ def test_register_on_one_compose_on_the_other_build_in_the_worker(
         assert len(data) == files[shard]
         part = a.get(f"/v1/compositions/{composition_id}/files/{shard}", headers={"Range": "bytes=8-99"})
         assert part.status_code == 206 and part.content == data[8:100]
+        redirect = a.get(f"/v1/compositions/{composition_id}/files/{shard}", follow_redirects=False)
+        assert redirect.status_code == 307 and redirect.headers["location"].startswith(str(settings.blobs.endpoint_url))
+        streamed = b.get(f"/v1/compositions/{composition_id}/files/{shard}")  # B: no presigning
+        assert streamed.status_code == 200 and streamed.content == data
+    from registry.client import RemoteClient
+
+    remote = RemoteClient(processes["a"], token=processes["token"])
+    try:
+        written = remote.download_composition(composition_id, processes["logs"] / "downloaded")
+    finally:
+        remote.close()
+    assert {p.name: p.stat().st_size for p in written} == {Path(p).name: n for p, n in files.items()}
     # The bytes are in the bucket, found through the manifest; no server holds a copy.
     from registry.service import Registry
 
