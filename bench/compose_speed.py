@@ -24,6 +24,14 @@ The synthetic base (bf16, ~200 MB shards) and bricks are cached under ``.bench/`
     python bench/compose_speed.py                 # everything (a few minutes)
     python bench/compose_speed.py --layers 8      # a smaller model
     python bench/compose_speed.py --skip-peft     # only Brickyard and the floor
+    python bench/compose_speed.py --object-store  # also: output published to S3 (moto on loopback,
+                                                  # or --s3-endpoint URL for MinIO/S3)
+
+With ``--object-store``: (d) ``brickyard -> S3``: the same merge, then every output file
+published to an S3 blob store (`registry.composition_outputs.publish_directory`: staging,
+sha256, verified conditional upload), against (e) ``upload``: a plain ``upload_file`` of the
+same output files with the same boto3 client and transfer settings (the floor there), each
+into a fresh bucket; reported beside the local-disk numbers.
 """
 
 from __future__ import annotations
@@ -162,6 +170,41 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             compose(base, sources, out)
         else:
             compose(base, sources, out, output="adapter", rank=job["rank"])
+    elif kind == "brickyard-s3":
+        from composer import BrickSource, compose
+        from registry.composition_outputs import publish_directory
+        from registry.s3_blobs import S3BlobStore, make_s3_client
+
+        imports = time.perf_counter() - started
+        sources = [
+            BrickSource(p.name, p / "adapter_config.json", p / "adapter_model.safetensors", w)
+            for p, w in zip(bricks, weights, strict=True)
+        ]
+        client = make_s3_client(endpoint_url=job["endpoint"], region="us-east-1")
+        store = S3BlobStore(client, job["bucket"], "blobs/", cache_dir=out.parent / f"{out.name}-cache")
+        started = time.perf_counter()
+        compose(base, sources, out)
+        composed = time.perf_counter()
+        publish_directory(store, out)
+        publish = time.perf_counter() - composed
+    elif kind == "upload":
+        from boto3.s3.transfer import TransferConfig
+
+        from registry.s3_blobs import make_s3_client
+        from registry.settings import BlobSettings
+
+        imports = time.perf_counter() - started
+        defaults = BlobSettings()  # the store's transfer settings
+        config = TransferConfig(
+            multipart_threshold=defaults.multipart_threshold_bytes,
+            multipart_chunksize=defaults.multipart_chunk_bytes,
+            max_concurrency=defaults.max_concurrency,
+        )
+        client = make_s3_client(endpoint_url=job["endpoint"], region="us-east-1")
+        source = Path(job["source"])
+        started = time.perf_counter()
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            client.upload_file(str(path), job["bucket"], f"plain/{path.name}", Config=config)
     elif kind in ("peft", "peft-svd"):
         import torch
         from peft import PeftModel
@@ -194,6 +237,8 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     result = {"kind": kind, "seconds": seconds, "imports": imports, "peak_rss": _peak_rss()}
     if kind == "peft-svd":
         result["combine_seconds"] = combine
+    if kind == "brickyard-s3":
+        result["publish_seconds"] = publish
     return result
 
 
@@ -272,6 +317,9 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true", help="skip the PEFT contenders (slow)")
     parser.add_argument("--skip-deep", action="store_true", help="skip the twice-as-deep memory check")
     parser.add_argument("--adapter-layers", type=int, default=None, help="layers of the base for the adapter test")
+    parser.add_argument("--skip-adapter", action="store_true", help="skip the adapter-output comparison")
+    parser.add_argument("--object-store", action="store_true", help="also publish the output to S3 (see above)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default: moto on loopback)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
@@ -359,6 +407,12 @@ def main() -> None:
             f"largest tensor {_mb(largest)}; merge took {deep['seconds']:.2f} s)"
         )
 
+    if args.object_store:
+        _object_store(args, base, bricks, work, rows)
+    if args.skip_adapter:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+
     # Adapter output: rank 16 from bricks of ranks 8, 16, 32, 64.
     adapter_base = base if args.adapter_layers is None else _ensure_base(args, args.adapter_layers)
     mixed = _ensure_bricks(adapter_base, ADAPTER_RANKS, "mixed")
@@ -389,6 +443,69 @@ def main() -> None:
         print(f"{'peft svd (whole run)':<24}{theirs['seconds']:9.2f}")
         print(f"goal >= 100x faster than PEFT svd: {theirs['combine_seconds'] / ours['seconds']:.0f}x (combine only)")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _object_store(
+    args: argparse.Namespace, base: Path, bricks: list[Path], work: Path, rows: dict[str, dict[str, Any]]
+) -> None:
+    """(d) merge + publish to S3 against (e) a plain upload of the same output files."""
+    import itertools
+
+    server = None
+    endpoint = args.s3_endpoint
+    if endpoint is None:
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_EC2_METADATA_DISABLED="true"
+        )
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+    from registry.s3_blobs import make_s3_client
+
+    client = make_s3_client(endpoint_url=endpoint, region="us-east-1")
+    names = (f"bench-{os.getpid()}-{i}" for i in itertools.count())
+    runs: dict[str, list[dict[str, Any]]] = {"brickyard-s3": [], "upload": []}
+    try:
+        for _ in range(args.repeat):
+            bucket = next(names)
+            client.create_bucket(Bucket=bucket)
+            ours = _run("brickyard-s3", base, bricks, work / "s3", endpoint=endpoint, bucket=bucket)
+            runs["brickyard-s3"].append(ours)
+            bucket = next(names)
+            client.create_bucket(Bucket=bucket)
+            floor = _run(
+                "upload", base, bricks, work / "upload", endpoint=endpoint, bucket=bucket, source=str(work / "s3")
+            )
+            runs["upload"].append(floor)
+            print(
+                f"  brickyard-s3 {ours['seconds']:6.2f} s (publish {ours['publish_seconds']:.2f} s)  "
+                f"upload {floor['seconds']:6.2f} s",
+                flush=True,
+            )
+            shutil.rmtree(work / "s3", ignore_errors=True)
+            shutil.rmtree(work / "s3-cache", ignore_errors=True)
+    finally:
+        if server is not None:
+            server.stop()
+    best = min(runs["brickyard-s3"], key=lambda r: r["seconds"])
+    floor = min(r["seconds"] for r in runs["upload"])
+    publish = min(r["publish_seconds"] for r in runs["brickyard-s3"])
+    local = rows["brickyard"]["seconds"]
+    print()
+    print(f"Output on object storage ({'moto on loopback' if server else endpoint}), best of {args.repeat}")
+    print(f"{'contender':<28}{'seconds':>9}{'median':>9}{'vs upload':>11}")
+    median = statistics.median(r["seconds"] for r in runs["brickyard-s3"])
+    print(f"{'(d) brickyard -> S3':<28}{best['seconds']:9.2f}{median:9.2f}{best['seconds'] / floor:10.2f}x")
+    print(f"{'    of which publishing':<28}{publish:9.2f}{'':>9}{publish / floor:10.2f}x")
+    print(f"{'(e) upload (floor)':<28}{floor:9.2f}{statistics.median(r['seconds'] for r in runs['upload']):9.2f}")
+    print(f"{'(a) brickyard -> local disk':<28}{local:9.2f}")
+    print(f"{'(c) copy shards (local floor)':<28}{rows['copy']['seconds']:9.2f}")
 
 
 if __name__ == "__main__":

@@ -5,24 +5,27 @@ a size limit), then *committed*: fsync'd and renamed to ``sha256/<ab>/<digest>``
 under ``sha256/`` therefore always holds complete, verified bytes; a crash leaves at worst
 a file under ``tmp/`` that `LocalBlobStore.sweep_staging` removes.
 
-`BlobStore` is the interface the service uses; an S3-compatible store can implement it
-(staging to a local temporary file, committing with a conditional PUT).
+`BlobStore` is the interface the service uses; `registry.s3_blobs.S3BlobStore` implements
+it on S3-compatible object storage (staging to a local temporary file, committing with a
+conditional PUT). Callers never assume the bytes are a local file: they `open` a byte range,
+ask for `local_path` (a verified local copy, fetched when needed) or a `presigned_url`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from registry.errors import PayloadTooLarge
 
-__all__ = ["BlobStore", "LocalBlobStore", "StagedBlob"]
+__all__ = ["BlobInfo", "BlobStore", "LocalBlobStore", "StagedBlob", "StaleUpload"]
 
 _CHUNK = 1024 * 1024
 
@@ -36,6 +39,25 @@ class StagedBlob:
     size: int
 
 
+@dataclass(frozen=True)
+class BlobInfo:
+    """Size and last-modified time of a stored blob."""
+
+    sha256: str
+    size: int
+    modified: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class StaleUpload:
+    """A multipart upload that was started and never completed nor aborted (its parts cost
+    storage but no object is visible)."""
+
+    key: str
+    upload_id: str
+    initiated: float  # seconds since the epoch
+
+
 class BlobStore(Protocol):
     """What the service needs from a blob store."""
 
@@ -44,12 +66,16 @@ class BlobStore(Protocol):
     def commit(self, staged: StagedBlob) -> bool: ...
     def discard(self, staged: StagedBlob) -> None: ...
     def exists(self, sha256: str) -> bool: ...
-    def path(self, sha256: str) -> Path: ...
-    def open(self, sha256: str) -> BinaryIO: ...
+    def info(self, sha256: str) -> BlobInfo | None: ...
+    def open(self, sha256: str, start: int = 0, end: int | None = None) -> BinaryIO: ...
+    def local_path(self, sha256: str) -> Path: ...
+    def presigned_url(self, sha256: str, *, filename: str | None = None) -> str | None: ...
     def delete(self, sha256: str) -> None: ...
     def digests(self) -> Iterator[str]: ...
     def verify(self, sha256: str) -> bool: ...
     def staging_files(self) -> list[Path]: ...
+    def stale_uploads(self) -> list[StaleUpload]: ...
+    def sweep_staging(self, older_than_s: float = 3600.0) -> int: ...
 
 
 class LocalBlobStore:
@@ -128,9 +154,46 @@ class LocalBlobStore:
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self._objects / sha256[:2] / sha256
 
-    def open(self, sha256: str) -> BinaryIO:
-        """Open a committed blob for reading."""
-        return open(self.path(sha256), "rb")
+    def info(self, sha256: str) -> BlobInfo | None:
+        """Size and modification time of a committed blob, or None when it is absent."""
+        try:
+            stat = self.path(sha256).stat()
+        except FileNotFoundError:
+            return None
+        return BlobInfo(sha256, stat.st_size, stat.st_mtime)
+
+    def open(self, sha256: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        """Open a committed blob's bytes ``[start, end)`` (to the end when ``end`` is None).
+
+        Raises:
+            FileNotFoundError: no such blob.
+            ValueError: an empty or reversed range, or one starting past the end (as S3's 416).
+        """
+        if start < 0 or (end is not None and end <= start):
+            raise ValueError(f"bad byte range [{start}, {end})")
+        handle = open(self.path(sha256), "rb")  # noqa: SIM115 - returned to the caller, who closes it
+        if start == 0 and end is None:
+            return handle
+        if start > 0 and start >= os.fstat(handle.fileno()).st_size:
+            handle.close()
+            raise ValueError(f"byte range [{start}, {end}) starts past the end of {sha256}")
+        handle.seek(start)
+        return cast(BinaryIO, _RangeReader(handle, None if end is None else end - start))
+
+    def local_path(self, sha256: str) -> Path:
+        """The blob's local file (committed bytes are verified when written).
+
+        Raises:
+            FileNotFoundError: no such blob.
+        """
+        path = self.path(sha256)
+        if not path.is_file():
+            raise FileNotFoundError(f"no blob {sha256}")
+        return path
+
+    def presigned_url(self, sha256: str, *, filename: str | None = None) -> str | None:
+        """None: a local directory has no URL of its own (the API serves the file)."""
+        return None
 
     def delete(self, sha256: str) -> None:
         """Delete a committed blob (no error if it is absent)."""
@@ -156,6 +219,10 @@ class LocalBlobStore:
         """Staging files present now (uploads in flight, or left by a crash)."""
         return [p for p in self._staging.iterdir() if p.is_file()]
 
+    def stale_uploads(self) -> list[StaleUpload]:
+        """None here: a local upload in flight is a staging file (`staging_files`)."""
+        return []
+
     def sweep_staging(self, older_than_s: float = 3600.0) -> int:
         """Remove staging files left by crashed uploads; returns how many were removed."""
         cutoff = time.time() - older_than_s
@@ -165,6 +232,30 @@ class LocalBlobStore:
                 leftover.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+class _RangeReader(io.RawIOBase):
+    """At most ``limit`` bytes of an open file from its current position (all when None)."""
+
+    def __init__(self, handle: BinaryIO, limit: int | None) -> None:
+        self._handle = handle
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._left is not None:
+            view = view[: self._left]
+        count = self._handle.readinto(view)  # type: ignore[attr-defined]
+        if self._left is not None:
+            self._left -= count
+        return int(count)
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
 
 
 def _fsync_dir(path: Path) -> None:

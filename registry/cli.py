@@ -398,6 +398,7 @@ def fsck_command(
         ("corrupt", report.corrupt, "bold red"),
         ("orphaned blobs", report.orphaned, "yellow"),
         ("staging leftovers", report.staging_leftovers, "yellow"),
+        ("stale multipart uploads", report.stale_uploads, "yellow"),
         ("compositions", report.composition_problems, "yellow"),
         ("removed", report.removed, "green"),
     ):

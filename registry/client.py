@@ -259,7 +259,9 @@ class RemoteClient:
     def download_file(self, path: str, target: Path) -> None:
         """Stream one file to ``target`` (written to a temporary name, then renamed)."""
         partial = target.with_name(target.name + ".partial")
-        with self._http.stream("GET", path) as response:
+        # A server with presigned downloads answers 307 to the object store (httpx drops the
+        # Authorization header when it leaves the server's origin).
+        with self._http.stream("GET", path, follow_redirects=True) as response:
             if response.status_code >= 400:
                 response.read()
                 raise error_from_problem(response.status_code, response.json())
@@ -411,12 +413,12 @@ class LocalClient:
         import shutil
 
         _empty_target(out_dir)
-        root = self.registry.compositions.directory(composition_id)
         written = []
         for relative, _ in self.registry.compositions.files(composition_id):
             target = out_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / relative, target)
+            with self.registry.compositions.open_file(composition_id, relative) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
             written.append(target)
         return written
 
@@ -427,9 +429,9 @@ class LocalClient:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for entry in self.registry.brick_files(name, version):
-            _, source = self.registry.brick_file(name, version, entry.filename)
             target = out_dir / entry.filename
-            shutil.copyfile(source, target)
+            with self.registry.blobs.open(entry.sha256) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
             written.append(target)
         return written
 

@@ -158,8 +158,16 @@ class CompositionStore:
                 )
             )
 
-    def finish(self, composition_id: str, worker: str, size_bytes: int, message: str) -> None:
-        """Mark a build ready."""
+    def finish(
+        self,
+        composition_id: str,
+        worker: str,
+        size_bytes: int,
+        message: str,
+        files: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Mark a build ready; ``files`` is its manifest when published to the blob store
+        (recorded in the same transaction, so a ready composition always has it)."""
         with self.db.session(write=True) as session:
             now = utcnow()
             session.execute(
@@ -174,6 +182,7 @@ class CompositionStore:
                     last_accessed_at=now,
                     error=None,
                     error_code=None,
+                    files=files,
                 )
             )
 
@@ -226,3 +235,23 @@ class CompositionStore:
                 return False
             session.delete(row)
             return True
+
+    # -- published outputs (registry.composition_outputs) -----------------------------------
+
+    def published_files(self, composition_id: str) -> list[dict[str, Any]] | None:
+        """The manifest of a composition published to the blob store (None otherwise)."""
+        with self.db.session() as session:
+            files = session.execute(select(CompositionRow.files).where(CompositionRow.id == composition_id)).scalar()
+        return list(files) if files is not None else None
+
+    def published_digests(self) -> dict[str, list[str]]:
+        """sha256 -> ids of the compositions whose published files use that blob."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(CompositionRow.id, CompositionRow.files).where(CompositionRow.files.is_not(None))
+            ).all()
+        used: dict[str, list[str]] = {}
+        for row in rows:
+            for entry in row.files or ():
+                used.setdefault(str(entry["sha256"]), []).append(row.id)
+        return used

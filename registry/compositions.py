@@ -24,10 +24,11 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from registry import domain
 from registry.composer_errors import composer_errors
+from registry.composition_outputs import PublishedFile, manifest_from_json, manifest_to_json, publish_directory
 from registry.composition_store import FAILED, READY, RUNNING, CompositionStore
 from registry.errors import (
     CompositionNotFound,
@@ -35,6 +36,7 @@ from registry.errors import (
     FileNotFound,
     IncompatibleBrick,
     InvalidRecipe,
+    ServiceUnavailable,
     StorageCorrupt,
 )
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
@@ -83,6 +85,9 @@ class Compositions:
         self.store = CompositionStore(catalog.db)
         self.root = settings.compositions_dir
         self.root.mkdir(parents=True, exist_ok=True)
+        # With object storage, outputs are published there (registry.composition_outputs) and
+        # the local directory only holds builds in progress.
+        self.publishes = settings.blobs.url is not None
 
     # -- requests ------------------------------------------------------------------------
 
@@ -157,7 +162,7 @@ class Compositions:
             "output": request.output,
             "rank": request.rank,
         }
-        self._plan(recipe, Path(base.path))
+        self._plan(recipe, self._base_dir(base.path))
         return recipe, base_id
 
     def _brick_sources(self, recipe: dict[str, Any]) -> list[Any]:
@@ -166,17 +171,29 @@ class Compositions:
         sources = []
         missing = []
         for brick in recipe["bricks"]:
-            config = self.blobs.path(brick["config_sha256"])
-            weights = self.blobs.path(brick["sha256"])
-            if not (config.exists() and weights.exists()):
-                missing.append(f"{brick['name']}@{brick['version']}")
-            sources.append(BrickSource(f"{brick['name']}@{brick['version']}", config, weights, brick["weight"]))
+            ref = f"{brick['name']}@{brick['version']}"
+            try:  # local files: the composer memory-maps them (an object store's are fetched once, verified)
+                config = self.blobs.local_path(brick["config_sha256"])
+                weights = self.blobs.local_path(brick["sha256"])
+            except FileNotFoundError:
+                missing.append(ref)
+                continue
+            sources.append(BrickSource(ref, config, weights, brick["weight"]))
         if missing:
             raise StorageCorrupt(
                 "stored files of some bricks are missing; run `brickyard fsck`",
                 errors=[f"{m}: blob missing" for m in missing],
             )
         return sources
+
+    def _base_dir(self, path: str) -> Path:
+        """The local directory of a base model (a local copy of one in object storage)."""
+        from registry.s3_bases import base_model_dir
+
+        try:
+            return base_model_dir(path, self.settings)
+        except (OSError, ValueError) as exc:
+            raise InvalidRecipe(f"cannot read the base model at {path}: {exc}") from None
 
     def _plan(self, recipe: dict[str, Any], base_path: Path) -> None:
         from composer import plan_composition
@@ -234,6 +251,14 @@ class Compositions:
         Raises:
             CompositionNotFound: unknown id. Conflict: not built (yet).
         """
+        self._ready(composition_id)
+        path = self.root / composition_id
+        if not self._complete(composition_id):
+            raise StorageCorrupt(f"the files of composition {composition_id} are missing; request it again")
+        self.store.touch(composition_id)
+        return path
+
+    def _ready(self, composition_id: str) -> None:
         composition = self.get(composition_id)
         if composition.status != READY:
             raise Conflict(
@@ -241,17 +266,52 @@ class Compositions:
                 errors=[composition.error] if composition.error else [],
                 extra={"composition_status": composition.status, "progress": composition.progress},
             )
-        path = self.root / composition_id
-        if not self._complete(composition_id):
-            raise StorageCorrupt(f"the files of composition {composition_id} are missing; request it again")
-        self.store.touch(composition_id)
-        return path
 
     def _complete(self, composition_id: str) -> bool:
+        if self.store.published_files(composition_id) is not None:
+            return True  # the database is the source of truth; fsck checks the blobs
         return (self.root / composition_id / "brickyard.json").is_file()
+
+    def published(self, composition_id: str) -> list[PublishedFile] | None:
+        """The files of a ready composition published to the blob store, or None when its
+        files are in the local directory (`directory`).
+
+        Raises:
+            CompositionNotFound: unknown id. Conflict: not built (yet).
+        """
+        self._ready(composition_id)
+        rows = self.store.published_files(composition_id)
+        if rows is None:
+            return None
+        self.store.touch(composition_id)
+        return manifest_from_json(rows)
+
+    def published_file(self, composition_id: str, relative: str) -> PublishedFile | None:
+        """One published file of a ready composition, or None when its files are local.
+
+        Raises:
+            FileNotFound: a published composition without that file.
+        """
+        files = self.published(composition_id)
+        if files is None:
+            return None
+        for file in files:
+            if file.path == relative:
+                return file
+        raise FileNotFound(f"composition {composition_id} has no file {relative[:200]!r}")
+
+    def open_file(self, composition_id: str, relative: str) -> BinaryIO:
+        """Read one file of a ready composition, wherever it is stored."""
+        stored = self.published_file(composition_id, relative)
+        if stored is not None:
+            return self.blobs.open(stored.sha256)
+        return open(self.file(composition_id, relative), "rb")
 
     def files(self, composition_id: str) -> list[tuple[str, int]]:
         """(relative path, size) of every file of a ready composition."""
+        published = self.published(composition_id)
+        if published is not None:
+            return [(f.path, f.size) for f in published]
         root = self.directory(composition_id)
         return [(p.relative_to(root).as_posix(), p.stat().st_size) for p in _walk(root)]
 
@@ -282,7 +342,8 @@ class Compositions:
         heartbeat = _Heartbeat(self.store, composition.id, worker)
         try:
             base = self.catalog.get_base_model(recipe["base_model"]["name"])
-            if read_base_model(Path(base.path)).fingerprint() != recipe["base_model"]["fingerprint"]:
+            base_dir = self._base_dir(base.path)
+            if read_base_model(base_dir).fingerprint() != recipe["base_model"]["fingerprint"]:
                 raise InvalidRecipe(
                     f"the files of base model {base.name!r} at {base.path} changed since it was registered",
                     errors=["register the changed model under a new name"],
@@ -290,7 +351,7 @@ class Compositions:
             if target.exists():
                 shutil.rmtree(target)  # a left-over that was never marked ready
             result = compose(
-                Path(base.path),
+                base_dir,
                 self._brick_sources(recipe),
                 target,
                 method=recipe["method"],
@@ -300,9 +361,16 @@ class Compositions:
                 recipe={"id": composition.id, **recipe},
                 progress=heartbeat,
             )
+            manifest = None
+            if self.publishes:
+                heartbeat(0.999, "uploading the output")
+                manifest = manifest_to_json(publish_directory(self.blobs, target))
         except ComposeError as exc:
             self.store.fail(composition.id, worker, str(exc), "invalid-recipe")
         except (InvalidRecipe, StorageCorrupt) as exc:
+            self.store.fail(composition.id, worker, str(exc), exc.code)
+        except ServiceUnavailable as exc:
+            log.exception("composition %s failed on storage", composition.id)
             self.store.fail(composition.id, worker, str(exc), exc.code)
         except OSError as exc:
             log.exception("composition %s failed on I/O", composition.id)
@@ -311,7 +379,11 @@ class Compositions:
             log.exception("composition %s failed", composition.id)
             self.store.fail(composition.id, worker, f"internal error: {type(exc).__name__}: {exc}", "internal")
         else:
-            self.store.finish(composition.id, worker, result.total_bytes, f"built in {result.seconds:.1f} s")
+            self.store.finish(
+                composition.id, worker, result.total_bytes, f"built in {result.seconds:.1f} s", files=manifest
+            )
+            if manifest is not None:
+                shutil.rmtree(target, ignore_errors=True)  # published: the local copy was the build's
             self.evict_to_budget(keep=composition.id)
         return self.get(composition.id)
 
@@ -326,12 +398,25 @@ class Compositions:
                 break
             if composition_id == keep:
                 continue
+            published = self.store.published_files(composition_id)
             if self.store.delete_ready(composition_id):
                 shutil.rmtree(self.root / composition_id, ignore_errors=True)
+                if published is not None:
+                    self._delete_unused_blobs(manifest_from_json(published))
                 total -= size
                 evicted.append(composition_id)
                 log.info("evicted composition %s (%d bytes) to stay within the cache budget", composition_id, size)
         return evicted
+
+    def _delete_unused_blobs(self, files: list[PublishedFile]) -> None:
+        """Delete the blobs of an evicted composition that no brick and no other composition
+        uses (a digest is shared when two outputs, or an output and a brick, are identical)."""
+        in_use = set(self.store.published_digests())
+        for digests in self.catalog.blob_references().values():
+            in_use.update(digests)
+        for file in files:
+            if file.sha256 not in in_use:
+                self.blobs.delete(file.sha256)
 
     def recover(self, is_alive: Callable[[str], bool]) -> list[str]:
         """Fail running builds whose worker is gone (``is_alive(worker)`` False) or silent

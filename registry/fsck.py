@@ -5,9 +5,11 @@ Checked:
 * every blob a brick row references exists (``missing``) and still hashes to its name
   (``corrupt``; skipped with ``verify=False``);
 * blobs no row references (``orphaned``: left by a crash between writing the bytes and the
-  row, or by deleted bricks) and staging files of interrupted uploads;
-* ready compositions whose directory is gone, directories no composition owns, and
-  half-built composition directories.
+  row, or by deleted bricks), staging files of interrupted uploads, and multipart uploads
+  an object store holds for a process that died mid-upload (``stale_uploads``);
+* ready compositions whose directory is gone (or, published to the blob store, one of
+  whose blobs is missing: their blobs are checked as the bricks' are), directories no
+  composition owns, and half-built composition directories.
 
 Repairs (``repair=True``) only remove what nothing points at, and only once it is older
 than ``grace_s``, so that an upload or a build in flight is never touched. Missing or
@@ -39,6 +41,7 @@ class FsckReport:
     corrupt: list[str] = field(default_factory=list)
     orphaned: list[str] = field(default_factory=list)
     staging_leftovers: list[str] = field(default_factory=list)
+    stale_uploads: list[str] = field(default_factory=list)
     composition_problems: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
 
@@ -48,11 +51,20 @@ class FsckReport:
         return not (self.missing or self.corrupt)
 
 
+def _now() -> float:
+    return time.time()
+
+
 def _old(path: Path, grace_s: float) -> bool:
     try:
-        return time.time() - path.stat().st_mtime > grace_s
+        return _now() - path.stat().st_mtime > grace_s
     except FileNotFoundError:
         return False
+
+
+def _old_blob(blobs: BlobStore, digest: str, grace_s: float) -> bool:
+    info = blobs.info(digest)  # the store's clock of the object (a bucket's Last-Modified)
+    return info is not None and _now() - info.modified > grace_s
 
 
 def fsck(
@@ -71,6 +83,8 @@ def fsck(
     for brick_ref, digests in store.blob_references().items():
         for digest in digests:
             referenced.setdefault(digest, []).append(brick_ref)
+    for digest, composition_ids in compositions.store.published_digests().items():
+        referenced.setdefault(digest, []).extend(f"composition {cid}" for cid in composition_ids)
     for digest, bricks in sorted(referenced.items()):
         report.checked_blobs += 1
         if not blobs.exists(digest):
@@ -80,7 +94,7 @@ def fsck(
     for digest in blobs.digests():
         if digest not in referenced:
             report.orphaned.append(digest)
-            if repair and _old(blobs.path(digest), grace_s):
+            if repair and _old_blob(blobs, digest, grace_s):
                 blobs.delete(digest)
                 report.removed.append(f"blob {digest}")
     for leftover in sorted(blobs.staging_files()):
@@ -88,6 +102,13 @@ def fsck(
         if repair and _old(leftover, grace_s):
             leftover.unlink(missing_ok=True)
             report.removed.append(f"staging file {leftover.name}")
+    uploads = blobs.stale_uploads()
+    for upload in uploads:
+        report.stale_uploads.append(f"{upload.key} (upload {upload.upload_id})")
+    if repair and any(_now() - upload.initiated > grace_s for upload in uploads):
+        cutoff = _now() - grace_s
+        blobs.sweep_staging(grace_s)  # aborts the uploads older than the grace period
+        report.removed.extend(f"stale upload {u.key}" for u in uploads if u.initiated < cutoff)
     _check_compositions(compositions, report, repair=repair, grace_s=grace_s)
     return report
 
@@ -95,8 +116,13 @@ def fsck(
 def _check_compositions(compositions: Compositions, report: FsckReport, *, repair: bool, grace_s: float) -> None:
     root = compositions.root
     ready = {cid for cid, _ in compositions.store.ready_by_age()}
+    published = compositions.store.published_digests()
+    lost = {cid for digest, cids in published.items() if not compositions.blobs.exists(digest) for cid in cids}
     for composition_id in sorted(ready):
-        if not (root / composition_id / "brickyard.json").is_file():
+        if composition_id in lost or (
+            compositions.store.published_files(composition_id) is None
+            and not (root / composition_id / "brickyard.json").is_file()
+        ):
             report.composition_problems.append(f"composition {composition_id} is ready but its files are gone")
             if repair and compositions.store.delete_ready(composition_id):
                 shutil.rmtree(root / composition_id, ignore_errors=True)

@@ -42,6 +42,7 @@ from registry import domain
 from registry.errors import BaseModelNotFound, BrickNotFound, CompositionNotFound, FileNotFound, NotFound
 
 if TYPE_CHECKING:
+    from registry.composition_outputs import PublishedFile
     from registry.service import Registry
 
 __all__ = [
@@ -97,13 +98,15 @@ class EntryNotFound(FileNotFound):
 
 @dataclass(frozen=True)
 class HubFile:
-    """A file of a repository revision: bytes on disk (``local``) or made here (``content``)."""
+    """A file of a repository revision: bytes on disk (``local``), made here (``content``),
+    or the blob ``sha256`` of the blob store (``stored``)."""
 
     path: str
     size: int
     sha256: str
     local: Path | None = None
     content: bytes | None = None
+    stored: bool = False
 
     @property
     def lfs(self) -> bool:
@@ -414,11 +417,13 @@ class Hub:
 
     def _brick_files(self, brick: domain.Brick) -> Snapshot:
         listing = _brick_listing(brick)
-        _, config_path = self.registry.brick_file(brick.name, brick.version, ADAPTER_CONFIG)
-        weights, weights_path = self.registry.brick_file(brick.name, brick.version, "adapter_model.safetensors")
+        config = self.registry.brick_file(brick.name, brick.version, ADAPTER_CONFIG)
+        weights = self.registry.brick_file(brick.name, brick.version, "adapter_model.safetensors")
+        with self.registry.blobs.open(config.sha256) as handle:
+            config_bytes = handle.read()
         files = (
-            _made_file(ADAPTER_CONFIG, adapter_config_for_hub(config_path.read_bytes(), brick.base_model)),
-            HubFile(weights.filename, weights.size_bytes, weights.sha256, local=weights_path),
+            _made_file(ADAPTER_CONFIG, adapter_config_for_hub(config_bytes, brick.base_model)),
+            HubFile(weights.filename, weights.size_bytes, weights.sha256, stored=True),
             _made_file(CARD_FILE, _brick_card(brick, listing)),
         )
         return Snapshot(listing, commit_id(listing.repo_id, files), files)
@@ -437,6 +442,9 @@ class Hub:
                 extra={"repo_id": repo_id, "composition_status": composition.status},
             )
         listing = _composition_listing(composition)
+        published = self.registry.compositions.published(composition_id)
+        if published is not None:
+            return self._published_snapshot(listing, repo_id, composition_id, published)
         root = self.registry.compositions.directory(composition_id)
         base_name = listing.card["base_model"].split("/", 1)[1]
         files = []
@@ -455,6 +463,29 @@ class Hub:
         files.append(_made_file(CARD_FILE, model_card(listing.card, body or f"# {listing.description}")))
         return Snapshot(listing, commit_id(repo_id, files), tuple(files), config)
 
+    def _published_snapshot(
+        self, listing: Listing, repo_id: str, composition_id: str, published: list[PublishedFile]
+    ) -> Snapshot:
+        """As `_composition_snapshot`, for files in the blob store (their sha256 is known)."""
+        base_name = listing.card["base_model"].split("/", 1)[1]
+        files = []
+        body = ""
+        config = None
+        for stored in published:
+            if stored.path in (CARD_FILE, ADAPTER_CONFIG, "config.json"):
+                with self.registry.compositions.open_file(composition_id, stored.path) as handle:
+                    data = handle.read()
+            if stored.path == CARD_FILE:
+                body = _strip_front_matter(data.decode("utf-8"))
+            elif stored.path == ADAPTER_CONFIG:
+                files.append(_made_file(stored.path, adapter_config_for_hub(data, base_name)))
+            else:
+                if stored.path == "config.json":
+                    config = json.loads(data)
+                files.append(HubFile(stored.path, stored.size, stored.sha256, stored=True))
+        files.append(_made_file(CARD_FILE, model_card(listing.card, body or f"# {listing.description}")))
+        return Snapshot(listing, commit_id(repo_id, files), tuple(files), config)
+
     def _base_snapshot(self, name: str) -> Snapshot:
         repo_id = f"{BASE_MODELS}/{name}"
         try:
@@ -462,7 +493,9 @@ class Hub:
         except BaseModelNotFound:
             raise RepoNotFound(f"no base model named {name[:100]!r}", extra={"repo_id": repo_id[:200]}) from None
         listing = _base_listing(base)
-        root = Path(base.path)
+        from registry.s3_bases import base_model_dir
+
+        root = base_model_dir(base.path, self.registry.settings)
         files = []
         for path in sorted(root.rglob("*")):
             relative = path.relative_to(root).as_posix()

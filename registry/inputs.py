@@ -123,7 +123,10 @@ class BaseModelCreate(BaseModel):
 
     name: Name
     path: Annotated[str, StringConstraints(min_length=1, max_length=4096), Printable] = Field(
-        description="local Hugging Face model directory (config.json + safetensors), as seen by the server"
+        description=(
+            "local Hugging Face model directory (config.json + safetensors), as seen by the server,"
+            " or an s3:// prefix in the object store of the blob settings (copied to a local cache)"
+        )
     )
     description: Annotated[str, StringConstraints(max_length=8000), Printable] = ""
     aliases: list[Annotated[str, StringConstraints(min_length=1, max_length=300), Printable]] = Field(

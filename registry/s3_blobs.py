@@ -31,12 +31,11 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ParamSpec, TypeVar, cast
 
-from registry.blobs import BlobStore, LocalBlobStore, StagedBlob
+from registry.blobs import BlobInfo, BlobStore, LocalBlobStore, StagedBlob, StaleUpload
 from registry.errors import BrickyardError, ServiceUnavailable, StorageCorrupt
 
 if TYPE_CHECKING:
@@ -54,25 +53,6 @@ _HEX = frozenset("0123456789abcdef")
 # Metadata field holding Brickyard's sha256 of the whole object (``x-amz-meta-sha256``). S3's own
 # checksum of a multipart object is a checksum of the parts' checksums, not the object's sha256.
 _META_SHA256 = "sha256"
-
-
-@dataclass(frozen=True)
-class BlobInfo:
-    """Size and last-modified time of a stored blob."""
-
-    sha256: str
-    size: int
-    modified: float  # seconds since the epoch
-
-
-@dataclass(frozen=True)
-class StaleUpload:
-    """A multipart upload that was started and never completed nor aborted (its parts cost
-    storage but no object is visible)."""
-
-    key: str
-    upload_id: str
-    initiated: float  # seconds since the epoch
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -459,10 +439,6 @@ class S3BlobStore:
                 total -= size
                 removed.append(digest)
         return removed
-
-    def path(self, sha256: str) -> Path:
-        """Where the read-through cache keeps this blob (it may not exist: use `local_path`)."""
-        return self.cache.path(sha256)
 
     def presigned_url(self, sha256: str, *, filename: str | None = None) -> str | None:
         """A URL from which anyone may GET the blob (with ``Range``) until it expires, or None

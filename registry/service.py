@@ -16,13 +16,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from composer import find_linear_modules, read_base_model
 from registry import domain
 from registry.auth import TokenStore
-from registry.blobs import BlobStore, LocalBlobStore
+from registry.blobs import BlobStore
 from registry.composer_errors import composer_errors
 from registry.compositions import Compositions
 from registry.db.events import Event
@@ -157,7 +156,9 @@ class Registry:
         except BaseException:
             db.dispose()
             raise
-        return cls(settings, Store(db), LocalBlobStore(settings.blob_root))
+        from registry.s3_blobs import make_blob_store
+
+        return cls(settings, Store(db), make_blob_store(settings))
 
     def close(self) -> None:
         """Release database connections and stop the embedding child, if any."""
@@ -213,15 +214,17 @@ class Registry:
         """
         if not isinstance(request, BaseModelCreate):
             request = parse_json_model(BaseModelCreate, dict(request), what="base model")
-        path = Path(request.path).expanduser()
+        from registry.s3_bases import base_model_dir, is_s3_url
+
         try:
+            path = base_model_dir(request.path, self.settings)  # an s3:// base: its local copy
             with composer_errors():
                 layout = read_base_model(path, max_header_bytes=self.settings.limits.max_header_bytes)
                 linear = find_linear_modules(layout)
         except (OSError, ValueError) as exc:  # unreadable, too long, or not a path at all
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise InvalidBaseModel(
-                f"cannot read base model at {str(path)[:200]!r}", errors=[f"path: {reason}"]
+                f"cannot read base model at {request.path[:200]!r}", errors=[f"path: {reason}"]
             ) from None
         if not linear:
             raise InvalidBaseModel(
@@ -229,7 +232,7 @@ class Registry:
             )
         draft = domain.BaseModelDraft(
             name=request.name,
-            path=str(path.resolve()),
+            path=request.path if is_s3_url(request.path) else str(path.resolve()),
             description=request.description,
             architecture=layout.architecture,
             dtype=layout.dtype,
@@ -508,8 +511,8 @@ class Registry:
             domain.BrickFile(WEIGHTS_FILENAME, brick.sha256, brick.size_bytes, "application/octet-stream"),
         ]
 
-    def brick_file(self, name: str, version: int, filename: str) -> tuple[domain.BrickFile, Path]:
-        """A stored file of a brick version and the local path of its bytes.
+    def brick_file(self, name: str, version: int, filename: str) -> domain.BrickFile:
+        """A stored file of a brick version (its bytes are the blob ``file.sha256``).
 
         Raises:
             BrickNotFound: no such brick version.
@@ -517,7 +520,7 @@ class Registry:
         """
         for file in self.brick_files(name, version):
             if file.filename == filename:
-                return file, self.blobs.path(file.sha256)
+                return file
         raise FileNotFound(
             f"{name}@{version} has no file {filename[:100]!r}",
             errors=[f"files are {CONFIG_FILENAME} and {WEIGHTS_FILENAME}"],

@@ -152,19 +152,44 @@ def empty_database_url(backend: str, request: pytest.FixtureRequest, tmp_path: P
         _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+# -- blob storage -----------------------------------------------------------------------
+
+STORAGES = ("local", "s3")
+
+
+@pytest.fixture
+def storage(request: pytest.FixtureRequest) -> str:
+    """Where blobs live: ``"local"`` (the directory under the home), unless a test module runs
+    its tests on every storage with ``pytestmark = on_every_storage`` (then also ``"s3"``: a
+    fresh bucket on the session's S3-compatible server, see tests/registry/conftest.py)."""
+    return str(getattr(request, "param", "local"))
+
+
+on_every_storage = pytest.mark.parametrize("storage", STORAGES, indirect=True)
+
+
+def _blob_settings(storage: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if storage == "local":
+        return {}
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = request.getfixturevalue("bucket")
+    return {"url": f"s3://{bucket}/blobs", "endpoint_url": endpoint, "region": "us-east-1"}
+
+
 # -- service ----------------------------------------------------------------------------
 
 
 @pytest.fixture
-def settings(tmp_path: Path, database_url: str) -> Any:
-    """Settings for one test: its own home directory and database; compositions build and
-    brick texts are embedded in threads of the server (the child-process modes are tested
-    in tests/registry/search/test_embed_process.py and against live servers)."""
+def settings(tmp_path: Path, database_url: str, storage: str, request: pytest.FixtureRequest) -> Any:
+    """Settings for one test: its own home directory, database and blob storage; compositions
+    build and brick texts are embedded in threads of the server (the child-process modes are
+    tested in tests/registry/search/test_embed_process.py and against live servers)."""
     from registry.settings import ComposeSettings, Settings
 
     return Settings(
         home=tmp_path / "home",
         database_url=database_url,
+        blobs=_blob_settings(storage, request),
         compose=ComposeSettings(isolation="thread"),
         embedding={"isolation": "thread"},  # a dict: merged with the environment (the shared export cache)
     )
@@ -317,6 +342,15 @@ def stored_blobs(home: Path) -> list[Path]:
     """Every file in the blob store, committed or staged."""
     root = home / "blobs"
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def blob_contents(blobs: Any) -> tuple[list[str], list[str], list[str]]:
+    """What any blob store holds: committed digests, staging files, unfinished multipart uploads."""
+    return (
+        sorted(blobs.digests()),
+        sorted(p.name for p in blobs.staging_files()),
+        sorted(u.key for u in blobs.stale_uploads()),
+    )
 
 
 def random_adapter(seed: int, *, r: int = 4, targets: tuple[str, ...] = ("q_proj",)) -> tuple[bytes, bytes]:

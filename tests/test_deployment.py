@@ -68,3 +68,33 @@ def test_compose_command_uses_real_cli_commands() -> None:
     groups = {g.name for g in app.registered_groups}
     assert "brickyard serve" in command and "serve" in top
     assert "brickyard db upgrade" in command and "db" in groups
+
+
+def test_compose_stores_blobs_in_minio_with_a_bucket_made_at_start() -> None:
+    services = _compose()["services"]
+    assert services["minio"]["image"].startswith("minio/minio")
+    assert services["buckets"]["image"].startswith("minio/mc")
+    assert services["minio"]["healthcheck"]["test"]
+    assert services["buckets"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    bucket_command = " ".join(services["buckets"]["command"])
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["BRICKYARD_BLOBS__ENDPOINT_URL"] == "http://minio:9000", name
+        assert env["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"], name
+        assert env["AWS_SECRET_ACCESS_KEY"] == services["minio"]["environment"]["MINIO_ROOT_PASSWORD"], name
+        bucket = Settings(blobs={"url": env["BRICKYARD_BLOBS__URL"]}).blobs.url.removeprefix("s3://").split("/")[0]
+        assert f"mc mb --ignore-existing local/{bucket}" in bucket_command, name
+    assert services["api"]["depends_on"]["buckets"]["condition"] == "service_completed_successfully"
+    assert services["api"]["environment"]["BRICKYARD_COMPOSE__WORKERS"] == "0"  # the worker service builds
+
+
+def test_worker_service_runs_the_worker_command_with_real_settings() -> None:
+    worker = _compose()["services"]["worker"]
+    assert worker["command"][:2] == ["brickyard", "worker"]
+    top = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert "worker" in top
+    assert worker["healthcheck"]["test"]
+    names = [k for k in worker["environment"] if k.startswith("BRICKYARD_")]
+    assert "BRICKYARD_DATABASE_URL" in names
+    for name in names:
+        assert _is_setting(name), name

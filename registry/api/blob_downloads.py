@@ -16,9 +16,11 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
+from registry.api.files import file_response
+from registry.blobs import BlobStore, LocalBlobStore
 from registry.errors import InvalidInput, RangeNotSatisfiable
 
-__all__ = ["RangedBlobs", "blob_response"]
+__all__ = ["RangedBlobs", "blob_response", "stored_file_response"]
 
 _CHUNK = 1 << 20
 
@@ -68,6 +70,34 @@ def blob_response(
         return Response(status_code=status, headers=headers, media_type=media_type)
     return StreamingResponse(
         _stream(blobs, sha256, start, end), status_code=status, headers=headers, media_type=media_type
+    )
+
+
+def stored_file_response(
+    request: Request,
+    blobs: BlobStore,
+    *,
+    sha256: str,
+    size: int,
+    media_type: str,
+    filename: str,
+    etag: str,
+    redirect: bool = False,
+) -> Response:
+    """The blob ``sha256`` as a download from whichever store holds it: a local directory's
+    file is served by `file_response` (sendfile, several ranges as multipart), any other
+    store's by `blob_response` (streamed, or a presigned redirect when ``redirect``)."""
+    if isinstance(blobs, LocalBlobStore):
+        return file_response(request, blobs.local_path(sha256), media_type=media_type, filename=filename, etag=etag)
+    return blob_response(
+        request,
+        blobs,
+        sha256=sha256,
+        size=size,
+        media_type=media_type,
+        filename=filename,
+        etag=etag,
+        redirect=redirect,
     )
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi import Request
 from fastapi.responses import FileResponse
@@ -75,6 +75,29 @@ def tar_stream(root: Path, relative_paths: list[str]) -> Iterator[bytes]:
                 remaining -= len(chunk)
                 yield chunk
         padding = -info.size % _BLOCK
+        if padding:
+            yield b"\0" * padding
+    yield b"\0" * (2 * _BLOCK)
+
+
+def tar_of_streams(files: list[tuple[str, int]], open_file: Callable[[str], BinaryIO]) -> Iterator[bytes]:
+    """A POSIX (ustar/pax) tar of ``(relative path, size)`` files read through ``open_file``
+    (files in object storage), chunk by chunk like `tar_stream`."""
+    import tarfile
+
+    for relative, size in files:
+        info = tarfile.TarInfo(relative)
+        info.size, info.mode = size, 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        remaining = size
+        with open_file(relative) as handle:
+            while remaining > 0:
+                chunk = handle.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise OSError(f"{relative} ended {remaining} bytes early while being archived")
+                remaining -= len(chunk)
+                yield chunk
+        padding = -size % _BLOCK
         if padding:
             yield b"\0" * padding
     yield b"\0" * (2 * _BLOCK)

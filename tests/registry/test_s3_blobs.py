@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,24 @@ def test_missing_blob(backend: Backend) -> None:
     with pytest.raises(FileNotFoundError):
         backend.store.open(absent).read()
     backend.store.delete(absent)  # no error
+
+
+def test_info_local_path_and_the_rest_of_the_protocol(backend: Backend) -> None:
+    before = time.time()
+    staged = backend.store.stage_bytes(b"some bytes")
+    backend.store.commit(staged)
+    info = backend.store.info(staged.sha256)
+    assert info is not None and (info.sha256, info.size) == (staged.sha256, 10)
+    assert before - 2 <= info.modified <= time.time() + 2  # the store's clock (a bucket's: whole seconds)
+    local = backend.store.local_path(staged.sha256)
+    assert local.read_bytes() == b"some bytes"
+    absent = hashlib.sha256(b"never stored").hexdigest()
+    assert backend.store.info(absent) is None
+    with pytest.raises(FileNotFoundError):
+        backend.store.local_path(absent)
+    assert backend.store.stale_uploads() == []
+    if isinstance(backend.store, LocalBlobStore):
+        assert backend.store.presigned_url(staged.sha256) is None  # served by the API itself
 
 
 def test_delete(backend: Backend) -> None:
@@ -297,7 +316,8 @@ def test_stored_object_that_differs_from_the_upload_is_refused(
     assert not s3.exists(staged.sha256)
 
 
-def test_ranged_reads(s3: S3BlobStore) -> None:
+def test_ranged_reads(backend: Backend) -> None:
+    s3 = backend.store  # both stores: the download routes read ranges through the protocol
     data = bytes(range(256)) * 40
     staged = s3.stage_bytes(data)
     s3.commit(staged)
@@ -325,7 +345,7 @@ def test_local_path_is_a_verified_cached_copy(s3: S3BlobStore, s3_client: Any, b
     s3_client.put_object(Bucket=bucket, Key=s3.key(bad.sha256), Body=b"rot")
     with pytest.raises(StorageCorrupt):
         s3.local_path(bad.sha256)
-    assert not s3.path(bad.sha256).exists() and s3.staging_files() == []
+    assert not s3.cache.path(bad.sha256).exists() and s3.staging_files() == []
     with pytest.raises(FileNotFoundError):
         s3.local_path(hashlib.sha256(b"absent").hexdigest())
     s3.delete(good.sha256)

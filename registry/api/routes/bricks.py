@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
+from registry.api.blob_downloads import stored_file_response
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
-from registry.api.files import FILE_RESPONSES, file_response
+from registry.api.files import FILE_RESPONSES
 from registry.api.params import CursorQuery, FilenamePath, LimitQuery, NamePath, NameQuery, TagQuery, VersionPath
 from registry.api.schemas import BrickFileOut, BrickOut, EventOut, Page
 from registry.inputs import BrickPatchIn
@@ -108,10 +109,20 @@ def get_brick_file(
     request: Request,
     registry: RegistryDep,
     _: ReadActor,
-) -> FileResponse:
-    """A stored file, byte-identical to the upload (HTTP Range supported)."""
-    file, path = registry.brick_file(name, version, filename)
-    return file_response(request, path, media_type=file.media_type, filename=file.filename, etag=file.sha256)
+) -> Response:
+    """A stored file, byte-identical to the upload (HTTP Range supported; a 307 to the object
+    store when presigned downloads are enabled)."""
+    file = registry.brick_file(name, version, filename)
+    return stored_file_response(
+        request,
+        registry.blobs,
+        sha256=file.sha256,
+        size=file.size_bytes,
+        media_type=file.media_type,
+        filename=file.filename,
+        etag=file.sha256,
+        redirect=True,
+    )
 
 
 @router.get("/{name}/history")

@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import FileResponse, StreamingResponse
 
+from registry.api.blob_downloads import stored_file_response
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
-from registry.api.files import FILE_RESPONSES, file_response, tar_stream
+from registry.api.files import FILE_RESPONSES, file_response, tar_of_streams, tar_stream
 from registry.api.params import RelativePath
 from registry.api.schemas import CompositionFileOut, CompositionOut
 from registry.inputs import ComposeRequest
@@ -65,8 +66,21 @@ def get_composition_file(
     registry: RegistryDep,
     request: Request,
     _: ReadActor,
-) -> FileResponse:
-    """One file of a ready composition (HTTP Range supported)."""
+) -> Response:
+    """One file of a ready composition (HTTP Range supported; from object storage, a 307 to
+    a presigned URL when presigned downloads are enabled)."""
+    stored = registry.compositions.published_file(composition_id, path)
+    if stored is not None:
+        return stored_file_response(
+            request,
+            registry.blobs,
+            sha256=stored.sha256,
+            size=stored.size,
+            media_type="application/json" if path.endswith(".json") else "application/octet-stream",
+            filename=path.rsplit("/", 1)[-1],
+            etag=f"{composition_id}:{path}",
+            redirect=True,
+        )
     local = registry.compositions.file(composition_id, path)
     media = "application/json" if local.suffix == ".json" else "application/octet-stream"
     return file_response(request, local, media_type=media, filename=local.name, etag=f"{composition_id}:{path}")
@@ -79,11 +93,14 @@ def get_composition_file(
 )
 def get_composition_archive(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> StreamingResponse:
     """The whole composition as a tar stream (uncompressed: weights do not compress)."""
-    root = registry.compositions.directory(composition_id)
     files = registry.compositions.files(composition_id)
     total = sum(512 + -(-size // 512) * 512 for _, size in files) + 1024
+    if registry.compositions.published(composition_id) is not None:
+        body = tar_of_streams(files, lambda relative: registry.compositions.open_file(composition_id, relative))
+    else:
+        body = tar_stream(registry.compositions.directory(composition_id), [p for p, _ in files])
     return StreamingResponse(
-        tar_stream(root, [p for p, _ in files]),
+        body,
         media_type="application/x-tar",
         headers={
             "Content-Disposition": f'attachment; filename="{composition_id}.tar"',

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
 
+from registry.api.blob_downloads import stored_file_response
 from registry.api.deps import ReadActor, RegistryDep
 from registry.api.files import file_response
 from registry.errors import BrickyardError, InvalidInput, RangeNotSatisfiable
@@ -132,7 +133,7 @@ def resolve_file(
     if file.lfs:
         headers["X-Linked-Etag"] = f'"{file.sha256}"'
         headers["X-Linked-Size"] = str(file.size)
-    response = _file_body(request, file)
+    response = _file_body(request, file, hub)
     response.headers.update(headers)
     return response
 
@@ -140,10 +141,21 @@ def resolve_file(
 # -- rendering --------------------------------------------------------------------------
 
 
-def _file_body(request: Request, file: HubFile) -> Response:
+def _file_body(request: Request, file: HubFile, hub: Hub) -> Response:
     media = "application/json" if file.path.endswith(".json") else "application/octet-stream"
     if file.path.endswith(".md"):
         media = "text/markdown; charset=utf-8"
+    if file.stored:
+        return stored_file_response(
+            request,
+            hub.registry.blobs,
+            sha256=file.sha256,
+            size=file.size,
+            media_type=media,
+            filename=file.path.rsplit("/", 1)[-1],
+            etag=file.sha256,
+            redirect=True,
+        )
     if file.local is not None:
         response: FileResponse = file_response(
             request, file.local, media_type=media, filename=file.path.rsplit("/", 1)[-1], etag=file.sha256

@@ -1,4 +1,5 @@
-"""Registering, listing, reading, patching and deleting bricks over HTTP, on both backends."""
+"""Registering, listing, reading, patching and deleting bricks over HTTP, on both backends,
+with the blobs in the local directory and on S3-compatible object storage."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import brick_metadata, register_base, stored_blobs, upload
+from tests.conftest import blob_contents, brick_metadata, on_every_storage, register_base, upload
+
+pytestmark = on_every_storage
 
 
 def _sha(path: Path) -> str:
@@ -80,11 +83,12 @@ def test_explicit_version_and_its_conflict(client: Any, llama_base: Path, loras:
 
 
 def test_same_weights_twice_is_409_naming_the_existing_brick(
-    client: Any, settings: Any, llama_base: Path, loras: dict[str, Path]
+    client: Any, registry: Any, llama_base: Path, loras: dict[str, Path]
 ) -> None:
     register_base(client, llama_base)
     assert upload(client, loras["r4"]).status_code == 201
-    blobs_before = stored_blobs(settings.home)
+    blobs_before = blob_contents(registry.blobs)
+    assert len(blobs_before[0]) == 2
     again = upload(client, loras["r4"], metadata=brick_metadata("other-name"))
     assert again.status_code == 409
     body = again.json()
@@ -92,7 +96,7 @@ def test_same_weights_twice_is_409_naming_the_existing_brick(
     assert body["existing"]["name"] == "sentiment"
     assert body["existing"]["version"] == 1
     assert "sentiment@1" in body["detail"]
-    assert stored_blobs(settings.home) == blobs_before
+    assert blob_contents(registry.blobs) == blobs_before
     assert client.get("/v1/bricks", params={"all_versions": True}).json()["items"].__len__() == 1
 
 

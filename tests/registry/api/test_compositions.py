@@ -1,6 +1,7 @@
 """Compositions over HTTP on both backends: by names, by instruction, the cache, identical
 concurrent requests, Range, the tar archive (loaded with transformers and PEFT), foreign
-bricks refused, and a build killed with its server recovered."""
+bricks refused, and a build killed with its server recovered. Tests marked
+``on_every_storage`` also run with bricks and outputs on S3-compatible object storage."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import brick_metadata, register_base, upload, wait_ready
+from tests.conftest import brick_metadata, on_every_storage, register_base, upload, wait_ready
 
 
 @pytest.fixture
@@ -43,6 +44,7 @@ def _logits(model: Any) -> torch.Tensor:
         return model(torch.tensor([[3, 17, 42, 5, 99]])).logits
 
 
+@on_every_storage
 def test_compose_by_names_builds_and_serves_a_loadable_model(
     composable: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -85,6 +87,7 @@ def test_compose_by_names_builds_and_serves_a_loadable_model(
     assert torch.allclose(_logits(merged), _logits(reference), atol=1e-4)
 
 
+@on_every_storage
 def test_adapter_output_loads_with_peft(composable: Any, llama_base: Path, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -129,6 +132,7 @@ def test_compose_by_instruction_gives_two_fitting_bricks_both_a_real_share(
     assert min(b["weight"] for b in bricks) > 0.2
 
 
+@on_every_storage
 def test_cache_hit_answers_200_with_the_same_id(composable: Any) -> None:
     request = {
         "base_model": "tiny-llama",
@@ -169,6 +173,7 @@ def test_identical_concurrent_requests_build_once(composable: Any) -> None:
     assert done["attempts"] == 1  # claimed and built exactly once
 
 
+@on_every_storage
 def test_range_requests_on_composed_files(composable: Any) -> None:
     body = composable.post(
         "/v1/compositions", json={"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}]}
