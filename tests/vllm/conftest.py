@@ -215,6 +215,12 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
             "BRICKYARD_URL": url,
             "BRICKYARD_TOKEN": created.json()["token"],
             "BRICKYARD_VLLM_CACHE": str(work / "adapter-cache"),
+            # The Hugging Face-compatible endpoints: vLLM fetches a `lora_path` that is no local
+            # directory with huggingface_hub, from Brickyard (loopback) rather than the Hub.
+            "HF_ENDPOINT": url,
+            "HF_TOKEN": created.json()["token"],
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(work / "hf-home"),
         }
         command = [
             str(vllm_python), "-m", "vllm.entrypoints.openai.api_server",

@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.vllm.conftest import BASE, BRICKS, OTHER_BASE, Stack, greedy_reference
 
 
@@ -92,3 +94,16 @@ def test_an_adapter_composition_is_served_by_id(stack: Stack, tmp_path: Path) ->
     expected = greedy_reference(stack.base, local)
     assert stack.tokens(composition_id) == expected
     assert expected not in (stack.tokens("alpha"), stack.tokens("beta"))
+
+
+def test_a_brick_loaded_by_hub_repo_id_through_hf_endpoint_matches_peft(stack: Stack) -> None:
+    # No resolver involved: vLLM's own runtime loading fetches `bricks/<name>` with
+    # huggingface_hub from Brickyard's Hugging Face-compatible endpoints (HF_ENDPOINT).
+    loaded = httpx.post(
+        f"{stack.vllm_url}/v1/load_lora_adapter",
+        json={"lora_name": "hub-alpha", "lora_path": "bricks/alpha"},
+        timeout=300,
+    )
+    assert loaded.status_code == 200, loaded.text
+    assert stack.tokens("hub-alpha") == greedy_reference(stack.base, stack.adapters["alpha"])
+    assert (stack.vllm_log.parent / "hf-home").is_dir()  # it went through the hub client's cache
