@@ -181,7 +181,15 @@ class Registry:
 
     def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
         """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers."""
-        return fsck(self.store, self.blobs, self.compositions, repair=repair, verify=verify, grace_s=grace_s)
+        return fsck(
+            self.store,
+            self.blobs,
+            self.compositions,
+            repair=repair,
+            verify=verify,
+            grace_s=grace_s,
+            job_blobs=self.emergent.job_blobs(),
+        )
 
     def bootstrap_admin_token(self) -> str | None:
         """With auth on and no admin token yet, create one named ``admin``, save it to

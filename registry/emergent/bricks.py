@@ -139,6 +139,23 @@ class EmergentBricks:
             store.delete_ready(job_id)  # the result record vanished: run it again
         return job, job.status == READY
 
+    def job_blobs(self) -> dict[str, str]:
+        """sha256 -> ``discovery <job id>`` of every discovery's probe sets: `brickyard fsck`
+        keeps them (a queued or retried job reads them; a done one records what it ran on)."""
+        from sqlalchemy import select
+
+        from registry.db.models import CompositionRow
+
+        with self.compositions.store.db.session() as session:
+            rows = session.execute(
+                select(CompositionRow.id, CompositionRow.recipe).where(CompositionRow.method.like("emergent:%"))
+            ).all()
+        return {
+            str(row.recipe["probes_sha256"]): f"discovery {row.id[:16]}"
+            for row in rows
+            if isinstance(row.recipe, dict) and row.recipe.get("job") == DISCOVERY_JOB
+        }
+
     def _lora_named(self, name: str) -> bool:
         try:
             return self.catalog.get_brick(name).kind != "emergent"

@@ -1,0 +1,45 @@
+"""`EmergentBricks` through the Python API (both backends): a job whose worker lost it stops
+without registering anything; fsck keeps a discovery's probe blob; the Hub view does not list
+discovery jobs as models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.registry.api.test_emergent import _discovery
+
+
+@pytest.fixture
+def queued(registry: Any, llama_base: Path) -> Any:
+    registry.add_base_model({"name": "tiny-llama", "path": str(llama_base)})
+    job, ready = registry.emergent.request_discovery("tiny-llama", _discovery())
+    assert not ready and job.status == "queued"
+    return job
+
+
+def test_a_discovery_whose_worker_lost_it_stops_and_registers_nothing(registry: Any, queued: Any) -> None:
+    store = registry.compositions.store
+    assert store.claim(queued.id, "host:1:0") is not None
+    assert store.fail(queued.id, "host:1:0", "the build was interrupted", "interrupted")  # recovered meanwhile
+    outcome = registry.emergent.run_claimed(queued, "host:1:0")
+    assert (outcome.status, outcome.error_code) == ("failed", "interrupted")
+    assert registry.list_bricks(kind="emergent").items == []
+
+
+def test_fsck_keeps_probe_blobs_and_the_hub_view_skips_discovery_jobs(registry: Any, queued: Any) -> None:
+    store = registry.compositions.store
+    claimed = store.claim(queued.id, "host:1:0")
+    done = registry.emergent.run_claimed(claimed, "host:1:0")
+    assert done.status == "ready", done.error
+    assert done.message == "registered code-neurons@1, prose-neurons@1"
+    probes = queued.recipe["probes_sha256"]
+    report = registry.fsck(repair=True, grace_s=0.0)
+    assert probes not in report.orphaned and report.missing == [] and report.composition_problems == []
+    assert registry.blobs.exists(probes)
+    assert registry.ready_compositions() == []
+    # the same request again: already run, nothing queued
+    again, ready = registry.emergent.request_discovery("tiny-llama", _discovery())
+    assert ready and again.id == queued.id
