@@ -10,6 +10,8 @@ The package knows nothing of databases or HTTP. Importing it (or listing the mer
 does not import torch; composing does.
 """
 
+from typing import TYPE_CHECKING
+
 from composer._version import COMPOSER_VERSION
 from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
 from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, read_base_model
@@ -30,6 +32,18 @@ from composer.neurons import NEURON_OPS, NeuronOp
 from composer.plan import BrickSource, CompositionPlan, plan_composition
 
 __version__ = COMPOSER_VERSION
+
+if TYPE_CHECKING:
+    from composer.emergent import (
+        SELECTION_METHODS,
+        NeuronFile,
+        collect_statistics,
+        load_neuron_set,
+        neuron_axis,
+        save_neuron_set,
+        select_neurons,
+        verify_neuron_sets,
+    )
 
 # Emergent-brick names import torch: resolved on first use, so `import composer` stays torch-free.
 _EMERGENT = (

@@ -114,12 +114,13 @@ def plan_neuron_ops(
             continue
         bad = False
         for layer, index in neurons.items():
-            module = down.get(layer)
-            if module is None:
+            found_module = down.get(layer)
+            if found_module is None:
                 problems.append(f"{where}: the base model has no FFN output projection in layer {layer}")
                 bad = True
-            elif index.numel() and (int(index.min()) < 0 or int(index.max()) >= module.in_features):
-                problems.append(f"{where}: layer {layer} has {module.in_features} neurons; indices out of range")
+            elif index.numel() and (int(index.min()) < 0 or int(index.max()) >= found_module.in_features):
+                width = found_module.in_features
+                problems.append(f"{where}: layer {layer} has {width} neurons; indices out of range")
                 bad = True
         if bad:
             continue

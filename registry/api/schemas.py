@@ -85,7 +85,7 @@ class BrickOut(BaseModel):
             created_at=brick.created_at,
             updated_at=brick.updated_at,
             created_by=brick.created_by,
-            kind=brick.kind,  # type: ignore[arg-type]
+            kind=brick.kind,
             emergent=dict(brick.emergent) if brick.emergent is not None else None,
         )
 

@@ -109,7 +109,7 @@ def discover(
     with TRANSFORMERS_LOCK:
         tokenizer = AutoTokenizer.from_pretrained(str(base_path))
         model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     if tokenizer.pad_token is None:
         # Padding positions are masked out of statistics and losses: any token will do.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
