@@ -40,6 +40,12 @@ def test_fsck_keeps_probe_blobs_and_the_hub_view_skips_discovery_jobs(registry: 
     assert probes not in report.orphaned and report.missing == [] and report.composition_problems == []
     assert registry.blobs.exists(probes)
     assert registry.ready_compositions() == []
+    from registry.hub import Hub, RepoNotFound
+
+    hub = Hub(registry)
+    assert [m.repo_id for m in hub.list_models()] == ["base-models/tiny-llama"]
+    with pytest.raises(RepoNotFound):
+        hub.snapshot("bricks/code-neurons")
     # the same request again: already run, nothing queued
     again, ready = registry.emergent.request_discovery("tiny-llama", _discovery())
     assert ready and again.id == queued.id
