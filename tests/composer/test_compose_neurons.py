@@ -136,3 +136,23 @@ def test_bad_neuron_operations_are_refused_before_any_weight_is_read(
     assert "'g@1'" in text
     assert "target brick 3" in text
     assert len(refused.value.problems) == 7
+
+
+def test_ablate_on_gpt2_zeroes_rows_of_the_conv1d_c_proj(
+    toy_gpt2: Path, gpt2_bricks: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "gpt2-neurons.safetensors"
+    sets = {0: torch.tensor([2, 11, 30]), 1: torch.tensor([7])}
+    save_neuron_set(path, NeuronFile(neurons=sets, function="f", method="lape"))
+    brick = source(gpt2_bricks["mlp2"])  # targets c_fc: the neurons' inputs change too
+    compose(toy_gpt2, [brick], tmp_path / "plain")
+    compose(toy_gpt2, [brick], tmp_path / "ablated", neurons=[NeuronOp("f@1", "ablate", path)])
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    with torch.no_grad():
+        for layer, index in sets.items():
+            expected.transformer.h[layer].mlp.c_proj.weight[index, :] = 0.0  # Conv1D: in x out
+    actual = AutoModelForCausalLM.from_pretrained(tmp_path / "ablated", dtype=torch.float32)
+    torch.testing.assert_close(logits(actual), logits(expected), rtol=0, atol=0)
+    assert not torch.equal(logits(actual), logits(AutoModelForCausalLM.from_pretrained(tmp_path / "plain")))

@@ -49,3 +49,23 @@ def test_fsck_keeps_probe_blobs_and_the_hub_view_skips_discovery_jobs(registry: 
     # the same request again: already run, nothing queued
     again, ready = registry.emergent.request_discovery("tiny-llama", _discovery())
     assert ready and again.id == queued.id
+
+
+def test_a_lape_discovery_of_the_same_functions_adds_versions(registry: Any, queued: Any) -> None:
+    store = registry.compositions.store
+    assert registry.emergent.run_claimed(store.claim(queued.id, "w:1:0"), "w:1:0").status == "ready"
+    lape, _ = registry.emergent.request_discovery("tiny-llama", _discovery("lape"))
+    assert lape.id != queued.id and lape.recipe["params"] == {
+        "top_rate": 0.1,
+        "filter_rate": 0.95,
+        "activation_bar_ratio": 0.95,
+    }
+    done = registry.emergent.run_claimed(store.claim(lape.id, "w:1:0"), "w:1:0")
+    assert done.status == "ready", done.error
+    versions = registry.list_bricks(name="code-neurons", all_versions=True).items
+    assert [(b.version, b.emergent["method"]) for b in versions] == [(2, "lape"), (1, "average_precision")]
+    latest = registry.get_brick("code-neurons")
+    table = latest.emergent["verification"]
+    assert latest.version == 2 and set(table["base_loss"]) == {"code-neurons", "prose-neurons"}
+    # LAPE selects top_rate of all neurons (lowest entropy) and shares them out: no more than that
+    assert latest.emergent["neurons"] <= round(0.1 * 128)
