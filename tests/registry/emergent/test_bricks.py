@@ -69,3 +69,16 @@ def test_a_lape_discovery_of_the_same_functions_adds_versions(registry: Any, que
     assert latest.version == 2 and set(table["base_loss"]) == {"code-neurons", "prose-neurons"}
     # LAPE selects top_rate of all neurons (lowest entropy) and shares them out: no more than that
     assert latest.emergent["neurons"] <= round(0.1 * 128)
+
+
+def test_a_discovery_runs_in_a_build_process_of_a_live_server(live_server: Any, llama_base: Path) -> None:
+    from tests.conftest import wait_ready
+
+    with live_server.http() as http:
+        assert http.post("/v1/base-models", json={"name": "tiny-llama", "path": str(llama_base)}).status_code == 201
+        response = http.post("/v1/base-models/tiny-llama/emergent", json=_discovery())
+        assert response.status_code == 202, response.text
+        job = wait_ready(http, response.json()["id"], timeout_s=600)
+        assert job["status"] == "ready", job
+        names = [b["name"] for b in http.get("/v1/bricks", params={"kind": "emergent"}).json()["items"]]
+        assert names == ["code-neurons", "prose-neurons"]
