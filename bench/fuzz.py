@@ -602,6 +602,16 @@ class Fuzzer:
             yield self._case(operation, body=body)
             for variant in _hostile_variants(body, ("base_model", "instruction", "method")):
                 yield self._case(operation, body=variant)
+        elif label == "POST /v1/base-models/{name}/emergent":
+            texts = [f"probe text number {i}" for i in range(4)]
+            probes = [
+                {"name": "fuzz-digits", "description": "numbers", "texts": [f"{i} {i * 7}" for i in range(4)]},
+                {"name": "fuzz-words", "description": "words", "texts": texts},
+            ]
+            body = {"probes": probes, "method": "average_precision", "held_out": 0.5}
+            yield self._case(operation, path_parameters={"name": BASE_MODEL}, body=body)
+            for variant in _hostile_variants(body, ("method",)):
+                yield self._case(operation, path_parameters={"name": BASE_MODEL}, body=variant)
         elif label == "POST /v1/tokens":
             yield self._case(operation, body={"name": "fuzz-created", "scope": "read"})
             yield self._case(operation, body={"name": "fuzz-created", "scope": "read"})

@@ -10,6 +10,8 @@ The package knows nothing of databases or HTTP. Importing it (or listing the mer
 does not import torch; composing does.
 """
 
+from typing import TYPE_CHECKING
+
 from composer._version import COMPOSER_VERSION
 from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
 from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, read_base_model
@@ -26,14 +28,50 @@ from composer.errors import (
 )
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
 from composer.methods import MERGE_METHODS, MergeMethod, MethodInfo, get_method, list_methods
+from composer.neurons import NEURON_OPS, NeuronOp
 from composer.plan import BrickSource, CompositionPlan, plan_composition
 
 __version__ = COMPOSER_VERSION
+
+if TYPE_CHECKING:
+    from composer.emergent import (
+        SELECTION_METHODS,
+        NeuronFile,
+        collect_statistics,
+        load_neuron_set,
+        neuron_axis,
+        save_neuron_set,
+        select_neurons,
+        verify_neuron_sets,
+    )
+
+# Emergent-brick names import torch: resolved on first use, so `import composer` stays torch-free.
+_EMERGENT = (
+    "SELECTION_METHODS",
+    "NeuronFile",
+    "collect_statistics",
+    "load_neuron_set",
+    "neuron_axis",
+    "save_neuron_set",
+    "select_neurons",
+    "verify_neuron_sets",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _EMERGENT:
+        import composer.emergent
+
+        return getattr(composer.emergent, name)
+    raise AttributeError(f"module 'composer' has no attribute {name!r}")
+
 
 __all__ = [
     "COMPOSER_VERSION",
     "FLOAT_DTYPES",
     "MERGE_METHODS",
+    "NEURON_OPS",
+    "SELECTION_METHODS",
     "TRANSFORMERS_LOCK",
     "BrickSource",
     "ComposeError",
@@ -47,22 +85,30 @@ __all__ = [
     "LoraSettings",
     "MergeMethod",
     "MethodInfo",
+    "NeuronFile",
+    "NeuronOp",
     "NonFiniteResult",
     "SafetensorsHeader",
     "TruncationStats",
     "UnknownMethod",
     "WrittenFile",
     "__version__",
+    "collect_statistics",
     "compose",
     "find_linear_modules",
     "find_nonfinite",
     "get_method",
     "list_methods",
+    "load_neuron_set",
     "map_adapter_tensors",
+    "neuron_axis",
     "parse_lora_config",
     "plan_composition",
     "read_base_model",
     "read_header",
+    "save_neuron_set",
+    "select_neurons",
     "sniff_format",
     "split_lora_key",
+    "verify_neuron_sets",
 ]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from composer.basemodel import INDEX_FILE
 from composer.errors import NonFiniteResult
+from composer.neurons import NeuronOp
 from composer.plan import BrickSource, CompositionPlan, ModulePlan, OutputKind, plan_composition
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ def compose(
     rank: int | None = None,
     recipe: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    neurons: Sequence[NeuronOp] = (),
 ) -> ComposeResult:
     """Merge ``bricks`` into the base model at ``base_dir`` and write the result to ``out_dir``.
 
@@ -123,6 +125,8 @@ def compose(
             ``linear``; by SVD of the merged delta for other methods, where it is required).
         recipe: caller's JSON stored under ``"recipe"`` in ``brickyard.json``.
         progress: ``progress(fraction, message)``, monotone, ending with 1.0.
+        neurons: operations with emergent bricks' neuron sets (`composer.neurons`): ablate or
+            scale neurons of the output, restrict a brick to neurons.
 
     Returns:
         `ComposeResult`.
@@ -139,7 +143,9 @@ def compose(
         raise FileExistsError(errno.EEXIST, "the output directory already exists", str(out_dir))
     report = _Reporter(progress)
     report(0.0, "checking the recipe", force=True)
-    plan = plan_composition(base_dir, bricks, method=method, params=params, output=output, rank=rank, recipe=recipe)
+    plan = plan_composition(
+        base_dir, bricks, method=method, params=params, output=output, rank=rank, recipe=recipe, neurons=neurons
+    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(plan, out_dir.parent)
     staging = out_dir.parent / f".{out_dir.name}.composing-{uuid.uuid4().hex[:12]}"
@@ -258,7 +264,13 @@ def _load(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]
     for c in module.contributions:
         source = files[c.brick]
         if c.a is not None and c.b is not None:
-            factors.append(Factors(a=source.read(c.a), b=source.read(c.b), scaling=c.scaling, weight=c.weight))
+            read = Factors(a=source.read(c.a), b=source.read(c.b), scaling=c.scaling, weight=c.weight)
+            restriction = plan.neurons.restrictions.get(c.brick)
+            if restriction is not None:
+                from composer.neurons import restricted_factors
+
+                read = restricted_factors(module.name, read, restriction)
+            factors.append(read)
         else:
             factors.append(None)
         magnitudes.append(source.read(c.magnitude) if c.magnitude is not None else None)
@@ -422,6 +434,18 @@ def _write_full(plan: CompositionPlan, staging: Path, report: _Reporter) -> None
         return local.block  # type: ignore[no-any-return]
 
     def update(info: Any, tensor: torch.Tensor, payload: _Payload) -> None:
+        merge(info, tensor, payload)
+        module = by_tensor[info.name]
+        scales = plan.neurons.scales.get(module.key, ())
+        if scales:
+            from composer.emergent import scale_neurons
+
+            # After the merge: the output is exactly the merged weight with these columns scaled.
+            for index, factor in scales:
+                scaled = scale_neurons(tensor, index, factor, axis="in", fan_in_fan_out=module.module.fan_in_fan_out)
+                tensor.copy_(scaled)
+
+    def merge(info: Any, tensor: torch.Tensor, payload: _Payload) -> None:
         module = by_tensor[info.name]
         if module.checks:
             _check_base_layers(plan, module, payload, tensor)

@@ -22,6 +22,7 @@ from composer.basemodel import BaseModelLayout, LinearModule, find_mergeable_mod
 from composer.errors import IncompatibleBricks, InvalidAdapter, InvalidParams, InvalidTensorFile
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
 from composer.methods import MergeMethod, MethodParams, get_method
+from composer.neurons import EMPTY, NeuronOp, NeuronPlan, plan_neuron_ops
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -135,6 +136,7 @@ class CompositionPlan:
     output: OutputKind
     rank: int | None
     modules: Mapping[str, ModulePlan]
+    neurons: NeuronPlan = EMPTY
 
     def tensors_by_shard(self) -> dict[str, frozenset[str]]:
         """Names of the base tensors that receive a delta, grouped by shard file."""
@@ -153,8 +155,9 @@ def plan_composition(
     output: str = "full",
     rank: int | None = None,
     recipe: Mapping[str, Any] | None = None,
+    neurons: Sequence[NeuronOp] = (),
 ) -> CompositionPlan:
-    """Validate a recipe without reading any tensor data.
+    """Validate a recipe without reading any tensor data (but the small neuron files).
 
     Args:
         base_dir: the base model directory (config, index, safetensors shards).
@@ -166,6 +169,7 @@ def plan_composition(
             sum deltas (their merged delta is not low-rank); for ``linear``, None means the
             exact concatenation (rank = sum of the bricks' ranks per module).
         recipe: caller's JSON to store with the result; checked to be serializable.
+        neurons: operations with neuron sets (`composer.neurons`), in recipe order.
 
     Returns:
         The `CompositionPlan`.
@@ -207,6 +211,10 @@ def plan_composition(
 
     layout = read_base_model(Path(base_dir))
     linear = find_mergeable_modules(layout)
+    neuron_problems: list[str] = []
+    neuron_plan = plan_neuron_ops(neurons, linear, bricks=len(bricks), output=output, problems=neuron_problems)
+    if neuron_problems:
+        raise InvalidParams("invalid neuron operations", neuron_problems[:_MAX_PROBLEMS])
     invalid: list[str] = []
     incompatible: list[str] = []
     planned: list[BrickPlan] = []
@@ -214,6 +222,12 @@ def plan_composition(
         found = _plan_brick(brick, layout, linear, invalid, incompatible)
         if found is not None:
             planned.append(found)
+    for index in neuron_plan.restrictions:
+        if index < len(planned) and (planned[index].magnitudes or planned[index].copies or planned[index].bias_copies):
+            incompatible.append(
+                f"brick {planned[index].source.name!r} has DoRA magnitudes or saved module copies: only a plain "
+                "LoRA can be restricted to neurons (by masking its factors)"
+            )
     if output == "adapter" and rank is None:
         for brick_plan in planned:
             if brick_plan.magnitudes:
@@ -254,7 +268,8 @@ def plan_composition(
                 Contribution(brick=index, a=None, b=None, rank=0, scaling=1.0, weight=weight, copy=info)
             )
     module_plans = []
-    for key in sorted(set(contributions) | set(checks)):
+    # A scaled down_proj is rewritten even when no brick targets it.
+    for key in sorted(set(contributions) | set(checks) | set(neuron_plan.scales)):
         parameter = "weight"
         target = linear.get(key)
         if target is None:  # "<module>.bias": the bias of a saved copy, a plain tensor
@@ -274,6 +289,7 @@ def plan_composition(
         output=output,  # type: ignore[arg-type]  # checked against OUTPUT_KINDS above
         rank=rank,
         modules={m.key: m for m in module_plans},
+        neurons=neuron_plan,
     )
 
 

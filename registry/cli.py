@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -629,6 +629,100 @@ def _print_instruction_plan(instruction: str, base: str, k: int, url: str | None
     for hit, weight in zip(hits, weights, strict=True):
         shown = f"{weight:.3f}" if weight > 0 else "dropped (below the floor)"
         table.add_row(f"{hit.brick.name}@{hit.brick.version}", hit.matched, f"{hit.similarity:.3f}", shown)
+    console.print(table)
+
+
+# -- emergent bricks (issue #22) -------------------------------------------------------------
+
+emergent_app = typer.Typer(
+    help="Emergent bricks: find a base model's functional neurons, show them.", no_args_is_help=True
+)
+app.add_typer(emergent_app, name="emergent")
+
+
+def _read_probe(spec: str, describe: Mapping[str, str]) -> dict[str, Any]:
+    """``NAME=FILE``: a JSON file (``{"description": ..., "texts": [...]}``) or a text file
+    with one probe text per line (description from ``--describe NAME=TEXT``)."""
+    name, sep, file = spec.partition("=")
+    if not sep or not name or not file:
+        raise typer.BadParameter(f"{spec!r}: expected NAME=FILE")
+    path = Path(file)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise typer.BadParameter(f"{spec!r}: cannot read {file}: {exc.strerror or exc}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{file}: not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise typer.BadParameter(f"{file}: expected an object with description and texts")
+        return {
+            "name": name,
+            "description": describe.get(name, data.get("description", "")),
+            "texts": data.get("texts"),
+        }
+    texts = [line for line in raw.splitlines() if line.strip()]
+    return {"name": name, "description": describe.get(name, f"emergent neurons of {name}"), "texts": texts}
+
+
+@emergent_app.command("find")
+def emergent_find(
+    base: Annotated[str, typer.Option("--base", "-b", help="registered base model")],
+    probe: Annotated[list[str], typer.Option("--probe", help="NAME=FILE, one per function (at least two)")],
+    describe: Annotated[
+        list[str] | None, typer.Option("--describe", help="NAME=TEXT: the function's description (repeatable)")
+    ] = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="lape | average_precision")] = "lape",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE method parameter")] = None,
+    held_out: Annotated[float, typer.Option(help="fraction of each function's texts held out for verification")] = 0.2,
+    url: UrlOption = None,
+) -> None:
+    """Find each function's neurons in the base model and register them as emergent bricks."""
+    descriptions = dict(d.partition("=")[::2] for d in describe or [])
+    request: dict[str, Any] = {
+        "probes": [_read_probe(p, descriptions) for p in probe],
+        "method": method,
+        "held_out": held_out,
+    }
+    if param:
+        from composer.cli import parse_param
+
+        request["params"] = dict(parse_param(p) for p in param)
+    with _client(url) as client:
+        job = client.discover_emergent(base, request)
+        console.print(f"discovery [bold]{job.id[:16]}[/] ({method}) on {base}: {', '.join(job.recipe['functions'])}")
+        job = client.wait_composition(job.id)
+        if job.status != "ready":
+            err_console.print(f"[bold red]the discovery failed[/] ({job.error_code}): {job.error}")
+            raise typer.Exit(1)
+    console.print(job.message)
+
+
+@emergent_app.command("show")
+def emergent_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")], url: UrlOption = None) -> None:
+    """Show an emergent brick and its verification table (relative loss increase per function
+    when its neurons, or as many random ones, are ablated)."""
+    name, version = _parse_ref(ref)
+    with _client(url) as client:
+        brick = client.get_brick(name, version)
+    if brick.kind != "emergent" or brick.emergent is None:
+        err_console.print(f"{brick.name}@{brick.version} is a {brick.kind} brick, not an emergent one")
+        raise typer.Exit(1)
+    _show_record(brick, skip=("emergent", "rank", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"))
+    info = brick.emergent
+    console.print(
+        f"method {info['method']} {json.dumps(info['params'])}; {info['neurons']} neurons "
+        f"({', '.join(f'layer {k}: {v}' for k, v in info['neurons_per_layer'].items())})"
+    )
+    verification = info["verification"]
+    functions = list(verification["base_loss"])
+    table = Table("ablated set", "neurons", *functions, title="relative loss increase on held-out texts")
+    for ablated_set, row in verification["relative_increase"].items():
+        cells = [f"{row[f]:+.1%}" for f in functions]
+        table.add_row(ablated_set, str(verification["sizes"][ablated_set]), *cells)
+    table.add_row("(base loss)", "", *[f"{verification['base_loss'][f]:.4f}" for f in functions])
     console.print(table)
 
 

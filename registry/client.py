@@ -60,6 +60,7 @@ class BrickyardClient(Protocol):
     def search(self, query: str, **options: Any) -> list[SearchHitOut]: ...
     def merge_methods(self) -> list[MergeMethodOut]: ...
     def compose(self, request: Mapping[str, Any]) -> CompositionOut: ...
+    def discover_emergent(self, base_model: str, request: Mapping[str, Any]) -> CompositionOut: ...
     def get_composition(self, composition_id: str) -> CompositionOut: ...
     def wait_composition(
         self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None
@@ -225,6 +226,12 @@ class RemoteClient:
         """Request a composition (see `registry.inputs.ComposeRequest`); returns at once."""
         return CompositionOut.model_validate(self._request("POST", "/v1/compositions", json=dict(request)))
 
+    def discover_emergent(self, base_model: str, request: Mapping[str, Any]) -> CompositionOut:
+        """Queue a discovery of emergent bricks (see `registry.emergent.DiscoveryRequest`); returns at once."""
+        return CompositionOut.model_validate(
+            self._request("POST", f"/v1/base-models/{base_model}/emergent", json=dict(request))
+        )
+
     def get_composition(self, composition_id: str) -> CompositionOut:
         """Status and progress of a composition."""
         return CompositionOut.model_validate(self._request("GET", f"/v1/compositions/{composition_id}"))
@@ -379,6 +386,11 @@ class LocalClient:
         """Request a composition; `wait_composition` builds it in this process."""
         composition, _ = self.registry.compositions.request(dict(request), actor=self.actor)
         return CompositionOut.of(composition)
+
+    def discover_emergent(self, base_model: str, request: Mapping[str, Any]) -> CompositionOut:
+        """Queue a discovery of emergent bricks; `wait_composition` runs it in this process."""
+        job, _ = self.registry.emergent.request_discovery(base_model, dict(request), actor=self.actor)
+        return CompositionOut.of(job)
 
     def get_composition(self, composition_id: str) -> CompositionOut:
         """Status and progress of a composition."""

@@ -88,6 +88,8 @@ class Compositions:
         # With object storage, outputs are published there (registry.composition_outputs) and
         # the local directory only holds builds in progress.
         self.publishes = settings.blobs.url is not None
+        # Other jobs sharing the queue and its workers: recipe["job"] -> runner (e.g. emergent discovery).
+        self.runners: dict[str, Callable[[domain.Composition, str], domain.Composition]] = {}
 
     # -- requests ------------------------------------------------------------------------
 
@@ -105,7 +107,9 @@ class Compositions:
         base = self.catalog.get_base_model(request.base_model)
         base_id = self.catalog.base_model_id(base.name)
         if request.instruction is not None:
-            hits = self.search(SearchRequest(query=request.instruction, base_model=base.name, k=request.k)).hits
+            hits = self.search(
+                SearchRequest(query=request.instruction, base_model=base.name, k=request.k, kind="lora")
+            ).hits
             if not hits:
                 raise InvalidRecipe(
                     f"no brick of base model {base.name!r} matches the instruction",
@@ -128,6 +132,12 @@ class Compositions:
             chosen = []
             for choice in request.bricks:
                 chosen.append((self.catalog.get_brick(choice.name, choice.version), choice.weight))
+            emergent = [b for b, _ in chosen if b.kind != "lora"]
+            if emergent:
+                raise InvalidRecipe(
+                    "emergent bricks are not merged: use them in neuron operations",
+                    errors=[f"bricks: {b.ref} is an emergent brick; name it under 'neurons'" for b in emergent],
+                )
             foreign = [b for b, _ in chosen if b.base_model != base.name]
             if foreign:
                 raise IncompatibleBrick(
@@ -162,8 +172,63 @@ class Compositions:
             "output": request.output,
             "rank": request.rank,
         }
+        neurons = self._resolve_neurons(request, base.name, [b for b, _ in chosen])
+        if neurons:  # absent otherwise, so recipes (and ids) without neuron operations are unchanged
+            recipe["neurons"] = neurons
         self._plan(recipe, self._base_dir(base.path))
         return recipe, base_id
+
+    def _resolve_neurons(
+        self, request: ComposeRequest, base_model: str, chosen: list[domain.Brick]
+    ) -> list[dict[str, Any]]:
+        """The recipe's neuron operations: each emergent brick's exact version and sha256,
+        and the index of the brick a ``restrict`` targets (None: every brick)."""
+        resolved = []
+        problems = []
+        for index, choice in enumerate(request.neurons):
+            name, _, version = choice.brick.partition("@")
+            brick = self.catalog.get_brick(name, int(version) if version else None)
+            where = f"neurons.{index}"
+            if brick.kind != "emergent":
+                problems.append(f"{where}: {brick.ref} is a {brick.kind} brick, not an emergent one")
+            if brick.base_model != base_model:
+                problems.append(f"{where}: {brick.ref} is a brick of base model {brick.base_model!r}")
+            target = None
+            if choice.target is not None:
+                matches = [i for i, b in enumerate(chosen) if b.name == choice.target]
+                if not matches:
+                    problems.append(f"{where}: target {choice.target!r} is not a brick of this composition")
+                else:
+                    target = matches[0]
+            resolved.append(
+                {
+                    "name": brick.name,
+                    "version": brick.version,
+                    "sha256": brick.sha256,
+                    "op": choice.op,
+                    "factor": choice.factor,
+                    "target": target,
+                }
+            )
+        if problems:
+            raise InvalidRecipe("invalid neuron operations", errors=problems)
+        return resolved
+
+    def _neuron_ops(self, recipe: dict[str, Any]) -> list[Any]:
+        from composer import NeuronOp
+
+        ops = []
+        for entry in recipe.get("neurons", ()):
+            path = self.blobs.path(entry["sha256"])
+            if not path.exists():
+                raise StorageCorrupt(
+                    "stored files of some bricks are missing; run `brickyard fsck`",
+                    errors=[f"{entry['name']}@{entry['version']}: blob missing"],
+                )
+            ops.append(
+                NeuronOp(f"{entry['name']}@{entry['version']}", entry["op"], path, entry["factor"], entry["target"])
+            )
+        return ops
 
     def _brick_sources(self, recipe: dict[str, Any]) -> list[Any]:
         from composer import BrickSource
@@ -207,6 +272,7 @@ class Compositions:
                     params=recipe["params"],
                     output=recipe["output"],
                     rank=recipe["rank"],
+                    neurons=self._neuron_ops(recipe),
                 )
         except OSError as exc:
             raise InvalidRecipe(f"cannot read the base model at {base_path}: {exc.strerror or exc}") from None
@@ -335,6 +401,9 @@ class Compositions:
         Failures are recorded on the composition (status failed, error, error code); only
         an interruption (KeyboardInterrupt, SystemExit) propagates.
         """
+        runner = self.runners.get(str(composition.recipe.get("job", "")))
+        if runner is not None:
+            return runner(composition, worker)
         from composer import ComposeError, compose, read_base_model
 
         recipe: dict[str, Any] = dict(composition.recipe)
@@ -360,6 +429,7 @@ class Compositions:
                 rank=recipe["rank"],
                 recipe={"id": composition.id, **recipe},
                 progress=heartbeat,
+                neurons=self._neuron_ops(recipe),
             )
             manifest = None
             if self.publishes:

@@ -81,6 +81,9 @@ class Brick:
     created_at: datetime
     updated_at: datetime
     created_by: str | None = None
+    kind: str = "lora"
+    emergent: Mapping[str, object] | None = None
+    """An emergent brick's provenance (`registry.emergent.bricks`); None for a LoRA."""
 
     @property
     def ref(self) -> str:
@@ -146,6 +149,8 @@ class BrickDraft:
     license: str | None
     metrics: Mapping[str, float]
     version: int | None = None
+    kind: str = "lora"
+    emergent: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)

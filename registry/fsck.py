@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,9 +76,11 @@ def fsck(
     repair: bool = False,
     verify: bool = True,
     grace_s: float = 3600.0,
+    job_blobs: Mapping[str, str] | None = None,
 ) -> FsckReport:
     """Check (and optionally repair) the storage of bricks (``store`` rows against ``blobs``)
-    and of ``compositions``. See the module docstring."""
+    and of ``compositions``; ``job_blobs`` (sha256 -> label) are blobs other jobs on the
+    queue use (an emergent discovery's probe sets), kept like a brick's. See the module docstring."""
     report = FsckReport()
     referenced: dict[str, list[str]] = {}
     for brick_ref, digests in store.blob_references().items():
@@ -85,6 +88,8 @@ def fsck(
             referenced.setdefault(digest, []).append(brick_ref)
     for digest, composition_ids in compositions.store.published_digests().items():
         referenced.setdefault(digest, []).extend(f"composition {cid}" for cid in composition_ids)
+    for digest, label in (job_blobs or {}).items():
+        referenced.setdefault(digest, []).append(label)
     for digest, bricks in sorted(referenced.items()):
         report.checked_blobs += 1
         if not blobs.exists(digest):

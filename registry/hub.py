@@ -380,6 +380,8 @@ class Hub:
             latest = self.registry.get_brick(name)
         except BrickNotFound:
             raise RepoNotFound(f"no brick named {name[:100]!r}", extra={"repo_id": repo_id[:200]}) from None
+        if latest.kind != "lora":  # an emergent brick (a neuron set) is no adapter repository
+            raise RepoNotFound(f"{name!r} is an emergent brick, not an adapter", extra={"repo_id": repo_id[:200]})
         version: int | None = None
         if revision == MAIN:
             version = latest.version
@@ -533,7 +535,7 @@ class Hub:
         if author in (None, BRICKS):
             cursor = None
             while True:
-                page = self.registry.list_bricks(base_model=base_name, cursor=cursor, limit=500)
+                page = self.registry.list_bricks(base_model=base_name, cursor=cursor, limit=500, kind="lora")
                 listings.extend(_brick_listing(b) for b in page.items)
                 cursor = page.next_cursor
                 if cursor is None:

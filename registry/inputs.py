@@ -31,6 +31,7 @@ __all__ = [
     "BrickPatchIn",
     "ComposeRequest",
     "Name",
+    "NeuronChoice",
     "SearchRequest",
     "Tag",
     "parse_json_model",
@@ -151,6 +152,7 @@ class SearchRequest(BaseModel):
     min_score: float | None = Field(None, allow_inf_nan=False, description="drop hits scoring below this")
     all_versions: bool = Field(False, description="rank every version, not only the latest of each brick")
     exact: bool = Field(False, description="exact nearest-neighbour search instead of the approximate index")
+    kind: Literal["lora", "emergent"] | None = Field(None, description="only bricks of this kind")
 
 
 MAX_WEIGHT = 100.0
@@ -165,6 +167,32 @@ class BrickChoice(BaseModel):
     name: Name
     version: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the latest version")
     weight: Weight = Field(1.0, description=f"merge weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+
+
+BRICK_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[1-9][0-9]{0,9})?$"
+
+
+class NeuronChoice(BaseModel):
+    """An emergent brick used in a composition: ``ablate`` or ``scale`` its neurons in the
+    composed model, or ``restrict`` a brick of the recipe (``target``; default every brick)
+    to them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    brick: Annotated[str, StringConstraints(max_length=112, pattern=BRICK_REF_PATTERN)] = Field(
+        description="the emergent brick, NAME or NAME@VERSION"
+    )
+    op: Literal["ablate", "scale", "restrict"]
+    factor: float | None = Field(None, ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False, description="scale only")
+    target: Name | None = Field(None, description="restrict only: the recipe's brick to restrict (default: all)")
+
+    @model_validator(mode="after")
+    def _fits_op(self) -> NeuronChoice:
+        if (self.op == "scale") != (self.factor is not None):
+            raise ValueError("factor goes with op 'scale', and 'scale' needs one")
+        if self.target is not None and self.op != "restrict":
+            raise ValueError("target goes with op 'restrict' only")
+        return self
 
 
 class ComposeRequest(BaseModel):
@@ -185,6 +213,9 @@ class ComposeRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="merge method parameters")
     output: Literal["full", "adapter"] = "full"
     rank: int | None = Field(None, ge=1, le=8192, description="adapter output: truncate to this rank")
+    neurons: list[NeuronChoice] = Field(
+        default_factory=list, max_length=16, description="operations with emergent bricks (ablate, scale, restrict)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ComposeRequest:

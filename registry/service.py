@@ -27,6 +27,7 @@ from registry.compositions import Compositions
 from registry.db.events import Event
 from registry.db.migrate import ensure_schema
 from registry.db.session import Database
+from registry.emergent import NEURONS_FILENAME, EmergentBricks
 from registry.errors import (
     BaseModelNotFound,
     BrickNotFound,
@@ -82,6 +83,7 @@ class Registry:
         self._closed = False
         self.index = index if index is not None else make_index(store.db)
         self.compositions = Compositions(store, blobs, settings, search=self.search)
+        self.emergent = EmergentBricks(store, blobs, self.compositions, embed=self._embed)
         self.tokens = TokenStore(store.db)
         self._hit_bricks = BrickCache(store, size=_BRICK_CACHE_SIZE)
 
@@ -180,7 +182,15 @@ class Registry:
 
     def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
         """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers."""
-        return fsck(self.store, self.blobs, self.compositions, repair=repair, verify=verify, grace_s=grace_s)
+        return fsck(
+            self.store,
+            self.blobs,
+            self.compositions,
+            repair=repair,
+            verify=verify,
+            grace_s=grace_s,
+            job_blobs=self.emergent.job_blobs(),
+        )
 
     def bootstrap_admin_token(self) -> str | None:
         """With auth on and no admin token yet, create one named ``admin``, save it to
@@ -375,10 +385,14 @@ class Registry:
         all_versions: bool = False,
         cursor: str | None = None,
         limit: int = 50,
+        kind: str | None = None,
     ) -> domain.Page[domain.Brick]:
-        """A page of bricks (latest version of each name unless ``all_versions``)."""
+        """A page of bricks (latest version of each name unless ``all_versions``; of one
+        ``kind``, ``lora`` or ``emergent``, when given)."""
         if not 1 <= limit <= 500:
             raise InvalidInput("invalid limit", errors=["limit: must be between 1 and 500"])
+        if kind is not None and kind not in ("lora", "emergent"):
+            raise InvalidInput("invalid kind", errors=["kind: must be 'lora' or 'emergent'"])
         return self.store.list_bricks(
             name=name,
             base_model=base_model,
@@ -386,6 +400,7 @@ class Registry:
             all_versions=all_versions,
             cursor=cursor,
             limit=limit,
+            kind=kind,
         )
 
     def update_brick(
@@ -433,7 +448,9 @@ class Registry:
         base_id = None
         if request.base_model is not None:
             base_id = self.store.base_model_id(request.base_model)
-        filters = SearchFilters(base_model_id=base_id, tags=tuple(request.tags), all_versions=request.all_versions)
+        filters = SearchFilters(
+            base_model_id=base_id, tags=tuple(request.tags), all_versions=request.all_versions, kind=request.kind
+        )
         clock = time.perf_counter()
         timings: dict[str, float] = {}
 
@@ -506,6 +523,8 @@ class Registry:
     def brick_files(self, name: str, version: int) -> list[domain.BrickFile]:
         """The stored files of a brick version."""
         brick = self.store.get_brick(name, version)
+        if brick.kind == "emergent":
+            return [domain.BrickFile(NEURONS_FILENAME, brick.sha256, brick.size_bytes, "application/octet-stream")]
         return [
             domain.BrickFile(CONFIG_FILENAME, brick.config_sha256, brick.config_size_bytes, "application/json"),
             domain.BrickFile(WEIGHTS_FILENAME, brick.sha256, brick.size_bytes, "application/octet-stream"),
@@ -539,6 +558,8 @@ class Registry:
             try:
                 composition = self.compositions.get(composition_id)
             except NotFound:  # evicted meanwhile
+                continue
+            if "job" in composition.recipe:  # another job on the queue (emergent discovery), not a model
                 continue
             if composition.status == "ready" and (
                 base_model is None or composition.recipe["base_model"]["name"] == base_model  # type: ignore[index]

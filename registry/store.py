@@ -172,6 +172,7 @@ class Store:
         all_versions: bool = False,
         cursor: str | None = None,
         limit: int = 50,
+        kind: str | None = None,
     ) -> domain.Page[domain.Brick]:
         """A page of bricks ordered by name, newest version first.
 
@@ -182,8 +183,11 @@ class Store:
             all_versions: list every version, not only the latest of each name.
             cursor: ``next_cursor`` of the previous page.
             limit: page size.
+            kind: only bricks of this kind (``lora`` or ``emergent``).
         """
         query = _bricks_query(base_model=base_model, tag=tag, all_versions=all_versions)
+        if kind is not None:
+            query = query.where(BrickRow.kind == kind)
         if name is not None:
             query = query.where(BrickRow.name == name)
         if cursor is not None:

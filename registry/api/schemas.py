@@ -55,6 +55,10 @@ class BrickOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     created_by: str | None
+    kind: Literal["lora", "emergent"] = Field("lora", description="lora (customized) or emergent (a neuron set)")
+    emergent: dict[str, Any] | None = Field(
+        None, description="emergent bricks: method, params, probe hashes, statistics, neurons, verification table"
+    )
 
     @classmethod
     def of(cls, brick: domain.Brick) -> BrickOut:
@@ -81,6 +85,8 @@ class BrickOut(BaseModel):
             created_at=brick.created_at,
             updated_at=brick.updated_at,
             created_by=brick.created_by,
+            kind=brick.kind,
+            emergent=dict(brick.emergent) if brick.emergent is not None else None,
         )
 
 

@@ -172,6 +172,9 @@ class BrickRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(100))
     is_latest: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False, index=True)
+    # "lora" (customized) or "emergent" (a neuron set; `emergent` holds its provenance).
+    kind: Mapped[str] = mapped_column(String(16), server_default="lora", default="lora", index=True)
+    emergent: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     # Only the name of the base model is part of a brick: a correlated subquery, so loading
     # bricks never hydrates the base model's config and module shapes (JSON, large for big models).
@@ -214,6 +217,8 @@ class BrickRow(Base):
             updated_at=at,
             created_by=created_by,
             tag_rows=[BrickTagRow(tag=t) for t in sorted(set(draft.tags))],
+            kind=draft.kind,
+            emergent=dict(draft.emergent) if draft.emergent is not None else None,
         )
 
     def to_domain(self) -> domain.Brick:
@@ -241,6 +246,8 @@ class BrickRow(Base):
             created_at=as_utc(self.created_at),
             updated_at=as_utc(self.updated_at),
             created_by=self.created_by,
+            kind=self.kind,
+            emergent=self.emergent,
         )
 
 

@@ -41,6 +41,7 @@ class SearchFilters:
     base_model_id: int | None = None
     tags: tuple[str, ...] = ()
     all_versions: bool = False
+    kind: str | None = None  # "lora" | "emergent"; None: every kind
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class _Snapshot:
     brick_ids: np.ndarray  # (bricks,)
     latest: np.ndarray  # (bricks,) bool
     base_ids: np.ndarray  # (bricks,)
+    kinds: np.ndarray  # (bricks,) str
     tags: dict[str, np.ndarray]  # tag -> bool mask over bricks
     features: list[BrickFeatures]
     stats: CorpusStats
@@ -229,7 +231,9 @@ class InMemoryIndex:
                 .where(BrickVectorRow.model == model, BrickVectorRow.id > since)
                 .order_by(BrickVectorRow.brick_id, BrickVectorRow.kind, BrickVectorRow.ordinal)
             ).all()
-            bricks = session.execute(select(BrickRow.id, BrickRow.is_latest, BrickRow.base_model_id)).all()
+            bricks = session.execute(
+                select(BrickRow.id, BrickRow.is_latest, BrickRow.base_model_id, BrickRow.kind)
+            ).all()
             tag_rows = session.execute(select(BrickTagRow.brick_id, BrickTagRow.tag)).all()
             changed = {row.brick_id for row in vectors}
             lexical_query = select(BrickLexicalRow)
@@ -272,6 +276,8 @@ class InMemoryIndex:
             eligible &= snap.latest
         if filters.base_model_id is not None:
             eligible &= snap.base_ids == filters.base_model_id
+        if filters.kind is not None:
+            eligible &= snap.kinds == filters.kind
         for tag in filters.tags:
             eligible &= snap.tags.get(tag, np.zeros(len(snap.brick_ids), bool))
         vector_ok = eligible[snap.owner] if len(snap.owner) else np.zeros(0, bool)
@@ -322,6 +328,7 @@ def _build_snapshot(
         brick_ids=np.asarray(ids, np.int64),
         latest=np.asarray([meta[i].is_latest for i in ids], bool),
         base_ids=np.asarray([meta[i].base_model_id for i in ids], np.int64),
+        kinds=np.asarray([meta[i].kind for i in ids], dtype=object),
         tags=tags,
         features=features,
         stats=stats,
@@ -405,6 +412,9 @@ class PgVectorIndex:
         if filters.base_model_id is not None:
             conditions.append("b.base_model_id = :base_id")
             params["base_id"] = filters.base_model_id
+        if filters.kind is not None:
+            conditions.append("b.kind = :kind")
+            params["kind"] = filters.kind
         for i, tag in enumerate(filters.tags):
             conditions.append(f"EXISTS (SELECT 1 FROM brick_tags t WHERE t.brick_id = b.id AND t.tag = :tag{i})")
             params[f"tag{i}"] = tag

@@ -33,6 +33,15 @@ def test_all_names_exist_and_include_the_registry_contract() -> None:
         "read_base_model",
         "find_linear_modules",
         "TRANSFORMERS_LOCK",
+        # emergent bricks: discovery (resolved lazily: they import torch) and neuron operations
+        "SELECTION_METHODS",
+        "NeuronFile",
+        "NeuronOp",
+        "collect_statistics",
+        "select_neurons",
+        "verify_neuron_sets",
+        "save_neuron_set",
+        "load_neuron_set",
     }
     assert contract <= set(composer.__all__)
 
@@ -41,10 +50,22 @@ def test_compose_signature() -> None:
     parameters = inspect.signature(compose).parameters
     assert list(parameters)[:3] == ["base_dir", "bricks", "out_dir"]
     keyword_only = {n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keyword_only == {"method", "params", "output", "rank", "recipe", "progress"}
+    assert keyword_only == {"method", "params", "output", "rank", "recipe", "progress", "neurons"}
     assert parameters["method"].default == "linear" and parameters["output"].default == "full"
 
 
 def test_brick_source_defaults_to_weight_one() -> None:
     brick = BrickSource("a@1", Path("c.json"), Path("w.safetensors"))
     assert brick.weight == 1.0
+
+
+def test_importing_composer_does_not_import_torch_until_an_emergent_name_is_used() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, composer; assert 'torch' not in sys.modules, 'eager'; "
+        "composer.select_neurons; assert 'torch' in sys.modules, 'not resolved'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.responses import FileResponse, Response
@@ -42,9 +42,12 @@ def list_bricks(
     all_versions: bool = False,
     cursor: CursorQuery = None,
     limit: LimitQuery = 50,
+    kind: Annotated[Literal["lora", "emergent"] | None, Query(description="only bricks of this kind")] = None,
 ) -> Page[BrickOut]:
     """Bricks by name (latest version of each unless ``all_versions``), a page at a time."""
-    page = registry.list_bricks(base_model=base_model, tag=tag, all_versions=all_versions, cursor=cursor, limit=limit)
+    page = registry.list_bricks(
+        base_model=base_model, tag=tag, all_versions=all_versions, cursor=cursor, limit=limit, kind=kind
+    )
     return Page[BrickOut](items=[BrickOut.of(b) for b in page.items], next_cursor=page.next_cursor)
 
 
