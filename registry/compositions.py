@@ -219,12 +219,13 @@ class Compositions:
 
         ops = []
         for entry in recipe.get("neurons", ()):
-            path = self.blobs.path(entry["sha256"])
-            if not path.exists():
+            try:
+                path = self.blobs.local_path(entry["sha256"])
+            except FileNotFoundError:
                 raise StorageCorrupt(
                     "stored files of some bricks are missing; run `brickyard fsck`",
                     errors=[f"{entry['name']}@{entry['version']}: blob missing"],
-                )
+                ) from None
             ops.append(
                 NeuronOp(f"{entry['name']}@{entry['version']}", entry["op"], path, entry["factor"], entry["target"])
             )

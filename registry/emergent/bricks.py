@@ -221,9 +221,10 @@ class EmergentBricks:
         return self.compositions.get(job.id)
 
     def _probes(self, sha256: str) -> list[dict[str, Any]]:
-        path = self.blobs.path(sha256)
-        if not path.is_file():
-            raise StorageCorrupt("the probe sets of this discovery are missing; request it again")
+        try:
+            path = self.blobs.local_path(sha256)
+        except FileNotFoundError:
+            raise StorageCorrupt("the probe sets of this discovery are missing; request it again") from None
         return list(json.loads(path.read_bytes()))
 
     def _register(
