@@ -11,7 +11,14 @@ does not import torch; composing does.
 """
 
 from composer._version import COMPOSER_VERSION
-from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
+from composer.adapter import (
+    LoraSettings,
+    map_adapter_tensors,
+    parse_lora_config,
+    pattern_budget,
+    peft_pattern,
+    split_lora_key,
+)
 from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, read_base_model
 from composer.compose import ComposeResult, TruncationStats, WrittenFile, compose
 from composer.errors import (
@@ -24,6 +31,7 @@ from composer.errors import (
     NonFiniteResult,
     UnknownMethod,
 )
+from composer.files import HF_MODEL_FILES, NotRegularFile, open_regular, read_bounded
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
 from composer.methods import MERGE_METHODS, MergeMethod, MethodInfo, get_method, list_methods
 from composer.plan import BrickSource, CompositionPlan, plan_composition
@@ -33,6 +41,7 @@ __version__ = COMPOSER_VERSION
 __all__ = [
     "COMPOSER_VERSION",
     "FLOAT_DTYPES",
+    "HF_MODEL_FILES",
     "MERGE_METHODS",
     "TRANSFORMERS_LOCK",
     "BrickSource",
@@ -48,6 +57,7 @@ __all__ = [
     "MergeMethod",
     "MethodInfo",
     "NonFiniteResult",
+    "NotRegularFile",
     "SafetensorsHeader",
     "TruncationStats",
     "UnknownMethod",
@@ -59,9 +69,13 @@ __all__ = [
     "get_method",
     "list_methods",
     "map_adapter_tensors",
+    "open_regular",
     "parse_lora_config",
+    "pattern_budget",
+    "peft_pattern",
     "plan_composition",
     "read_base_model",
+    "read_bounded",
     "read_header",
     "sniff_format",
     "split_lora_key",

@@ -33,10 +33,12 @@ from registry.errors import (
     Conflict,
     FileNotFound,
     IncompatibleBrick,
+    InvalidInput,
     InvalidRecipe,
     StorageCorrupt,
 )
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
+from registry.model_roots import ModelRoots
 
 if TYPE_CHECKING:
     from registry.blobs import BlobStore
@@ -160,6 +162,7 @@ class Compositions:
             "output": request.output,
             "rank": request.rank,
         }
+        ModelRoots(self.settings).check_model(Path(base.path))  # the roots may have changed since
         self._plan(recipe, Path(base.path))
         return recipe, base_id
 
@@ -182,10 +185,10 @@ class Compositions:
         return sources
 
     def _plan(self, recipe: dict[str, Any], base_path: Path) -> None:
-        from composer import plan_composition
+        from composer import pattern_budget, plan_composition
 
         try:
-            with composer_errors(into=InvalidRecipe):
+            with composer_errors(into=InvalidRecipe), pattern_budget(self.settings.limits.pattern_seconds):
                 plan_composition(
                     base_path,
                     self._brick_sources(recipe),
@@ -285,6 +288,10 @@ class Compositions:
         heartbeat = _Heartbeat(self.store, composition.id, worker)
         try:
             base = self.catalog.get_base_model(recipe["base_model"]["name"])
+            try:
+                ModelRoots(self.settings).check_model(Path(base.path))
+            except InvalidInput as exc:
+                raise InvalidRecipe(exc.detail, errors=exc.errors) from None
             if read_base_model(Path(base.path)).fingerprint() != recipe["base_model"]["fingerprint"]:
                 raise InvalidRecipe(
                     f"the files of base model {base.name!r} at {base.path} changed since it was registered",

@@ -41,6 +41,7 @@ from registry.errors import (
 )
 from registry.fsck import FsckReport, fsck
 from registry.inputs import NAME_PATTERN, BaseModelCreate, BrickMetadata, BrickPatchIn, SearchRequest, parse_json_model
+from registry.model_roots import ModelRoots
 from registry.search.embed import Embedder, shared_embedder
 from registry.search.hit_cache import BrickCache
 from registry.search.index import SearchFilters, SearchIndex, make_index
@@ -194,7 +195,8 @@ class Registry:
             return None
         path = self.settings.admin_token_file
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # the mode of O_CREAT does not apply to a file that existed
         with os.fdopen(fd, "w") as handle:
             handle.write(token + "\n")
         return token
@@ -213,19 +215,23 @@ class Registry:
         """
         if not isinstance(request, BaseModelCreate):
             request = parse_json_model(BaseModelCreate, dict(request), what="base model")
-        path = Path(request.path).expanduser()
+        # Confined to the model roots, every file checked before it is opened (registry.model_roots).
+        roots = ModelRoots(self.settings)
+        path = roots.directory(request.path)
+        roots.check_model(path)
         try:
             with composer_errors():
                 layout = read_base_model(path, max_header_bytes=self.settings.limits.max_header_bytes)
                 linear = find_linear_modules(layout)
         except (OSError, ValueError) as exc:  # unreadable, too long, or not a path at all
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise InvalidBaseModel(
-                f"cannot read base model at {str(path)[:200]!r}", errors=[f"path: {reason}"]
+                f"cannot read base model at {request.path[:200]!r}", errors=[f"path: {reason}"]
             ) from None
         if not linear:
             raise InvalidBaseModel(
-                f"no linear modules found in {path}", errors=["the model has no adaptable linear layers"]
+                f"no linear modules found in {request.path[:200]!r}",
+                errors=["the model has no adaptable linear layers"],
             )
         draft = domain.BaseModelDraft(
             name=request.name,
@@ -303,7 +309,12 @@ class Registry:
                     problems.append(f"metadata.base_model: no base model named {base_name!r} is registered")
             adapter_problems: list[str] = []
             spec = inspect_adapter(
-                config_bytes, staged.path, base, max_header_bytes=limits.max_header_bytes, problems=adapter_problems
+                config_bytes,
+                staged.path,
+                base,
+                max_header_bytes=limits.max_header_bytes,
+                problems=adapter_problems,
+                pattern_seconds=limits.pattern_seconds,
             )
             if problems or adapter_problems or spec is None or meta is None:
                 error = InvalidAdapter if adapter_problems else InvalidInput
