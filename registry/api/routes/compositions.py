@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import FileResponse, StreamingResponse
 
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
-from registry.api.files import FILE_RESPONSES, file_response, tar_stream
+from registry.api.files import FILE_RESPONSES, file_response, tar_length, tar_stream
 from registry.api.params import RelativePath
 from registry.api.schemas import CompositionFileOut, CompositionOut
 from registry.inputs import ComposeRequest
@@ -81,9 +81,10 @@ def get_composition_archive(composition_id: IdPath, registry: RegistryDep, _: Re
     """The whole composition as a tar stream (uncompressed: weights do not compress)."""
     root = registry.compositions.directory(composition_id)
     files = registry.compositions.files(composition_id)
-    total = sum(512 + -(-size // 512) * 512 for _, size in files) + 1024
+    relative = [p for p, _ in files]
+    total = tar_length(root, relative)  # measured on the headers tar_stream will send
     return StreamingResponse(
-        tar_stream(root, [p for p, _ in files]),
+        tar_stream(root, relative),
         media_type="application/x-tar",
         headers={
             "Content-Disposition": f'attachment; filename="{composition_id}.tar"',
