@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from composer import find_linear_modules, read_base_model
 from registry import domain
 from registry.auth import TokenStore
+from registry.blob_check import VerifiedBlobs
 from registry.blobs import BlobStore, LocalBlobStore
 from registry.composer_errors import composer_errors
 from registry.compositions import Compositions
@@ -86,6 +87,7 @@ class Registry:
         self.compositions = Compositions(store, blobs, settings, search=self.search)
         self.tokens = TokenStore(store.db)
         self._hit_bricks = BrickCache(store, size=_BRICK_CACHE_SIZE)
+        self._verified_blobs = VerifiedBlobs(blobs)
 
     @property
     def embedder(self) -> Embedder:
@@ -525,10 +527,14 @@ class Registry:
         Raises:
             BrickNotFound: no such brick version.
             FileNotFound: no such file.
+            StorageCorrupt: its blob is missing or not the registered bytes.
         """
         for file in self.brick_files(name, version):
             if file.filename == filename:
-                return file, self.blobs.path(file.sha256)
+                # Never serve bytes other than the registered ones (registry.blob_check).
+                return file, self._verified_blobs.path(
+                    file.sha256, file.size_bytes, what=f"{name}@{version}/{filename}"
+                )
         raise FileNotFound(
             f"{name}@{version} has no file {filename[:100]!r}",
             errors=[f"files are {CONFIG_FILENAME} and {WEIGHTS_FILENAME}"],

@@ -96,8 +96,9 @@ def list_brick_files(name: NamePath, version: VersionPath, registry: RegistryDep
     ]
 
 
-@router.get(
+@router.api_route(
     "/{name}/versions/{version}/files/{filename}",
+    methods=["GET", "HEAD"],  # HEAD: size and ETag without the bytes (Starlette's FileResponse)
     response_class=FileResponse,
     responses={**FILE_RESPONSES},
 )

@@ -54,8 +54,9 @@ def list_composition_files(composition_id: IdPath, registry: RegistryDep, _: Rea
     return [CompositionFileOut(path=p, size_bytes=n) for p, n in registry.compositions.files(composition_id)]
 
 
-@router.get(
+@router.api_route(
     "/{composition_id}/files/{path:path}",
+    methods=["GET", "HEAD"],  # HEAD: size and ETag without the bytes (Starlette's FileResponse)
     response_class=FileResponse,
     responses={**FILE_RESPONSES},
 )
