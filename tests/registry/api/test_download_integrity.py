@@ -95,7 +95,7 @@ def test_brick_pull_of_a_corrupt_blob_exits_non_zero(brick: Any, registry: Any, 
     assert not (out / "adapter_model.safetensors").exists()
     # The remote client checks the bytes itself too: a server (or proxy) that sends others.
     remote = RemoteClient("http://testserver", http=client)
-    with pytest.raises(Exception, match="storage|damaged|not the registered") as raised:
+    with pytest.raises(Exception, match=r"storage|damaged|not the registered") as raised:
         remote.download_brick("sentiment", 1, tmp_path / "remote")
     assert type(raised.value).__name__ == "StorageCorrupt"
     assert not (tmp_path / "remote" / "adapter_model.safetensors").exists()
