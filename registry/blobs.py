@@ -104,8 +104,15 @@ class LocalBlobStore:
         """
         target = self.path(staged.sha256)
         if target.exists():
-            staged.path.unlink(missing_ok=True)
-            return False
+            # Deduplicated onto stored bytes (perhaps an orphan fsck is about to collect):
+            # refresh their age, so the grace period counts from this registration.
+            try:
+                os.utime(target)
+            except FileNotFoundError:
+                pass  # collected just now: fall through and store the staged copy
+            else:
+                staged.path.unlink(missing_ok=True)
+                return False
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(staged.path, "rb") as handle:
             os.fsync(handle.fileno())

@@ -180,9 +180,25 @@ class Registry:
         """Audit events of every version of brick ``name``, newest first."""
         return self.store.events(f"brick:{name}@", limit=limit)
 
-    def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
-        """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers."""
-        return fsck(self.store, self.blobs, self.compositions, repair=repair, verify=verify, grace_s=grace_s)
+    def fsck(
+        self,
+        *,
+        repair: bool = False,
+        verify: bool = True,
+        grace_s: float = 3600.0,
+        after_listing: Callable[[], None] | None = None,
+    ) -> FsckReport:
+        """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers
+        (``after_listing``: a test hook between listing references and deleting)."""
+        return fsck(
+            self.store,
+            self.blobs,
+            self.compositions,
+            repair=repair,
+            verify=verify,
+            grace_s=grace_s,
+            after_listing=after_listing,
+        )
 
     def bootstrap_admin_token(self) -> str | None:
         """With auth on and no admin token yet, create one named ``admin``, save it to
@@ -361,7 +377,12 @@ class Registry:
         # `brickyard fsck` to collect, never a row without its bytes.
         self.blobs.commit(staged)
         self.blobs.commit(config_blob)
-        brick = self.store.add_brick(draft, embedded=embedded, actor=actor)
+        brick = self.store.add_brick(
+            draft,
+            embedded=embedded,
+            actor=actor,
+            blobs_present=lambda: self.blobs.exists(staged.sha256) and self.blobs.exists(config_blob.sha256),
+        )
         log.info("registered brick %s (%s, %d bytes)", brick.ref, brick.sha256[:12], brick.size_bytes)
         return brick
 
