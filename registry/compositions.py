@@ -253,6 +253,21 @@ class Compositions:
         self.store.touch(composition_id)
         return path
 
+    def lease(self, composition_id: str, *, ttl_s: float = 300.0) -> DownloadLease:
+        """Hold a ready composition for a download: eviction skips it until the lease is
+        released or expires (renewed by `DownloadLease.keep_alive` while bytes flow).
+
+        Raises:
+            CompositionNotFound / Conflict / StorageCorrupt: as `directory`.
+        """
+        self.directory(composition_id)  # the errors of a composition that is not ready
+        lease_id = self.store.lease(composition_id, ttl_s)
+        if lease_id is None or not self._complete(composition_id):
+            if lease_id is not None:
+                self.store.release_lease(lease_id)
+            raise CompositionNotFound(f"composition {composition_id} was evicted; request it again")
+        return DownloadLease(self.store, lease_id, ttl_s)
+
     def _complete(self, composition_id: str) -> bool:
         return (self.root / composition_id / "brickyard.json").is_file()
 
@@ -336,7 +351,8 @@ class Compositions:
                 break
             if composition_id == keep:
                 continue
-            if self.store.delete_ready(composition_id):
+            # A composition being downloaded is kept (its lease), even over the budget.
+            if self.store.delete_ready_unleased(composition_id):
                 shutil.rmtree(self.root / composition_id, ignore_errors=True)
                 total -= size
                 evicted.append(composition_id)
@@ -368,6 +384,34 @@ def _walk(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
             yield path
+
+
+class DownloadLease:
+    """A download's hold on a composition (see `Compositions.lease`)."""
+
+    def __init__(self, store: CompositionStore, lease_id: int, ttl_s: float) -> None:
+        import time
+
+        self.store = store
+        self.lease_id = lease_id
+        self.ttl_s = ttl_s
+        self._renewed = time.monotonic()
+        self._released = False
+
+    def keep_alive(self) -> None:
+        """Renew the lease when a fifth of its time has passed (cheap to call per chunk)."""
+        import time
+
+        now = time.monotonic()
+        if now - self._renewed > self.ttl_s / 5:
+            self.store.renew_lease(self.lease_id, self.ttl_s)
+            self._renewed = now
+
+    def release(self) -> None:
+        """End the hold (idempotent)."""
+        if not self._released:
+            self._released = True
+            self.store.release_lease(self.lease_id)
 
 
 class _Heartbeat:

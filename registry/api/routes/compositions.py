@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
 from registry.api.files import FILE_RESPONSES, file_response, tar_length, tar_stream
@@ -68,9 +70,17 @@ def get_composition_file(
     _: ReadActor,
 ) -> FileResponse:
     """One file of a ready composition (HTTP Range supported)."""
-    local = registry.compositions.file(composition_id, path)
-    media = "application/json" if local.suffix == ".json" else "application/octet-stream"
-    return file_response(request, local, media_type=media, filename=local.name, etag=f"{composition_id}:{path}")
+    # Held against eviction until the response is sent (long: a FileResponse is not renewed).
+    lease = registry.compositions.lease(composition_id, ttl_s=6 * 3600)
+    try:
+        local = registry.compositions.file(composition_id, path)
+        media = "application/json" if local.suffix == ".json" else "application/octet-stream"
+        response = file_response(request, local, media_type=media, filename=local.name, etag=f"{composition_id}:{path}")
+    except BaseException:
+        lease.release()
+        raise
+    response.background = BackgroundTask(lease.release)
+    return response
 
 
 @router.get(
@@ -80,12 +90,25 @@ def get_composition_file(
 )
 def get_composition_archive(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> StreamingResponse:
     """The whole composition as a tar stream (uncompressed: weights do not compress)."""
-    root = registry.compositions.directory(composition_id)
-    files = registry.compositions.files(composition_id)
-    relative = [p for p, _ in files]
-    total = tar_length(root, relative)  # measured on the headers tar_stream will send
+    lease = registry.compositions.lease(composition_id)  # eviction waits for the download
+    try:
+        root = registry.compositions.directory(composition_id)
+        relative = [p for p, _ in registry.compositions.files(composition_id)]
+        total = tar_length(root, relative)  # measured on the headers tar_stream will send
+    except BaseException:
+        lease.release()
+        raise
+
+    def leased_stream() -> Iterator[bytes]:
+        try:
+            for chunk in tar_stream(root, relative):
+                lease.keep_alive()
+                yield chunk
+        finally:  # also when the client goes away (the generator is closed)
+            lease.release()
+
     return StreamingResponse(
-        tar_stream(root, relative),
+        leased_stream(),
         media_type="application/x-tar",
         headers={
             "Content-Disposition": f'attachment; filename="{composition_id}.tar"',
