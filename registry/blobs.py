@@ -168,7 +168,11 @@ class LocalBlobStore:
         cutoff = time.time() - older_than_s
         removed = 0
         for leftover in self._staging.iterdir():
-            if leftover.stat().st_mtime < cutoff:
+            try:
+                stale = leftover.stat().st_mtime < cutoff
+            except FileNotFoundError:  # an upload in flight finished meanwhile
+                continue
+            if stale:
                 leftover.unlink(missing_ok=True)
                 removed += 1
         return removed

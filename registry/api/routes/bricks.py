@@ -96,9 +96,8 @@ def list_brick_files(name: NamePath, version: VersionPath, registry: RegistryDep
     ]
 
 
-@router.api_route(
+@router.get(
     "/{name}/versions/{version}/files/{filename}",
-    methods=["GET", "HEAD"],  # HEAD: size and ETag without the bytes (Starlette's FileResponse)
     response_class=FileResponse,
     responses={**FILE_RESPONSES},
 )
@@ -113,6 +112,17 @@ def get_brick_file(
     """A stored file, byte-identical to the upload (HTTP Range supported)."""
     file, path = registry.brick_file(name, version, filename)
     return file_response(request, path, media_type=file.media_type, filename=file.filename, etag=file.sha256)
+
+
+# HEAD: size and ETag without the bytes (Starlette's FileResponse sends headers only); one
+# operation in the schema, the GET.
+router.add_api_route(
+    "/{name}/versions/{version}/files/{filename}",
+    get_brick_file,
+    methods=["HEAD"],
+    include_in_schema=False,
+    response_class=FileResponse,
+)
 
 
 @router.get("/{name}/history")

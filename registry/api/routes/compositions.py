@@ -56,9 +56,8 @@ def list_composition_files(composition_id: IdPath, registry: RegistryDep, _: Rea
     return [CompositionFileOut(path=p, size_bytes=n) for p, n in registry.compositions.files(composition_id)]
 
 
-@router.api_route(
+@router.get(
     "/{composition_id}/files/{path:path}",
-    methods=["GET", "HEAD"],  # HEAD: size and ETag without the bytes (Starlette's FileResponse)
     response_class=FileResponse,
     responses={**FILE_RESPONSES},
 )
@@ -81,6 +80,17 @@ def get_composition_file(
         raise
     response.background = BackgroundTask(lease.release)
     return response
+
+
+# HEAD: size and ETag without the bytes (Starlette's FileResponse sends headers only); one
+# operation in the schema, the GET.
+router.add_api_route(
+    "/{composition_id}/files/{path:path}",
+    get_composition_file,
+    methods=["HEAD"],
+    include_in_schema=False,
+    response_class=FileResponse,
+)
 
 
 @router.get(
