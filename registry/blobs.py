@@ -91,8 +91,12 @@ class LocalBlobStore:
     def stage_bytes(self, data: bytes) -> StagedBlob:
         """Stage an in-memory byte string."""
         fd, name = tempfile.mkstemp(dir=self._staging, prefix="stage-")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+        except BaseException:  # a full disk: leave nothing half-written
+            Path(name).unlink(missing_ok=True)
+            raise
         return StagedBlob(path=Path(name), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
     def commit(self, staged: StagedBlob) -> bool:
