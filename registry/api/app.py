@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from registry.api.guard import AuthGuard
 from registry.api.limits import BodyLimitMiddleware
+from registry.api.offload import BlockingLane
 from registry.api.problems import PROBLEM_RESPONSES, document_problems, install_problem_handlers
 from registry.api.routes import base_models, bricks, compositions, health, hub, merge_methods, search, tokens
 from registry.jobs import WorkerPool
@@ -73,6 +74,8 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     )
     if registry is not None:
         app.state.registry = registry
+    # At most this many threads reading base-model directories (registry.api.offload).
+    app.state.base_model_lane = BlockingLane("reading the base model", threads=4)
     limits = settings.limits
     app.add_middleware(
         BodyLimitMiddleware,
