@@ -43,6 +43,9 @@ __all__ = [
 _REGEX_TIMEOUT_S = 0.05
 _MAX_PATTERN_CHARS = 512
 _MAX_PATTERNS = 4096
+# rank_pattern + alpha_pattern keys: each is compiled twice (regex and re, ~1 ms) and may be
+# tried against every module; a key per module of a 70B model is about 560.
+_MAX_PATTERN_KEYS = 1024
 _KEY_PREFIX = "base_model.model."
 
 # Config keys whose non-default value changes the forward pass beyond ``W + s * B @ A``
@@ -278,8 +281,11 @@ def _module_spec(value: Any, key: str, problems: list[str]) -> tuple[str, ...] |
 def _pattern_map(value: Any, key: str, problems: list[str], *, integer: bool) -> dict[str, Any]:
     if value is None:
         return {}
-    if not isinstance(value, dict) or len(value) > _MAX_PATTERNS:
+    if not isinstance(value, dict):
         problems.append(f"{key} must be an object mapping module patterns to numbers")
+        return {}
+    if len(value) > _MAX_PATTERN_KEYS:
+        problems.append(f"{key} has {len(value)} patterns; at most {_MAX_PATTERN_KEYS} are accepted")
         return {}
     out: dict[str, Any] = {}
     for pattern, number in value.items():

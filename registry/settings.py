@@ -40,7 +40,7 @@ BRICKYARD_LIMITS__MAX_CONFIG_BYTES            largest adapter_config.json (1 MiB
 BRICKYARD_LIMITS__MAX_HEADER_BYTES            largest safetensors header (16 MiB)
 BRICKYARD_LIMITS__MAX_METADATA_BYTES          largest metadata form field (256 KiB)
 BRICKYARD_LIMITS__FS_DEADLINE_S               reading a base model's files at registration, at most
-                                              (30 s; 503 after, on its own 4 threads)
+                                              (300 s; 503 after, on its own 4 threads)
 BRICKYARD_LIMITS__PATTERN_SECONDS             total time of one request's module-pattern matching
                                               (rank_pattern, alpha_pattern, target_modules; 2 s)
 BRICKYARD_EMBEDDING__MODEL_PATH               sentence-transformers model directory (the
@@ -82,7 +82,11 @@ class LimitSettings(BaseModel):
     max_header_bytes: int = Field(16 * _MiB, gt=0, description="largest safetensors JSON header")
     max_metadata_bytes: int = Field(256 * 1024, gt=0, description="largest metadata form field")
     fs_deadline_s: float = Field(
-        30.0, gt=0, le=3600, description="registering a base model reads its files for at most this long (503 after)"
+        300.0,
+        gt=0,
+        le=3600,
+        description="registering a base model reads its files for at most this long (503 after); generous, "
+        "since a cold server first imports transformers (tens of seconds on a loaded machine)",
     )
     pattern_seconds: float = Field(
         2.0, gt=0, le=60, description="total time one request may spend matching rank/alpha/target patterns"
