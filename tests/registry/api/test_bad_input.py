@@ -334,7 +334,7 @@ def test_every_problem_is_reported_at_once(ready: Any, registry: Any) -> None:
         json.dumps(brick_metadata(name="bаse")),  # Cyrillic a
         json.dumps(brick_metadata(name="nul\u0000byte")),
         json.dumps(brick_metadata(version=0)),
-        json.dumps(brick_metadata(version=2**40)),
+        json.dumps(brick_metadata(version=2**63)),  # past int64 (2**40 is a valid version since 0006)
         json.dumps(brick_metadata(unexpected="field")),
         json.dumps({**brick_metadata(), "metrics": {"acc": "high"}}),
         '{"name": "a", "metrics": {"acc": NaN}}',
