@@ -889,6 +889,140 @@ def fuzz_app(
     return reports
 
 
+# -- hostile families (issue 15): requests aimed at the server's file system and CPU -----
+
+
+def _hostile_base_dirs(base_path: Path, scratch: Path, secret: Path) -> dict[str, Path]:
+    """Copies of the base model made hostile, one way each (in ``scratch``, inside the roots)."""
+    import os
+    import shutil
+
+    def copy(name: str) -> Path:
+        target = scratch / name
+        shutil.copytree(base_path, target, symlinks=True)
+        return target
+
+    dirs = {}
+    d = copy("tokenizer-to-secret")
+    (d / "tokenizer.json").unlink(missing_ok=True)
+    (d / "tokenizer.json").symlink_to(secret)
+    dirs["symlink to a server secret"] = d
+    d = copy("config-to-etc")
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to("/etc/passwd")
+    dirs["config.json -> /etc/passwd"] = d
+    d = copy("fifo-config")
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")
+    dirs["FIFO config.json"] = d
+    d = copy("dev-zero-config")
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to("/dev/zero")
+    dirs["config.json -> /dev/zero"] = d
+    d = copy("huge-config")
+    with open(d / "config.json", "r+b") as handle:
+        handle.truncate(1 << 30)  # sparse
+    dirs["1 GiB sparse config.json"] = d
+    d = copy("bin-only")
+    for weights in d.glob("*.safetensors*"):
+        weights.unlink()
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    dirs["pickle weights only"] = d
+    return dirs
+
+
+HOSTILE_PATTERNS: dict[str, dict[str, Any]] = {
+    "back-reference in rank_pattern": {"rank_pattern": {r"(q)(_)\2": 2}},
+    "back-reference in alpha_pattern": {"alpha_pattern": {r"(q)(_)\2": 4}},
+    "catastrophic alpha_pattern": {"alpha_pattern": {r"(\w|[a-z_.0-9]|.)*\d\d\d\d": 4}},
+    "4096 fuzzy keys": {"alpha_pattern": {rf"(\w|\w)*\d\d{i}X": 4 for i in range(4096)}},
+    "1024 + 1024 keys": {
+        "rank_pattern": {rf"(\w|\w)*\d\d{i}X": 2 for i in range(1024)},
+        "alpha_pattern": {rf"(\w|\w)*\d\d{i}Y": 4 for i in range(1024)},
+    },
+    "unbalanced group": {"rank_pattern": {"(q_proj": 2}},
+}
+HOSTILE_VERSIONS = (2**31 - 1, 2**31, 2**62, 2**63 - 1)
+
+
+def probe_hostile_families(
+    client: Any, base_path: Path, scratch: Path, secret: Path, *, slow_s: float = 20.0
+) -> OperationReport:
+    """Send the hostile families of issue 15 through ``client`` (admin token): base models
+    from hostile directories, adapter configs with hostile patterns, versions past 2^31,
+    HEAD on file routes. A finding is any 5xx, any 2xx where a refusal is due, or an answer
+    slower than ``slow_s``. ``secret``: a file of the server's own data (its admin token)."""
+    report = OperationReport("hostile families")
+    started = time.perf_counter()
+    secret_text = secret.read_text().strip() if secret.is_file() else None
+
+    def check(kind: str, response: Any, elapsed: float, *, ok: tuple[int, ...]) -> None:
+        report.cases += 1
+        report.statuses[response.status_code] += 1
+        problem = None
+        if response.status_code >= 500:
+            problem = "server error"
+        elif response.status_code not in ok:
+            problem = f"status {response.status_code}, expected one of {ok}"
+        elif elapsed > slow_s:
+            problem = f"answered after {elapsed:.1f} s"
+        if problem is not None:
+            finding = Finding(
+                report.operation,
+                "hostile",
+                f"{kind}: {problem}",
+                response.status_code,
+                "admin",
+                kind,
+                response.text[:1000],
+            )
+            report.add((kind, problem), finding)
+
+    for kind, directory in _hostile_base_dirs(base_path, scratch, secret).items():
+        t = time.perf_counter()
+        response = client.post("/v1/base-models", json={"name": f"hostile-{report.cases}", "path": str(directory)})
+        check(f"base model: {kind}", response, time.perf_counter() - t, ok=(422,))
+        if (secret_text and secret_text in response.text) or "pytorch_model.bin" in response.text:
+            report.add(
+                (kind, "disclosure"),
+                Finding(report.operation, "hostile", f"{kind}: discloses", None, "admin", kind, response.text[:1000]),
+            )
+    for kind, path in {"outside the roots": "/etc", "missing": str(scratch / "absent")}.items():
+        t = time.perf_counter()
+        response = client.post("/v1/base-models", json={"name": "hostile-path", "path": path})
+        check(f"base model path {kind}", response, time.perf_counter() - t, ok=(422,))
+    config, weights = random_adapter(4242)
+    base_config = json.loads(config)
+    for kind, extra in HOSTILE_PATTERNS.items():
+        t = time.perf_counter()
+        response = client.post(
+            "/v1/bricks",
+            data={"metadata": json.dumps({"name": "hostile-pattern", "base_model": BASE_MODEL, "description": kind})},
+            files={
+                "adapter_config": ("adapter_config.json", json.dumps({**base_config, **extra}).encode()),
+                "adapter_weights": ("adapter_model.safetensors", weights),
+            },
+        )
+        check(f"pattern: {kind}", response, time.perf_counter() - t, ok=(422,))
+    for i, version in enumerate(HOSTILE_VERSIONS):
+        config_v, weights_v = random_adapter(5000 + i)
+        meta = {"name": "hostile-version", "base_model": BASE_MODEL, "description": "big version", "version": version}
+        t = time.perf_counter()
+        response = client.post(
+            "/v1/bricks",
+            data={"metadata": json.dumps(meta)},
+            files={"adapter_config": ("a.json", config_v), "adapter_weights": ("w.safetensors", weights_v)},
+        )
+        check(f"version {version}", response, time.perf_counter() - t, ok=(201,))
+        if response.status_code == 201:
+            for method in ("GET", "HEAD"):
+                t = time.perf_counter()
+                got = client.request(method, f"/v1/bricks/hostile-version/versions/{version}/files/adapter_config.json")
+                check(f"{method} version {version}", got, time.perf_counter() - t, ok=(200,))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
 def run(database_url: str | None, args: argparse.Namespace) -> int:
     """Fuzz a registry in a scratch home; the exit code: 1 when something was found."""
     with scratch_home("brickyard-fuzz-") as home:
@@ -929,6 +1063,13 @@ def _run_in(home: Path, database_url: str | None, args: argparse.Namespace) -> i
                 seed_value=args.seed,
                 on_report=progress,
             )
+            if not args.operation:
+                scratch = Path(home) / "models" / "hostile"  # inside the default roots (home/models)
+                scratch.mkdir(parents=True)
+                token_file = settings.admin_token_file
+                token_file.write_text(token + "\n")
+                reports.append(probe_hostile_families(client, tiny_base(), scratch, token_file))
+                progress(reports[-1])
     finally:
         registry.close()
     console.print(summary_table(reports))

@@ -13,7 +13,14 @@ does not import torch; composing does.
 from typing import TYPE_CHECKING
 
 from composer._version import COMPOSER_VERSION
-from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
+from composer.adapter import (
+    LoraSettings,
+    map_adapter_tensors,
+    parse_lora_config,
+    pattern_budget,
+    peft_pattern,
+    split_lora_key,
+)
 from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, read_base_model
 from composer.compose import ComposeResult, TruncationStats, WrittenFile, compose
 from composer.errors import (
@@ -26,6 +33,7 @@ from composer.errors import (
     NonFiniteResult,
     UnknownMethod,
 )
+from composer.files import HF_MODEL_FILES, NotRegularFile, open_regular, read_bounded
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
 from composer.methods import MERGE_METHODS, MergeMethod, MethodInfo, get_method, list_methods
 from composer.neurons import NEURON_OPS, NeuronOp
@@ -69,6 +77,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "COMPOSER_VERSION",
     "FLOAT_DTYPES",
+    "HF_MODEL_FILES",
     "MERGE_METHODS",
     "NEURON_OPS",
     "SELECTION_METHODS",
@@ -88,6 +97,7 @@ __all__ = [
     "NeuronFile",
     "NeuronOp",
     "NonFiniteResult",
+    "NotRegularFile",
     "SafetensorsHeader",
     "TruncationStats",
     "UnknownMethod",
@@ -102,9 +112,13 @@ __all__ = [
     "load_neuron_set",
     "map_adapter_tensors",
     "neuron_axis",
+    "open_regular",
     "parse_lora_config",
+    "pattern_budget",
+    "peft_pattern",
     "plan_composition",
     "read_base_model",
+    "read_bounded",
     "read_header",
     "save_neuron_set",
     "select_neurons",

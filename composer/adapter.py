@@ -17,8 +17,12 @@ hostile pattern cannot stall the process. Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Iterable, Mapping
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,12 +35,17 @@ __all__ = [
     "LoraSettings",
     "map_adapter_tensors",
     "parse_lora_config",
+    "pattern_budget",
+    "peft_pattern",
     "split_lora_key",
 ]
 
 _REGEX_TIMEOUT_S = 0.05
 _MAX_PATTERN_CHARS = 512
 _MAX_PATTERNS = 4096
+# rank_pattern + alpha_pattern keys: each is compiled twice (regex and re, ~1 ms) and may be
+# tried against every module; a key per module of a 70B model is about 560.
+_MAX_PATTERN_KEYS = 1024
 _KEY_PREFIX = "base_model.model."
 
 # Config keys whose non-default value changes the forward pass beyond what a brick can carry
@@ -131,20 +140,69 @@ def _selects(spec: tuple[str, ...] | str, module: str) -> bool:
     return module in spec or any(module.endswith("." + t) for t in spec)
 
 
-def _fullmatch(pattern: str, text: str) -> bool:
+# The deadline of the current request for all its pattern matching (see `pattern_budget`).
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("pattern_deadline", default=None)
+
+
+@contextmanager
+def pattern_budget(seconds: float) -> Iterator[None]:
+    """Bound the total time of user-pattern matching inside the block (all bricks, all
+    modules, all keys): past it, matching raises `InvalidAdapter`. Each single match is
+    also bounded (50 ms), and one that times out is an error, not a silent non-match,
+    so that registration and composition never decide differently on a slow machine."""
+    token = _DEADLINE.set(time.monotonic() + seconds)
     try:
-        return regex.fullmatch(pattern, text, timeout=_REGEX_TIMEOUT_S) is not None
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _timeout() -> float:
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return _REGEX_TIMEOUT_S
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise InvalidAdapter(
+            "module patterns take too long",
+            ["rank_pattern/alpha_pattern/target_modules: matching the patterns exceeded this request's time budget"],
+        )
+    return min(_REGEX_TIMEOUT_S, remaining)
+
+
+def _run(match: Callable[[float], Any], pattern: str, where: str) -> Any:
+    try:
+        return match(_timeout())
     except TimeoutError:
-        return False
+        deadline = _DEADLINE.get()
+        if deadline is not None and time.monotonic() >= deadline:
+            _timeout()  # the request's budget ran out, not this pattern's own limit: say so
+        raise InvalidAdapter(
+            "module pattern too slow", [f"{where}: {_show(pattern)} takes more than {_REGEX_TIMEOUT_S} s to match"]
+        ) from None
+    except regex.error as exc:  # a stored pattern that predates the wrapper check
+        raise InvalidAdapter("invalid module pattern", [f"{where}: {_show(pattern)} ({exc})"]) from None
+
+
+def _fullmatch(pattern: str, text: str) -> bool:
+    return _run(lambda t: regex.fullmatch(pattern, text, timeout=t), pattern, "target_modules") is not None
+
+
+def peft_pattern(key: str) -> str:
+    """The regular expression PEFT builds from a ``rank_pattern``/``alpha_pattern`` key
+    (``peft.utils.other.get_pattern_key``): matched with ``re.match`` on a module name."""
+    return rf"(.*\.)?({key})$"
 
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     for key in patterns:
-        try:
-            if regex.match(rf"(.*\.)?({key})$", module, timeout=_REGEX_TIMEOUT_S):
-                return key
-        except TimeoutError:
-            continue
+        wrapped = peft_pattern(key)
+
+        def match(timeout: float, wrapped: str = wrapped) -> Any:
+            return regex.match(wrapped, module, timeout=timeout)
+
+        if _run(match, key, "rank_pattern/alpha_pattern"):
+            return key
     return None
 
 
@@ -240,14 +298,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _valid_regex(pattern: str, where: str, problems: list[str]) -> bool:
+def _valid_regex(pattern: str, where: str, problems: list[str], *, peft_key: bool = False) -> bool:
+    """Compile ``pattern`` in the exact form it is used: a ``rank_pattern``/``alpha_pattern``
+    key inside PEFT's wrapper, by both ``regex`` (here) and ``re`` (PEFT, when the adapter
+    is loaded). A back-reference like ``(q)(_)\\2`` compiles alone but not wrapped."""
     if len(pattern) > _MAX_PATTERN_CHARS:
         problems.append(f"{where}: pattern longer than {_MAX_PATTERN_CHARS} characters")
         return False
+    used = peft_pattern(pattern) if peft_key else pattern
     try:
-        regex.compile(pattern)
-    except regex.error as exc:
-        problems.append(f"{where}: {_show(pattern)} is not a valid regular expression ({exc})")
+        regex.compile(used)
+        re.compile(used)
+    except (regex.error, re.error, RecursionError, OverflowError) as exc:
+        form = f" as PEFT uses it, {_show(used)}" if peft_key else ""
+        problems.append(f"{where}: {_show(pattern)} is not a valid regular expression{form} ({exc})")
         return False
     return True
 
@@ -266,12 +330,15 @@ def _module_spec(value: Any, key: str, problems: list[str]) -> tuple[str, ...] |
 def _pattern_map(value: Any, key: str, problems: list[str], *, integer: bool) -> dict[str, Any]:
     if value is None:
         return {}
-    if not isinstance(value, dict) or len(value) > _MAX_PATTERNS:
+    if not isinstance(value, dict):
         problems.append(f"{key} must be an object mapping module patterns to numbers")
+        return {}
+    if len(value) > _MAX_PATTERN_KEYS:
+        problems.append(f"{key} has {len(value)} patterns; at most {_MAX_PATTERN_KEYS} are accepted")
         return {}
     out: dict[str, Any] = {}
     for pattern, number in value.items():
-        if not _valid_regex(pattern, f"{key}[{_show(pattern)}]", problems):
+        if not _valid_regex(pattern, f"{key}[{_show(pattern)}]", problems, peft_key=True):
             continue
         valid = _is_int(number) if integer else _is_number(number)
         if not valid or not math.isfinite(number) or number <= 0:

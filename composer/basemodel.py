@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from composer.errors import InvalidBaseModel, InvalidTensorFile
+from composer.files import read_bounded
 from composer.header import DEFAULT_MAX_HEADER_BYTES, FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version"})
+# config.json is a few KiB and an index a few MiB even for the largest models; a bound keeps a
+# huge (or endless) file from being read into memory.
+MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,10 @@ def read_base_model(path: Path, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BY
     elif (path / SINGLE_FILE).exists():
         files = [SINGLE_FILE]
     else:
-        bins = sorted(p.name for p in path.glob("*.bin"))
-        hint = f" (found {', '.join(bins)}: convert them to safetensors)" if bins else ""
-        problems.append(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
+        # Names of other files are not listed: the message must not describe arbitrary directories.
+        problems.append(
+            f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (only safetensors weights are read; convert .bin files)"
+        )
     if problems:
         raise InvalidBaseModel(f"cannot read base model at {path}", problems)
     shards: dict[str, SafetensorsHeader] = {}
@@ -165,6 +170,8 @@ def read_base_model(path: Path, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BY
             shards[file] = read_header(path / file, max_header_bytes=max_header_bytes)
         except FileNotFoundError:
             problems.append(f"shard {file} is missing")
+        except OSError as exc:
+            problems.append(f"shard {file} cannot be read ({exc.strerror or exc})")
         except InvalidTensorFile as exc:
             problems.extend(f"{file}: {p}" for p in exc.problems)
     weight_map: dict[str, str] = {}
@@ -183,9 +190,12 @@ def read_base_model(path: Path, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BY
 
 def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bounded(path, MAX_JSON_BYTES).decode("utf-8"))
     except FileNotFoundError:
         problems.append(f"{path.name} is missing")
+        return {}
+    except OSError as exc:  # a FIFO, a device, a directory, larger than the bound
+        problems.append(f"{path.name} cannot be read ({exc.strerror or exc})")
         return {}
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         problems.append(f"{path.name} is not valid JSON ({exc})")

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from composer.basemodel import INDEX_FILE
 from composer.errors import NonFiniteResult
+from composer.files import HF_MODEL_FILES
 from composer.neurons import NeuronOp
 from composer.plan import BrickSource, CompositionPlan, ModulePlan, OutputKind, plan_composition
 
@@ -43,7 +45,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RECORD_FILE = "brickyard.json"
 CARD_FILE = "README.md"
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".ot")
 _STREAM_SHARE = 0.97  # of the progress bar, for the weights; the rest is small files and publishing
 
 
@@ -222,16 +223,18 @@ def _check_free_space(plan: CompositionPlan, parent: Path) -> None:
 
 
 def _files_to_copy(base: Path) -> list[Path]:
-    """Config, tokenizer and generation files of the base (top-level regular files that are
-    not weights, not hidden, and not ours to write)."""
+    """Config, tokenizer, generation, chat-template and license files of the base: the
+    regular top-level files named in `HF_MODEL_FILES` (an allow-list, never whatever else
+    lies in the directory)."""
     files = []
-    for path in sorted(base.iterdir()):
-        name = path.name
-        if name.startswith(".") or name in (CARD_FILE, RECORD_FILE) or not path.is_file():
+    for name in sorted(HF_MODEL_FILES - {CARD_FILE, RECORD_FILE}):
+        path = base / name
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:  # absent, or a dangling link
             continue
-        if name.endswith(_NOT_COPIED_SUFFIXES):
-            continue
-        files.append(path)
+        if regular:
+            files.append(path)
     return files
 
 

@@ -122,7 +122,9 @@ def read_header(source: Path | BinaryIO, *, max_header_bytes: int = DEFAULT_MAX_
         InvalidTensorFile: listing every problem found.
     """
     if isinstance(source, (str, Path)):
-        with open(source, "rb") as opened:
+        from composer.files import open_regular
+
+        with os.fdopen(open_regular(source), "rb") as opened:
             return read_header(opened, max_header_bytes=max_header_bytes)
     handle = source
     handle.seek(0, os.SEEK_END)

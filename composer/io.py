@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from composer.files import open_regular
 from composer.header import SafetensorsHeader, TensorInfo
 
 __all__ = [
@@ -187,7 +188,7 @@ class TensorFile:
     def __init__(self, path: Path, header: SafetensorsHeader) -> None:
         self.path = path
         self.header = header
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = open_regular(path)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """A new tensor holding ``info``'s data, in its stored dtype and shape."""
@@ -567,7 +568,7 @@ class _ShardWriter:
     """
 
     def __init__(self, source: Path, target: Path, staging: mmap.mmap | None) -> None:
-        self.src = os.open(source, os.O_RDONLY)
+        self.src = open_regular(source)
         self.fd = -1
         self.size = 0  # bytes of the stream so far (skipped ranges included)
         self.flushed = 0  # of which handed to the device (direct mode)
@@ -822,7 +823,11 @@ def write_text(path: Path, text: str) -> None:
 def copy_file(source: Path, target: Path, *, direct: bool = True) -> None:
     """Copy a file's bytes (following symlinks) to a new file and fsync it; with ``direct``,
     through an aligned buffer with ``O_DIRECT`` where the filesystem takes it, like shards."""
-    size = os.path.getsize(source)
+    fd = open_regular(source)  # a FIFO or device behind the name is refused, not waited on
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     chunk = min(_DIRECT_CHUNK, max(_DIRECT_ALIGN, _aligned(size)))
     writer = _ShardWriter(source, target, mmap.mmap(-1, 2 * chunk) if direct else None)
     try:

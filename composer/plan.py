@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Literal
 from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config
 from composer.basemodel import BaseModelLayout, LinearModule, find_mergeable_modules, read_base_model
 from composer.errors import IncompatibleBricks, InvalidAdapter, InvalidParams, InvalidTensorFile
+from composer.files import open_regular
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
 from composer.methods import MergeMethod, MethodParams, get_method
 from composer.neurons import EMPTY, NeuronOp, NeuronPlan, plan_neuron_ops
@@ -485,7 +487,7 @@ def _saved_weights(
 
 def _read_config(path: Path, label: str, problems: list[str]) -> Any:
     try:
-        with open(path, "rb") as handle:
+        with os.fdopen(open_regular(path), "rb") as handle:
             raw = handle.read(_MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         problems.append(f"{label}: config file {path} does not exist")

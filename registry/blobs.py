@@ -117,8 +117,12 @@ class LocalBlobStore:
     def stage_bytes(self, data: bytes) -> StagedBlob:
         """Stage an in-memory byte string."""
         fd, name = tempfile.mkstemp(dir=self._staging, prefix="stage-")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+        except BaseException:  # a full disk: leave nothing half-written
+            Path(name).unlink(missing_ok=True)
+            raise
         return StagedBlob(path=Path(name), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
     def commit(self, staged: StagedBlob) -> bool:
@@ -130,8 +134,15 @@ class LocalBlobStore:
         """
         target = self.path(staged.sha256)
         if target.exists():
-            staged.path.unlink(missing_ok=True)
-            return False
+            # Deduplicated onto stored bytes (perhaps an orphan fsck is about to collect):
+            # refresh their age, so the grace period counts from this registration.
+            try:
+                os.utime(target)
+            except FileNotFoundError:
+                pass  # collected just now: fall through and store the staged copy
+            else:
+                staged.path.unlink(missing_ok=True)
+                return False
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(staged.path, "rb") as handle:
             os.fsync(handle.fileno())
@@ -228,7 +239,11 @@ class LocalBlobStore:
         cutoff = time.time() - older_than_s
         removed = 0
         for leftover in self._staging.iterdir():
-            if leftover.stat().st_mtime < cutoff:
+            try:
+                stale = leftover.stat().st_mtime < cutoff
+            except FileNotFoundError:  # an upload in flight finished meanwhile
+                continue
+            if stale:
                 leftover.unlink(missing_ok=True)
                 removed += 1
         return removed

@@ -214,7 +214,8 @@ class RemoteClient:
         written = []
         for entry in (BrickFileOut.model_validate(f) for f in listing):
             target = out_dir / entry.filename
-            self.download_file(f"/v1/bricks/{name}/versions/{version}/files/{entry.filename}", target)
+            path = f"/v1/bricks/{name}/versions/{version}/files/{entry.filename}"
+            self.download_file(path, target, sha256=entry.sha256, size=entry.size_bytes)
             written.append(target)
         return written
 
@@ -263,9 +264,17 @@ class RemoteClient:
             written.append(target)
         return written
 
-    def download_file(self, path: str, target: Path) -> None:
-        """Stream one file to ``target`` (written to a temporary name, then renamed)."""
+    def download_file(self, path: str, target: Path, *, sha256: str | None = None, size: int | None = None) -> None:
+        """Stream one file to ``target`` (written to a temporary name, then renamed).
+
+        With ``sha256``/``size``, the bytes are checked before the rename: a mismatch
+        removes them and raises `StorageCorrupt`.
+        """
+        import hashlib
+
         partial = target.with_name(target.name + ".partial")
+        digest = hashlib.sha256()
+        written = 0
         # A server with presigned downloads answers 307 to the object store (httpx drops the
         # Authorization header when it leaves the server's origin).
         with self._http.stream("GET", path, follow_redirects=True) as response:
@@ -275,6 +284,16 @@ class RemoteClient:
             with open(partial, "wb") as out:
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+        if (sha256 is not None and digest.hexdigest() != sha256) or (size is not None and written != size):
+            partial.unlink(missing_ok=True)
+            raise errors.StorageCorrupt(
+                f"the downloaded {target.name} is not the registered file",
+                errors=[
+                    f"{target.name}: got {written} bytes with sha256 {digest.hexdigest()}, expected {size} / {sha256}"
+                ],
+            )
         partial.replace(target)
 
 

@@ -14,14 +14,14 @@ transaction and returns domain objects.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from registry import domain
-from registry.db.models import CompositionRow, utcnow
+from registry.db.models import CompositionLeaseRow, CompositionRow, utcnow
 from registry.db.session import Database
 
 __all__ = ["CompositionStore"]
@@ -255,3 +255,56 @@ class CompositionStore:
             for entry in row.files or ():
                 used.setdefault(str(entry["sha256"]), []).append(row.id)
         return used
+
+    # -- download leases (eviction leaves leased compositions alone) ---------------------
+
+    def lease(self, composition_id: str, ttl_s: float) -> int | None:
+        """Hold a ready composition for a download for ``ttl_s`` seconds; None when it is not
+        ready. The composition row is locked, so an eviction either removed it before (no
+        lease) or sees the lease (and keeps it)."""
+        with self.db.session(write=True) as session:
+            row = session.get(CompositionRow, composition_id, with_for_update=True)
+            if row is None or row.status != READY:
+                return None
+            lease = CompositionLeaseRow(composition_id=composition_id, expires_at=utcnow() + timedelta(seconds=ttl_s))
+            session.add(lease)
+            session.flush()
+            return int(lease.id)
+
+    def renew_lease(self, lease_id: int, ttl_s: float) -> None:
+        """Push a lease's expiry ``ttl_s`` seconds from now."""
+        with self.db.session(write=True) as session:
+            session.execute(
+                update(CompositionLeaseRow)
+                .where(CompositionLeaseRow.id == lease_id)
+                .values(expires_at=utcnow() + timedelta(seconds=ttl_s))
+            )
+
+    def release_lease(self, lease_id: int) -> None:
+        """Drop a lease (the download ended); expired leases of anyone go too."""
+        with self.db.session(write=True) as session:
+            session.execute(
+                delete(CompositionLeaseRow).where(
+                    (CompositionLeaseRow.id == lease_id) | (CompositionLeaseRow.expires_at < utcnow())
+                )
+            )
+
+    def delete_ready_unleased(self, composition_id: str) -> bool:
+        """`delete_ready`, unless an unexpired lease holds the composition (same transaction,
+        the row locked as `lease` locks it)."""
+        with self.db.session(write=True) as session:
+            row = session.get(CompositionRow, composition_id, with_for_update=True)
+            if row is None or row.status != READY:
+                return False
+            leased = session.scalar(
+                select(
+                    exists().where(
+                        CompositionLeaseRow.composition_id == composition_id,
+                        CompositionLeaseRow.expires_at > utcnow(),
+                    )
+                )
+            )
+            if leased:
+                return False
+            session.delete(row)
+            return True

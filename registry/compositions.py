@@ -35,12 +35,14 @@ from registry.errors import (
     Conflict,
     FileNotFound,
     IncompatibleBrick,
+    InvalidInput,
     InvalidRecipe,
     ServiceUnavailable,
     StorageCorrupt,
 )
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
 from registry.instruction_weights import instruction_weights
+from registry.model_roots import ModelRoots
 
 if TYPE_CHECKING:
     from registry.blobs import BlobStore
@@ -175,6 +177,7 @@ class Compositions:
         neurons = self._resolve_neurons(request, base.name, [b for b, _ in chosen])
         if neurons:  # absent otherwise, so recipes (and ids) without neuron operations are unchanged
             recipe["neurons"] = neurons
+        self._check_roots(base.path)  # the roots may have changed since
         self._plan(recipe, self._base_dir(base.path))
         return recipe, base_id
 
@@ -252,6 +255,14 @@ class Compositions:
             )
         return sources
 
+    def _check_roots(self, path: str) -> None:
+        """A local base model must lie inside the model roots (registry.model_roots); one in
+        object storage is read through Brickyard's own verified copy."""
+        from registry.s3_bases import is_s3_url
+
+        if not is_s3_url(path):
+            ModelRoots(self.settings).check_model(Path(path))
+
     def _base_dir(self, path: str) -> Path:
         """The local directory of a base model (a local copy of one in object storage)."""
         from registry.s3_bases import base_model_dir
@@ -262,10 +273,10 @@ class Compositions:
             raise InvalidRecipe(f"cannot read the base model at {path}: {exc}") from None
 
     def _plan(self, recipe: dict[str, Any], base_path: Path) -> None:
-        from composer import plan_composition
+        from composer import pattern_budget, plan_composition
 
         try:
-            with composer_errors(into=InvalidRecipe):
+            with composer_errors(into=InvalidRecipe), pattern_budget(self.settings.limits.pattern_seconds):
                 plan_composition(
                     base_path,
                     self._brick_sources(recipe),
@@ -333,6 +344,21 @@ class Compositions:
                 errors=[composition.error] if composition.error else [],
                 extra={"composition_status": composition.status, "progress": composition.progress},
             )
+
+    def lease(self, composition_id: str, *, ttl_s: float = 300.0) -> DownloadLease:
+        """Hold a ready composition for a download: eviction skips it until the lease is
+        released or expires (renewed by `DownloadLease.keep_alive` while bytes flow).
+
+        Raises:
+            CompositionNotFound / Conflict / StorageCorrupt: as `directory`.
+        """
+        self.directory(composition_id)  # the errors of a composition that is not ready
+        lease_id = self.store.lease(composition_id, ttl_s)
+        if lease_id is None or not self._complete(composition_id):
+            if lease_id is not None:
+                self.store.release_lease(lease_id)
+            raise CompositionNotFound(f"composition {composition_id} was evicted; request it again")
+        return DownloadLease(self.store, lease_id, ttl_s)
 
     def _complete(self, composition_id: str) -> bool:
         if self.store.published_files(composition_id) is not None:
@@ -412,6 +438,10 @@ class Compositions:
         heartbeat = _Heartbeat(self.store, composition.id, worker)
         try:
             base = self.catalog.get_base_model(recipe["base_model"]["name"])
+            try:
+                self._check_roots(base.path)
+            except InvalidInput as exc:
+                raise InvalidRecipe(exc.detail, errors=exc.errors) from None
             base_dir = self._base_dir(base.path)
             if read_base_model(base_dir).fingerprint() != recipe["base_model"]["fingerprint"]:
                 raise InvalidRecipe(
@@ -470,7 +500,8 @@ class Compositions:
             if composition_id == keep:
                 continue
             published = self.store.published_files(composition_id)
-            if self.store.delete_ready(composition_id):
+            # A composition being downloaded is kept (its lease), even over the budget.
+            if self.store.delete_ready_unleased(composition_id):
                 shutil.rmtree(self.root / composition_id, ignore_errors=True)
                 if published is not None:
                     self._delete_unused_blobs(manifest_from_json(published))
@@ -514,6 +545,34 @@ def _walk(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
             yield path
+
+
+class DownloadLease:
+    """A download's hold on a composition (see `Compositions.lease`)."""
+
+    def __init__(self, store: CompositionStore, lease_id: int, ttl_s: float) -> None:
+        import time
+
+        self.store = store
+        self.lease_id = lease_id
+        self.ttl_s = ttl_s
+        self._renewed = time.monotonic()
+        self._released = False
+
+    def keep_alive(self) -> None:
+        """Renew the lease when a fifth of its time has passed (cheap to call per chunk)."""
+        import time
+
+        now = time.monotonic()
+        if now - self._renewed > self.ttl_s / 5:
+            self.store.renew_lease(self.lease_id, self.ttl_s)
+            self._renewed = now
+
+    def release(self) -> None:
+        """End the hold (idempotent)."""
+        if not self._released:
+            self._released = True
+            self.store.release_lease(self.lease_id)
 
 
 class _Heartbeat:

@@ -8,6 +8,7 @@ generates a few tokens, printing what it did at each step.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -126,6 +127,8 @@ def run_demo(workdir: Path, console: Console) -> int:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "BRICKYARD_HOME": str(workdir / "home"), "HF_HUB_OFFLINE": "1"}
     env.pop("BRICKYARD_DATABASE_URL", None)
+    # The demo's models are built in workdir/models: the server may read base models there.
+    env.setdefault("BRICKYARD_MODEL_ROOTS", json.dumps([str(workdir / "models")]))
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed in finally
     server = subprocess.Popen(
         [sys.executable, "-m", "registry", "serve", "--host", "127.0.0.1", "--port", str(port)],

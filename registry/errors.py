@@ -24,6 +24,7 @@ BrickyardError                      500 internal
 ├── RangeNotSatisfiable             416 range-not-satisfiable
 ├── ServiceUnavailable              503 service-unavailable
 │   └── SchemaOutOfDate             503 schema-out-of-date
+├── InsufficientStorage             507 insufficient-storage   (the disk is full)
 └── StorageCorrupt                  500 storage-corrupt
 ```
 
@@ -47,6 +48,7 @@ __all__ = [
     "FileNotFound",
     "Forbidden",
     "IncompatibleBrick",
+    "InsufficientStorage",
     "InvalidAdapter",
     "InvalidBaseModel",
     "InvalidInput",
@@ -194,6 +196,13 @@ class RangeNotSatisfiable(BrickyardError):
     """The requested byte range lies outside the file."""
 
     status, code, title = 416, "range-not-satisfiable", "Range not satisfiable"
+
+
+class InsufficientStorage(BrickyardError):
+    """The server's disk (or quota) is full; nothing of the request was kept. Retry once
+    space is freed (``brickyard fsck --repair``, a smaller composition cache)."""
+
+    status, code, title = 507, "insufficient-storage", "Insufficient storage"
 
 
 class ServiceUnavailable(BrickyardError):

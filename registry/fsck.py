@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,10 +77,17 @@ def fsck(
     verify: bool = True,
     grace_s: float = 3600.0,
     job_blobs: Mapping[str, str] | None = None,
+    after_listing: Callable[[], None] | None = None,
 ) -> FsckReport:
     """Check (and optionally repair) the storage of bricks (``store`` rows against ``blobs``)
     and of ``compositions``; ``job_blobs`` (sha256 -> label) are blobs other jobs on the
-    queue use (an emergent discovery's probe sets), kept like a brick's. See the module docstring."""
+    queue use (an emergent discovery's probe sets), kept like a brick's. See the module docstring.
+
+    A blob is deleted only inside `Store.delete_blob_if_unreferenced`, which checks again,
+    under the lock registrations take, that no row references it and that it is still
+    older than ``grace_s`` (a registration deduplicating onto it refreshes its age): a
+    brick registered while fsck runs never loses its bytes. ``after_listing`` runs between
+    the listing and the deletions (tests drive that race with it)."""
     report = FsckReport()
     referenced: dict[str, list[str]] = {}
     for brick_ref, digests in store.blob_references().items():
@@ -96,11 +103,20 @@ def fsck(
             report.missing.append(f"{digest} (used by {', '.join(sorted(set(bricks)))})")
         elif verify and not blobs.verify(digest):
             report.corrupt.append(f"{digest} (used by {', '.join(sorted(set(bricks)))})")
-    for digest in blobs.digests():
-        if digest not in referenced:
-            report.orphaned.append(digest)
-            if repair and _old_blob(blobs, digest, grace_s):
+    orphans = [digest for digest in blobs.digests() if digest not in referenced]
+    report.orphaned.extend(orphans)
+    if after_listing is not None:
+        after_listing()
+    for digest in orphans:
+        if repair and _old_blob(blobs, digest, grace_s):
+
+            def delete(digest: str = digest) -> bool:
+                if not _old_blob(blobs, digest, grace_s):
+                    return False
                 blobs.delete(digest)
+                return True
+
+            if store.delete_blob_if_unreferenced(digest, delete):
                 report.removed.append(f"blob {digest}")
     for leftover in sorted(blobs.staging_files()):
         report.staging_leftovers.append(leftover.name)

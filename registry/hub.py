@@ -38,8 +38,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from composer import HF_MODEL_FILES
 from registry import domain
-from registry.errors import BaseModelNotFound, BrickNotFound, CompositionNotFound, FileNotFound, NotFound
+from registry.errors import (
+    BaseModelNotFound,
+    BrickNotFound,
+    CompositionNotFound,
+    FileNotFound,
+    InvalidInput,
+    NotFound,
+)
+from registry.model_roots import ModelRoots
 
 if TYPE_CHECKING:
     from registry.composition_outputs import PublishedFile
@@ -68,9 +77,7 @@ MAIN = "main"
 CARD_FILE = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-# What a base model repository serves: config, tokenizer, chat template and safetensors
-# files. Pickled weights (.bin, .pt) are never offered: they are not what was registered.
-_BASE_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".tiktoken", ".jinja")
+INDEX_FILE = "model.safetensors.index.json"
 # Files the Hub stores with LFS: their listing carries lfs.sha256 and their ETag is the sha256.
 _LFS_SUFFIXES = (".safetensors",)
 
@@ -495,16 +502,22 @@ class Hub:
         except BaseModelNotFound:
             raise RepoNotFound(f"no base model named {name[:100]!r}", extra={"repo_id": repo_id[:200]}) from None
         listing = _base_listing(base)
-        from registry.s3_bases import base_model_dir
+        from registry.s3_bases import base_model_dir, is_s3_url
 
-        root = base_model_dir(base.path, self.registry.settings)
+        # Only what a Hugging Face model carries (HF_MODEL_FILES) and its safetensors weights,
+        # each inside the model roots and a regular file: never whatever else lies there. A base
+        # in object storage is served from Brickyard's own verified local copy.
+        roots = ModelRoots(self.registry.settings)
+        local = not is_s3_url(base.path)
+        try:
+            root = roots.directory(base.path) if local else base_model_dir(base.path, self.registry.settings)
+        except (InvalidInput, OSError, ValueError):
+            raise RepoNotFound(f"base model {name[:100]!r} is not readable", extra={"repo_id": repo_id[:200]}) from None
         files = []
-        for path in sorted(root.rglob("*")):
-            relative = path.relative_to(root).as_posix()
-            if any(part.startswith(".") for part in path.relative_to(root).parts) or relative == CARD_FILE:
-                continue
-            if path.is_file() and not path.is_symlink() and path.name.endswith(_BASE_SUFFIXES):
-                files.append(_disk_file(relative, path))
+        for path in sorted(root.iterdir()):
+            allowed = path.name in HF_MODEL_FILES or path.name.endswith(".safetensors") or path.name == INDEX_FILE
+            if allowed and (not local or roots.check_file(root, path.name)) and path.is_file():
+                files.append(_disk_file(path.name, path))
         body = (
             f"# {base.name}\n\n{listing.description}\n\n"
             f"{base.architecture}, {base.parameter_count} parameters ({base.dtype})."

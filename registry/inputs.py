@@ -90,6 +90,10 @@ def _finite_metrics(value: dict[str, float]) -> dict[str, float]:
 MetricName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
 
 
+# Versions are 64-bit everywhere (columns bigint since migration 0006).
+MAX_VERSION = 2**63 - 1
+
+
 class BrickMetadata(BaseModel):
     """The ``metadata`` of a brick registration."""
 
@@ -100,7 +104,7 @@ class BrickMetadata(BaseModel):
     description: Description = Field(description="what the brick can do, in plain words")
     examples: list[Example] = Field(default_factory=list, max_length=64, description="example inputs")
     tags: list[Tag] = Field(default_factory=list, max_length=32)
-    version: int | None = Field(None, ge=1, le=2**31 - 1, description="explicit version; default next free")
+    version: int | None = Field(None, ge=1, le=MAX_VERSION, description="explicit version; default next free")
     license: Annotated[str, StringConstraints(min_length=1, max_length=100), Printable] | None = None
     metrics: Annotated[dict[MetricName, float], AfterValidator(_finite_metrics)] = Field(
         default_factory=dict, max_length=64
@@ -165,7 +169,7 @@ class BrickChoice(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
-    version: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the latest version")
+    version: int | None = Field(None, ge=1, le=MAX_VERSION, description="default: the latest version")
     weight: Weight = Field(1.0, description=f"merge weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
 
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from composer import find_linear_modules, read_base_model
 from registry import domain
 from registry.auth import TokenStore
-from registry.blobs import BlobStore
+from registry.blob_check import VerifiedBlobs
+from registry.blobs import BlobStore, LocalBlobStore
 from registry.composer_errors import composer_errors
 from registry.compositions import Compositions
 from registry.db.events import Event
@@ -41,6 +42,7 @@ from registry.errors import (
 )
 from registry.fsck import FsckReport, fsck
 from registry.inputs import NAME_PATTERN, BaseModelCreate, BrickMetadata, BrickPatchIn, SearchRequest, parse_json_model
+from registry.model_roots import ModelRoots
 from registry.search.embed import Embedder, shared_embedder
 from registry.search.hit_cache import BrickCache
 from registry.search.index import SearchFilters, SearchIndex, make_index
@@ -86,6 +88,7 @@ class Registry:
         self.emergent = EmergentBricks(store, blobs, self.compositions, embed=self._embed)
         self.tokens = TokenStore(store.db)
         self._hit_bricks = BrickCache(store, size=_BRICK_CACHE_SIZE)
+        self._verified_blobs = VerifiedBlobs(blobs) if isinstance(blobs, LocalBlobStore) else None
 
     @property
     def embedder(self) -> Embedder:
@@ -180,8 +183,16 @@ class Registry:
         """Audit events of every version of brick ``name``, newest first."""
         return self.store.events(f"brick:{name}@", limit=limit)
 
-    def fsck(self, *, repair: bool = False, verify: bool = True, grace_s: float = 3600.0) -> FsckReport:
-        """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers."""
+    def fsck(
+        self,
+        *,
+        repair: bool = False,
+        verify: bool = True,
+        grace_s: float = 3600.0,
+        after_listing: Callable[[], None] | None = None,
+    ) -> FsckReport:
+        """Check rows against stored bytes; with ``repair``, remove unreferenced leftovers
+        (``after_listing``: a test hook between listing references and deleting)."""
         return fsck(
             self.store,
             self.blobs,
@@ -190,6 +201,7 @@ class Registry:
             verify=verify,
             grace_s=grace_s,
             job_blobs=self.emergent.job_blobs(),
+            after_listing=after_listing,
         )
 
     def bootstrap_admin_token(self) -> str | None:
@@ -205,7 +217,8 @@ class Registry:
             return None
         path = self.settings.admin_token_file
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # the mode of O_CREAT does not apply to a file that existed
         with os.fdopen(fd, "w") as handle:
             handle.write(token + "\n")
         return token
@@ -226,19 +239,27 @@ class Registry:
             request = parse_json_model(BaseModelCreate, dict(request), what="base model")
         from registry.s3_bases import base_model_dir, is_s3_url
 
+        source = request.path
+        if not is_s3_url(request.path):
+            # Confined to the model roots, every file checked before it is opened (registry.model_roots).
+            roots = ModelRoots(self.settings)
+            resolved = roots.directory(request.path)
+            roots.check_model(resolved)
+            source = str(resolved)
         try:
-            path = base_model_dir(request.path, self.settings)  # an s3:// base: its local copy
+            path = base_model_dir(source, self.settings)  # an s3:// base: its local copy
             with composer_errors():
                 layout = read_base_model(path, max_header_bytes=self.settings.limits.max_header_bytes)
                 linear = find_linear_modules(layout)
         except (OSError, ValueError) as exc:  # unreadable, too long, or not a path at all
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise InvalidBaseModel(
                 f"cannot read base model at {request.path[:200]!r}", errors=[f"path: {reason}"]
             ) from None
         if not linear:
             raise InvalidBaseModel(
-                f"no linear modules found in {path}", errors=["the model has no adaptable linear layers"]
+                f"no linear modules found in {request.path[:200]!r}",
+                errors=["the model has no adaptable linear layers"],
             )
         draft = domain.BaseModelDraft(
             name=request.name,
@@ -316,7 +337,12 @@ class Registry:
                     problems.append(f"metadata.base_model: no base model named {base_name!r} is registered")
             adapter_problems: list[str] = []
             spec = inspect_adapter(
-                config_bytes, staged.path, base, max_header_bytes=limits.max_header_bytes, problems=adapter_problems
+                config_bytes,
+                staged.path,
+                base,
+                max_header_bytes=limits.max_header_bytes,
+                problems=adapter_problems,
+                pattern_seconds=limits.pattern_seconds,
             )
             if problems or adapter_problems or spec is None or meta is None:
                 error = InvalidAdapter if adapter_problems else InvalidInput
@@ -361,7 +387,12 @@ class Registry:
         # `brickyard fsck` to collect, never a row without its bytes.
         self.blobs.commit(staged)
         self.blobs.commit(config_blob)
-        brick = self.store.add_brick(draft, embedded=embedded, actor=actor)
+        brick = self.store.add_brick(
+            draft,
+            embedded=embedded,
+            actor=actor,
+            blobs_present=lambda: self.blobs.exists(staged.sha256) and self.blobs.exists(config_blob.sha256),
+        )
         log.info("registered brick %s (%s, %d bytes)", brick.ref, brick.sha256[:12], brick.size_bytes)
         return brick
 
@@ -536,9 +567,14 @@ class Registry:
         Raises:
             BrickNotFound: no such brick version.
             FileNotFound: no such file.
+            StorageCorrupt: its blob is missing or not the registered bytes.
         """
         for file in self.brick_files(name, version):
             if file.filename == filename:
+                if self._verified_blobs is not None:
+                    # Never serve bytes other than the registered ones (registry.blob_check); an
+                    # object store checks its objects' checksums itself (registry.s3_blobs).
+                    self._verified_blobs.path(file.sha256, file.size_bytes, what=f"{name}@{version}/{filename}")
                 return file
         raise FileNotFound(
             f"{name}@{version} has no file {filename[:100]!r}",

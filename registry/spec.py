@@ -22,6 +22,7 @@ from composer import (
     find_nonfinite,
     map_adapter_tensors,
     parse_lora_config,
+    pattern_budget,
     read_header,
     sniff_format,
     split_lora_key,
@@ -56,6 +57,7 @@ def inspect_adapter(
     *,
     max_header_bytes: int,
     problems: list[str],
+    pattern_seconds: float = 2.0,
 ) -> AdapterSpec | None:
     """Validate an adapter (config bytes + weights file) against ``base``.
 
@@ -65,6 +67,7 @@ def inspect_adapter(
         base: the base model the brick claims to adapt; None when it is unknown (the
             config and weights are then checked on their own, to report all problems).
         max_header_bytes: bound on the safetensors header.
+        pattern_seconds: total time for matching the config's module patterns.
         problems: every problem found is appended here, prefixed with the part it is in.
 
     Returns:
@@ -79,7 +82,8 @@ def inspect_adapter(
     header = _header(weights_path, max_header_bytes, found)
     modules: tuple[str, ...] = ()
     if header is not None and base is not None:
-        modules = _check_tensors(header, settings, base, found)
+        with pattern_budget(pattern_seconds), composer_problems(found, "adapter_config"):
+            modules = _check_tensors(header, settings, base, found)
         if not found:
             bad = find_nonfinite(weights_path, header)
             found.extend(f"adapter_weights: tensor {name!r} contains NaN or Inf values" for name in bad)
@@ -154,6 +158,7 @@ def _check_tensors(
         if settings is None:
             continue
         r = settings.rank_for(module)
+        settings.alpha_for(module)  # evaluated here, under the budget, as every composition will
         want_a, want_b = (r, shape.in_features), (shape.out_features, r)
         if a.shape != want_a:
             problems.append(

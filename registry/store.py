@@ -24,6 +24,7 @@ from registry.errors import (
     BrickNotFound,
     Conflict,
     InvalidInput,
+    ServiceUnavailable,
     VersionExists,
 )
 from registry.search.index_rows import (
@@ -111,7 +112,12 @@ class Store:
             raise _brick_exists(existing)
 
     def add_brick(
-        self, draft: domain.BrickDraft, *, embedded: EmbeddedTexts | None = None, actor: str | None = None
+        self,
+        draft: domain.BrickDraft,
+        *,
+        embedded: EmbeddedTexts | None = None,
+        actor: str | None = None,
+        blobs_present: Callable[[], bool] | None = None,
     ) -> domain.Brick:
         """Store a brick version and its search index entries; ``draft.version`` None takes
         the next free number.
@@ -123,9 +129,16 @@ class Store:
             BaseModelNotFound: the base model is gone.
             BrickExists: the same weights are already registered.
             VersionExists: the explicit version is taken.
+            ServiceUnavailable: ``blobs_present`` answered False (a concurrent ``fsck
+                --repair`` collected the bytes): nothing was recorded, register again.
         """
         try:
             with self.db.session(write=True) as session:
+                _lock_blob_collection(session)
+                if blobs_present is not None and not blobs_present():
+                    raise ServiceUnavailable(
+                        "the brick's stored bytes were collected while it was being registered; register it again"
+                    )
                 base_id = session.scalar(select(BaseModelRow.id).where(BaseModelRow.name == draft.base_model))
                 if base_id is None:
                     raise BaseModelNotFound(
@@ -321,10 +334,38 @@ class Store:
             rows = session.execute(select(BrickRow.name, BrickRow.version, BrickRow.sha256, BrickRow.config_sha256))
             return {f"{r.name}@{r.version}": (r.sha256, r.config_sha256) for r in rows}
 
+    def delete_blob_if_unreferenced(self, digest: str, delete: Callable[[], bool]) -> bool:
+        """Run ``delete`` (which may still decline, e.g. the blob is young again) only while
+        no brick row references ``digest``, holding the lock registrations take before
+        recording a row: a registration either commits first (and its row is seen here) or
+        finds its bytes gone and records nothing. Returns whether it was deleted."""
+        with self.db.session(write=True) as session:
+            _lock_blob_collection(session, exclusive=True)
+            used = session.scalar(
+                select(exists().where((BrickRow.sha256 == digest) | (BrickRow.config_sha256 == digest)))
+            )
+            if used:
+                return False
+            return delete()
+
     def count_bricks(self) -> int:
         """Number of brick versions."""
         with self.db.session() as session:
             return session.scalar(select(func.count()).select_from(BrickRow)) or 0
+
+
+# pg_advisory_xact_lock key shared by registrations and blob collection ("brick" in ASCII).
+_BLOB_LOCK_KEY = 0x627269636B
+
+
+def _lock_blob_collection(session: Session, *, exclusive: bool = False) -> None:
+    """Serialise brick rows being recorded with unreferenced blobs being deleted. SQLite's
+    write transactions (BEGIN IMMEDIATE) are serialised already; PostgreSQL takes a
+    transaction-scoped advisory lock, shared by registrations (which then do not wait for
+    each other) and exclusive for a deletion."""
+    if session.get_bind().dialect.name == "postgresql":
+        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        session.execute(text(f"SELECT {function}(:key)"), {"key": _BLOB_LOCK_KEY})
 
 
 def _brick_exists(existing: domain.Brick) -> BrickExists:

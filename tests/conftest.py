@@ -35,7 +35,15 @@ def embedding_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("embeddings")
     previous = os.environ.get("BRICKYARD_EMBEDDING__CACHE_DIR")
     os.environ["BRICKYARD_EMBEDDING__CACHE_DIR"] = str(path)
+    # Tiny models live in the session's temporary directory: the one model root of every
+    # Settings and server of the session (the default roots are the user's home and home/models).
+    previous_roots = os.environ.get("BRICKYARD_MODEL_ROOTS")
+    os.environ["BRICKYARD_MODEL_ROOTS"] = json.dumps([str(tmp_path_factory.getbasetemp())])
     yield path
+    if previous_roots is None:
+        os.environ.pop("BRICKYARD_MODEL_ROOTS", None)
+    else:
+        os.environ["BRICKYARD_MODEL_ROOTS"] = previous_roots
     if previous is None:
         os.environ.pop("BRICKYARD_EMBEDDING__CACHE_DIR", None)
     else:

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from registry.api.guard import AuthGuard
 from registry.api.limits import BodyLimitMiddleware
+from registry.api.offload import BlockingLane
 from registry.api.problems import PROBLEM_RESPONSES, document_problems, install_problem_handlers
 from registry.api.routes import (
     base_models,
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
                 file=sys.stderr,
                 flush=True,
             )
+        _sweep_stale_uploads(app.state.registry)
         _warm_up(app.state.registry)
         workers = WorkerPool(app.state.registry.compositions, app.state.registry.settings)
         workers.start()
@@ -83,6 +85,8 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     )
     if registry is not None:
         app.state.registry = registry
+    # At most this many threads reading base-model directories (registry.api.offload).
+    app.state.base_model_lane = BlockingLane("reading the base model", threads=4)
     limits = settings.limits
     app.add_middleware(
         BodyLimitMiddleware,
@@ -96,6 +100,25 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     mount_web(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+# Older than any upload in flight (uploads are bounded in size and time): left by a crash.
+_STALE_UPLOAD_S = 3600.0
+
+
+def _sweep_stale_uploads(registry: Registry) -> None:
+    """Remove upload staging files a crashed server left, at start-up rather than only at
+    ``fsck --repair``; young files may belong to another process's upload and stay."""
+    sweep = getattr(registry.blobs, "sweep_staging", None)
+    if sweep is None:
+        return
+    try:
+        removed = sweep(older_than_s=_STALE_UPLOAD_S)
+    except OSError:
+        log.exception("could not sweep stale upload files")
+        return
+    if removed:
+        log.info("removed %d stale upload staging files", removed)
 
 
 def _warm_up(registry: Registry) -> None:

@@ -23,6 +23,8 @@ __all__ = ["AuthGuard"]
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _READS_BY_POST = frozenset({"/v1/search"})  # a POST only because a query is a body
 _UNAUTHENTICATED = Actor("unauthenticated", "admin")
+# The API's description: readable exactly when the API is (closed reads close these too).
+_DOCS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
 class AuthGuard:
@@ -43,6 +45,8 @@ class AuthGuard:
             else:
                 actor = await anyio.to_thread.run_sync(self._actor, registry, scope)
             path = scope["path"].rstrip("/")
+            if path in _DOCS and not registry.settings.auth.open_reads:
+                require(actor, "read")
             if scope["method"] in _WRITES and path.startswith("/v1/") and path not in _READS_BY_POST:
                 needed: TokenScope = "admin" if path.startswith("/v1/tokens") else "write"
                 require(actor, needed)

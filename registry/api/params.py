@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Path, Query
 
-from registry.inputs import NAME_PATTERN, TAG_PATTERN
+from registry.inputs import MAX_VERSION, NAME_PATTERN, TAG_PATTERN
 
 __all__ = [
     "CursorQuery",
@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, max_length=100, description="a name (brick, base model, token)")]
-VersionPath = Annotated[int, Path(ge=1, le=2**31 - 1, description="brick version")]
+VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="brick version")]
 FilenamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,200}$", description="file name")]
 RelativePath = Annotated[
     str, Path(pattern=r"^[A-Za-z0-9._-][A-Za-z0-9._/-]{0,254}$", description="path of a file inside the composition")

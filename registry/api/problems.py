@@ -9,6 +9,7 @@ answered as a 500 problem that reveals nothing internal.
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry.errors import BrickyardError
+from registry.errors import BrickyardError, InsufficientStorage
 
 __all__ = [
     "PROBLEM_MEDIA_TYPE",
@@ -158,7 +159,25 @@ def _allowed_methods(request: Request) -> set[str]:
     return allowed
 
 
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:  # the OSError may be the cause of what was raised
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _from_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if _disk_full(exc):
+        # Every write path cleans up after itself (staging files, partial outputs), so a full
+        # disk is the client's cue to retry later, not an internal error.
+        log.warning("disk full on %s %s: %s", request.method, request.url.path, exc)
+        full = InsufficientStorage("the server's storage is full; nothing was kept, retry later")
+        return _from_error(request, full)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
         500, "internal", "Internal error", "an unexpected error occurred; it has been logged", instance=request.url.path

@@ -139,7 +139,8 @@ class BrickNameRow(Base):
     __tablename__ = "brick_names"
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
-    last_version: Mapped[int] = mapped_column(Integer, default=0)
+    # 64-bit: an explicit version may be as large as 2^63 - 1 (int4 on PostgreSQL before 0006).
+    last_version: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -151,7 +152,7 @@ class BrickRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), ForeignKey("brick_names.name"), index=True)
-    version: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
     description: Mapped[str] = mapped_column(Text)
     examples: Mapped[list[Any]] = mapped_column(JSON)
@@ -410,6 +411,18 @@ class CompositionRow(Base):
             finished_at=as_utc(self.finished_at) if self.finished_at else None,
             requested_by=self.requested_by,
         )
+
+
+class CompositionLeaseRow(Base):
+    """A download in progress of a composition's files: eviction leaves the composition
+    alone while any unexpired lease holds it. A lease is renewed while bytes flow and
+    dropped at the end; one left by a crashed server expires on its own."""
+
+    __tablename__ = "composition_leases"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    composition_id: Mapped[str] = mapped_column(String(64), index=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ApiTokenRow(Base):

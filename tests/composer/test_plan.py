@@ -155,3 +155,29 @@ def test_planning_reads_no_tensor_data(tmp_path: Path, toy_llama: Path, llama_br
     weights.write_bytes(bytes(raw))
     plan = plan_composition(toy_llama, [source(brick)])
     assert len(plan.modules) == 4
+
+
+def test_stored_pattern_invalid_in_peft_form_is_an_invalid_adapter_not_a_crash() -> None:
+    import pytest
+
+    from composer import InvalidAdapter, LoraSettings
+
+    # A settings object made without parse_lora_config (a brick stored before the check).
+    settings = LoraSettings(r=4, lora_alpha=8.0, alpha_pattern={r"(q)(_)\2": 2.0})
+    with pytest.raises(InvalidAdapter, match="invalid module pattern"):
+        settings.alpha_for("model.layers.0.self_attn.q_proj")
+
+
+def test_pattern_budget_bounds_the_total_matching_time() -> None:
+    import time
+
+    import pytest
+
+    from composer import InvalidAdapter, LoraSettings, pattern_budget
+
+    settings = LoraSettings(r=4, lora_alpha=8.0, rank_pattern={rf"(\w|\w)*\d\d{i}X": 2 for i in range(400)})
+    started = time.monotonic()
+    with pytest.raises(InvalidAdapter, match="too long"), pattern_budget(0.3):
+        for layer in range(20):
+            settings.rank_for(f"model.layers.{layer}.self_attn.q_proj")
+    assert time.monotonic() - started < 3

@@ -26,7 +26,9 @@ def test_every_error_class_is_exported_with_status_and_unique_code() -> None:
         assert 400 <= cls.status < 600, cls
         assert cls.title and cls.__doc__, cls
         if cls is not BrickyardError and cls.status >= 500:
-            assert cls.__name__ in {"ServiceUnavailable", "SchemaOutOfDate", "StorageCorrupt"}, cls
+            assert cls.__name__ in {"ServiceUnavailable", "SchemaOutOfDate", "StorageCorrupt", "InsufficientStorage"}, (
+                cls
+            )
 
 
 def test_every_error_class_renders_as_problem_json() -> None:

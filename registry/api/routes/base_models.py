@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
+from registry.api.offload import BlockingLane, run_blocking
 from registry.api.params import NamePath
 from registry.api.schemas import BaseModelDetail, BaseModelOut
 from registry.inputs import BaseModelCreate
@@ -13,12 +14,20 @@ router = APIRouter(prefix="/v1/base-models", tags=["base models"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_base_model(body: BaseModelCreate, registry: RegistryDep, actor: WriteActor) -> BaseModelDetail:
+async def create_base_model(
+    body: BaseModelCreate, registry: RegistryDep, actor: WriteActor, request: Request
+) -> BaseModelDetail:
     """Register a base model from a local Hugging Face directory on the server.
 
-    Only ``config.json`` and the safetensors headers are read, never the weights.
+    Only ``config.json`` and the safetensors headers are read, never the weights. The
+    reading runs on its own few threads under a deadline (``limits.fs_deadline_s``): a
+    stuck file system answers 503 and cannot take the threads other requests need.
     """
-    return BaseModelDetail.of(registry.add_base_model(body, actor=actor.name))
+    lane: BlockingLane = request.app.state.base_model_lane
+    base = await run_blocking(
+        lane, registry.settings.limits.fs_deadline_s, lambda: registry.add_base_model(body, actor=actor.name)
+    )
+    return BaseModelDetail.of(base)
 
 
 @router.get("")

@@ -128,6 +128,17 @@ def get_brick_file(
     )
 
 
+# HEAD: size and ETag without the bytes (Starlette's FileResponse sends headers only); one
+# operation in the schema, the GET.
+router.add_api_route(
+    "/{name}/versions/{version}/files/{filename}",
+    get_brick_file,
+    methods=["HEAD"],
+    include_in_schema=False,
+    response_class=FileResponse,
+)
+
+
 @router.get("/{name}/history")
 def brick_history(
     name: NamePath, registry: RegistryDep, _: ReadActor, limit: Annotated[int, Query(ge=1, le=1000)] = 100

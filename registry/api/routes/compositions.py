@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response, status
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from registry.api.blob_downloads import stored_file_response
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
-from registry.api.files import FILE_RESPONSES, file_response, tar_of_streams, tar_stream
+from registry.api.files import (
+    FILE_RESPONSES,
+    file_response,
+    tar_length,
+    tar_of_streams,
+    tar_of_streams_length,
+    tar_stream,
+)
 from registry.api.params import RelativePath
 from registry.api.schemas import CompositionFileOut, CompositionOut
 from registry.inputs import ComposeRequest
@@ -69,21 +78,41 @@ def get_composition_file(
 ) -> Response:
     """One file of a ready composition (HTTP Range supported; from object storage, a 307 to
     a presigned URL when presigned downloads are enabled)."""
-    stored = registry.compositions.published_file(composition_id, path)
-    if stored is not None:
-        return stored_file_response(
-            request,
-            registry.blobs,
-            sha256=stored.sha256,
-            size=stored.size,
-            media_type="application/json" if path.endswith(".json") else "application/octet-stream",
-            filename=path.rsplit("/", 1)[-1],
-            etag=f"{composition_id}:{path}",
-            redirect=True,
-        )
-    local = registry.compositions.file(composition_id, path)
-    media = "application/json" if local.suffix == ".json" else "application/octet-stream"
-    return file_response(request, local, media_type=media, filename=local.name, etag=f"{composition_id}:{path}")
+    # Held against eviction until the response is sent (long: a file response is not renewed).
+    lease = registry.compositions.lease(composition_id, ttl_s=6 * 3600)
+    try:
+        stored = registry.compositions.published_file(composition_id, path)
+        if stored is not None:
+            response = stored_file_response(
+                request,
+                registry.blobs,
+                sha256=stored.sha256,
+                size=stored.size,
+                media_type="application/json" if path.endswith(".json") else "application/octet-stream",
+                filename=path.rsplit("/", 1)[-1],
+                etag=f"{composition_id}:{path}",
+                redirect=True,
+            )
+        else:
+            local = registry.compositions.file(composition_id, path)
+            media = "application/json" if local.suffix == ".json" else "application/octet-stream"
+            response = file_response(
+                request, local, media_type=media, filename=local.name, etag=f"{composition_id}:{path}"
+            )
+    except BaseException:
+        lease.release()
+        raise
+    response.background = BackgroundTask(lease.release)
+    return response
+
+
+# HEAD: size and ETag without the bytes; one operation in the schema, the GET.
+router.add_api_route(
+    "/{composition_id}/files/{path:path}",
+    get_composition_file,
+    methods=["HEAD"],
+    include_in_schema=False,
+)
 
 
 @router.get(
@@ -93,14 +122,31 @@ def get_composition_file(
 )
 def get_composition_archive(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> StreamingResponse:
     """The whole composition as a tar stream (uncompressed: weights do not compress)."""
-    files = registry.compositions.files(composition_id)
-    total = sum(512 + -(-size // 512) * 512 for _, size in files) + 1024
-    if registry.compositions.published(composition_id) is not None:
-        body = tar_of_streams(files, lambda relative: registry.compositions.open_file(composition_id, relative))
-    else:
-        body = tar_stream(registry.compositions.directory(composition_id), [p for p, _ in files])
+    lease = registry.compositions.lease(composition_id)  # eviction waits for the download
+    try:
+        files = registry.compositions.files(composition_id)
+        if registry.compositions.published(composition_id) is not None:
+            total = tar_of_streams_length(files)  # measured on the headers tar_of_streams will send
+            body = tar_of_streams(files, lambda relative: registry.compositions.open_file(composition_id, relative))
+        else:
+            root = registry.compositions.directory(composition_id)
+            relative = [p for p, _ in files]
+            total = tar_length(root, relative)  # measured on the headers tar_stream will send
+            body = tar_stream(root, relative)
+    except BaseException:
+        lease.release()
+        raise
+
+    def leased_stream() -> Iterator[bytes]:
+        try:
+            for chunk in body:
+                lease.keep_alive()
+                yield chunk
+        finally:  # also when the client goes away (the generator is closed)
+            lease.release()
+
     return StreamingResponse(
-        body,
+        leased_stream(),
         media_type="application/x-tar",
         headers={
             "Content-Disposition": f'attachment; filename="{composition_id}.tar"',

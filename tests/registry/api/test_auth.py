@@ -201,3 +201,31 @@ def test_token_cli(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
     finally:
         registry.close()
     assert runner.invoke(app, ["token", "create", "--scope", "root", "--name", "x"]).exit_code != 0
+
+
+def test_closed_reads_close_the_api_description_too(settings: Any) -> None:
+    from registry.api import create_app
+    from registry.service import Registry
+    from registry.settings import AuthSettings
+
+    closed = settings.model_copy(update={"auth": AuthSettings(open_reads=False, bootstrap_admin=False)})
+    registry = Registry.open(closed)
+    try:
+        token, _ = registry.tokens.create("reader", "read", actor="tests")
+        with TestClient(create_app(registry=registry), raise_server_exceptions=False) as anonymous:
+            for path in ("/openapi.json", "/docs", "/redoc"):
+                response = anonymous.get(path)
+                assert response.status_code == 401, path
+                assert response.headers["content-type"] == "application/problem+json"
+            reader = TestClient(anonymous.app, headers={"Authorization": f"Bearer {token}"})
+            assert reader.get("/openapi.json").json()["info"]["title"] == "Brickyard"
+            assert reader.get("/docs").status_code == 200
+    finally:
+        registry.close()
+
+
+def test_open_reads_leave_the_api_description_open(client: Any) -> None:
+    from fastapi.testclient import TestClient as Plain
+
+    anonymous = Plain(client.app)
+    assert anonymous.get("/openapi.json").status_code == 200

@@ -334,7 +334,7 @@ def test_every_problem_is_reported_at_once(ready: Any, registry: Any) -> None:
         json.dumps(brick_metadata(name="bаse")),  # Cyrillic a
         json.dumps(brick_metadata(name="nul\u0000byte")),
         json.dumps(brick_metadata(version=0)),
-        json.dumps(brick_metadata(version=2**40)),
+        json.dumps(brick_metadata(version=2**63)),  # past int64 (2**40 is a valid version since 0006)
         json.dumps(brick_metadata(unexpected="field")),
         json.dumps({**brick_metadata(), "metrics": {"acc": "high"}}),
         '{"name": "a", "metrics": {"acc": NaN}}',
@@ -416,3 +416,74 @@ def test_body_over_the_total_limit_is_cut_off_while_streaming(small_client: Any)
     )
     assert_problem(declared, 413, "payload-too-large", "999999999")
     assert_nothing_stored(registry)
+
+
+# -- module patterns (issue 15, items 4-5) ---------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_back_reference_patterns_are_422_in_the_form_peft_uses(ready: Any, registry: Any, field: str) -> None:
+    # (q)(_)\2 compiles alone; inside PEFT's (.*\.)?({key})$ its \2 names an open group.
+    config = lora_config(**{field: {r"(q)(_)\2": 4}})
+    response = upload(ready, config=config, weights=raw_safetensors(good_tensors()))
+    assert_problem(response, 422, "invalid-adapter", "not a valid regular expression as PEFT uses it")
+    assert_nothing_stored(registry)
+
+
+def test_a_pattern_that_times_out_is_422(ready: Any, registry: Any) -> None:
+    config = lora_config(alpha_pattern={r"(\w|[a-z_.0-9]|.)*\d\d\d\d": 4})
+    response = upload(ready, config=config, weights=raw_safetensors(good_tensors()))
+    assert_problem(response, 422, "invalid-adapter", "takes more than")
+    assert_nothing_stored(registry)
+
+
+@pytest.fixture
+def budget_client(settings: Any, llama_base: Path) -> Any:
+    from fastapi.testclient import TestClient
+
+    from registry.api import create_app
+    from registry.service import Registry
+    from registry.settings import LimitSettings
+
+    tight = settings.model_copy(update={"limits": LimitSettings(pattern_seconds=0.1)})
+    registry = Registry.open(tight)
+    token, _ = registry.tokens.create("admin", "admin", actor="tests")
+    with TestClient(
+        create_app(registry=registry), raise_server_exceptions=False, headers={"Authorization": f"Bearer {token}"}
+    ) as test_client:
+        register_base(test_client, llama_base)
+        yield test_client, registry
+    registry.close()
+
+
+def test_many_slow_patterns_are_bounded_in_total_time(budget_client: Any) -> None:
+    import time
+
+    client, registry = budget_client
+    # Each key backtracks a little on every module name, far under the 50 ms limit of one
+    # match; 1000 of them take about 0.7 s here (minutes with slower keys and more modules),
+    # over this server's 0.1 s budget.
+    keys = {rf"(\w|\w)*\d\d{i}X": 4 for i in range(1000)}
+    started = time.monotonic()
+    response = upload(client, config=lora_config(alpha_pattern=keys), weights=raw_safetensors(good_tensors()))
+    elapsed = time.monotonic() - started
+    assert_problem(response, 422, "invalid-adapter", "time budget")
+    assert elapsed < 15, elapsed
+    assert_nothing_stored(registry)
+
+
+def test_hostile_families_of_the_fuzzer_are_refused_promptly(
+    client: Any, registry: Any, llama_base: Path, tmp_path: Path
+) -> None:
+    from bench.fuzz import probe_hostile_families
+
+    register_base(client, llama_base)
+    scratch = tmp_path / "hostile"
+    scratch.mkdir()
+    secret = registry.settings.admin_token_file
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("bky_pretend_admin_secret\n")
+    report = probe_hostile_families(client, llama_base, scratch, secret)
+    assert not report.findings, report.render()
+    assert report.cases >= 20
+    assert report.statuses[201] == 4  # the four large versions

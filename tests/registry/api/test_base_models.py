@@ -92,7 +92,9 @@ def test_unreadable_directories_are_422_listing_problems(client: Any, llama_base
     (pickle_only / "pytorch_model.bin").write_bytes(b"\x80\x02not really")
     response = client.post("/v1/base-models", json={"name": "x", "path": str(pickle_only)})
     assert response.status_code == 422
-    assert any("convert them to safetensors" in e for e in response.json()["errors"])
+    errors = response.json()["errors"]
+    assert any("convert .bin files" in e for e in errors)
+    assert not any("pytorch_model.bin" in e for e in errors)  # names in the directory are not listed
 
     broken = tmp_path / "broken-index"
     shutil.copytree(llama_base, broken)
