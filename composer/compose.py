@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +103,8 @@ def compose(
     rank: int | None = None,
     recipe: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    base_name_or_path: str | None = None,
+    card_base_model: str | None = None,
 ) -> ComposeResult:
     """Merge ``bricks`` into the base model at ``base_dir`` and write the result to ``out_dir``.
 
@@ -123,6 +125,11 @@ def compose(
             ``linear``; by SVD of the merged delta for other methods, where it is required).
         recipe: caller's JSON stored under ``"recipe"`` in ``brickyard.json``.
         progress: ``progress(fraction, message)``, monotone, ending with 1.0.
+        base_name_or_path: ``base_model_name_or_path`` of an adapter output, where PEFT's
+            ``AutoPeftModelForCausalLM`` loads the base from (a path or a Hub id); None: the
+            bricks' common value, else ``base_dir``.
+        card_base_model: the model card's ``base_model`` (a registered name or Hub id);
+            None: as ``base_name_or_path``.
 
     Returns:
         `ComposeResult`.
@@ -140,6 +147,7 @@ def compose(
     report = _Reporter(progress)
     report(0.0, "checking the recipe", force=True)
     plan = plan_composition(base_dir, bricks, method=method, params=params, output=output, rank=rank, recipe=recipe)
+    plan = replace(plan, base_name_or_path=base_name_or_path, card_base_model=card_base_model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(plan, out_dir.parent)
     staging = out_dir.parent / f".{out_dir.name}.composing-{uuid.uuid4().hex[:12]}"
@@ -652,11 +660,10 @@ def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int], saved: Seque
     linear = [plan.modules[name].module for name in ranks if not plan.modules[name].module.embedding]
     fan_in_fan_out = bool(linear) and all(m.fan_in_fan_out for m in linear)
     task_types = {brick.task_type for brick in plan.bricks}
-    bases = {brick.settings.base_model_name_or_path for brick in plan.bricks}
     return {
         "peft_type": "LORA",
         "task_type": task_types.pop() if len(task_types) == 1 else None,
-        "base_model_name_or_path": bases.pop() if len(bases) == 1 else None,
+        "base_model_name_or_path": plan.output_base_name,
         "r": r,
         "lora_alpha": r,
         "rank_pattern": rank_pattern,
