@@ -12,7 +12,7 @@ does not import torch; composing does.
 
 from composer._version import COMPOSER_VERSION
 from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
-from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, read_base_model
+from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, find_mergeable_modules, read_base_model
 from composer.compose import ComposeResult, TruncationStats, WrittenFile, compose
 from composer.errors import (
     ComposeError,
@@ -55,6 +55,7 @@ __all__ = [
     "__version__",
     "compose",
     "find_linear_modules",
+    "find_mergeable_modules",
     "find_nonfinite",
     "get_method",
     "list_methods",

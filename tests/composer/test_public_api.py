@@ -32,6 +32,9 @@ def test_all_names_exist_and_include_the_registry_contract() -> None:
         "sniff_format",
         "read_base_model",
         "find_linear_modules",
+        "find_mergeable_modules",
+        "ComposeError",
+        "IncompatibleBricks",
         "TRANSFORMERS_LOCK",
     }
     assert contract <= set(composer.__all__)
@@ -41,7 +44,16 @@ def test_compose_signature() -> None:
     parameters = inspect.signature(compose).parameters
     assert list(parameters)[:3] == ["base_dir", "bricks", "out_dir"]
     keyword_only = {n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keyword_only == {"method", "params", "output", "rank", "recipe", "progress"}
+    assert keyword_only == {
+        "method",
+        "params",
+        "output",
+        "rank",
+        "recipe",
+        "progress",
+        "base_name_or_path",
+        "card_base_model",
+    }
     assert parameters["method"].default == "linear" and parameters["output"].default == "full"
 
 
