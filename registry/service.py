@@ -355,8 +355,17 @@ class Registry:
                 except BaseModelNotFound:
                     problems.append(f"metadata.base_model: no base model named {base_name!r} is registered")
             adapter_problems: list[str] = []
+            # A brick fits every base model of its base's fingerprint: naming any of them is fine.
+            twins = tuple(
+                b for b in self.store.list_base_models() if base is not None and b.fingerprint == base.fingerprint
+            )
             spec = inspect_adapter(
-                config_bytes, staged.path, base, max_header_bytes=limits.max_header_bytes, problems=adapter_problems
+                config_bytes,
+                staged.path,
+                base,
+                max_header_bytes=limits.max_header_bytes,
+                problems=adapter_problems,
+                twins=twins,
             )
             if problems or adapter_problems or spec is None or meta is None:
                 error = InvalidAdapter if adapter_problems else InvalidInput

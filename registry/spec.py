@@ -66,6 +66,7 @@ def inspect_adapter(
     *,
     max_header_bytes: int,
     problems: list[str],
+    twins: tuple[domain.BaseModel, ...] = (),
 ) -> AdapterSpec | None:
     """Validate an adapter (config bytes + weights file) against ``base``.
 
@@ -76,6 +77,8 @@ def inspect_adapter(
             config and weights are then checked on their own, to report all problems).
         max_header_bytes: bound on the safetensors header.
         problems: every problem found is appended here, prefixed with the part it is in.
+        twins: other registered base models with ``base``'s fingerprint: a
+            ``base_model_name_or_path`` naming one of them names a model the brick fits too.
 
     Returns:
         `AdapterSpec`, or None when a problem was found (or ``base`` is None).
@@ -95,7 +98,7 @@ def inspect_adapter(
             bad = find_nonfinite(weights_path, header)
             found.extend(f"adapter_weights: tensor {name!r} contains NaN or Inf values" for name in bad)
     if settings is not None and base is not None:
-        _check_base_name(settings, base, found)
+        _check_base_name(settings, base, twins, found)
     problems.extend(found[:_MAX_REPORTED])
     if found or settings is None or base is None:
         return None
@@ -249,14 +252,18 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_base_name(settings: LoraSettings, base: domain.BaseModel, problems: list[str]) -> None:
+def _check_base_name(
+    settings: LoraSettings, base: domain.BaseModel, twins: tuple[domain.BaseModel, ...], problems: list[str]
+) -> None:
     claimed = settings.base_model_name_or_path
     if not claimed:
         return
-    known = {base.name, base.path, os.path.basename(os.path.normpath(base.path)), *base.aliases}
-    config_name = base.config.get("_name_or_path")
-    if isinstance(config_name, str) and config_name:
-        known.add(config_name)
+    known: set[str] = set()
+    for model in (base, *twins):
+        known |= {model.name, model.path, os.path.basename(os.path.normpath(model.path)), *model.aliases}
+        config_name = model.config.get("_name_or_path")
+        if isinstance(config_name, str) and config_name:
+            known.add(config_name)
     normalized = os.path.normpath(claimed) if claimed.startswith(("/", ".")) else claimed
     # PEFT records the path the model was trained from ("models/tiny-llama" when relative):
     # its last component names the model as well as a registered name or alias does.

@@ -110,3 +110,25 @@ def test_the_same_weights_with_another_config_are_another_brick(
     assert response.status_code == 201, response.text
     assert response.json()["version"] == 2 and response.json()["use_rslora"] is True
     assert response.json()["sha256"] == client.get("/v1/bricks/sentiment/versions/1").json()["sha256"]
+
+
+def test_a_brick_naming_a_base_of_the_same_fingerprint_registers_for_its_twin(
+    client: Any, llama_base: Path, llama_base_single: Path, gpt2_base: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    register_base(client, llama_base, name="tiny-llama")
+    register_base(client, gpt2_base, name="tiny-gpt2", aliases=["org/gpt2"])
+    # trained on another directory of tiny-llama's fingerprint, registered for tiny-llama
+    trained = _with_config(loras["r4"], tmp_path / "trained", base_model_name_or_path=str(llama_base_single))
+    unknown = upload(client, trained)
+    assert unknown.status_code == 422 and "as an alias" in unknown.json()["errors"][0]
+    register_base(client, llama_base_single, name="llama-twin")
+    assert upload(client, trained).status_code == 201
+    # a name of a base with another fingerprint is still refused, with the alias hint
+    other = _with_config(loras["r8"], tmp_path / "other", base_model_name_or_path="org/gpt2")
+    response = upload(client, other, metadata=brick_metadata("other"))
+    assert response.status_code == 422
+    assert [p for p in response.json()["errors"] if "base_model_name_or_path" in p] == [
+        "adapter_config: base_model_name_or_path is 'org/gpt2' but the brick is registered for base model "
+        f"'tiny-llama' (path {str(llama_base.resolve())!r}); if they are the same model, register the base model "
+        "with that name as an alias"
+    ]
