@@ -126,3 +126,25 @@ def test_bricks_of_each_kind_register_and_compose_over_http_like_peft(
             loaded = loaded.merge_and_unload()
     torch.testing.assert_close(_logits(loaded), expected, atol=5e-4 if rank else 2e-4, rtol=1e-4)
     torch.testing.assert_close(_logits(load_adapter_model(base, adapter)), _logits(loaded), atol=1e-4, rtol=1e-4)
+
+
+def test_legacy_per_expert_mixtral_adapters_register_and_compose_over_http(client: Any, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tests.composer.test_peft_moe import _legacy_adapter, _mixtral
+
+    base = _mixtral(tmp_path / "mixtral")
+    register_base(client, base, name="tiny-mixtral")
+    deltas = []
+    for i, (r, alpha) in enumerate(((4, 8), (2, 2))):
+        deltas.append(_legacy_adapter(base, tmp_path / f"moe-{i}", seed=10 + i, r=r, alpha=alpha))
+        response = upload(client, tmp_path / f"moe-{i}", metadata=brick_metadata(f"moe-{i}", base_model="tiny-mixtral"))
+        assert response.status_code == 201, response.text
+        # every expert's w1/w2/w3, the router and q_proj, in 2 layers: stored keys, not the fused model's
+        assert response.json()["module_count"] == 2 * (4 * 3 + 2)
+    out = _download(client, _compose(client, "tiny-mixtral", ["moe-0", "moe-1"]), tmp_path / "full")
+    stored, merged = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert merged.keys() == stored.keys()
+    for name, weight in stored.items():
+        expected = weight.double() + WEIGHTS[0] * deltas[0].get(name, 0.0) + WEIGHTS[1] * deltas[1].get(name, 0.0)
+        torch.testing.assert_close(merged[name].double(), expected, atol=1e-6, rtol=1e-6)
