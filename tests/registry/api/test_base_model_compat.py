@@ -132,3 +132,18 @@ def test_a_brick_naming_a_base_of_the_same_fingerprint_registers_for_its_twin(
         f"'tiny-llama' (path {str(llama_base.resolve())!r}); if they are the same model, register the base model "
         "with that name as an alias"
     ]
+
+
+def test_uploads_are_checked_against_the_recorded_shapes_when_the_base_directory_is_gone(
+    client: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    moved = tmp_path / "llama"
+    shutil.copytree(llama_base, moved)
+    register_base(client, moved, name="tiny-llama")
+    shutil.rmtree(moved)
+    fine = _with_config(loras["r4"], tmp_path / "fine", base_model_name_or_path=None)
+    assert upload(client, fine).status_code == 201
+    wrong_rank = _with_config(loras["r8"], tmp_path / "wrong", r=4, lora_alpha=8, base_model_name_or_path=None)
+    refused = upload(client, wrong_rank, metadata=brick_metadata("wrong"))
+    assert refused.status_code == 422
+    assert any("lora_A has shape [8, 32], expected [4, 32]" in p for p in refused.json()["errors"])
