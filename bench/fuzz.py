@@ -66,6 +66,9 @@ from bench._registry import postgres, random_adapter, scratch_home, tiny_base
 
 BASE_URL = "http://testserver"
 BASE_MODEL = "tiny-llama"
+# A second registration of the same directory that nothing references: it can be removed.
+SPARE_BASE_MODEL = "tiny-llama-spare"
+ALIASES = ["fuzz-alias", "org/fuzz-alias"]
 # name -> (description, number of versions)
 BRICKS = {
     "sentiment": ("Classify the sentiment of a product review.", 2),
@@ -131,7 +134,8 @@ def _ok(response: Any, *statuses: int) -> Any:
 
 def seed(client: Any, base_path: Path, admin_token: str, *, timeout_s: float = 120.0) -> Seeded:
     """Fill the registry behind ``client`` (an HTTP client sending ``admin_token``) over the API."""
-    _ok(client.post("/v1/base-models", json={"name": BASE_MODEL, "path": str(base_path)}), 201)
+    _ok(client.post("/v1/base-models", json={"name": BASE_MODEL, "path": str(base_path), "aliases": ALIASES}), 201)
+    _ok(client.post("/v1/base-models", json={"name": SPARE_BASE_MODEL, "path": str(base_path)}), 201)
     adapters = [random_adapter(9000 + i) for i in range(6)]
     bricks: dict[str, list[int]] = {}
     numbered = iter(adapters)
@@ -190,7 +194,7 @@ def seed(client: Any, base_path: Path, admin_token: str, *, timeout_s: float = 1
             "malformed": {"Authorization": f"Token {admin_token}"},
             "unknown": {"Authorization": "Bearer by_not-a-real-token"},
         },
-        base_models=[BASE_MODEL],
+        base_models=[BASE_MODEL, SPARE_BASE_MODEL],
         bricks=bricks,
         compositions=compositions,
         composition_files=files,
@@ -479,6 +483,8 @@ class Fuzzer:
             if operation.path.startswith("/v1/tokens"):
                 return [*seeded.revocable_tokens, "no-such-token"]
             return [*seeded.bricks, "no-such-brick"]
+        if name == "alias":
+            return [*ALIASES, "no-such-alias"]
         if name == "version":
             return sorted({v for versions in seeded.bricks.values() for v in versions} | {99})
         if name == "filename":
@@ -575,6 +581,11 @@ class Fuzzer:
             yield self._case(operation, body={**body, "name": BASE_MODEL})
             for i, variant in enumerate(_hostile_variants(body, ("name", "path", "description", "aliases"))):
                 yield self._case(operation, body={"name": f"hostile-{i}", **variant})
+        elif label == "POST /v1/base-models/{name}/aliases":
+            for combo in self.path_combinations(operation):
+                yield self._case(operation, path_parameters=combo, body={"alias": "org/fuzz-added"})
+            for variant in _hostile_variants({"alias": "a"}, ("alias",)):
+                yield self._case(operation, path_parameters={"name": BASE_MODEL}, body=variant)
         elif label == "POST /v1/bricks":
             config, weights = random_adapter(777)
             meta = {"name": "sentiment", "base_model": BASE_MODEL, "description": "sentiment, third version"}
@@ -675,6 +686,10 @@ class Fuzzer:
             return [cases(body)]
         if label == "POST /v1/bricks":
             return [self._brick_strategy(operation, names, bricks, text, tags)]
+        if label == "POST /v1/base-models/{name}/aliases":
+            body = st.fixed_dictionaries({"alias": st.one_of(text, st.sampled_from([*ALIASES, "org/another"]))})
+            paths = st.sampled_from(self.path_combinations(operation))
+            return [st.tuples(paths, body).map(lambda pb: self._case(operation, path_parameters=pb[0], body=pb[1]))]
         if label == "POST /v1/search":
             body = st.fixed_dictionaries(
                 {"query": st.one_of(text, st.sampled_from(["review sentiment", "translate an email"]))},

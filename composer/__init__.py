@@ -21,7 +21,7 @@ from composer.adapter import (
     peft_pattern,
     split_lora_key,
 )
-from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, read_base_model
+from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, find_mergeable_modules, read_base_model
 from composer.compose import ComposeResult, TruncationStats, WrittenFile, compose
 from composer.errors import (
     ComposeError,
@@ -106,6 +106,7 @@ __all__ = [
     "collect_statistics",
     "compose",
     "find_linear_modules",
+    "find_mergeable_modules",
     "find_nonfinite",
     "get_method",
     "list_methods",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -78,10 +79,7 @@ def _cell(text: object) -> str:
 def model_card(plan: CompositionPlan, record: Mapping[str, Any]) -> str:
     """A README model card with YAML front matter, the recipe table and the merge semantics."""
     library = "transformers" if plan.output == "full" else "peft"
-    bases = {brick.settings.base_model_name_or_path for brick in plan.bricks} - {None}
-    front = ["---", f"library_name: {library}"]
-    if len(bases) == 1:
-        front.append(f"base_model: {next(iter(bases))!s}")
+    front = ["---", f"library_name: {library}", f"base_model: {json.dumps(plan.card_base_name)}"]
     front += ["tags:", "- brickyard", "- lora", "- merge", f"- {plan.method.name}", "---", ""]
     params = record["composer"]["params"]
     shown = ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"

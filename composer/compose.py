@@ -21,7 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +106,8 @@ def compose(
     recipe: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
     neurons: Sequence[NeuronOp] = (),
+    base_name_or_path: str | None = None,
+    card_base_model: str | None = None,
 ) -> ComposeResult:
     """Merge ``bricks`` into the base model at ``base_dir`` and write the result to ``out_dir``.
 
@@ -128,6 +130,11 @@ def compose(
         progress: ``progress(fraction, message)``, monotone, ending with 1.0.
         neurons: operations with emergent bricks' neuron sets (`composer.neurons`): ablate or
             scale neurons of the output, restrict a brick to neurons.
+        base_name_or_path: ``base_model_name_or_path`` of an adapter output, where PEFT's
+            ``AutoPeftModelForCausalLM`` loads the base from (a path or a Hub id); None: the
+            bricks' common value, else ``base_dir``.
+        card_base_model: the model card's ``base_model`` (a registered name or Hub id);
+            None: as ``base_name_or_path``.
 
     Returns:
         `ComposeResult`.
@@ -147,6 +154,7 @@ def compose(
     plan = plan_composition(
         base_dir, bricks, method=method, params=params, output=output, rank=rank, recipe=recipe, neurons=neurons
     )
+    plan = replace(plan, base_name_or_path=base_name_or_path, card_base_model=card_base_model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(plan, out_dir.parent)
     staging = out_dir.parent / f".{out_dir.name}.composing-{uuid.uuid4().hex[:12]}"
@@ -679,11 +687,10 @@ def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int], saved: Seque
     linear = [plan.modules[name].module for name in ranks if not plan.modules[name].module.embedding]
     fan_in_fan_out = bool(linear) and all(m.fan_in_fan_out for m in linear)
     task_types = {brick.task_type for brick in plan.bricks}
-    bases = {brick.settings.base_model_name_or_path for brick in plan.bricks}
     return {
         "peft_type": "LORA",
         "task_type": task_types.pop() if len(task_types) == 1 else None,
-        "base_model_name_or_path": bases.pop() if len(bases) == 1 else None,
+        "base_model_name_or_path": plan.output_base_name,
         "r": r,
         "lora_alpha": r,
         "rank_pattern": rank_pattern,

@@ -139,6 +139,25 @@ class CompositionPlan:
     rank: int | None
     modules: Mapping[str, ModulePlan]
     neurons: NeuronPlan = EMPTY
+    # How the outputs name the base model: ``base_model_name_or_path`` of an adapter output
+    # (what PEFT loads it from) and ``base_model`` of the model card; None: the bricks' common
+    # ``base_model_name_or_path``, else the base directory.
+    base_name_or_path: str | None = None
+    card_base_model: str | None = None
+
+    @property
+    def output_base_name(self) -> str:
+        """The base model as an adapter output names it, so PEFT can load it."""
+        if self.base_name_or_path:
+            return self.base_name_or_path
+        bases = {brick.settings.base_model_name_or_path for brick in self.bricks}
+        common = bases.pop() if len(bases) == 1 else None
+        return common or str(self.base.path)
+
+    @property
+    def card_base_name(self) -> str:
+        """The base model as the model card's ``base_model`` names it."""
+        return self.card_base_model or self.output_base_name
 
     def tensors_by_shard(self) -> dict[str, frozenset[str]]:
         """Names of the base tensors that receive a delta, grouped by shard file."""
@@ -361,12 +380,18 @@ def _plan_brick(
         if ok:
             modules[module] = (a, b)
     magnitudes: dict[str, TensorInfo] = {}
+    if mapped.magnitudes and not settings.use_dora:
+        incompatible.append(
+            f"{label}: the weights hold DoRA magnitude vectors for {len(mapped.magnitudes)} modules (first: "
+            f"{next(iter(mapped.magnitudes))!r}) but use_dora is not set: set use_dora=true in adapter_config.json "
+            "if it is a DoRA adapter"
+        )
     for module, name in mapped.magnitudes.items():
         where = f"{label}: module {module!r}"
         info = header.tensors[name]
         if not settings.use_dora:
-            incompatible.append(f"{where}: the weights hold a DoRA magnitude vector but use_dora is not set")
-        elif module in modules:
+            continue
+        if module in modules:
             target = linear[module]
             if info.shape != (target.out_features,) or info.dtype not in FLOAT_DTYPES:
                 incompatible.append(

@@ -227,6 +227,43 @@ def base_show(name: str, url: UrlOption = None) -> None:
     _show_record(base, skip=("linear_modules",))
 
 
+alias_app = typer.Typer(help="Other names adapters may record for a base model.", no_args_is_help=True)
+base_app.add_typer(alias_app, name="alias")
+
+
+@alias_app.command("add")
+def base_alias_add(
+    name: Annotated[str, typer.Argument(help="registered base model")],
+    alias: Annotated[str, typer.Argument(help="e.g. a Hub id, or the directory name a brick was trained from")],
+    url: UrlOption = None,
+) -> None:
+    """Add an alias: adapters recording it as base_model_name_or_path register for NAME."""
+    with _client(url) as client:
+        base = client.add_base_model_alias(name, alias)
+    console.print(f"base model [bold]{base.name}[/] aliases: {', '.join(base.aliases) or '(none)'}")
+
+
+@alias_app.command("rm")
+def base_alias_rm(
+    name: Annotated[str, typer.Argument(help="registered base model")],
+    alias: Annotated[str, typer.Argument(help="the alias to remove")],
+    url: UrlOption = None,
+) -> None:
+    """Remove an alias of a base model."""
+    with _client(url) as client:
+        base = client.remove_base_model_alias(name, alias)
+    console.print(f"base model [bold]{base.name}[/] aliases: {', '.join(base.aliases) or '(none)'}")
+
+
+@base_app.command("rm")
+def base_rm(name: Annotated[str, typer.Argument(help="registered base model")], url: UrlOption = None) -> None:
+    """Remove a base model's registration (its files stay); refused while bricks or
+    compositions use it, naming them."""
+    with _client(url) as client:
+        base = client.delete_base_model(name)
+    console.print(f"removed base model [bold]{base.name}[/] ({base.path})")
+
+
 # -- bricks -----------------------------------------------------------------------------
 
 
@@ -612,6 +649,29 @@ def compose(
         paths = client.download_composition(composition.id, out)
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} files ({_size(size)}) to {out}")
+    _report_truncation(out)
+
+
+# An adapter output whose largest per-module relative error exceeds this no longer behaves
+# like the exact merge: the user should raise the rank or compose a full model.
+TRUNCATION_WARNING = 0.05
+
+
+def _report_truncation(out: Path) -> None:
+    """Print the truncation error an adapter output records in ``brickyard.json``, with a
+    warning above `TRUNCATION_WARNING`."""
+    try:
+        record = json.loads((out / "brickyard.json").read_text(encoding="utf-8"))
+        truncation = record["composer"]["truncation"]
+        worst, mean = float(truncation["max_relative_error"]), float(truncation["mean_relative_error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a full model (no truncation), or no record to read
+    console.print(f"adapter truncation: relative error max {worst:.3g}, mean {mean:.3g} (against the exact merge)")
+    if worst > TRUNCATION_WARNING:
+        err_console.print(
+            f"[bold yellow]warning:[/] the adapter's error reaches {worst:.1%} on a module (above "
+            f"{TRUNCATION_WARNING:.0%}): compose with a higher --rank, or --output full, which is exact"
+        )
 
 
 def _print_instruction_plan(instruction: str, base: str, k: int, url: str | None) -> None:

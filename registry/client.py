@@ -43,6 +43,9 @@ class BrickyardClient(Protocol):
     ) -> BaseModelDetail: ...
     def list_base_models(self) -> list[BaseModelOut]: ...
     def get_base_model(self, name: str) -> BaseModelDetail: ...
+    def add_base_model_alias(self, name: str, alias: str) -> BaseModelDetail: ...
+    def remove_base_model_alias(self, name: str, alias: str) -> BaseModelDetail: ...
+    def delete_base_model(self, name: str) -> BaseModelOut: ...
     def register_brick(self, adapter_dir: Path, metadata: Mapping[str, Any]) -> BrickOut: ...
     def list_bricks(
         self,
@@ -161,6 +164,22 @@ class RemoteClient:
     def get_base_model(self, name: str) -> BaseModelDetail:
         """One base model."""
         return BaseModelDetail.model_validate(self._request("GET", f"/v1/base-models/{name}"))
+
+    def add_base_model_alias(self, name: str, alias: str) -> BaseModelDetail:
+        """Add an alias to a base model."""
+        body = {"alias": alias}
+        return BaseModelDetail.model_validate(self._request("POST", f"/v1/base-models/{name}/aliases", json=body))
+
+    def remove_base_model_alias(self, name: str, alias: str) -> BaseModelDetail:
+        """Remove an alias of a base model."""
+        from urllib.parse import quote
+
+        path = f"/v1/base-models/{name}/aliases/{quote(alias, safe='/')}"
+        return BaseModelDetail.model_validate(self._request("DELETE", path))
+
+    def delete_base_model(self, name: str) -> BaseModelOut:
+        """Remove a base model's registration."""
+        return BaseModelOut.model_validate(self._request("DELETE", f"/v1/base-models/{name}"))
 
     def register_brick(self, adapter_dir: Path, metadata: Mapping[str, Any]) -> BrickOut:
         """Upload a PEFT adapter directory as a brick (the weights are streamed)."""
@@ -349,6 +368,18 @@ class LocalClient:
     def get_base_model(self, name: str) -> BaseModelDetail:
         """One base model."""
         return BaseModelDetail.of(self.registry.get_base_model(name))
+
+    def add_base_model_alias(self, name: str, alias: str) -> BaseModelDetail:
+        """Add an alias to a base model."""
+        return BaseModelDetail.of(self.registry.add_base_model_alias(name, alias, actor=self.actor))
+
+    def remove_base_model_alias(self, name: str, alias: str) -> BaseModelDetail:
+        """Remove an alias of a base model."""
+        return BaseModelDetail.of(self.registry.remove_base_model_alias(name, alias, actor=self.actor))
+
+    def delete_base_model(self, name: str) -> BaseModelOut:
+        """Remove a base model's registration."""
+        return BaseModelOut.of(self.registry.delete_base_model(name, actor=self.actor))
 
     def register_brick(self, adapter_dir: Path, metadata: Mapping[str, Any]) -> BrickOut:
         """Register a PEFT adapter directory as a brick."""

@@ -140,11 +140,13 @@ class Compositions:
                     "emergent bricks are not merged: use them in neuron operations",
                     errors=[f"bricks: {b.ref} is an emergent brick; name it under 'neurons'" for b in emergent],
                 )
-            foreign = [b for b, _ in chosen if b.base_model != base.name]
+            foreign = [b for b, _ in chosen if not self._same_base(b.base_model, base)]
             if foreign:
                 raise IncompatibleBrick(
                     f"{len(foreign)} of the bricks were trained on another base model than {base.name!r}",
-                    errors=[f"{b.ref} is a brick of base model {b.base_model!r}" for b in foreign],
+                    errors=[
+                        f"{b.ref} is a brick of base model {b.base_model!r}, whose fingerprint differs" for b in foreign
+                    ],
                     extra={
                         "bricks": [{"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign]
                     },
@@ -233,6 +235,12 @@ class Compositions:
                 NeuronOp(f"{entry['name']}@{entry['version']}", entry["op"], path, entry["factor"], entry["target"])
             )
         return ops
+
+    def _same_base(self, brick_base: str, base: domain.BaseModel) -> bool:
+        """A brick fits every base model with the fingerprint of the one it was registered for
+        (the same architecture, tensor names, dtypes and shapes: a copy, or the same model
+        registered under another name)."""
+        return brick_base == base.name or self.catalog.get_base_model(brick_base).fingerprint == base.fingerprint
 
     def _brick_sources(self, recipe: dict[str, Any]) -> list[Any]:
         from composer import BrickSource
@@ -461,6 +469,10 @@ class Compositions:
                 recipe={"id": composition.id, **recipe},
                 progress=heartbeat,
                 neurons=self._neuron_ops(recipe),
+                # An adapter output names the registered base's directory, so PEFT's
+                # AutoPeftModelForCausalLM loads it where it runs; the card names the base.
+                base_name_or_path=base.path,
+                card_base_model=base.name,
             )
             manifest = None
             if self.publishes:

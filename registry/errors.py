@@ -19,6 +19,7 @@ BrickyardError                      500 internal
 │   └── CompositionNotFound         404 composition-not-found
 ├── Conflict                        409 conflict
 │   ├── BaseModelExists             409 base-model-exists
+│   ├── BaseModelInUse              409 base-model-in-use
 │   ├── BrickExists                 409 brick-exists
 │   └── VersionExists               409 version-exists
 ├── RangeNotSatisfiable             416 range-not-satisfiable
@@ -39,6 +40,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "BaseModelExists",
+    "BaseModelInUse",
     "BaseModelNotFound",
     "BrickExists",
     "BrickNotFound",
@@ -181,7 +183,7 @@ class BaseModelExists(Conflict):
 
 
 class BrickExists(Conflict):
-    """The same weights are already registered (``extra`` names the existing brick)."""
+    """The same weights with the same config are already registered (``extra`` names the existing brick)."""
 
     code, title = "brick-exists", "Brick already registered"
 
@@ -221,3 +223,10 @@ class StorageCorrupt(BrickyardError):
     """Stored bytes are missing or do not match their recorded sha256."""
 
     code, title = "storage-corrupt", "Stored data is corrupt"
+
+
+class BaseModelInUse(Conflict):
+    """A base model cannot be removed while bricks or compositions reference it (``errors``
+    names them)."""
+
+    code, title = "base-model-in-use", "Base model in use"

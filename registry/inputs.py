@@ -25,6 +25,7 @@ from registry.errors import InvalidInput
 
 __all__ = [
     "NAME_PATTERN",
+    "BaseModelAliasIn",
     "BaseModelCreate",
     "BrickChoice",
     "BrickMetadata",
@@ -138,6 +139,16 @@ class BaseModelCreate(BaseModel):
         default_factory=list,
         max_length=16,
         description="other names adapters may record as base_model_name_or_path (e.g. a Hub id)",
+    )
+
+
+class BaseModelAliasIn(BaseModel):
+    """A name adapters may record as ``base_model_name_or_path`` for a registered base model."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    alias: Annotated[str, StringConstraints(min_length=1, max_length=300), Printable] = Field(
+        description="e.g. a Hub id ('meta-llama/Llama-3.2-1B') or the directory name a brick was trained from"
     )
 
 

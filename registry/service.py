@@ -8,6 +8,7 @@ then the row: a failure leaves no row, and no visible partial file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -288,6 +289,58 @@ class Registry:
         """Every registered base model."""
         return self.store.list_base_models()
 
+    def add_base_model_alias(self, name: str, alias: str, *, actor: str | None = None) -> domain.BaseModel:
+        """Let adapters that record ``alias`` as their ``base_model_name_or_path`` (a Hub id,
+        a training path's last component) register for base model ``name``. Adding an alias
+        it has already changes nothing.
+
+        Raises:
+            InvalidInput: an empty, overlong or non-printable alias, or one alias too many.
+            BaseModelNotFound: no such base model.
+        """
+        alias = _valid_alias(alias)
+
+        def add(aliases: tuple[str, ...]) -> tuple[str, ...]:
+            if alias in aliases:
+                return aliases
+            if len(aliases) >= _MAX_ALIASES:
+                raise InvalidInput(
+                    f"base model {name!r} has {len(aliases)} aliases already",
+                    errors=[f"alias: at most {_MAX_ALIASES} aliases; remove one first"],
+                )
+            return (*aliases, alias)
+
+        return self.store.change_base_model_aliases(name, add, actor=actor, action="base_model.alias_add")
+
+    def remove_base_model_alias(self, name: str, alias: str, *, actor: str | None = None) -> domain.BaseModel:
+        """Remove an alias of base model ``name``.
+
+        Raises:
+            BaseModelNotFound: no such base model. NotFound: it has no such alias.
+        """
+        from registry.errors import NotFound
+
+        def remove(aliases: tuple[str, ...]) -> tuple[str, ...]:
+            if alias not in aliases:
+                raise NotFound(
+                    f"base model {name!r} has no alias {alias[:300]!r}",
+                    errors=[f"its aliases are {list(aliases)}" if aliases else "it has no aliases"],
+                )
+            return tuple(a for a in aliases if a != alias)
+
+        return self.store.change_base_model_aliases(name, remove, actor=actor, action="base_model.alias_remove")
+
+    def delete_base_model(self, name: str, *, actor: str | None = None) -> domain.BaseModel:
+        """Remove a base model's registration (its files are not touched).
+
+        Raises:
+            BaseModelNotFound: no such base model.
+            BaseModelInUse: bricks or compositions reference it (they are named).
+        """
+        base = self.store.delete_base_model(name, actor=actor)
+        log.info("deleted base model %s (by %s)", base.name, actor or "anonymous")
+        return base
+
     # -- bricks ------------------------------------------------------------------------
 
     def register_brick(
@@ -310,7 +363,7 @@ class Registry:
             PayloadTooLarge: a file exceeds a size limit.
             UnsupportedMediaType: the weights are not safetensors.
             InvalidInput / InvalidAdapter: every problem with metadata, config and weights.
-            BrickExists: the same weights are registered already.
+            BrickExists: the same weights with the same config are registered already.
             VersionExists: the explicit version is taken.
         """
         limits = self.settings.limits
@@ -336,6 +389,10 @@ class Registry:
                 except BaseModelNotFound:
                     problems.append(f"metadata.base_model: no base model named {base_name!r} is registered")
             adapter_problems: list[str] = []
+            # A brick fits every base model of its base's fingerprint: naming any of them is fine.
+            twins = tuple(
+                b for b in self.store.list_base_models() if base is not None and b.fingerprint == base.fingerprint
+            )
             spec = inspect_adapter(
                 config_bytes,
                 staged.path,
@@ -343,12 +400,13 @@ class Registry:
                 max_header_bytes=limits.max_header_bytes,
                 problems=adapter_problems,
                 pattern_seconds=limits.pattern_seconds,
+                twins=twins,
             )
             if problems or adapter_problems or spec is None or meta is None:
                 error = InvalidAdapter if adapter_problems else InvalidInput
                 target = f" for base model {base.name!r}" if base is not None else ""
                 raise error(f"the brick cannot be registered{target}", errors=problems + adapter_problems)
-            self.store.ensure_new_weights(staged.sha256)
+            self.store.ensure_new_brick(staged.sha256, hashlib.sha256(config_bytes).hexdigest())
             if meta.version is not None:
                 self._ensure_version_free(meta.name, meta.version)
             config_blob = self.blobs.stage_bytes(config_bytes)
@@ -616,6 +674,28 @@ _MAX_CANDIDATE_BRICKS = 64
 _BRICK_CACHE_SIZE = 10_000
 _VECTORS_PER_HIT = 8
 _MAX_CANDIDATE_VECTORS = 20_000
+
+
+_MAX_ALIASES = 16  # as many as a registration may give (`BaseModelCreate.aliases`)
+_MAX_ALIAS_CHARS = 300
+
+
+def _valid_alias(alias: Any) -> str:
+    if (
+        not isinstance(alias, str)
+        or not alias
+        or len(alias) > _MAX_ALIAS_CHARS
+        or not alias.isprintable()
+        or alias != alias.strip()
+    ):
+        raise InvalidInput(
+            "invalid alias",
+            errors=[
+                f"alias: a printable name of 1 to {_MAX_ALIAS_CHARS} characters without surrounding spaces "
+                "(e.g. a Hub id such as 'meta-llama/Llama-3.2-1B')"
+            ],
+        )
+    return alias
 
 
 def _claimed_base_model(raw: Any) -> str | None:

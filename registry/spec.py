@@ -1,28 +1,38 @@
 """Validate an uploaded adapter against its base model, before anything is stored.
 
-Reads ``adapter_config.json`` and the safetensors header (bounded, never trusted), maps
-every tensor to a linear module of the base model, checks shapes against the per-module
-rank (``rank_pattern``), and scans the data for NaN/Inf. Every problem is collected and
-reported in one error. The LoRA semantics themselves live in `composer.adapter`, so the
-registry validates exactly what the composer will merge.
+Reads ``adapter_config.json`` and the safetensors header (bounded, never trusted), plans
+the adapter as a one-brick composition on the base model's directory (`composer`'s planner:
+every tensor mapped to a linear, Conv1D or embedding module, shapes against the per-module
+rank, DoRA magnitudes, saved module copies), and scans the data for NaN/Inf. When the base's
+directory is not there as registered, tensors are checked against the linear-module shapes
+recorded at registration instead. Every problem is collected and reported in one error. The
+LoRA semantics themselves live in `composer`, so the registry validates exactly what the
+composer will merge.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from composer import (
     FLOAT_DTYPES,
+    BrickSource,
+    ComposeError,
+    IncompatibleBricks,
     LoraSettings,
     SafetensorsHeader,
+    find_mergeable_modules,
     find_nonfinite,
     map_adapter_tensors,
     parse_lora_config,
     pattern_budget,
+    plan_composition,
+    read_base_model,
     read_header,
     sniff_format,
     split_lora_key,
@@ -58,6 +68,7 @@ def inspect_adapter(
     max_header_bytes: int,
     problems: list[str],
     pattern_seconds: float = 2.0,
+    twins: tuple[domain.BaseModel, ...] = (),
 ) -> AdapterSpec | None:
     """Validate an adapter (config bytes + weights file) against ``base``.
 
@@ -69,6 +80,8 @@ def inspect_adapter(
         max_header_bytes: bound on the safetensors header.
         pattern_seconds: total time for matching the config's module patterns.
         problems: every problem found is appended here, prefixed with the part it is in.
+        twins: other registered base models with ``base``'s fingerprint: a
+            ``base_model_name_or_path`` naming one of them names a model the brick fits too.
 
     Returns:
         `AdapterSpec`, or None when a problem was found (or ``base`` is None).
@@ -83,12 +96,13 @@ def inspect_adapter(
     modules: tuple[str, ...] = ()
     if header is not None and base is not None:
         with pattern_budget(pattern_seconds), composer_problems(found, "adapter_config"):
-            modules = _check_tensors(header, settings, base, found)
+            planned = _plan_on_base(config_bytes, weights_path, settings, base, found)
+            modules = planned if planned is not None else _check_tensors(header, settings, base, found)
         if not found:
             bad = find_nonfinite(weights_path, header)
             found.extend(f"adapter_weights: tensor {name!r} contains NaN or Inf values" for name in bad)
     if settings is not None and base is not None:
-        _check_base_name(settings, base, found)
+        _check_base_name(settings, base, twins, found)
     problems.extend(found[:_MAX_REPORTED])
     if found or settings is None or base is None:
         return None
@@ -126,6 +140,59 @@ def _header(weights_path: Path, max_header_bytes: int, problems: list[str]) -> S
     with composer_problems(problems, "adapter_weights"):
         return read_header(weights_path, max_header_bytes=max_header_bytes)
     return None
+
+
+_UPLOAD = "upload"
+
+
+def _plan_on_base(
+    config_bytes: bytes,
+    weights_path: Path,
+    settings: LoraSettings | None,
+    base: domain.BaseModel,
+    problems: list[str],
+) -> tuple[str, ...] | None:
+    """Plan the upload as a one-brick composition on the base model's own directory, so the
+    registry refuses exactly what the composer would (DoRA magnitudes, saved module copies
+    and ``base_layer`` weights, embedding LoRA, un-prefixed checkpoints, legacy per-expert
+    MoE keys), before the brick is stored rather than when it is first composed.
+
+    Returns the adapted modules (factor pairs and saved copies), or None when the base's
+    directory is not there as registered (moved, or its files changed): the upload is then
+    checked against the shapes recorded at registration (`_check_tensors`).
+    """
+    if settings is None:
+        return None  # the config's own problems are reported; the weights get the stored-shape check
+    try:
+        layout = read_base_model(Path(base.path))
+        if layout.fingerprint() != base.fingerprint:
+            return None
+    except (ComposeError, OSError):
+        return None
+    try:
+        mergeable = find_mergeable_modules(layout)
+    except ComposeError:
+        return None
+    if settings.target_modules is not None and not any(settings.targets(m) for m in mergeable):
+        problems.append(
+            f"adapter_config: target_modules {_show(settings.target_modules)} matches no linear module (nor "
+            f"embedding) of base model {base.name!r}"
+        )
+    with tempfile.TemporaryDirectory(prefix="brickyard-spec-") as tmp:
+        config_path = Path(tmp) / "adapter_config.json"
+        config_path.write_bytes(config_bytes)
+        try:
+            plan = plan_composition(layout.path, [BrickSource(_UPLOAD, config_path, weights_path)])
+        except (IncompatibleBricks, ComposerInvalidAdapter) as exc:
+            problems.extend(_weights_problem(p) for p in exc.problems)
+            return ()
+    brick = plan.bricks[0]
+    return tuple(sorted({*brick.modules, *brick.copies}))
+
+
+def _weights_problem(problem: str) -> str:
+    """The planner's ``"brick 'upload': ..."`` as an upload problem, ``"adapter_weights: ..."``."""
+    return "adapter_weights: " + problem.removeprefix(f"brick {_UPLOAD!r}: ")
 
 
 def _check_tensors(
@@ -190,16 +257,23 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_base_name(settings: LoraSettings, base: domain.BaseModel, problems: list[str]) -> None:
+def _check_base_name(
+    settings: LoraSettings, base: domain.BaseModel, twins: tuple[domain.BaseModel, ...], problems: list[str]
+) -> None:
     claimed = settings.base_model_name_or_path
     if not claimed:
         return
-    known = {base.name, base.path, os.path.basename(os.path.normpath(base.path)), *base.aliases}
-    config_name = base.config.get("_name_or_path")
-    if isinstance(config_name, str) and config_name:
-        known.add(config_name)
+    known: set[str] = set()
+    for model in (base, *twins):
+        known |= {model.name, model.path, os.path.basename(os.path.normpath(model.path)), *model.aliases}
+        config_name = model.config.get("_name_or_path")
+        if isinstance(config_name, str) and config_name:
+            known.add(config_name)
     normalized = os.path.normpath(claimed) if claimed.startswith(("/", ".")) else claimed
-    if claimed in known or normalized in known:
+    # PEFT records the path the model was trained from ("models/tiny-llama" when relative):
+    # its last component names the model as well as a registered name or alias does.
+    last = os.path.basename(os.path.normpath(claimed)) if not os.path.isabs(claimed) else None
+    if claimed in known or normalized in known or last in known:
         return
     problems.append(
         f"adapter_config: base_model_name_or_path is {claimed!r} but the brick is registered for base model "

@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session
 
 from registry import domain
 from registry.db.events import Event, list_events, record_event
-from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, as_utc, utcnow
+from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, CompositionRow, as_utc, utcnow
 from registry.db.session import Database
 from registry.errors import (
     BaseModelExists,
+    BaseModelInUse,
     BaseModelNotFound,
     BrickExists,
     BrickNotFound,
@@ -97,17 +98,79 @@ class Store:
         with self.db.session() as session:
             return [r.to_domain() for r in session.scalars(select(BaseModelRow).order_by(BaseModelRow.name))]
 
+    def change_base_model_aliases(
+        self, name: str, change: Callable[[tuple[str, ...]], tuple[str, ...]], *, actor: str | None, action: str
+    ) -> domain.BaseModel:
+        """Replace base model ``name``'s aliases with ``change(aliases)`` (the row is locked,
+        so concurrent changes do not lose each other) and record ``action`` as an event.
+
+        Raises:
+            BaseModelNotFound: no such base model. Whatever ``change`` raises.
+        """
+        with self.db.session(write=True) as session:
+            row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == name).with_for_update())
+            if row is None:
+                raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
+            before = tuple(row.aliases or ())
+            after = change(before)
+            if after != before:
+                row.aliases = list(after)
+                record_event(session, actor, action, f"base_model:{name}", {"aliases": list(after)})
+            session.flush()
+            return row.to_domain()
+
+    def delete_base_model(self, name: str, *, actor: str | None = None) -> domain.BaseModel:
+        """Delete base model ``name`` unless bricks or compositions reference it.
+
+        Raises:
+            BaseModelNotFound: no such base model.
+            BaseModelInUse: naming (up to 20 of) the bricks and compositions that use it.
+        """
+        with self.db.session(write=True) as session:
+            row = session.scalar(select(BaseModelRow).where(BaseModelRow.name == name).with_for_update())
+            if row is None:
+                raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
+            bricks = session.execute(
+                select(BrickRow.name, BrickRow.version)
+                .where(BrickRow.base_model_id == row.id)
+                .order_by(BrickRow.name, BrickRow.version)
+                .limit(_IN_USE_SHOWN + 1)
+            ).all()
+            compositions = session.scalars(
+                select(CompositionRow.id)
+                .where(CompositionRow.base_model_id == row.id)
+                .order_by(CompositionRow.id)
+                .limit(_IN_USE_SHOWN + 1)
+            ).all()
+            if bricks or compositions:
+                users = [f"brick {b}@{v}" for b, v in bricks[:_IN_USE_SHOWN]]
+                users += [f"composition {c}" for c in compositions[:_IN_USE_SHOWN]]
+                more = len(bricks) > _IN_USE_SHOWN or len(compositions) > _IN_USE_SHOWN
+                raise BaseModelInUse(
+                    f"base model {name!r} is used by {_at_least(len(bricks))} bricks and "
+                    f"{_at_least(len(compositions))} compositions; delete them first",
+                    errors=users + (["(more not shown)"] if more else []),
+                    extra={"name": name},
+                )
+            base = row.to_domain()
+            session.delete(row)
+            record_event(session, actor, "base_model.delete", f"base_model:{name}", {"path": base.path})
+            return base
+
     # -- bricks ------------------------------------------------------------------------
 
-    def find_brick_by_sha256(self, sha256: str) -> domain.Brick | None:
-        """The brick whose weights have this sha256, if any."""
+    def find_brick_by_sha256(self, sha256: str, config_sha256: str) -> domain.Brick | None:
+        """The brick with these weights and this config (by sha256), if any."""
         with self.db.session() as session:
-            row = session.scalar(select(BrickRow).where(BrickRow.sha256 == sha256))
+            row = session.scalar(
+                select(BrickRow).where(BrickRow.sha256 == sha256, BrickRow.config_sha256 == config_sha256)
+            )
             return row.to_domain() if row is not None else None
 
-    def ensure_new_weights(self, sha256: str) -> None:
-        """Raise `BrickExists`, naming the brick, when weights with this sha256 are registered."""
-        existing = self.find_brick_by_sha256(sha256)
+    def ensure_new_brick(self, sha256: str, config_sha256: str) -> None:
+        """Raise `BrickExists`, naming the brick, when these weights are registered with this
+        same config (the same weights with another config are another brick)."""
+        existing = self.find_brick_by_sha256(sha256, config_sha256)
         if existing is not None:
             raise _brick_exists(existing)
 
@@ -127,7 +190,7 @@ class Store:
 
         Raises:
             BaseModelNotFound: the base model is gone.
-            BrickExists: the same weights are already registered.
+            BrickExists: the same weights with the same config are already registered.
             VersionExists: the explicit version is taken.
             ServiceUnavailable: ``blobs_present`` answered False (a concurrent ``fsck
                 --repair`` collected the bytes): nothing was recorded, register again.
@@ -162,7 +225,7 @@ class Store:
         except Conflict as exc:
             if isinstance(exc, (BrickExists, VersionExists)):
                 raise
-            existing = self.find_brick_by_sha256(draft.sha256)
+            existing = self.find_brick_by_sha256(draft.sha256, draft.config_sha256)
             if existing is not None:
                 raise _brick_exists(existing) from exc
             raise
@@ -368,9 +431,16 @@ def _lock_blob_collection(session: Session, *, exclusive: bool = False) -> None:
         session.execute(text(f"SELECT {function}(:key)"), {"key": _BLOB_LOCK_KEY})
 
 
+_IN_USE_SHOWN = 20
+
+
+def _at_least(count: int) -> str:
+    return f"{_IN_USE_SHOWN}+" if count > _IN_USE_SHOWN else str(count)
+
+
 def _brick_exists(existing: domain.Brick) -> BrickExists:
     return BrickExists(
-        f"these weights are already registered as {existing.ref}",
+        f"these weights and this adapter_config are already registered as {existing.ref}",
         extra={"existing": {"name": existing.name, "version": existing.version, "sha256": existing.sha256}},
     )
 

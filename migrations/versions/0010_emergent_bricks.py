@@ -1,7 +1,7 @@
 """bricks of kind emergent: a kind column and the emergent metadata
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0009
 Create Date: 2026-12-07 08:00:00
 
 Every existing brick is a LoRA (``kind = 'lora'``). An emergent brick (a neuron set of a
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0007"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

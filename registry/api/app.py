@@ -16,6 +16,7 @@ from registry.api.limits import BodyLimitMiddleware
 from registry.api.offload import BlockingLane
 from registry.api.problems import PROBLEM_RESPONSES, document_problems, install_problem_handlers
 from registry.api.routes import (
+    base_model_changes,
     base_models,
     bricks,
     compositions,
@@ -95,7 +96,18 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.add_middleware(AuthGuard, registry_of=lambda: app.state.registry)
     install_problem_handlers(app)
     # hub last: its /{namespace}/{name}/resolve/... routes must not shadow the others
-    for module in (health, base_models, emergent, bricks, search, compositions, merge_methods, tokens, hub):
+    for module in (
+        health,
+        base_models,
+        base_model_changes,
+        emergent,
+        bricks,
+        search,
+        compositions,
+        merge_methods,
+        tokens,
+        hub,
+    ):
         app.include_router(module.router)
     mount_web(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -148,7 +148,12 @@ class BrickRow(Base):
     """One version of a brick. Bytes live in the blob store under ``sha256``/``config_sha256``."""
 
     __tablename__ = "bricks"
-    __table_args__ = (UniqueConstraint("name", "version", name="uq_bricks_name_version"),)
+    # A brick is its config and weights together: the same weights with another config
+    # (a corrected lora_alpha, rsLoRA on) are another brick.
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_bricks_name_version"),
+        UniqueConstraint("sha256", "config_sha256", name="uq_bricks_sha256_config"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), ForeignKey("brick_names.name"), index=True)
@@ -158,7 +163,7 @@ class BrickRow(Base):
     examples: Mapped[list[Any]] = mapped_column(JSON)
     license: Mapped[str | None] = mapped_column(String(100))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
     config_sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     config_size_bytes: Mapped[int] = mapped_column(Integer)

@@ -253,7 +253,7 @@ class EmergentBricks:
             )
             with path.open("rb") as handle:
                 staged = self.blobs.stage(handle, max_bytes=1 << 30, what=NEURONS_FILENAME)
-        existing = self.catalog.find_brick_by_sha256(staged.sha256)
+        existing = self.catalog.find_brick_by_sha256(staged.sha256, staged.sha256)
         if existing is not None:  # a retried job registered it before failing
             self.blobs.discard(staged)
             return existing
@@ -312,7 +312,7 @@ class EmergentBricks:
         try:
             brick = self.catalog.add_brick(draft, embedded=embedded, actor=job.requested_by)
         except BrickExists:
-            found_brick = self.catalog.find_brick_by_sha256(staged.sha256)
+            found_brick = self.catalog.find_brick_by_sha256(staged.sha256, staged.sha256)
             if found_brick is None:
                 raise
             return found_brick

@@ -172,3 +172,36 @@ def test_sparsifying_adapter_needs_a_rank(tmp_path: Path, toy_llama: Path, llama
     with pytest.raises(InvalidParams, match="rank is required"):
         compose(toy_llama, [source(llama_bricks["qv4"])], tmp_path / "x", method="ties", output="adapter")
     assert not (tmp_path / "x").exists()
+
+
+def test_outputs_name_the_base_model_so_peft_can_load_them(
+    tmp_path: Path, toy_llama: Path, llama_bricks: dict[str, Path]
+) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    brick_dir = tmp_path / "unnamed"
+    brick_dir.mkdir()
+    config = json.loads((llama_bricks["qv4"] / "adapter_config.json").read_text())
+    config.update(base_model_name_or_path=None, task_type="CAUSAL_LM")
+    (brick_dir / "adapter_config.json").write_text(json.dumps(config))
+    (brick_dir / "adapter_model.safetensors").write_bytes(
+        (llama_bricks["qv4"] / "adapter_model.safetensors").read_bytes()
+    )
+    # No brick names its base: the output names the base directory, and PEFT loads it from there.
+    plain = compose(toy_llama, [source(brick_dir)], tmp_path / "plain", output="adapter").out_dir
+    assert json.loads((plain / "adapter_config.json").read_text())["base_model_name_or_path"] == str(toy_llama)
+    assert f"base_model: {json.dumps(str(toy_llama))}" in (plain / "README.md").read_text()
+    with quiet():
+        loaded = AutoPeftModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
+    torch.testing.assert_close(logits(loaded), logits(_peft_model(toy_llama, plain)))
+
+    named = compose(
+        toy_llama,
+        [source(brick_dir)],
+        tmp_path / "named",
+        output="adapter",
+        base_name_or_path="org/tiny-llama",
+        card_base_model="tiny-llama",
+    ).out_dir
+    assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-llama"
+    assert 'base_model: "tiny-llama"' in (named / "README.md").read_text()

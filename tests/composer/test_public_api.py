@@ -32,6 +32,9 @@ def test_all_names_exist_and_include_the_registry_contract() -> None:
         "sniff_format",
         "read_base_model",
         "find_linear_modules",
+        "find_mergeable_modules",
+        "ComposeError",
+        "IncompatibleBricks",
         "TRANSFORMERS_LOCK",
         # emergent bricks: discovery (resolved lazily: they import torch) and neuron operations
         "SELECTION_METHODS",
@@ -50,7 +53,17 @@ def test_compose_signature() -> None:
     parameters = inspect.signature(compose).parameters
     assert list(parameters)[:3] == ["base_dir", "bricks", "out_dir"]
     keyword_only = {n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keyword_only == {"method", "params", "output", "rank", "recipe", "progress", "neurons"}
+    assert keyword_only == {
+        "method",
+        "params",
+        "output",
+        "rank",
+        "recipe",
+        "progress",
+        "base_name_or_path",
+        "card_base_model",
+        "neurons",
+    }
     assert parameters["method"].default == "linear" and parameters["output"].default == "full"
 
 

@@ -134,3 +134,37 @@ def test_cli_startup_imports_no_ml_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_base_alias_and_rm_commands(cli: Any, llama_base: Path, loras: dict[str, Path]) -> None:
+    cli("base", "add", str(llama_base), "--name", "tiny-llama")
+    assert "aliases: org/tiny-llama" in cli("base", "alias", "add", "tiny-llama", "org/tiny-llama").output
+    assert "aliases: (none)" in cli("base", "alias", "rm", "tiny-llama", "org/tiny-llama").output
+    missing = cli("base", "alias", "rm", "tiny-llama", "org/tiny-llama", ok=False)
+    assert missing.exit_code == 1 and "has no alias 'org/tiny-llama'" in missing.output
+    cli("brick", "push", str(loras["r4"]), "-n", "sentiment", "-b", "tiny-llama", "-d", "d")
+    in_use = cli("base", "rm", "tiny-llama", ok=False)
+    assert in_use.exit_code == 1 and "base-model-in-use" in in_use.output and "brick sentiment@1" in in_use.output
+    cli("brick", "rm", "sentiment@1", "--yes")
+    assert "removed base model tiny-llama" in cli("base", "rm", "tiny-llama").output
+    assert "tiny-llama" not in cli("base", "list").output
+
+
+def test_compose_prints_the_truncation_error_of_an_adapter_output_and_warns_above_the_threshold(
+    cli: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    cli("base", "add", str(llama_base), "--name", "tiny-llama")
+    cli("brick", "push", str(loras["r4"]), "-n", "a", "-b", "tiny-llama", "-d", "d")
+    cli("brick", "push", str(loras["r8"]), "-n", "b", "-b", "tiny-llama", "-d", "d")
+    bricks = ("--brick", "a:0.5", "--brick", "b:0.5")
+    exact = cli("compose", "-b", "tiny-llama", *bricks, "--output", "adapter", "-o", str(tmp_path / "exact")).output
+    assert "adapter truncation: relative error max" in exact and "warning" not in exact
+    cut = cli(
+        "compose", "-b", "tiny-llama", *bricks, "--output", "adapter", "--rank", "1", "-o", str(tmp_path / "cut")
+    ).output
+    record = json.loads((tmp_path / "cut" / "brickyard.json").read_text())
+    worst = record["composer"]["truncation"]["max_relative_error"]
+    assert worst > 0.05
+    assert f"relative error max {worst:.3g}" in cut and "warning:" in cut and "higher --rank" in cut
+    full = cli("compose", "-b", "tiny-llama", *bricks, "-o", str(tmp_path / "full")).output
+    assert "truncation" not in full

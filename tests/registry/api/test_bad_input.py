@@ -212,13 +212,15 @@ def test_non_linear_targets_are_refused(ready: Any, registry: Any) -> None:
     tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = ("F32", [32, 4], f32(32, 4))
     tensors["base_model.model.model.norm.lora_A.weight"] = ("F32", [4, 32], f32(4, 32))
     tensors["base_model.model.model.norm.lora_B.weight"] = ("F32", [32, 4], f32(32, 4))
-    response = upload(ready, config=lora_config(target_modules=["q_proj", "norm"]), weights=raw_safetensors(tensors))
-    assert_problem(
+    config = lora_config(target_modules=["q_proj", "norm", "embed_tokens"])
+    response = upload(ready, config=config, weights=raw_safetensors(tensors))
+    body = assert_problem(
         response,
         422,
         "invalid-adapter",
-        "'model.norm' is not a linear module",
+        "module 'model.norm': the base model's module is not a linear layer (nor an embedding)",
     )
+    assert len(body["errors"]) == 1  # the embedding LoRA is accepted
     assert_nothing_stored(registry)
 
 
@@ -230,8 +232,9 @@ def test_shape_mismatches_are_listed_per_module(ready: Any, registry: Any) -> No
         upload(ready, config=lora_config(), weights=raw_safetensors(tensors)),
         422,
         "invalid-adapter",
-        "layers.0.self_attn.q_proj.lora_A has shape [4, 31], expected [4, 32]",
-        "layers.1.self_attn.q_proj.lora_B has shape [16, 4], expected [32, 4]",
+        "layers.0.self_attn.q_proj': lora_A [4, 31] and lora_B [32, 4] do not fit 32x32 at rank 4 "
+        "(expected lora_A [4, 32], lora_B [32, 4])",
+        "layers.1.self_attn.q_proj': lora_A [4, 32] and lora_B [16, 4] do not fit 32x32 at rank 4",
     )
     assert len(body["errors"]) == 2
     assert_nothing_stored(registry)
@@ -242,7 +245,11 @@ def test_rank_pattern_is_honoured_in_shape_checks(ready: Any, registry: Any) -> 
     config = lora_config(rank_pattern={r"layers\.1\.self_attn\.q_proj": 8})
     response = upload(ready, config=config, weights=raw_safetensors(good_tensors()))
     assert_problem(
-        response, 422, "invalid-adapter", "layers.1.self_attn.q_proj.lora_A has shape [4, 32], expected [8, 32]"
+        response,
+        422,
+        "invalid-adapter",
+        "layers.1.self_attn.q_proj': lora_A [4, 32] and lora_B [32, 4] do not fit 32x32 at rank 8 "
+        "(expected lora_A [8, 32], lora_B [32, 8])",
     )
     assert_nothing_stored(registry)
     # and weights that do follow the pattern are accepted

@@ -209,7 +209,7 @@ def test_bricks_of_another_base_model_are_refused_and_listed(composable: Any, gp
     assert response.status_code == 422
     body = response.json()
     assert body["type"].endswith("/incompatible-brick")
-    assert body["errors"] == ["gpt-brick@1 is a brick of base model 'tiny-gpt2'"]
+    assert body["errors"] == ["gpt-brick@1 is a brick of base model 'tiny-gpt2', whose fingerprint differs"]
     assert body["bricks"] == [{"name": "gpt-brick", "version": 1, "base_model": "tiny-gpt2"}]
 
 
