@@ -14,6 +14,7 @@ from composer._version import COMPOSER_VERSION
 from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config, split_lora_key
 from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, read_base_model
 from composer.compose import ComposeResult, TruncationStats, WrittenFile, compose
+from composer.delta import NEGLIGIBLE_DELTA, DeltaSize, measure_delta, refuse_negligible_delta
 from composer.errors import (
     ComposeError,
     IncompatibleBricks,
@@ -24,6 +25,7 @@ from composer.errors import (
     NonFiniteResult,
     UnknownMethod,
 )
+from composer.fit import FitResult, examples_hash, fit_weights
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
 from composer.methods import MERGE_METHODS, MergeMethod, MethodInfo, get_method, list_methods
 from composer.plan import BrickSource, CompositionPlan, plan_composition
@@ -34,11 +36,14 @@ __all__ = [
     "COMPOSER_VERSION",
     "FLOAT_DTYPES",
     "MERGE_METHODS",
+    "NEGLIGIBLE_DELTA",
     "TRANSFORMERS_LOCK",
     "BrickSource",
     "ComposeError",
     "ComposeResult",
     "CompositionPlan",
+    "DeltaSize",
+    "FitResult",
     "IncompatibleBricks",
     "InvalidAdapter",
     "InvalidBaseModel",
@@ -54,15 +59,19 @@ __all__ = [
     "WrittenFile",
     "__version__",
     "compose",
+    "examples_hash",
     "find_linear_modules",
     "find_nonfinite",
+    "fit_weights",
     "get_method",
     "list_methods",
     "map_adapter_tensors",
+    "measure_delta",
     "parse_lora_config",
     "plan_composition",
     "read_base_model",
     "read_header",
+    "refuse_negligible_delta",
     "sniff_format",
     "split_lora_key",
 ]

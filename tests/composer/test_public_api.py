@@ -33,6 +33,11 @@ def test_all_names_exist_and_include_the_registry_contract() -> None:
         "read_base_model",
         "find_linear_modules",
         "TRANSFORMERS_LOCK",
+        # the zero-delta refusal at registration, few-shot fitting in composition builds
+        "NEGLIGIBLE_DELTA",
+        "refuse_negligible_delta",
+        "fit_weights",
+        "examples_hash",
     }
     assert contract <= set(composer.__all__)
 
