@@ -567,6 +567,11 @@ def compose(
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE method parameter")] = None,
     output: Annotated[str, typer.Option("--output", help="full (merged model) or adapter (one LoRA)")] = "full",
     rank: Annotated[int | None, typer.Option(help="adapter output: truncate to this rank")] = None,
+    fit: Annotated[
+        Path | None, typer.Option("--fit", help='fit the weights to examples: JSONL of {"input": ..., "output": ...}')
+    ] = None,
+    fit_steps: Annotated[int | None, typer.Option("--fit-steps", help="with --fit: optimiser steps")] = None,
+    fit_prompt: Annotated[str | None, typer.Option("--fit-prompt", help="with --fit: prompt, e.g. '{input}='")] = None,
     url: UrlOption = None,
 ) -> None:
     """Compose bricks into the base model (or one adapter) and download the result."""
@@ -585,6 +590,8 @@ def compose(
         request["params"] = dict(parse_param(p) for p in param)
     if rank is not None:
         request["rank"] = rank
+    if fit is not None:
+        request["fit"] = _fit_request(fit, fit_steps, fit_prompt)
     with _client(url) as client:
         composition = client.compose(request)
         bricks = ", ".join(f"{b['name']}@{b['version']} x{b['weight']:.3g}" for b in composition.recipe["bricks"])
@@ -603,6 +610,27 @@ def compose(
         paths = client.download_composition(composition.id, out)
     size = sum(p.stat().st_size for p in paths)
     console.print(f"wrote {len(paths)} files ({_size(size)}) to {out}")
+
+
+def _fit_request(path: Path, steps: int | None, prompt: str | None) -> dict[str, Any]:
+    """The ``fit`` part of a composition request from a JSONL file of examples."""
+    examples = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                examples.append(json.loads(line))
+            except ValueError as exc:
+                raise typer.BadParameter(f"{path}:{number}: not JSON ({exc})") from None
+    fit: dict[str, Any] = {"examples": examples}
+    if steps is not None:
+        fit["steps"] = steps
+    if prompt is not None:
+        fit["prompt"] = prompt
+    return fit
 
 
 @app.command()

@@ -36,6 +36,7 @@ from registry.errors import (
     InvalidRecipe,
     StorageCorrupt,
 )
+from registry.fitting import FIT_FRACTION, fit_recipe, fit_section, require_tokenizer
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ class Compositions:
                         "bricks": [{"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign]
                     },
                 )
+        if request.fit is not None:
+            # Fitting starts from uniform weights; the fitted ones are written at build time.
+            chosen = [(b, 1.0 / len(chosen)) for b, _ in chosen]
         from composer import COMPOSER_VERSION, get_method
 
         with composer_errors(into=InvalidRecipe):
@@ -160,6 +164,9 @@ class Compositions:
             "output": request.output,
             "rank": request.rank,
         }
+        if request.fit is not None:
+            require_tokenizer(Path(base.path), base.name)
+            recipe["fit"] = fit_section(request.fit)
         self._plan(recipe, Path(base.path))
         return recipe, base_id
 
@@ -292,6 +299,12 @@ class Compositions:
                 )
             if target.exists():
                 shutil.rmtree(target)  # a left-over that was never marked ready
+            progress: Callable[[float, str], None] = heartbeat
+            if "fit" in recipe:
+                recipe = self._fit(composition.id, recipe, Path(base.path), heartbeat)
+                progress = lambda fraction, message: heartbeat(  # noqa: E731
+                    FIT_FRACTION + (1 - FIT_FRACTION) * fraction, message
+                )
             result = compose(
                 Path(base.path),
                 self._brick_sources(recipe),
@@ -301,7 +314,7 @@ class Compositions:
                 output=recipe["output"],
                 rank=recipe["rank"],
                 recipe={"id": composition.id, **recipe},
-                progress=heartbeat,
+                progress=progress,
             )
         except ComposeError as exc:
             self.store.fail(composition.id, worker, str(exc), "invalid-recipe")
@@ -314,9 +327,26 @@ class Compositions:
             log.exception("composition %s failed", composition.id)
             self.store.fail(composition.id, worker, f"internal error: {type(exc).__name__}: {exc}", "internal")
         else:
-            self.store.finish(composition.id, worker, result.total_bytes, f"built in {result.seconds:.1f} s")
+            done = f"built in {result.seconds:.1f} s"
+            if "fit" in recipe:
+                fitted = ", ".join(f"{b['name']}@{b['version']}={b['weight']:.4g}" for b in recipe["bricks"])
+                done = f"fitted weights {fitted} (loss {recipe['fit']['final_loss']:.4g}); {done}"
+            self.store.finish(composition.id, worker, result.total_bytes, done)
             self.evict_to_budget(keep=composition.id)
         return self.get(composition.id)
+
+    def _fit(
+        self, composition_id: str, recipe: dict[str, Any], base_path: Path, progress: Callable[[float, str], None]
+    ) -> dict[str, Any]:
+        """The recipe with fitted weights (see `registry.fitting`)."""
+        import tempfile
+
+        sources = self._brick_sources(recipe)
+        # Named like a build's staging directory, so that `recover` removes it after a crash.
+        with tempfile.TemporaryDirectory(prefix=f".{composition_id}.composing-fit-", dir=self.root) as scratch:
+            return fit_recipe(
+                recipe, base_path, [(s.config_path, s.weights_path) for s in sources], progress, scratch=Path(scratch)
+            )
 
     def evict_to_budget(self, *, keep: str | None = None) -> list[str]:
         """Delete least recently used ready compositions until the cache fits its budget."""
