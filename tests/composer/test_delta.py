@@ -53,14 +53,43 @@ def _peft_ratio(base: Path, adapter: Path, module: str) -> float:
 
 
 def test_bound_is_above_the_exact_maximum_and_the_blocks_give_the_dense_maximum() -> None:
-    import torch
+    import numpy as np
 
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(4, 70, generator=generator), torch.randn(600, 4, generator=generator)
-    dense = float((2.5 * b @ a).abs().max())
-    assert max_abs_delta(a, b, 2.5, block_rows=64) == pytest.approx(dense, rel=1e-6)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 70)).astype("f4"), rng.normal(size=(600, 4)).astype("f4")
+    dense = float(np.abs(2.5 * (b.astype("f8") @ a.astype("f8"))).max())
+    assert max_abs_delta(a, b, 2.5, block_rows=64) == pytest.approx(dense, rel=1e-5)
     assert delta_bound(a, b, 2.5) >= dense
-    assert rms(torch.full((3, 3), -2.0)) == pytest.approx(2.0)
+    assert rms(np.full((3, 3), -2.0, dtype="f4"), block_rows=2) == pytest.approx(2.0)
+
+
+def test_bf16_tensors_are_read_exactly_and_the_check_imports_no_torch(toy_llama_bf16: Path, bf16_brick: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from composer.delta import read_array
+    from composer.header import read_header
+
+    path = next(toy_llama_bf16.glob("*.safetensors"))
+    header = read_header(path)
+    info = next(i for i in header if i.dtype == "BF16" and len(i.shape) == 2)
+    with open(path, "rb") as handle:
+        ours = read_array(handle, header, info)
+    assert torch.equal(torch.from_numpy(ours), load_file(str(path))[info.name].float())
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from composer import parse_lora_config, refuse_negligible_delta\n"
+        f"adapter = Path({str(bf16_brick)!r})\n"
+        "settings = parse_lora_config(json.loads((adapter / 'adapter_config.json').read_text()))\n"
+        f"refuse_negligible_delta(adapter / 'adapter_model.safetensors', Path({str(toy_llama_bf16)!r}), settings)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_peft_default_init_is_refused_as_all_zero(toy_llama: Path, tmp_path: Path) -> None:
