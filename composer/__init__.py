@@ -25,6 +25,7 @@ from composer.errors import (
     NonFiniteResult,
     UnknownMethod,
 )
+from composer.evaluate import BrickQuality, PairScores, score_brick
 from composer.fit import FitResult, examples_hash, fit_weights
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
 from composer.methods import MERGE_METHODS, MergeMethod, MethodInfo, get_method, list_methods
@@ -38,6 +39,7 @@ __all__ = [
     "MERGE_METHODS",
     "NEGLIGIBLE_DELTA",
     "TRANSFORMERS_LOCK",
+    "BrickQuality",
     "BrickSource",
     "ComposeError",
     "ComposeResult",
@@ -53,6 +55,7 @@ __all__ = [
     "MergeMethod",
     "MethodInfo",
     "NonFiniteResult",
+    "PairScores",
     "SafetensorsHeader",
     "TruncationStats",
     "UnknownMethod",
@@ -72,6 +75,7 @@ __all__ = [
     "read_base_model",
     "read_header",
     "refuse_negligible_delta",
+    "score_brick",
     "sniff_format",
     "split_lora_key",
 ]

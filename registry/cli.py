@@ -286,7 +286,7 @@ def brick_list(
     """List bricks (latest version of each)."""
     from registry.client import iter_bricks
 
-    table = Table("brick", "base model", "rank", "modules", "tags", "size", "description")
+    table = Table("brick", "base model", "rank", "modules", "tags", "size", "quality", "description")
     with _client(url) as client:
         for count, brick in enumerate(
             iter_bricks(client, base_model=base, tag=tag, all_versions=all_versions, limit=min(limit, 500))
@@ -300,9 +300,19 @@ def brick_list(
                 ",".join(brick.target_modules),
                 ",".join(brick.tags),
                 _size(brick.size_bytes),
+                _quality(brick),
                 brick.description if len(brick.description) <= 60 else brick.description[:57] + "...",
             )
     console.print(table)
+
+
+def _quality(brick: Any) -> str:
+    """The quality check in a table cell: exact match of brick vs base, or the job's state."""
+    quality = brick.quality
+    if brick.quality_status != "done" or not quality:
+        return brick.quality_status or "-"
+    mark = "beats base" if quality["beats_base"] else "NOT better"
+    return f"{quality['brick']['exact_match']:.2f} vs {quality['base']['exact_match']:.2f} ({mark})"
 
 
 def _size(n: int) -> str:
@@ -496,7 +506,7 @@ def search(
     """Find the bricks that fit a task description or an example input."""
     with _client(url) as client:
         hits = client.search(query, base_model=base, tags=tag or None, k=k, min_score=min_score)
-    table = Table("#", "brick", "base model", "score", "matched", "text")
+    table = Table("#", "brick", "base model", "score", "matched", "text", "quality")
     for rank, hit in enumerate(hits, 1):
         shown = hit.text if len(hit.text) <= 70 else hit.text[:67] + "..."
         table.add_row(
@@ -506,6 +516,7 @@ def search(
             f"{hit.score:.2f}",
             f"{hit.matched} ({hit.similarity:.2f})",
             shown,
+            _quality(hit.brick),
         )
     console.print(table if hits else "no matching bricks")
 

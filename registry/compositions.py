@@ -107,7 +107,7 @@ class Compositions:
         base = self.catalog.get_base_model(request.base_model)
         base_id = self.catalog.base_model_id(base.name)
         if request.instruction is not None:
-            hits = self.search(SearchRequest(query=request.instruction, base_model=base.name, k=request.k)).hits
+            hits = self._candidates(request.instruction, base.name, request.k)
             if not hits:
                 raise InvalidRecipe(
                     f"no brick of base model {base.name!r} matches the instruction",
@@ -169,6 +169,16 @@ class Compositions:
             recipe["fit"] = fit_section(request.fit)
         self._plan(recipe, Path(base.path))
         return recipe, base_id
+
+    def _candidates(self, instruction: str, base_model: str, k: int) -> list[domain.SearchHit]:
+        """The top-``k`` bricks for an instruction; with ``hide_bricks_not_beating_base``,
+        bricks whose quality check found them no better than the base are passed over."""
+        if not self.settings.compose.hide_bricks_not_beating_base:
+            return self.search(SearchRequest(query=instruction, base_model=base_model, k=k)).hits
+        # Look further down the ranking so that k bricks remain after the filter.
+        hits = self.search(SearchRequest(query=instruction, base_model=base_model, k=min(4 * k, 64))).hits
+        kept = [h for h in hits if not (h.brick.quality and h.brick.quality.get("beats_base") is False)]
+        return kept[:k]
 
     def _brick_sources(self, recipe: dict[str, Any]) -> list[Any]:
         from composer import BrickSource

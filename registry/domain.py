@@ -81,6 +81,9 @@ class Brick:
     created_at: datetime
     updated_at: datetime
     created_by: str | None = None
+    # The quality check: base vs brick on the registration's evals (see registry.quality).
+    quality: Mapping[str, object] | None = None
+    quality_status: str | None = None
 
     @property
     def ref(self) -> str:
@@ -146,6 +149,8 @@ class BrickDraft:
     license: str | None
     metrics: Mapping[str, float]
     version: int | None = None
+    evals: tuple[tuple[str, str], ...] = ()
+    eval_prompt: str = "{input}"
 
 
 @dataclass(frozen=True)

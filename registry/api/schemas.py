@@ -55,6 +55,10 @@ class BrickOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     created_by: str | None
+    quality: dict[str, Any] | None = Field(
+        None, description="base vs brick on the registration's evals: loss, exact match, beats_base"
+    )
+    quality_status: str | None = Field(None, description="queued, running, done, failed; null without evals")
 
     @classmethod
     def of(cls, brick: domain.Brick) -> BrickOut:
@@ -81,6 +85,8 @@ class BrickOut(BaseModel):
             created_at=brick.created_at,
             updated_at=brick.updated_at,
             created_by=brick.created_by,
+            quality=dict(brick.quality) if brick.quality is not None else None,
+            quality_status=brick.quality_status,
         )
 
 

@@ -172,6 +172,11 @@ class BrickRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(100))
     is_latest: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False, index=True)
+    # The quality check (migration 0011): eval pairs, and what a worker measured on them.
+    evals: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    eval_prompt: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    quality: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    quality_status: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
 
     # Only the name of the base model is part of a brick: a correlated subquery, so loading
     # bricks never hydrates the base model's config and module shapes (JSON, large for big models).
@@ -214,6 +219,9 @@ class BrickRow(Base):
             updated_at=at,
             created_by=created_by,
             tag_rows=[BrickTagRow(tag=t) for t in sorted(set(draft.tags))],
+            evals=[{"input": i, "output": o} for i, o in draft.evals] if draft.evals else None,
+            eval_prompt=draft.eval_prompt if draft.evals else None,
+            quality_status="queued" if draft.evals else None,
         )
 
     def to_domain(self) -> domain.Brick:
@@ -241,6 +249,8 @@ class BrickRow(Base):
             created_at=as_utc(self.created_at),
             updated_at=as_utc(self.updated_at),
             created_by=self.created_by,
+            quality=dict(self.quality) if self.quality is not None else None,
+            quality_status=self.quality_status,
         )
 
 

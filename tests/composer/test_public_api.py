@@ -38,6 +38,7 @@ def test_all_names_exist_and_include_the_registry_contract() -> None:
         "refuse_negligible_delta",
         "fit_weights",
         "examples_hash",
+        "score_brick",
     }
     assert contract <= set(composer.__all__)
 
