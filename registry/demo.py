@@ -112,8 +112,9 @@ def _generate(model_dir: Path) -> str:
     return str(tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
-def run_demo(workdir: Path, console: Console) -> int:
-    """Run the demo; returns the process exit code."""
+def run_demo(workdir: Path, console: Console, *, skills: bool = True) -> int:
+    """Run the demo; returns the process exit code. ``skills=False`` stops before the trained
+    test bed (step 8, `registry.demo_skills.show_skills`, tested on its own)."""
     from registry.client import RemoteClient, iter_bricks
     from registry.demo_skills import show_skills
     from registry.errors import BaseModelExists, BrickExists
@@ -206,8 +207,9 @@ def run_demo(workdir: Path, console: Console) -> int:
                 "the composed files load and run)"
             )
 
-            console.rule("[bold]8. bricks that learned something: the trained test bed, base vs composed")
-            show_skills(client, workdir, console)
+            if skills:
+                console.rule("[bold]8. bricks that learned something: the trained test bed, base vs composed")
+                show_skills(client, workdir, console)
         console.rule("[bold green]demo finished")
         return 0
     except Exception as exc:  # noqa: BLE001 - report any failure of the demo plainly

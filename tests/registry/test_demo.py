@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from registry.demo import run_demo
@@ -11,17 +12,18 @@ from registry.demo import run_demo
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     console = Console(record=True, width=200)
-    assert run_demo(tmp_path / "demo", console) == 0
+    # Step 8 (the trained test bed) is the next test: together they took more than the
+    # 300 s budget of one test on the loaded 2-core machine.
+    assert run_demo(tmp_path / "demo", console, skills=False) == 0
     output = console.export_text()
     for step in ("register the base model", "POST /v1/bricks -> sentiment@1", "POST /v1/search", "generated:"):
         assert step in output, step
     assert "admin API token" in output
     composed = list((tmp_path / "demo" / "composed").iterdir())
-    # The random toy composition, and one composition per task of the trained test bed.
-    assert len(composed) == 4 and all((c / "config.json").exists() for c in composed)
-    assert "bricks that learned something" in output and "composed from tb-" in output
+    assert len(composed) == 1 and (composed[0] / "model.safetensors.index.json").exists()
 
 
+@pytest.mark.timeout(900)  # builds the small test bed when no earlier test did (2-3 min alone, more under load)
 def test_composed_models_of_the_test_bed_do_their_tasks(tmp_path: Path) -> None:
     """The skills part alone, against an in-process server: every composed model beats the base
     on its task's held-out set, by the amount the test bed documents for its bricks."""
