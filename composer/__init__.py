@@ -23,6 +23,7 @@ from composer.adapter import (
 )
 from composer.basemodel import TRANSFORMERS_LOCK, find_linear_modules, find_mergeable_modules, read_base_model
 from composer.compose import ComposeResult, TruncationStats, WrittenFile, compose
+from composer.delta import NEGLIGIBLE_DELTA, DeltaSize, measure_delta, refuse_negligible_delta
 from composer.errors import (
     ComposeError,
     IncompatibleBricks,
@@ -33,7 +34,9 @@ from composer.errors import (
     NonFiniteResult,
     UnknownMethod,
 )
+from composer.evaluate import BrickQuality, PairScores, score_brick
 from composer.files import HF_MODEL_FILES, NotRegularFile, open_regular, read_bounded
+from composer.fit import FitResult, examples_hash, fit_weights
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, find_nonfinite, read_header, sniff_format
 from composer.methods import MERGE_METHODS, MergeMethod, MethodInfo, get_method, list_methods
 from composer.neurons import NEURON_OPS, NeuronOp
@@ -79,13 +82,17 @@ __all__ = [
     "FLOAT_DTYPES",
     "HF_MODEL_FILES",
     "MERGE_METHODS",
+    "NEGLIGIBLE_DELTA",
     "NEURON_OPS",
     "SELECTION_METHODS",
     "TRANSFORMERS_LOCK",
+    "BrickQuality",
     "BrickSource",
     "ComposeError",
     "ComposeResult",
     "CompositionPlan",
+    "DeltaSize",
+    "FitResult",
     "IncompatibleBricks",
     "InvalidAdapter",
     "InvalidBaseModel",
@@ -98,6 +105,7 @@ __all__ = [
     "NeuronOp",
     "NonFiniteResult",
     "NotRegularFile",
+    "PairScores",
     "SafetensorsHeader",
     "TruncationStats",
     "UnknownMethod",
@@ -105,13 +113,16 @@ __all__ = [
     "__version__",
     "collect_statistics",
     "compose",
+    "examples_hash",
     "find_linear_modules",
     "find_mergeable_modules",
     "find_nonfinite",
+    "fit_weights",
     "get_method",
     "list_methods",
     "load_neuron_set",
     "map_adapter_tensors",
+    "measure_delta",
     "neuron_axis",
     "open_regular",
     "parse_lora_config",
@@ -121,7 +132,9 @@ __all__ = [
     "read_base_model",
     "read_bounded",
     "read_header",
+    "refuse_negligible_delta",
     "save_neuron_set",
+    "score_brick",
     "select_neurons",
     "sniff_format",
     "split_lora_key",

@@ -91,7 +91,11 @@ class LoraMixture:
         """
         import torch
         from safetensors import safe_open
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from composer.basemodel import TRANSFORMERS_LOCK
+
+        with TRANSFORMERS_LOCK:  # a server may run a build or a quality check while another thread imports it
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not brick_dirs:
             raise InvalidParams("fitting needs at least one brick", [])

@@ -323,7 +323,7 @@ def brick_list(
     """List bricks (latest version of each)."""
     from registry.client import iter_bricks
 
-    table = Table("brick", "base model", "rank", "modules", "tags", "size", "description")
+    table = Table("brick", "base model", "rank", "modules", "tags", "size", "quality", "description")
     with _client(url) as client:
         for count, brick in enumerate(
             iter_bricks(client, base_model=base, tag=tag, all_versions=all_versions, limit=min(limit, 500))
@@ -337,9 +337,19 @@ def brick_list(
                 ",".join(brick.target_modules),
                 ",".join(brick.tags),
                 _size(brick.size_bytes),
+                _quality(brick),
                 brick.description if len(brick.description) <= 60 else brick.description[:57] + "...",
             )
     console.print(table)
+
+
+def _quality(brick: Any) -> str:
+    """The quality check in a table cell: exact match of brick vs base, or the job's state."""
+    quality = brick.quality
+    if brick.quality_status != "done" or not quality:
+        return brick.quality_status or "-"
+    mark = "beats base" if quality["beats_base"] else "NOT better"
+    return f"{quality['brick']['exact_match']:.2f} vs {quality['base']['exact_match']:.2f} ({mark})"
 
 
 def _size(n: int) -> str:
@@ -534,7 +544,7 @@ def search(
     """Find the bricks that fit a task description or an example input."""
     with _client(url) as client:
         hits = client.search(query, base_model=base, tags=tag or None, k=k, min_score=min_score)
-    table = Table("#", "brick", "base model", "score", "matched", "text")
+    table = Table("#", "brick", "base model", "score", "matched", "text", "quality")
     for rank, hit in enumerate(hits, 1):
         shown = hit.text if len(hit.text) <= 70 else hit.text[:67] + "..."
         table.add_row(
@@ -544,6 +554,7 @@ def search(
             f"{hit.score:.2f}",
             f"{hit.matched} ({hit.similarity:.2f})",
             shown,
+            _quality(hit.brick),
         )
     console.print(table if hits else "no matching bricks")
 
@@ -608,6 +619,11 @@ def compose(
     plan: Annotated[
         bool, typer.Option("--plan", help="with --instruction: show the bricks and weights it would merge, and stop")
     ] = False,
+    fit: Annotated[
+        Path | None, typer.Option("--fit", help='fit the weights to examples: JSONL of {"input": ..., "output": ...}')
+    ] = None,
+    fit_steps: Annotated[int | None, typer.Option("--fit-steps", help="with --fit: optimiser steps")] = None,
+    fit_prompt: Annotated[str | None, typer.Option("--fit-prompt", help="with --fit: prompt, e.g. '{input}='")] = None,
     url: UrlOption = None,
 ) -> None:
     """Compose bricks into the base model (or one adapter) and download the result."""
@@ -631,6 +647,8 @@ def compose(
         request["params"] = dict(parse_param(p) for p in param)
     if rank is not None:
         request["rank"] = rank
+    if fit is not None:
+        request["fit"] = _fit_request(fit, fit_steps, fit_prompt)
     with _client(url) as client:
         composition = client.compose(request)
         bricks = ", ".join(f"{b['name']}@{b['version']} x{b['weight']:.3g}" for b in composition.recipe["bricks"])
@@ -784,6 +802,27 @@ def emergent_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION"
         table.add_row(ablated_set, str(verification["sizes"][ablated_set]), *cells)
     table.add_row("(base loss)", "", *[f"{verification['base_loss'][f]:.4f}" for f in functions])
     console.print(table)
+
+
+def _fit_request(path: Path, steps: int | None, prompt: str | None) -> dict[str, Any]:
+    """The ``fit`` part of a composition request from a JSONL file of examples."""
+    examples = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                examples.append(json.loads(line))
+            except ValueError as exc:
+                raise typer.BadParameter(f"{path}:{number}: not JSON ({exc})") from None
+    fit: dict[str, Any] = {"examples": examples}
+    if steps is not None:
+        fit["steps"] = steps
+    if prompt is not None:
+        fit["prompt"] = prompt
+    return fit
 
 
 @app.command()

@@ -40,6 +40,7 @@ from registry.errors import (
     ServiceUnavailable,
     StorageCorrupt,
 )
+from registry.fitting import FIT_FRACTION, fit_recipe, fit_section, require_tokenizer
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
 from registry.instruction_weights import instruction_weights
 from registry.model_roots import ModelRoots
@@ -109,9 +110,7 @@ class Compositions:
         base = self.catalog.get_base_model(request.base_model)
         base_id = self.catalog.base_model_id(base.name)
         if request.instruction is not None:
-            hits = self.search(
-                SearchRequest(query=request.instruction, base_model=base.name, k=request.k, kind="lora")
-            ).hits
+            hits = self._candidates(request.instruction, base.name, request.k)
             if not hits:
                 raise InvalidRecipe(
                     f"no brick of base model {base.name!r} matches the instruction",
@@ -151,6 +150,9 @@ class Compositions:
                         "bricks": [{"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign]
                     },
                 )
+        if request.fit is not None:
+            # Fitting starts from uniform weights; the fitted ones are written at build time.
+            chosen = [(b, 1.0 / len(chosen)) for b, _ in chosen]
         from composer import COMPOSER_VERSION, get_method
 
         with composer_errors(into=InvalidRecipe):
@@ -180,6 +182,9 @@ class Compositions:
         if neurons:  # absent otherwise, so recipes (and ids) without neuron operations are unchanged
             recipe["neurons"] = neurons
         self._check_roots(base.path)  # the roots may have changed since
+        if request.fit is not None:
+            require_tokenizer(self._base_dir(base.path), base.name)
+            recipe["fit"] = fit_section(request.fit)
         self._plan(recipe, self._base_dir(base.path))
         return recipe, base_id
 
@@ -241,6 +246,16 @@ class Compositions:
         (the same architecture, tensor names, dtypes and shapes: a copy, or the same model
         registered under another name)."""
         return brick_base == base.name or self.catalog.get_base_model(brick_base).fingerprint == base.fingerprint
+
+    def _candidates(self, instruction: str, base_model: str, k: int) -> list[domain.SearchHit]:
+        """The top-``k`` bricks for an instruction; with ``hide_bricks_not_beating_base``,
+        bricks whose quality check found them no better than the base are passed over."""
+        if not self.settings.compose.hide_bricks_not_beating_base:
+            return self.search(SearchRequest(query=instruction, base_model=base_model, k=k, kind="lora")).hits
+        # Look further down the ranking so that k bricks remain after the filter.
+        hits = self.search(SearchRequest(query=instruction, base_model=base_model, k=min(4 * k, 64), kind="lora")).hits
+        kept = [h for h in hits if not (h.brick.quality and h.brick.quality.get("beats_base") is False)]
+        return kept[:k]
 
     def _brick_sources(self, recipe: dict[str, Any]) -> list[Any]:
         from composer import BrickSource
@@ -458,6 +473,12 @@ class Compositions:
                 )
             if target.exists():
                 shutil.rmtree(target)  # a left-over that was never marked ready
+            progress: Callable[[float, str], None] = heartbeat
+            if "fit" in recipe:
+                recipe = self._fit(composition.id, recipe, base_dir, heartbeat)
+                progress = lambda fraction, message: heartbeat(  # noqa: E731
+                    FIT_FRACTION + (1 - FIT_FRACTION) * fraction, message
+                )
             result = compose(
                 base_dir,
                 self._brick_sources(recipe),
@@ -467,7 +488,7 @@ class Compositions:
                 output=recipe["output"],
                 rank=recipe["rank"],
                 recipe={"id": composition.id, **recipe},
-                progress=heartbeat,
+                progress=progress,
                 neurons=self._neuron_ops(recipe),
                 # An adapter output names the registered base's directory, so PEFT's
                 # AutoPeftModelForCausalLM loads it where it runs; the card names the base.
@@ -492,13 +513,28 @@ class Compositions:
             log.exception("composition %s failed", composition.id)
             self.store.fail(composition.id, worker, f"internal error: {type(exc).__name__}: {exc}", "internal")
         else:
-            self.store.finish(
-                composition.id, worker, result.total_bytes, f"built in {result.seconds:.1f} s", files=manifest
-            )
+            done = f"built in {result.seconds:.1f} s"
+            if "fit" in recipe:
+                fitted = ", ".join(f"{b['name']}@{b['version']}={b['weight']:.4g}" for b in recipe["bricks"])
+                done = f"fitted weights {fitted} (loss {recipe['fit']['final_loss']:.4g}); {done}"
+            self.store.finish(composition.id, worker, result.total_bytes, done, files=manifest)
             if manifest is not None:
                 shutil.rmtree(target, ignore_errors=True)  # published: the local copy was the build's
             self.evict_to_budget(keep=composition.id)
         return self.get(composition.id)
+
+    def _fit(
+        self, composition_id: str, recipe: dict[str, Any], base_path: Path, progress: Callable[[float, str], None]
+    ) -> dict[str, Any]:
+        """The recipe with fitted weights (see `registry.fitting`)."""
+        import tempfile
+
+        sources = self._brick_sources(recipe)
+        # Named like a build's staging directory, so that `recover` removes it after a crash.
+        with tempfile.TemporaryDirectory(prefix=f".{composition_id}.composing-fit-", dir=self.root) as scratch:
+            return fit_recipe(
+                recipe, base_path, [(s.config_path, s.weights_path) for s in sources], progress, scratch=Path(scratch)
+            )
 
     def evict_to_budget(self, *, keep: str | None = None) -> list[str]:
         """Delete least recently used ready compositions until the cache fits its budget."""

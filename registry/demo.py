@@ -3,7 +3,8 @@
 Builds a tiny random Llama base model and a few LoRA bricks locally, starts the API on
 the embedded SQLite database, registers everything over REST, lists and searches it,
 composes two bricks, downloads the composed model, loads it with transformers and
-generates a few tokens, printing what it did at each step.
+generates a few tokens, printing what it did at each step. Then the same with bricks that
+have learned something (`registry.demo_skills`): the trained test bed, base vs composed.
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ def _generate(model_dir: Path) -> str:
     return str(tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
-def run_demo(workdir: Path, console: Console) -> int:
-    """Run the demo; returns the process exit code."""
+def run_demo(workdir: Path, console: Console, *, skills: bool = True) -> int:
+    """Run the demo; returns the process exit code. ``skills=False`` stops before the trained
+    test bed (step 8, `registry.demo_skills.show_skills`, tested on its own)."""
     from registry.client import RemoteClient, iter_bricks
+    from registry.demo_skills import show_skills
     from registry.errors import BaseModelExists, BrickExists
 
     workdir = workdir.resolve()
@@ -206,6 +209,10 @@ def run_demo(workdir: Path, console: Console) -> int:
                 f"generated: {_generate(target)!r} (random toy weights: the text is noise; the point is that\n"
                 "the composed files load and run)"
             )
+
+            if skills:
+                console.rule("[bold]8. bricks that learned something: the trained test bed, base vs composed")
+                show_skills(client, workdir, console)
         console.rule("[bold green]demo finished")
         return 0
     except Exception as exc:  # noqa: BLE001 - report any failure of the demo plainly

@@ -84,6 +84,9 @@ class Brick:
     kind: str = "lora"
     emergent: Mapping[str, object] | None = None
     """An emergent brick's provenance (`registry.emergent.bricks`); None for a LoRA."""
+    # The quality check: base vs brick on the registration's evals (see registry.quality).
+    quality: Mapping[str, object] | None = None
+    quality_status: str | None = None
 
     @property
     def ref(self) -> str:
@@ -151,6 +154,8 @@ class BrickDraft:
     version: int | None = None
     kind: str = "lora"
     emergent: Mapping[str, object] | None = None
+    evals: tuple[tuple[str, str], ...] = ()
+    eval_prompt: str = "{input}"
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,34 @@ MetricName = Annotated[str, StringConstraints(min_length=1, max_length=64, patte
 # Versions are 64-bit everywhere (columns bigint since migration 0006).
 MAX_VERSION = 2**63 - 1
 
+# -- input/output pairs: few-shot fitting and quality evals ------------------------------
+
+MAX_FIT_EXAMPLES = 64
+MAX_PAIR_CHARS = 2000
+PairText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PAIR_CHARS), Printable]
+
+
+class IOPair(BaseModel):
+    """One example of a task: an input and the output a model should give."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input: PairText
+    output: PairText
+
+
+def _one_input_field(template: str) -> str:
+    if (
+        template.count("{input}") != 1
+        or "{" in template.replace("{input}", "")
+        or "}" in template.replace("{input}", "")
+    ):
+        raise ValueError("must contain '{input}' exactly once and no other braces")
+    return template
+
+
+PromptTemplate = Annotated[str, StringConstraints(min_length=7, max_length=500), AfterValidator(_one_input_field)]
+
 
 class BrickMetadata(BaseModel):
     """The ``metadata`` of a brick registration."""
@@ -110,6 +138,10 @@ class BrickMetadata(BaseModel):
     metrics: Annotated[dict[MetricName, float], AfterValidator(_finite_metrics)] = Field(
         default_factory=dict, max_length=64
     )
+    evals: list[IOPair] | None = Field(
+        None, min_length=1, max_length=MAX_FIT_EXAMPLES, description="input/output pairs to measure the brick on"
+    )
+    eval_prompt: PromptTemplate = Field("{input}", description="how an eval input becomes the model's prompt")
 
 
 class BrickPatchIn(BaseModel):
@@ -231,6 +263,7 @@ class ComposeRequest(BaseModel):
     neurons: list[NeuronChoice] = Field(
         default_factory=list, max_length=16, description="operations with emergent bricks (ablate, scale, restrict)"
     )
+    fit: FitRequest | None = Field(None, description="fit the bricks' weights to these examples (linear method)")
 
     @model_validator(mode="after")
     def _one_source(self) -> ComposeRequest:
@@ -240,6 +273,12 @@ class ComposeRequest(BaseModel):
             raise ValueError("weights go with an instruction; give each brick its own weight instead")
         if self.rank is not None and self.output != "adapter":
             raise ValueError("rank applies to output 'adapter' only")
+        if self.fit is not None and (
+            self.weights is not None or any("weight" in b.model_fields_set for b in self.bricks or [])
+        ):
+            raise ValueError("with fit the weights are fitted (from uniform 1/n): give no weights")
+        if self.fit is not None and self.method != "linear":
+            raise ValueError("fit finds the weights of a linear merge: use method 'linear'")
         return self
 
 
@@ -269,3 +308,23 @@ def parse_json_model(model: type[M], raw: str | bytes | dict[str, Any], *, what:
         return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(f"invalid {what}", errors=validation_errors(exc, what)) from None
+
+
+# -- few-shot fitting of compositions -----------------------------------------------------
+
+
+class FitRequest(BaseModel):
+    """Fit the bricks' weights to a few examples before merging (gradient descent on one scalar
+    per brick; see `composer.fit_weights`). Starts from uniform weights ``1 / n``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    examples: list[IOPair] = Field(min_length=1, max_length=MAX_FIT_EXAMPLES)
+    steps: int = Field(40, ge=1, le=500, description="optimiser steps")
+    l1: float = Field(0.05, ge=0.0, le=10.0, allow_inf_nan=False, description="weight of the L1 term on |w|")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="mini-batch order (with more than 32 examples)")
+    prompt: PromptTemplate = Field("{input}", description="how an input becomes the model's prompt")
+
+
+__all__ += ["MAX_FIT_EXAMPLES", "MAX_PAIR_CHARS", "FitRequest", "IOPair"]
+ComposeRequest.model_rebuild()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from registry.compositions import Compositions, worker_alive, worker_name
 from registry.priority import lower_to_background
+from registry.quality import QualityJobs
 
 if TYPE_CHECKING:
     from registry.settings import Settings
@@ -47,12 +48,15 @@ class WorkerPool:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._children: dict[int, _Child] = {}
+        self.quality = QualityJobs(compositions.catalog.db, compositions.blobs)
 
     def start(self) -> None:
         """Fail builds interrupted by a previous process, then start the workers."""
         recovered = self.compositions.recover(worker_alive)
         if recovered:
             log.warning("marked %d interrupted builds failed: %s", len(recovered), ", ".join(recovered))
+        if self.quality.recover():
+            log.warning("queued interrupted quality checks again")
         for index in range(self.settings.compose.workers):
             thread = threading.Thread(target=self._run, args=(index,), name=f"brickyard-worker-{index}", daemon=True)
             thread.start()
@@ -79,6 +83,8 @@ class WorkerPool:
             except Exception:
                 log.exception("claiming a composition failed")
                 composition = None
+            if composition is None and self._check_quality(index):
+                continue
             if composition is None:
                 self._wake.wait(_POLL_S)
                 self._wake.clear()
@@ -88,6 +94,28 @@ class WorkerPool:
                 self.compositions.build_claimed(composition, worker)
             else:
                 self._build_in_child(composition.id, worker, index)
+
+    def _check_quality(self, index: int) -> bool:
+        """Run one queued quality check, if any (builds go first); whether there was one."""
+        try:
+            job = self.quality.claim_next()
+        except Exception:
+            log.exception("claiming a quality check failed")
+            return False
+        if job is None:
+            return False
+        log.info("measuring the quality of brick %s on %d pairs", job.ref, len(job.pairs))
+        if self.settings.compose.isolation == "thread":
+            self.quality.run(job)
+        else:
+            child = self._children.get(index)
+            if child is None or not child.alive:
+                child = _Child(self.settings, index)
+                self._children[index] = child
+            failure = child.run(f"quality {job.brick_id}", f"done quality {job.brick_id}")
+            if failure is not None:
+                self.quality.fail(job.brick_id, failure)
+        return True
 
     def _build_in_child(self, composition_id: str, worker: str, index: int) -> None:
         child = self._children.get(index)
@@ -126,14 +154,18 @@ class _Child:
 
     def build(self, composition_id: str, worker: str) -> str | None:
         """Build one composition; None on success, else why the child failed."""
+        return self.run(f"{composition_id} {worker}", f"done {composition_id}")
+
+    def run(self, command: str, done: str) -> str | None:
+        """Send one command line; None when the child answers ``done``, else why it failed."""
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
-            self.process.stdin.write(f"{composition_id} {worker}\n".encode())
+            self.process.stdin.write(f"{command}\n".encode())
             self.process.stdin.flush()
             line = self.process.stdout.readline()
         except (BrokenPipeError, OSError):
             line = b""
-        if line.strip() == f"done {composition_id}".encode():
+        if line.strip() == done.encode():
             return None
         code = self.process.wait()
         self._log.close()
@@ -183,8 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     import transformers  # noqa: F401
 
     try:
+        quality = QualityJobs(registry.compositions.catalog.db, registry.compositions.blobs)
         for line in sys.stdin:
-            composition_id, worker = line.split()
+            first, second = line.split()
+            if first == "quality":
+                job = quality.job(int(second))
+                if job is not None:
+                    quality.run(job)
+                sys.stdout.write(f"done quality {second}\n")
+                sys.stdout.flush()
+                continue
+            composition_id, worker = first, second
             composition = registry.compositions.get(composition_id)
             registry.compositions.build_claimed(composition, worker)
             sys.stdout.write(f"done {composition_id}\n")

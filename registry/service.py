@@ -430,6 +430,8 @@ class Registry:
                 license=meta.license,
                 metrics=dict(meta.metrics),
                 version=meta.version,
+                evals=tuple((e.input, e.output) for e in meta.evals or ()),
+                eval_prompt=meta.eval_prompt,
             )
         except BaseException:
             self.blobs.discard(staged)

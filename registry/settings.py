@@ -173,6 +173,9 @@ class ComposeSettings(BaseModel):
     )
     cache_bytes: int = Field(50 * 1024 * _MiB, gt=0, description="size budget of ready compositions (LRU eviction)")
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running build silent this long is failed")
+    hide_bricks_not_beating_base: bool = Field(
+        False, description="instruction-based compositions skip bricks whose quality check did not beat the base"
+    )
 
 
 class Settings(BaseSettings):

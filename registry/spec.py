@@ -34,6 +34,7 @@ from composer import (
     plan_composition,
     read_base_model,
     read_header,
+    refuse_negligible_delta,
     sniff_format,
     split_lora_key,
 )
@@ -101,6 +102,10 @@ def inspect_adapter(
         if not found:
             bad = find_nonfinite(weights_path, header)
             found.extend(f"adapter_weights: tensor {name!r} contains NaN or Inf values" for name in bad)
+        if not found and settings is not None:
+            # An adapter saved before training (lora_B = 0) is valid but changes nothing.
+            with composer_problems(found, "adapter_weights"):
+                refuse_negligible_delta(weights_path, Path(base.path), settings)
     if settings is not None and base is not None:
         _check_base_name(settings, base, twins, found)
     problems.extend(found[:_MAX_REPORTED])

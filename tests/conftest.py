@@ -50,6 +50,20 @@ def embedding_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["BRICKYARD_EMBEDDING__CACHE_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def testbed_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache of the trained test bed for the session (composer tests and the demo share a
+    build: 2-3 minutes each), unless ``$BRICKYARD_TESTBED_CACHE`` already names one."""
+    configured = os.environ.get("BRICKYARD_TESTBED_CACHE")
+    if configured:
+        yield Path(configured)
+        return
+    path = tmp_path_factory.mktemp("testbed-cache")
+    os.environ["BRICKYARD_TESTBED_CACHE"] = str(path)
+    yield path
+    os.environ.pop("BRICKYARD_TESTBED_CACHE", None)
+
+
 # -- databases -------------------------------------------------------------------------
 
 

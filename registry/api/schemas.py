@@ -59,6 +59,10 @@ class BrickOut(BaseModel):
     emergent: dict[str, Any] | None = Field(
         None, description="emergent bricks: method, params, probe hashes, statistics, neurons, verification table"
     )
+    quality: dict[str, Any] | None = Field(
+        None, description="base vs brick on the registration's evals: loss, exact match, beats_base"
+    )
+    quality_status: str | None = Field(None, description="queued, running, done, failed; null without evals")
 
     @classmethod
     def of(cls, brick: domain.Brick) -> BrickOut:
@@ -87,6 +91,8 @@ class BrickOut(BaseModel):
             created_by=brick.created_by,
             kind=brick.kind,
             emergent=dict(brick.emergent) if brick.emergent is not None else None,
+            quality=dict(brick.quality) if brick.quality is not None else None,
+            quality_status=brick.quality_status,
         )
 
 

@@ -181,6 +181,11 @@ class BrickRow(Base):
     # "lora" (customized) or "emergent" (a neuron set; `emergent` holds its provenance).
     kind: Mapped[str] = mapped_column(String(16), server_default="lora", default="lora", index=True)
     emergent: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The quality check (migration 0011): eval pairs, and what a worker measured on them.
+    evals: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    eval_prompt: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    quality: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    quality_status: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
 
     # Only the name of the base model is part of a brick: a correlated subquery, so loading
     # bricks never hydrates the base model's config and module shapes (JSON, large for big models).
@@ -225,6 +230,9 @@ class BrickRow(Base):
             tag_rows=[BrickTagRow(tag=t) for t in sorted(set(draft.tags))],
             kind=draft.kind,
             emergent=dict(draft.emergent) if draft.emergent is not None else None,
+            evals=[{"input": i, "output": o} for i, o in draft.evals] if draft.evals else None,
+            eval_prompt=draft.eval_prompt if draft.evals else None,
+            quality_status="queued" if draft.evals else None,
         )
 
     def to_domain(self) -> domain.Brick:
@@ -254,6 +262,8 @@ class BrickRow(Base):
             created_by=self.created_by,
             kind=self.kind,
             emergent=self.emergent,
+            quality=dict(self.quality) if self.quality is not None else None,
+            quality_status=self.quality_status,
         )
 
 

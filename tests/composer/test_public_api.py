@@ -45,6 +45,12 @@ def test_all_names_exist_and_include_the_registry_contract() -> None:
         "verify_neuron_sets",
         "save_neuron_set",
         "load_neuron_set",
+        # the zero-delta refusal at registration, few-shot fitting in composition builds
+        "NEGLIGIBLE_DELTA",
+        "refuse_negligible_delta",
+        "fit_weights",
+        "examples_hash",
+        "score_brick",
     }
     assert contract <= set(composer.__all__)
 

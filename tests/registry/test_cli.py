@@ -168,3 +168,24 @@ def test_compose_prints_the_truncation_error_of_an_adapter_output_and_warns_abov
     assert f"relative error max {worst:.3g}" in cut and "warning:" in cut and "higher --rank" in cut
     full = cli("compose", "-b", "tiny-llama", *bricks, "-o", str(tmp_path / "full")).output
     assert "truncation" not in full
+
+
+def test_compose_fit_reads_examples_from_jsonl(
+    cli: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    cli("base", "add", str(llama_base), "--name", "tiny-llama")
+    for name, path in (("a", loras["r4"]), ("b", loras["r8"])):
+        cli("brick", "push", str(path), "-n", name, "-b", "tiny-llama", "-d", f"brick {name}")
+    examples = tmp_path / "examples.jsonl"
+    rows = [{"input": "good phone", "output": "positive"}, {"input": "bad phone", "output": "negative"}]
+    examples.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    out = tmp_path / "fitted"
+    cli("compose", "-b", "tiny-llama", "--brick", "a", "--brick", "b", "--fit", str(examples), "--fit-steps", "3",
+        "-o", str(out))  # fmt: skip
+    fit = json.loads((out / "brickyard.json").read_text())["recipe"]["fit"]
+    assert fit["examples"] == rows and fit["steps"] == 3 and len(fit["weights"]) == 2
+    assert fit["final_loss"] < fit["initial_loss"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "x", "output": "y"}\nnot json\n')
+    failed = cli("compose", "-b", "tiny-llama", "--brick", "a", "--fit", str(bad), "-o", str(tmp_path / "x"), ok=False)
+    assert failed.exit_code != 0 and "bad.jsonl:2" in failed.output

@@ -494,3 +494,45 @@ def test_hostile_families_of_the_fuzzer_are_refused_promptly(
     assert not report.findings, report.render()
     assert report.cases >= 20
     assert report.statuses[201] == 4  # the four large versions
+
+
+# -- a delta that changes nothing --------------------------------------------------------
+
+
+def test_untrained_adapter_with_zero_b_is_refused(ready: Any, registry: Any) -> None:
+    tensors = good_tensors()
+    for layer in (0, 1):
+        tensors[KEY.format(layer=layer, proj="q_proj", f="B")] = ("F32", [32, 4], f32(32, 4, value=0.0))
+    response = upload(ready, config=lora_config(), weights=raw_safetensors(tensors))
+    assert_problem(response, 422, "invalid-adapter", "changes nothing", "exactly zero", "saved before training")
+    assert_nothing_stored(registry)
+
+
+def test_negligible_delta_is_refused_and_a_small_one_registers(ready: Any, registry: Any, llama_base: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from composer import NEGLIGIBLE_DELTA
+
+    base = load_file(str(llama_base / "model.safetensors")) if (llama_base / "model.safetensors").exists() else {}
+    if not base:
+        for shard in sorted(llama_base.glob("model-*.safetensors")):
+            base.update(load_file(str(shard)))
+    # Every entry of s*B@A is s * r * a * b for constant factors a, b (s = alpha / r = 2).
+    rms_q = min(
+        float(np.sqrt(np.mean(base[f"model.layers.{layer}.self_attn.q_proj.weight"].astype("f8") ** 2)))
+        for layer in (0, 1)
+    )
+    a = 0.1
+
+    def with_b(value: float) -> bytes:
+        tensors = good_tensors()
+        for layer in (0, 1):
+            tensors[KEY.format(layer=layer, proj="q_proj", f="B")] = ("F32", [32, 4], f32(32, 4, value=value))
+        return raw_safetensors(tensors)
+
+    below = 0.1 * NEGLIGIBLE_DELTA * rms_q / (2 * 4 * a)
+    response = upload(ready, config=lora_config(), weights=with_b(below))
+    assert_problem(response, 422, "invalid-adapter", "changes nothing", "negligible")
+    assert_nothing_stored(registry)
+    above = 100 * NEGLIGIBLE_DELTA * rms_q / (2 * 4 * a)
+    assert upload(ready, config=lora_config(), weights=with_b(above)).status_code == 201
