@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from registry import domain
 from registry.composer_errors import composer_errors
-from registry.composition_store import FAILED, READY, RUNNING, CompositionStore
+from registry.composition_store import CANCELLED, FAILED, QUEUED, READY, RUNNING, STATUSES, CompositionStore
 from registry.errors import (
     CompositionNotFound,
     Conflict,
     FileNotFound,
     IncompatibleBrick,
+    InvalidInput,
     InvalidRecipe,
     StorageCorrupt,
 )
@@ -78,6 +79,7 @@ class Compositions:
         settings: Settings,
         *,
         search: Callable[[SearchRequest], domain.SearchResult],
+        resolve_version: Callable[[str, int | str | None], int | None] | None = None,
     ) -> None:
         """``catalog`` holds the base models and bricks a request names, ``blobs`` their bytes,
         ``search`` finds bricks for an instruction; compositions live in their own store
@@ -86,6 +88,7 @@ class Compositions:
         self.blobs = blobs
         self.settings = settings
         self.search = search
+        self.resolve_version = resolve_version
         self.store = CompositionStore(catalog.db)
         self.root = settings.compositions_dir
         self.root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,12 @@ class Compositions:
             assert request.bricks is not None
             chosen = []
             for choice in request.bricks:
-                chosen.append((self.catalog.get_brick(choice.name, choice.version), choice.weight))
+                version = choice.version
+                if isinstance(version, str) and self.resolve_version is not None:
+                    version = self.resolve_version(choice.name, version)  # an alias: sentiment@production
+                if isinstance(version, str):
+                    raise InvalidRecipe(f"brick {choice.name!r}: version aliases are not available here")
+                chosen.append((self.catalog.get_brick(choice.name, version), choice.weight))
             foreign = [b for b, _ in chosen if b.base_model != base.name]
             if foreign:
                 raise IncompatibleBrick(
@@ -303,6 +311,12 @@ class Compositions:
                 recipe={"id": composition.id, **recipe},
                 progress=heartbeat,
             )
+        except BuildCancelled:
+            # Cancelled or deleted meanwhile: the composer removed its staging directory; a
+            # directory published just before the cancel was seen goes too.
+            log.info("composition %s: build stopped (%s)", composition.id, "cancelled")
+            self._drop_unready_directory(composition.id)
+            return self._current(composition)
         except ComposeError as exc:
             self.store.fail(composition.id, worker, str(exc), "invalid-recipe")
         except (InvalidRecipe, StorageCorrupt) as exc:
@@ -314,9 +328,164 @@ class Compositions:
             log.exception("composition %s failed", composition.id)
             self.store.fail(composition.id, worker, f"internal error: {type(exc).__name__}: {exc}", "internal")
         else:
-            self.store.finish(composition.id, worker, result.total_bytes, f"built in {result.seconds:.1f} s")
-            self.evict_to_budget(keep=composition.id)
-        return self.get(composition.id)
+            if self.store.finish(composition.id, worker, result.total_bytes, f"built in {result.seconds:.1f} s"):
+                self.evict_to_budget(keep=composition.id)
+            else:  # cancelled (or deleted) while the last bytes were written: keep nothing
+                self._drop_unready_directory(composition.id)
+        return self._current(composition)
+
+    # -- management: list, cancel, delete, names (issue #21) ------------------------------
+
+    def _current(self, composition: domain.Composition) -> domain.Composition:
+        """The composition as stored now; the given one marked deleted if its row is gone."""
+        current = self.store.get(composition.id)
+        if current is not None:
+            return current
+        from dataclasses import replace
+
+        return replace(composition, status="deleted", message="deleted")
+
+    def resolve_ref(self, ref: str) -> str:
+        """The composition id of ``ref``: a 64-hex id, or a name given with `set_name`.
+
+        Raises:
+            CompositionNotFound: a name that points nowhere.
+        """
+        if _is_id(ref):
+            return ref
+        found = self.store.resolve_name(ref)
+        if found is None:
+            raise CompositionNotFound(
+                f"no composition named {ref[:100]!r}",
+                errors=["give a 64-hex composition id or a name set with `brickyard composition name`"],
+                extra={"name": ref[:100]},
+            )
+        return found
+
+    def describe(self, ref: str) -> domain.Composition:
+        """A composition by id or name, with the names pointing at it."""
+        from dataclasses import replace
+
+        composition = self.get(self.resolve_ref(ref))
+        return replace(composition, names=tuple(self.store.names_of([composition.id]).get(composition.id, [])))
+
+    def list_page(
+        self,
+        *,
+        base_model_id: int | None = None,
+        brick: str | None = None,
+        status: str | None = None,
+        name: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> domain.Page[domain.Composition]:
+        """A page of compositions, newest first, each with its names.
+
+        Raises:
+            InvalidInput: an unknown status or a limit outside 1..500.
+        """
+        from dataclasses import replace
+
+        problems = []
+        if status is not None and status not in STATUSES:
+            problems.append(f"status: one of {', '.join(STATUSES)}")
+        if not 1 <= limit <= 500:
+            problems.append("limit: must be between 1 and 500")
+        if problems:
+            raise InvalidInput("invalid composition filter", errors=problems)
+        items, next_cursor = self.store.list_page(
+            base_model_id=base_model_id, brick=brick, status=status, name=name, cursor=cursor, limit=limit
+        )
+        names = self.store.names_of([c.id for c in items])
+        return domain.Page(items=[replace(c, names=tuple(names.get(c.id, []))) for c in items], next_cursor=next_cursor)
+
+    def cancel(self, ref: str, *, actor: str | None = None) -> domain.Composition:
+        """Cancel a queued or running build. A running build stops at its next progress
+        report (within about a second) and leaves no files; requesting the same recipe
+        again queues it anew.
+
+        Raises:
+            CompositionNotFound: unknown id or name. Conflict: it is ready or failed already.
+        """
+        composition_id = self.resolve_ref(ref)
+        if not self.store.cancel(composition_id, actor):
+            current = self.get(composition_id)
+            if current.status == CANCELLED:
+                return current
+            raise Conflict(
+                f"composition {composition_id} is {current.status}: only queued or running builds can be cancelled",
+                extra={"composition_status": current.status},
+            )
+        log.info("composition %s cancelled by %s", composition_id, actor or "anonymous")
+        return self.get(composition_id)
+
+    def delete(self, ref: str, *, actor: str | None = None) -> domain.Composition:
+        """Delete a composition: cancel its build if one is queued or running, forget the row
+        and its names, and remove its files.
+
+        Downloads already under way finish: the directory is renamed away first, and a file
+        a response has opened stays readable until it is closed (POSIX unlink semantics);
+        a download that starts afterwards gets 404. (There are no download leases yet to
+        defer the deletion itself.)
+
+        Raises:
+            CompositionNotFound: unknown id or name.
+        """
+        composition_id = self.resolve_ref(ref)
+        self.get(composition_id)
+        self.store.cancel(composition_id, actor)
+        gone = self.store.delete(composition_id)
+        if gone is None:  # claimed between the cancel and the delete: cancel once more
+            self.store.cancel(composition_id, actor)
+            gone = self.store.delete(composition_id)
+        if gone is None:
+            raise Conflict(f"composition {composition_id} changed while being deleted; try again")
+        self._remove_directory(composition_id)
+        log.info("composition %s deleted by %s", composition_id, actor or "anonymous")
+        return gone
+
+    def set_name(self, name: str, ref: str, *, actor: str | None = None) -> domain.Composition:
+        """Point ``name`` at a composition (by id or by another name); moves an existing name.
+
+        Raises:
+            InvalidInput: the name is malformed or looks like an id. CompositionNotFound: no target.
+        """
+        import re
+
+        from registry.inputs import NAME_PATTERN
+
+        if not re.match(NAME_PATTERN, name) or _is_id(name):
+            raise InvalidInput(
+                f"invalid composition name {name[:100]!r}",
+                errors=["name: 1-100 ASCII letters, digits, '.', '_' or '-', and not a 64-hex id"],
+            )
+        composition_id = self.resolve_ref(ref)
+        self.get(composition_id)
+        self.store.set_name(name, composition_id, actor)
+        return self.describe(composition_id)
+
+    def remove_name(self, name: str) -> str:
+        """Remove a composition name; returns the id it pointed at (`CompositionNotFound` otherwise)."""
+        composition_id = self.store.remove_name(name)
+        if composition_id is None:
+            raise CompositionNotFound(f"no composition named {name[:100]!r}", extra={"name": name[:100]})
+        return composition_id
+
+    def _remove_directory(self, composition_id: str) -> None:
+        import uuid
+
+        path = self.root / composition_id
+        trash = self.root / f".{composition_id}.deleted-{uuid.uuid4().hex[:12]}"
+        try:
+            path.rename(trash)  # atomic: no reader sees a half-removed directory
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _drop_unready_directory(self, composition_id: str) -> None:
+        current = self.store.get(composition_id)
+        if current is None or current.status != READY:
+            self._remove_directory(composition_id)
 
     def evict_to_budget(self, *, keep: str | None = None) -> list[str]:
         """Delete least recently used ready compositions until the cache fits its budget."""
@@ -357,14 +526,24 @@ class Compositions:
         return failed
 
 
+def _is_id(ref: str) -> bool:
+    return len(ref) == 64 and all(c in "0123456789abcdef" for c in ref)
+
+
 def _walk(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
             yield path
 
 
+class BuildCancelled(Exception):
+    """Raised from the progress callback when a build lost its claim (cancelled, deleted or
+    taken over): it unwinds the composer, which removes its staging directory."""
+
+
 class _Heartbeat:
-    """Progress callback: writes progress to the database at most twice a second."""
+    """Progress callback: writes progress to the database at most twice a second, and stops
+    the build (`BuildCancelled`) once the row says it is no longer this worker's to run."""
 
     def __init__(self, store: CompositionStore, composition_id: str, worker: str) -> None:
         self.store = store
@@ -379,7 +558,8 @@ class _Heartbeat:
         if fraction < 1.0 and now - self.last < 0.5:
             return
         self.last = now
-        self.store.heartbeat(self.composition_id, self.worker, min(fraction, 0.999), message)
+        if not self.store.heartbeat(self.composition_id, self.worker, min(fraction, 0.999), message):
+            raise BuildCancelled(self.composition_id)
 
 
 def worker_name(index: int) -> str:
@@ -410,4 +590,4 @@ def worker_alive(worker: str) -> bool:
     return True
 
 
-__all__ += ["FAILED", "RUNNING", "worker_alive", "worker_name"]
+__all__ += ["CANCELLED", "FAILED", "QUEUED", "RUNNING", "BuildCancelled", "worker_alive", "worker_name"]

@@ -160,7 +160,9 @@ class BrickChoice(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
-    version: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the latest version")
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)] | Name | None = Field(
+        None, description="a version number or an alias (`production`); default: the latest version"
+    )
     weight: Weight = Field(1.0, description=f"merge weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
 
 

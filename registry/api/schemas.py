@@ -196,6 +196,7 @@ class CompositionOut(BaseModel):
     finished_at: datetime | None
     files_url: str
     archive_url: str
+    names: list[str] = Field(default_factory=list, description="names pointing at this composition")
 
     @classmethod
     def of(cls, composition: domain.Composition) -> CompositionOut:
@@ -218,6 +219,7 @@ class CompositionOut(BaseModel):
             finished_at=composition.finished_at,
             files_url=f"{base}/files",
             archive_url=f"{base}/archive",
+            names=list(composition.names),
         )
 
 
@@ -289,3 +291,40 @@ class EventOut(BaseModel):
     def of(cls, event: Any) -> EventOut:
         """From a `registry.db.events.Event`."""
         return cls(at=event.at, actor=event.actor, action=event.action, subject=event.subject, details=event.details)
+
+
+class BrickAliasOut(BaseModel):
+    """An alias of a brick version."""
+
+    name: str
+    alias: str
+    version: int
+    created_at: datetime
+    created_by: str | None
+
+    @classmethod
+    def of(cls, alias: domain.BrickAlias) -> BrickAliasOut:
+        """From the domain object."""
+        return cls(
+            name=alias.name,
+            alias=alias.alias,
+            version=alias.version,
+            created_at=alias.created_at,
+            created_by=alias.created_by,
+        )
+
+
+class BrickAliasIn(BaseModel):
+    """Where an alias points: a version number or another alias."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | str = Field(description="a version number, or an alias to copy")
+
+
+class CompositionNameIn(BaseModel):
+    """The composition a name points at."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    composition: str = Field(min_length=1, max_length=100, description="a composition id or another name")
