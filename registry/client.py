@@ -19,6 +19,7 @@ from registry import errors
 from registry.api.schemas import (
     BaseModelDetail,
     BaseModelOut,
+    BrickAliasOut,
     BrickFileOut,
     BrickOut,
     CompositionFileOut,
@@ -27,6 +28,8 @@ from registry.api.schemas import (
     Page,
     SearchHitOut,
     SearchOut,
+    TokenCreated,
+    TokenOut,
 )
 
 __all__ = ["BrickyardClient", "LocalClient", "RemoteClient", "error_from_problem"]
@@ -188,8 +191,8 @@ class RemoteClient:
                 params[key] = value
         return Page[BrickOut].model_validate(self._request("GET", "/v1/bricks", params=params))
 
-    def get_brick(self, name: str, version: int | None = None) -> BrickOut:
-        """A brick version (latest when ``version`` is None)."""
+    def get_brick(self, name: str, version: int | str | None = None) -> BrickOut:
+        """A brick version (latest when ``version`` is None; a string may be an alias)."""
         path = f"/v1/bricks/{name}" if version is None else f"/v1/bricks/{name}/versions/{version}"
         return BrickOut.model_validate(self._request("GET", path))
 
@@ -230,15 +233,28 @@ class RemoteClient:
         return CompositionOut.model_validate(self._request("GET", f"/v1/compositions/{composition_id}"))
 
     def wait_composition(
-        self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None, *, poll_s: float = 0.5
+        self,
+        composition_id: str,
+        on_progress: Callable[[CompositionOut], None] | None = None,
+        *,
+        poll_s: float = 0.5,
+        timeout: float | None = None,
     ) -> CompositionOut:
-        """Poll until the composition is ready or failed."""
+        """Poll until the composition is ready, failed or cancelled.
+
+        Raises:
+            TimeoutError: still building after ``timeout`` seconds (the build goes on;
+                `cancel_composition` stops it).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             composition = self.get_composition(composition_id)
             if on_progress is not None:
                 on_progress(composition)
-            if composition.status in ("ready", "failed"):
+            if composition.status in _DONE:
                 return composition
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"composition {composition_id} is still {composition.status} after {timeout:g} s")
             time.sleep(poll_s)
 
     def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]:
@@ -267,6 +283,62 @@ class RemoteClient:
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)
         partial.replace(target)
+
+    # -- managed compositions, aliases, tokens (issue #21) ---------------------------------
+
+    def list_compositions(self, *, cursor: str | None = None, limit: int = 50, **filters: Any) -> Page[CompositionOut]:
+        """A page of compositions, newest first (filters: base_model, brick, status, name)."""
+        params: dict[str, Any] = {"limit": limit, **{k: v for k, v in filters.items() if v is not None}}
+        if cursor is not None:
+            params["cursor"] = cursor
+        return Page[CompositionOut].model_validate(self._request("GET", "/v1/compositions", params=params))
+
+    def describe_composition(self, ref: str) -> CompositionOut:
+        """A composition by id or name, with its names."""
+        return self.get_composition(ref)
+
+    def cancel_composition(self, ref: str) -> CompositionOut:
+        """Cancel a queued or running build (by id or name)."""
+        return CompositionOut.model_validate(self._request("POST", f"/v1/compositions/{ref}/cancel"))
+
+    def delete_composition(self, ref: str) -> CompositionOut:
+        """Delete a composition (by id or name), its names and files."""
+        return CompositionOut.model_validate(self._request("DELETE", f"/v1/compositions/{ref}"))
+
+    def name_composition(self, name: str, ref: str) -> CompositionOut:
+        """Point ``name`` at a composition (by id or another name)."""
+        body = {"composition": ref}
+        return CompositionOut.model_validate(self._request("PUT", f"/v1/composition-names/{name}", json=body))
+
+    def unname_composition(self, name: str) -> CompositionOut:
+        """Remove a composition name; answers the composition it pointed at."""
+        return CompositionOut.model_validate(self._request("DELETE", f"/v1/composition-names/{name}"))
+
+    def brick_aliases(self, name: str) -> list[BrickAliasOut]:
+        """The aliases of a brick."""
+        return [BrickAliasOut.model_validate(a) for a in self._request("GET", f"/v1/bricks/{name}/aliases")]
+
+    def set_brick_alias(self, name: str, version: int | str, alias: str) -> BrickAliasOut:
+        """Point ``name@alias`` at a version (a number or another alias)."""
+        body = {"version": version}
+        return BrickAliasOut.model_validate(self._request("PUT", f"/v1/bricks/{name}/aliases/{alias}", json=body))
+
+    def remove_brick_alias(self, name: str, alias: str) -> BrickAliasOut:
+        """Remove ``name@alias``."""
+        return BrickAliasOut.model_validate(self._request("DELETE", f"/v1/bricks/{name}/aliases/{alias}"))
+
+    def create_token(self, name: str, scope: str) -> TokenCreated:
+        """Create an API token on the server (needs an admin token)."""
+        body = {"name": name, "scope": scope}
+        return TokenCreated.model_validate(self._request("POST", "/v1/tokens", json=body))
+
+    def list_tokens(self) -> list[TokenOut]:
+        """The server's API tokens (needs an admin token)."""
+        return [TokenOut.model_validate(t) for t in self._request("GET", "/v1/tokens")]
+
+    def revoke_token(self, name: str) -> TokenOut:
+        """Revoke an API token on the server (needs an admin token)."""
+        return TokenOut.model_validate(self._request("DELETE", f"/v1/tokens/{name}"))
 
 
 # -- local ------------------------------------------------------------------------------
@@ -345,9 +417,9 @@ class LocalClient:
         )
         return Page[BrickOut](items=[BrickOut.of(b) for b in page.items], next_cursor=page.next_cursor)
 
-    def get_brick(self, name: str, version: int | None = None) -> BrickOut:
-        """A brick version (latest when ``version`` is None)."""
-        return BrickOut.of(self.registry.get_brick(name, version))
+    def get_brick(self, name: str, version: int | str | None = None) -> BrickOut:
+        """A brick version (latest when ``version`` is None; a string may be an alias)."""
+        return BrickOut.of(self.registry.get_brick(name, self.registry.resolve_brick_ref(name, version)))
 
     def update_brick(self, name: str, version: int, **changes: Any) -> BrickOut:
         """Patch description, examples or tags."""
@@ -383,10 +455,21 @@ class LocalClient:
         return CompositionOut.of(self.registry.compositions.get(composition_id))
 
     def wait_composition(
-        self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None, *, poll_s: float = 0.2
+        self,
+        composition_id: str,
+        on_progress: Callable[[CompositionOut], None] | None = None,
+        *,
+        poll_s: float = 0.2,
+        timeout: float | None = None,
     ) -> CompositionOut:
         """Build the composition here if it is queued (another process may be building it),
-        reporting progress, until it is ready or failed."""
+        reporting progress, until it is ready, failed or cancelled.
+
+        Raises:
+            TimeoutError: not done after ``timeout`` seconds; a build started here is
+                cancelled (it stops within a second and leaves no files).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         import threading
 
         from registry.compositions import worker_name
@@ -402,8 +485,13 @@ class LocalClient:
             composition = self.get_composition(composition_id)
             if on_progress is not None:
                 on_progress(composition)
-            if composition.status in ("ready", "failed") and (builder is None or not builder.is_alive()):
+            if composition.status in _DONE and (builder is None or not builder.is_alive()):
                 return composition
+            if deadline is not None and time.monotonic() >= deadline:
+                if builder is not None:  # nobody else will finish what this process started
+                    compositions.store.cancel(composition_id, self.actor)
+                    builder.join()
+                raise TimeoutError(f"composition {composition_id} is still {composition.status} after {timeout:g} s")
             time.sleep(poll_s)
 
     def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]:
@@ -432,6 +520,63 @@ class LocalClient:
             shutil.copyfile(source, target)
             written.append(target)
         return written
+
+    # -- managed compositions, aliases, tokens (issue #21) ---------------------------------
+
+    def list_compositions(self, *, cursor: str | None = None, limit: int = 50, **filters: Any) -> Page[CompositionOut]:
+        """A page of compositions, newest first (filters: base_model, brick, status, name)."""
+        base = filters.pop("base_model", None)
+        base_id = self.registry.store.base_model_id(base) if base is not None else None
+        page = self.registry.compositions.list_page(base_model_id=base_id, cursor=cursor, limit=limit, **filters)
+        return Page[CompositionOut](items=[CompositionOut.of(c) for c in page.items], next_cursor=page.next_cursor)
+
+    def describe_composition(self, ref: str) -> CompositionOut:
+        """A composition by id or name, with its names."""
+        return CompositionOut.of(self.registry.compositions.describe(ref))
+
+    def cancel_composition(self, ref: str) -> CompositionOut:
+        """Cancel a queued or running build (by id or name)."""
+        return CompositionOut.of(self.registry.compositions.cancel(ref, actor=self.actor))
+
+    def delete_composition(self, ref: str) -> CompositionOut:
+        """Delete a composition (by id or name), its names and files."""
+        return CompositionOut.of(self.registry.compositions.delete(ref, actor=self.actor))
+
+    def name_composition(self, name: str, ref: str) -> CompositionOut:
+        """Point ``name`` at a composition (by id or another name)."""
+        return CompositionOut.of(self.registry.compositions.set_name(name, ref, actor=self.actor))
+
+    def unname_composition(self, name: str) -> CompositionOut:
+        """Remove a composition name; answers the composition it pointed at."""
+        return CompositionOut.of(self.registry.compositions.describe(self.registry.compositions.remove_name(name)))
+
+    def brick_aliases(self, name: str) -> list[BrickAliasOut]:
+        """The aliases of a brick."""
+        return [BrickAliasOut.of(a) for a in self.registry.brick_aliases(name)]
+
+    def set_brick_alias(self, name: str, version: int | str, alias: str) -> BrickAliasOut:
+        """Point ``name@alias`` at a version (a number or another alias)."""
+        return BrickAliasOut.of(self.registry.set_brick_alias(name, version, alias, actor=self.actor))
+
+    def remove_brick_alias(self, name: str, alias: str) -> BrickAliasOut:
+        """Remove ``name@alias``."""
+        return BrickAliasOut.of(self.registry.remove_brick_alias(name, alias))
+
+    def create_token(self, name: str, scope: str) -> TokenCreated:
+        """Create an API token in the local registry."""
+        token, info = self.registry.tokens.create(name, scope, actor=self.actor)
+        return TokenCreated(token=token, **TokenOut.of(info).model_dump())
+
+    def list_tokens(self) -> list[TokenOut]:
+        """The local registry's API tokens."""
+        return [TokenOut.of(t) for t in self.registry.tokens.list()]
+
+    def revoke_token(self, name: str) -> TokenOut:
+        """Revoke an API token in the local registry."""
+        return TokenOut.of(self.registry.tokens.revoke(name, actor=self.actor))
+
+
+_DONE = ("ready", "failed", "cancelled", "deleted")
 
 
 def _empty_target(out_dir: Path) -> None:

@@ -3,6 +3,7 @@ the CLI and the Python API)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
@@ -159,6 +160,14 @@ class Page(BaseModel, Generic[T]):
 
     items: list[T]
     next_cursor: str | None = None
+
+    def __iter__(self) -> Iterator[T]:  # type: ignore[override]
+        """The items (``for brick in client.list_bricks()``), not pydantic's (field, value) pairs."""
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        """How many items this page holds."""
+        return len(self.items)
 
 
 class SearchHitOut(BaseModel):
