@@ -83,7 +83,8 @@ def _client(url: str | None) -> Any:
 
 
 def _fail(exc: BrickyardError) -> NoReturn:
-    err_console.print(f"[bold red]error[/] ({exc.code}): {exc.detail}")
+    # soft_wrap: an error is one line however narrow the terminal (grep-able, copy-able)
+    err_console.print(f"[bold red]error[/] ({exc.code}): {exc.detail}", soft_wrap=True, highlight=False)
     for line in exc.errors:
         err_console.print(f"  - {line}", markup=False, highlight=False)
     for key, value in exc.extra.items():
