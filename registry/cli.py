@@ -737,7 +737,12 @@ def worker(
     settings = Settings()
     settings = settings.model_copy(update={"compose": settings.compose.model_copy(update={"workers": workers})})
     registry = Registry.open(settings)
-    pool = WorkerPool(registry.compositions, settings)
+
+    def report(composition_id: str, seconds: float, status: str, detail: str) -> None:
+        line = f"{composition_id[:16]} {status} in {seconds:.1f} s" + (f": {detail}" if detail else "")
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    pool = WorkerPool(registry.compositions, settings, on_build=report)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pool.start()

@@ -217,6 +217,14 @@ class CompositionStore:
             ).all()
         return [(r.id, r.worker, r.heartbeat_at) for r in rows]
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many compositions are in each status (``queued``: the build queue's length)."""
+        from sqlalchemy import func
+
+        with self.db.session() as session:
+            rows = session.execute(select(CompositionRow.status, func.count()).group_by(CompositionRow.status)).all()
+        return {status: int(count) for status, count in rows}
+
     def touch(self, composition_id: str) -> None:
         """Record a use (for LRU eviction)."""
         with self.db.session(write=True) as session:

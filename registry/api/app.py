@@ -21,6 +21,7 @@ from registry.api.routes import (
     health,
     hub,
     merge_methods,
+    metrics,
     names,
     search,
     tokens,
@@ -62,7 +63,9 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
                 flush=True,
             )
         _warm_up(app.state.registry)
-        workers = WorkerPool(app.state.registry.compositions, app.state.registry.settings)
+        workers = WorkerPool(
+            app.state.registry.compositions, app.state.registry.settings, on_build=app.state.metrics.observe_build
+        )
         workers.start()
         app.state.workers = workers
         try:
@@ -79,7 +82,14 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         lifespan=lifespan,
         responses=PROBLEM_RESPONSES,
         redirect_slashes=False,
+        docs_url=None,  # served from packaged assets by registry.api.docs: no CDN
+        redoc_url=None,
     )
+    from registry.api.docs import mount_offline_docs
+    from registry.api.metrics import Metrics, MetricsMiddleware
+
+    mount_offline_docs(app)
+    app.state.metrics = Metrics(lambda: getattr(app.state, "registry", None))
     if registry is not None:
         app.state.registry = registry
     limits = settings.limits
@@ -88,9 +98,10 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         max_bytes=limits.max_adapter_bytes + limits.max_config_bytes + limits.max_metadata_bytes + _MULTIPART_SLACK,
     )
     app.add_middleware(AuthGuard, registry_of=lambda: app.state.registry)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts refusals too
     install_problem_handlers(app)
     # hub last: its /{namespace}/{name}/resolve/... routes must not shadow the others
-    for module in (health, base_models, bricks, search, compositions, merge_methods, tokens, names, hub):
+    for module in (health, metrics, base_models, bricks, search, compositions, merge_methods, tokens, names, hub):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

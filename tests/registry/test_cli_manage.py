@@ -175,7 +175,8 @@ def test_compose_from_a_yaml_recipe_and_again_from_its_brickyard_json(catalog: A
 
 
 def test_compose_refuses_bad_brick_options_before_any_work(catalog: Any, tmp_path: Path) -> None:
-    twice = catalog("compose", "-b", "tiny-llama", "--brick", "sentiment", "--brick", "sentiment", "-o", str(tmp_path / "x"), ok=False)  # fmt: skip
+    out = str(tmp_path / "x")
+    twice = catalog("compose", "-b", "tiny-llama", "--brick", "sentiment", "--brick", "sentiment", "-o", out, ok=False)
     assert twice.exit_code == 2 and "sentiment given more than once" in _flat(twice.output)
     equals = catalog("compose", "-b", "tiny-llama", "--brick", "sentiment=0.5", "-o", str(tmp_path / "x"), ok=False)
     assert equals.exit_code == 2 and "--brick sentiment:0.5" in _flat(equals.output)

@@ -52,7 +52,8 @@ def test_list_filters_and_pages_by_cursor(catalog: Any) -> None:
     by_brick = catalog.get("/v1/compositions", params={"brick": "summarize"}).json()["items"]
     assert {x["id"] for x in by_brick} == {b["id"], c["id"]}
     assert catalog.get("/v1/compositions", params={"status": "failed"}).json()["items"] == []
-    assert len(catalog.get("/v1/compositions", params={"base_model": "tiny-llama", "status": "ready"}).json()["items"]) == 3
+    ready = catalog.get("/v1/compositions", params={"base_model": "tiny-llama", "status": "ready"}).json()
+    assert len(ready["items"]) == 3
     assert catalog.get("/v1/compositions", params={"base_model": "nope"}).status_code == 404
     bad = catalog.get("/v1/compositions", params={"status": "sleeping"})
     assert bad.status_code == 422 and "cancelled" in bad.json()["errors"][0]
