@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -143,9 +145,10 @@ def db_upgrade() -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
     try:
-        before = current_revision(engine)
-        upgrade(engine)
-        after = current_revision(engine)
+        with _database_errors(settings.sqlalchemy_url):
+            before = current_revision(engine)
+            upgrade(engine)
+            after = current_revision(engine)
     finally:
         engine.dispose()
     console.print(f"database at revision [bold]{after}[/] (was {before or 'empty'})")
@@ -158,14 +161,34 @@ def db_current() -> None:
     from registry.db.session import make_engine
     from registry.settings import Settings
 
-    engine = make_engine(Settings().sqlalchemy_url)
+    url = Settings().sqlalchemy_url
+    engine = make_engine(url)
     try:
-        current = current_revision(engine)
+        with _database_errors(url):
+            current = current_revision(engine)
     finally:
         engine.dispose()
     head = head_revision()
     state = "[green]up to date[/]" if current == head else "[yellow]out of date: run `brickyard db upgrade`[/]"
     console.print(f"database: {current or 'empty'}; code: {head}; {state}")
+    if current != head:
+        raise typer.Exit(1)  # scripts and deploy checks can test it
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """A database that cannot be reached is one line on stderr and exit status 1, not a traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        reason = " ".join(str(cause).split())[:300]
+        shown = make_url(url).render_as_string(hide_password=True)
+        err_console.print(f"error: cannot use the database {shown}: {reason}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 # -- base models ------------------------------------------------------------------------
@@ -173,7 +196,9 @@ def db_current() -> None:
 
 @base_app.command("add")
 def base_add(
-    path: Annotated[Path, typer.Argument(help="local Hugging Face model directory")],
+    path: Annotated[
+        Path, typer.Argument(help="Hugging Face model directory (with --url: a path on the server's file system)")
+    ],
     name: Annotated[str, typer.Option("--name", "-n", help="name to register it under")],
     description: Annotated[str, typer.Option("--description", "-d")] = "",
     alias: Annotated[list[str] | None, typer.Option(help="another name adapters may record (repeatable)")] = None,
@@ -181,9 +206,14 @@ def base_add(
 ) -> None:
     """Register a base model (reads only its config and safetensors headers)."""
     with _client(url) as client:
-        base = client.add_base_model(
-            name, str(path if url else path.resolve()), description=description, aliases=alias or []
-        )
+        try:
+            base = client.add_base_model(
+                name, str(path if url else path.resolve()), description=description, aliases=alias or []
+            )
+        except BrickyardError as exc:
+            if url and exc.status == 422:
+                exc.errors.append(f"PATH is read by the server at {url}, on its file system, not on this machine")
+            raise
     console.print(
         f"registered base model [bold]{base.name}[/]: {base.architecture}, {base.dtype}, "
         f"{base.parameter_count:,} parameters, {base.linear_module_count} linear modules"
@@ -409,6 +439,15 @@ def fsck_command(
             console.print(f"[{style}]{label}: {len(items)}[/]")
             for item in items[:50]:
                 console.print(f"  {item}", markup=False, highlight=False)
+    if repair:
+        leftovers = len(report.orphaned) + len(report.staging_leftovers)
+        removed = sum(1 for r in report.removed if r.startswith(("blob ", "staging file ")))
+        if leftovers > removed:
+            console.print(
+                f"kept {leftovers - removed} orphaned blobs or staging files younger than the grace period "
+                f"({grace:g} s): an upload may still be using them; --grace 0 removes them now",
+                highlight=False,
+            )
     if not report.healthy:
         err_console.print("[bold red]bricks with missing or corrupt bytes must be registered again[/]")
         raise typer.Exit(1)
