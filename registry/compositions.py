@@ -29,6 +29,9 @@ from registry import domain
 from registry.composer_errors import composer_errors
 from registry.composition_store import CANCELLED, FAILED, QUEUED, READY, RUNNING, STATUSES, CompositionStore
 from registry.errors import (
+    BaseModelNotFound,
+    BrickNotFound,
+    BrickyardError,
     CompositionNotFound,
     Conflict,
     FileNotFound,
@@ -38,6 +41,7 @@ from registry.errors import (
     StorageCorrupt,
 )
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
+from registry.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from registry.blobs import BlobStore
@@ -106,49 +110,76 @@ class Compositions:
         """
         if not isinstance(request, ComposeRequest):
             request = parse_json_model(ComposeRequest, dict(request), what="composition")
-        base = self.catalog.get_base_model(request.base_model)
-        base_id = self.catalog.base_model_id(base.name)
+        from composer import COMPOSER_VERSION, get_method, list_methods
+
+        # Every problem is collected and reported in one answer, each unknown name with a
+        # did-you-mean: a user fixing "sumarize" should not then learn about "density: 3".
+        problems: list[str] = []
+        missing: list[BrickyardError] = []
+        base = None
+        try:
+            base = self.catalog.get_base_model(request.base_model)
+        except BaseModelNotFound as exc:
+            hint = did_you_mean(request.base_model, [b.name for b in self.catalog.list_base_models()])
+            problems.append(f"base_model: {exc.detail}{hint}")
+            missing.append(exc)
+        method = None
+        try:
+            with composer_errors(into=InvalidRecipe):
+                method = get_method(request.method)
+        except InvalidRecipe as exc:
+            problems.append(f"method: {exc.detail}{did_you_mean(request.method, [m.name for m in list_methods()])}")
+        params: dict[str, Any] = {}
+        if method is not None:
+            try:
+                with composer_errors(into=InvalidRecipe, field="params"):
+                    params = method.validate_params(request.params).model_dump(mode="json")
+            except InvalidRecipe as exc:
+                known = list(method.params_schema().get("properties", {}))
+                problems.extend(_with_param_hints(exc.errors or [exc.detail], known))
+        chosen: list[tuple[domain.Brick, float]] = []
         if request.instruction is not None:
-            hits = self.search(SearchRequest(query=request.instruction, base_model=base.name, k=request.k)).hits
-            if not hits:
-                raise InvalidRecipe(
-                    f"no brick of base model {base.name!r} matches the instruction",
-                    errors=["instruction: register bricks for this base model, or name bricks explicitly"],
-                )
-            if request.weights is not None and len(request.weights) != len(hits):
-                raise InvalidRecipe(
-                    f"{len(request.weights)} weights given for {len(hits)} bricks found",
-                    errors=[
-                        f"weights: give {len(hits)} weights, in rank order: {', '.join(h.brick.ref for h in hits)}"
-                    ],
-                )
-            weights = request.weights or softmax_weights([h.score for h in hits])
-            chosen = [(h.brick, w) for h, w in zip(hits, weights, strict=True)]
+            if base is not None and not problems:
+                chosen = self._chosen_by_instruction(request, base)
         else:
             assert request.bricks is not None
-            chosen = []
-            for choice in request.bricks:
-                version = choice.version
-                if isinstance(version, str) and self.resolve_version is not None:
-                    version = self.resolve_version(choice.name, version)  # an alias: sentiment@production
-                if isinstance(version, str):
-                    raise InvalidRecipe(f"brick {choice.name!r}: version aliases are not available here")
-                chosen.append((self.catalog.get_brick(choice.name, version), choice.weight))
-            foreign = [b for b, _ in chosen if b.base_model != base.name]
-            if foreign:
-                raise IncompatibleBrick(
-                    f"{len(foreign)} of the bricks were trained on another base model than {base.name!r}",
-                    errors=[f"{b.ref} is a brick of base model {b.base_model!r}" for b in foreign],
-                    extra={
-                        "bricks": [{"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign]
-                    },
+            names: list[str] | None = None
+            for i, choice in enumerate(request.bricks):
+                try:
+                    version = choice.version
+                    if isinstance(version, str) and self.resolve_version is not None:
+                        version = self.resolve_version(choice.name, version)  # an alias: sentiment@production
+                    if isinstance(version, str):
+                        raise InvalidRecipe(f"brick {choice.name!r}: version aliases are not available here")
+                    chosen.append((self.catalog.get_brick(choice.name, version), choice.weight))
+                except BrickNotFound as exc:
+                    names = names if names is not None else self.catalog.brick_names()
+                    hint = did_you_mean(choice.name, names) if choice.name not in names else ""
+                    problems.append(f"bricks[{i}]: {exc.detail}{hint}" + "".join(f"; {e}" for e in exc.errors))
+                    missing.append(exc)
+            if base is not None:
+                foreign = [b for b, _ in chosen if b.base_model != base.name]
+                if foreign and not problems:
+                    raise IncompatibleBrick(
+                        f"{len(foreign)} of the bricks were trained on another base model than {base.name!r}",
+                        errors=[f"{b.ref} is a brick of base model {b.base_model!r}" for b in foreign],
+                        extra={
+                            "bricks": [
+                                {"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign
+                            ]
+                        },
+                    )
+                problems.extend(f"{b.ref} is a brick of base model {b.base_model!r}" for b in foreign)
+        if problems:
+            if len(missing) == len(problems):  # only unknown names: 404, as for one
+                raise type(missing[0])(
+                    missing[0].detail if len(missing) == 1 else f"{len(missing)} names are not registered",
+                    errors=problems,
                 )
-        from composer import COMPOSER_VERSION, get_method
-
-        with composer_errors(into=InvalidRecipe):
-            method = get_method(request.method)
-        with composer_errors(into=InvalidRecipe, field="params"):
-            params = method.validate_params(request.params).model_dump(mode="json")
+            count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
+            raise InvalidRecipe(f"the composition request has {count}", errors=problems)
+        assert base is not None and method is not None
+        base_id = self.catalog.base_model_id(base.name)
         recipe = {
             "schema": RECIPE_SCHEMA,
             "composer_version": COMPOSER_VERSION,
@@ -170,6 +201,24 @@ class Compositions:
         }
         self._plan(recipe, Path(base.path))
         return recipe, base_id
+
+    def _chosen_by_instruction(
+        self, request: ComposeRequest, base: domain.BaseModel
+    ) -> list[tuple[domain.Brick, float]]:
+        assert request.instruction is not None
+        hits = self.search(SearchRequest(query=request.instruction, base_model=base.name, k=request.k)).hits
+        if not hits:
+            raise InvalidRecipe(
+                f"no brick of base model {base.name!r} matches the instruction",
+                errors=["instruction: register bricks for this base model, or name bricks explicitly"],
+            )
+        if request.weights is not None and len(request.weights) != len(hits):
+            raise InvalidRecipe(
+                f"{len(request.weights)} weights given for {len(hits)} bricks found",
+                errors=[f"weights: give {len(hits)} weights, in rank order: {', '.join(h.brick.ref for h in hits)}"],
+            )
+        weights = request.weights or softmax_weights([h.score for h in hits])
+        return [(h.brick, w) for h, w in zip(hits, weights, strict=True)]
 
     def _brick_sources(self, recipe: dict[str, Any]) -> list[Any]:
         from composer import BrickSource
@@ -524,6 +573,18 @@ class Compositions:
             if leftover.name[1:65] not in active:
                 shutil.rmtree(leftover, ignore_errors=True)
         return failed
+
+
+def _with_param_hints(problems: list[str], known: list[str]) -> list[str]:
+    """``params.densty: Extra inputs are not permitted`` gets a did-you-mean for ``density``."""
+    hinted = []
+    for problem in problems:
+        field, sep, _ = problem.partition(":")
+        name = field.removeprefix("params.")
+        if sep and field.startswith("params.") and "Extra inputs" in problem:
+            problem += did_you_mean(name, known) or f" (parameters: {', '.join(known) or 'none'})"
+        hinted.append(problem)
+    return hinted
 
 
 def _is_id(ref: str) -> bool:

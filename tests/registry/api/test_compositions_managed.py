@@ -187,3 +187,28 @@ def test_brick_aliases_in_rest_compose_and_the_hub(catalog: Any) -> None:
     assert catalog.delete("/v1/bricks/sentiment/aliases/production").status_code == 200
     assert catalog.get("/v1/bricks/sentiment/versions/production").status_code == 404
     assert catalog.delete("/v1/bricks/sentiment/aliases/production").status_code == 404
+
+
+def test_every_problem_of_a_request_is_reported_with_did_you_mean(catalog: Any) -> None:
+    body = {
+        "base_model": "tiny-llama",
+        "bricks": [{"name": "sumarize"}, {"name": "nope"}, {"name": "sentiment"}],
+        "method": "ties",
+        "params": {"density": 3, "majority_sign": "total"},
+    }
+    answer = catalog.post("/v1/compositions", json=body)
+    assert answer.status_code == 422, answer.text
+    problems = answer.json()["errors"]
+    assert len(problems) == 4, problems
+    assert any(p.startswith("bricks[0]:") and "did you mean 'summarize'" in p for p in problems)
+    assert any(p.startswith("bricks[1]:") and "did you mean" not in p for p in problems)
+    assert any(p.startswith("params.density:") for p in problems)
+    assert any(p.startswith("params.majority_sign:") and "did you mean 'majority_sign_method'" in p for p in problems)
+
+    method = catalog.post("/v1/compositions", json={**body, "bricks": [{"name": "sentiment"}], "method": "tis"})
+    assert method.status_code == 422 and "did you mean 'ties'" in method.json()["errors"][0]
+
+    unknown = catalog.post("/v1/compositions", json={"base_model": "tiny-lama", "bricks": [{"name": "sumarize"}]})
+    assert unknown.status_code == 404  # only unknown names: not found, every one listed
+    assert len(unknown.json()["errors"]) == 2 and "did you mean 'tiny-llama'" in unknown.json()["errors"][0]
+    assert catalog.get("/v1/compositions").json()["items"] == []  # nothing was queued
