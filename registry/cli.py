@@ -246,25 +246,48 @@ def base_show(name: str, url: UrlOption = None, as_json: JsonOption = False) -> 
 def brick_push(
     adapter_dir: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json + safetensors)")],
     name: Annotated[str, typer.Option("--name", "-n")],
-    base: Annotated[str, typer.Option("--base", "-b", help="registered base model name")],
-    description: Annotated[str, typer.Option("--description", "-d", help="what the brick can do")],
+    base: Annotated[
+        str | None, typer.Option("--base", "-b", help="registered base model (default: README.md's base_model)")
+    ] = None,
+    description: Annotated[
+        str | None,
+        typer.Option("--description", "-d", help="what the brick can do (default: from the adapter's README.md)"),
+    ] = None,
     example: Annotated[list[str] | None, typer.Option("--example", "-e", help="an example input (repeatable)")] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="a tag (repeatable)")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", "-t", help="a tag (repeatable; default README.md's)")
+    ] = None,
     version: Annotated[int | None, typer.Option(help="explicit version; default the next free")] = None,
-    license: Annotated[str | None, typer.Option(help="license identifier")] = None,
+    license: Annotated[str | None, typer.Option(help="license identifier (default README.md's)")] = None,
     metric: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (repeatable)")] = None,
     url: UrlOption = None,
 ) -> None:
-    """Register an adapter directory as a brick."""
+    """Register an adapter directory as a brick. Its README.md (a Hugging Face model card)
+    supplies what is not given: description (front matter or first paragraph), tags,
+    license and base_model."""
+    card: dict[str, Any] = {}
+    readme = adapter_dir / "README.md"
+    if readme.is_file():
+        from registry.model_card import card_metadata
+
+        card, notes = card_metadata(readme.read_text(errors="replace"))
+        for note in notes:
+            err_console.print(note, markup=False, highlight=False)
+    base = base or card.get("base_model")
+    description = description if description is not None else card.get("description")
+    if base is None or description is None:
+        missing = [flag for flag, value in (("--base", base), ("--description", description)) if value is None]
+        raise typer.BadParameter(f"give {' and '.join(missing)} (the adapter's README.md does not say)")
     metadata: dict[str, Any] = {
         "name": name,
         "base_model": base,
         "description": description,
         "examples": example or [],
-        "tags": tag or [],
+        "tags": tag if tag is not None else card.get("tags", []),
     }
     if version is not None:
         metadata["version"] = version
+    license = license or card.get("license")
     if license is not None:
         metadata["license"] = license
     if metric:

@@ -228,3 +228,33 @@ def test_token_commands_talk_to_the_server_with_url(remote: Any, admin_token: st
     assert run("--token", admin_token, "token", "revoke", "ci").exit_code == 0
     again = run("--token", secret, "token", "list")
     assert again.exit_code == 1 and "set BRICKYARD_TOKEN or pass --token" in again.output
+
+
+def test_push_reads_the_model_card_and_the_python_api_iterates_bricks(
+    cli: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path, settings: Any
+) -> None:
+    import shutil
+
+    from registry.client import LocalClient
+
+    cli("base", "add", str(llama_base), "--name", "tiny-llama")
+    adapter = tmp_path / "from-the-hub"
+    shutil.copytree(loras["r4"], adapter)
+    (adapter / "README.md").write_text(
+        "---\nlicense: mit\nbase_model: tiny-llama\ntags: [Reviews, english]\n---\n# x\n\nRates product reviews.\n"
+    )
+    assert "registered sentiment@1" in cli("brick", "push", str(adapter), "-n", "sentiment").stdout
+    shown = json.loads(cli("brick", "show", "sentiment", "--json").stdout)
+    assert (shown["description"], shown["tags"], shown["license"]) == (
+        "Rates product reviews.",
+        ["english", "reviews"],  # the store keeps tags sorted
+        "mit",
+    )
+    bare = tmp_path / "bare"
+    shutil.copytree(loras["r8"], bare)
+    refused = cli("brick", "push", str(bare), "-n", "other", ok=False)
+    assert refused.exit_code == 2 and "give --base and --description" in _flat(refused.output)
+
+    with LocalClient.open(settings) as client:
+        bricks = list(client.list_bricks())
+    assert [(b.name, b.version) for b in bricks] == [("sentiment", 1)]  # Brick objects, not (field, value) pairs
