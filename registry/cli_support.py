@@ -76,11 +76,28 @@ def open_client(url: str | None) -> Iterator[Any]:
     else:
         from registry.client import LocalClient
 
+        _announce_one_time_work()
         client = LocalClient.open()
     try:
         yield client
     finally:
         client.close()
+
+
+def _announce_one_time_work() -> None:
+    """Let the one-time ONNX export of the embedding model (about 10 s, on the first local
+    search or registration) print one line on stderr instead of looking like a hang."""
+    import logging
+
+    logger = logging.getLogger("registry.search.onnx_export")
+    if any(getattr(h, "_brickyard_cli", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("note: %(message)s; this takes a few seconds, once"))
+    handler._brickyard_cli = True  # type: ignore[attr-defined]
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 @dataclass(frozen=True)

@@ -73,3 +73,16 @@ def test_fsck_repair_says_what_it_kept_for_the_grace_period(
     assert registry.blobs.exists(staged.sha256)
     removed = _run("fsck", "--repair", "--quick", "--grace", "0")
     assert "kept" not in removed.output and not registry.blobs.exists(staged.sha256)
+
+
+def test_the_first_local_search_announces_the_one_time_export(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BRICKYARD_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("BRICKYARD_DATABASE_URL", raising=False)
+    monkeypatch.delenv("BRICKYARD_URL", raising=False)
+    monkeypatch.setenv("BRICKYARD_EMBEDDING__CACHE_DIR", str(tmp_path / "fresh-cache"))  # nothing exported yet
+    first = _run("search", "classify reviews")
+    assert first.exit_code == 0, first.output
+    assert "note: exporting embedding model" in first.stderr and "once" in first.stderr
+    assert first.stdout == ""  # no hits, and the note stays off stdout
+    second = _run("search", "classify reviews")
+    assert "note:" not in second.stderr
