@@ -32,7 +32,7 @@ from registry.api.schemas import (
     TokenOut,
 )
 
-__all__ = ["BrickyardClient", "LocalClient", "RemoteClient", "error_from_problem"]
+__all__ = ["BrickyardClient", "LocalClient", "RemoteClient", "error_from_problem", "iter_bricks"]
 
 CONFIG_FILENAME = "adapter_config.json"
 WEIGHTS_FILENAME = "adapter_model.safetensors"
