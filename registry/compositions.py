@@ -99,9 +99,10 @@ class Compositions:
 
     # -- requests ------------------------------------------------------------------------
 
-    def resolve(self, request: ComposeRequest | dict[str, Any]) -> tuple[dict[str, Any], int]:
+    def resolve(self, request: ComposeRequest | dict[str, Any], *, plan: bool = True) -> tuple[dict[str, Any], int]:
         """Resolve a request into its recipe (and the base model's row id), validating it
-        completely (bricks, compatibility, method parameters) before anything is queued.
+        completely (bricks, compatibility, method parameters; with ``plan``, the composer's
+        plan against the base model too) before anything is queued.
 
         Raises:
             InvalidInput: malformed request. BaseModelNotFound / BrickNotFound: unknown names.
@@ -199,7 +200,8 @@ class Compositions:
             "output": request.output,
             "rank": request.rank,
         }
-        self._plan(recipe, Path(base.path))
+        if plan:
+            self._plan(recipe, Path(base.path))
         return recipe, base_id
 
     def _chosen_by_instruction(
@@ -262,8 +264,15 @@ class Compositions:
         Returns:
             (the composition, whether it is already built and ready to download).
         """
-        recipe, base_id = self.resolve(request)
+        recipe, base_id = self.resolve(request, plan=False)
         composition_id = recipe_id(recipe)
+        # A recipe built before passed the composer's plan then: answering from the cache
+        # skips re-planning, which rebuilds the base architecture on the meta device
+        # (seconds for an 8B model). Any other request is planned before it is queued.
+        built = self.store.get(composition_id)
+        if built is None or built.status != READY or not self._complete(composition_id):
+            base = self.catalog.get_base_model(recipe["base_model"]["name"])
+            self._plan(recipe, Path(base.path))
         while True:
             composition, _ = self.store.create(
                 composition_id,

@@ -212,3 +212,26 @@ def test_every_problem_of_a_request_is_reported_with_did_you_mean(catalog: Any) 
     assert unknown.status_code == 404  # only unknown names: not found, every one listed
     assert len(unknown.json()["errors"]) == 2 and "did you mean 'tiny-llama'" in unknown.json()["errors"][0]
     assert catalog.get("/v1/compositions").json()["items"] == []  # nothing was queued
+
+
+def test_a_cached_recipe_is_answered_without_planning_again(
+    registry: Any, llama_base: Path, loras: dict[str, Path], monkeypatch: Any
+) -> None:
+    import composer
+    from registry.client import LocalClient
+
+    local = LocalClient(registry)
+    local.add_base_model("tiny-llama", str(llama_base))
+    local.register_brick(loras["r4"], brick_metadata("sentiment"))
+    request = {"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}], "output": "adapter"}
+    built = local.wait_composition(local.compose(request).id)
+    assert built.status == "ready"
+
+    def no_planning(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a built recipe was planned again")
+
+    monkeypatch.setattr(composer, "plan_composition", no_planning)
+    again, ready = registry.compositions.request(request)
+    assert ready and again.id == built.id
+    with pytest.raises(AssertionError, match="planned again"):  # a new recipe is still planned
+        registry.compositions.request({**request, "bricks": [{"name": "sentiment", "weight": 0.5}]})
