@@ -710,12 +710,37 @@ def compose(
                 f"[bold red]the build {composition.status}[/] ({composition.error_code}): {composition.error}"
             )
             raise typer.Exit(1)
-        paths = client.download_composition(composition.id, out)
+        paths = _download_with_progress(client, composition.id, out)
     size = sum(p.stat().st_size for p in paths)
     if as_json:
         print_json({**composition.model_dump(mode="json"), "out": str(out), "files": [str(p) for p in paths]})
         return
     console.print(f"wrote {len(paths)} files ({_size(size)}) to {out}", highlight=False)
+
+
+def _download_with_progress(client: Any, composition_id: str, out: Path) -> list[Path]:
+    """Download with byte progress: a bar with sizes on a terminal, a line per 10 % otherwise."""
+    if err_console.is_terminal:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        with Progress(
+            "downloading", BarColumn(bar_width=30), DownloadColumn(), TransferSpeedColumn(), console=err_console
+        ) as progress:
+            task = progress.add_task("download", total=None)
+            return list(
+                client.download_composition(
+                    composition_id, out, lambda done, total: progress.update(task, completed=done, total=total)
+                )
+            )
+    shown = [-1]
+
+    def log(done: int, total: int) -> None:
+        step = 100 * done // total // 10 if total else 10
+        if step > shown[0]:
+            shown[0] = step
+            err_console.print(f"downloaded {_size(done)} of {_size(total)}", markup=False, highlight=False)
+
+    return list(client.download_composition(composition_id, out, log))
 
 
 _NO_WORKER_HINT_S = 15.0

@@ -257,23 +257,36 @@ class RemoteClient:
                 raise TimeoutError(f"composition {composition_id} is still {composition.status} after {timeout:g} s")
             time.sleep(poll_s)
 
-    def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]:
-        """Download a ready composition into ``out_dir`` (created; must not hold files)."""
+    def download_composition(
+        self, composition_id: str, out_dir: Path, on_bytes: Callable[[int, int], None] | None = None
+    ) -> list[Path]:
+        """Download a ready composition into ``out_dir`` (created; must not hold files);
+        ``on_bytes(done, total)`` reports progress as chunks arrive."""
         _empty_target(out_dir)
         listing = [
             CompositionFileOut.model_validate(f)
             for f in self._request("GET", f"/v1/compositions/{composition_id}/files")
         ]
+        total = sum(entry.size_bytes for entry in listing)
+        done = 0
+
+        def count(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_bytes is not None:
+                on_bytes(done, total)
+
         written = []
         for entry in listing:
             target = out_dir / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.download_file(f"/v1/compositions/{composition_id}/files/{entry.path}", target)
+            self.download_file(f"/v1/compositions/{composition_id}/files/{entry.path}", target, on_chunk=count)
             written.append(target)
         return written
 
-    def download_file(self, path: str, target: Path) -> None:
-        """Stream one file to ``target`` (written to a temporary name, then renamed)."""
+    def download_file(self, path: str, target: Path, *, on_chunk: Callable[[int], None] | None = None) -> None:
+        """Stream one file to ``target`` (written to a temporary name, then renamed);
+        ``on_chunk(n)`` is called with the size of each chunk written."""
         partial = target.with_name(target.name + ".partial")
         with self._http.stream("GET", path) as response:
             if response.status_code >= 400:
@@ -282,6 +295,8 @@ class RemoteClient:
             with open(partial, "wb") as out:
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)
+                    if on_chunk is not None:
+                        on_chunk(len(chunk))
         partial.replace(target)
 
     # -- managed compositions, aliases, tokens (issue #21) ---------------------------------
@@ -494,18 +509,26 @@ class LocalClient:
                 raise TimeoutError(f"composition {composition_id} is still {composition.status} after {timeout:g} s")
             time.sleep(poll_s)
 
-    def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]:
-        """Copy a ready composition into ``out_dir`` (created; must not hold files)."""
+    def download_composition(
+        self, composition_id: str, out_dir: Path, on_bytes: Callable[[int, int], None] | None = None
+    ) -> list[Path]:
+        """Copy a ready composition into ``out_dir`` (created; must not hold files);
+        ``on_bytes(done, total)`` reports progress after each file."""
         import shutil
 
         _empty_target(out_dir)
         root = self.registry.compositions.directory(composition_id)
+        files = self.registry.compositions.files(composition_id)
+        total, done = sum(size for _, size in files), 0
         written = []
-        for relative, _ in self.registry.compositions.files(composition_id):
+        for relative, size in files:
             target = out_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / relative, target)
             written.append(target)
+            done += size
+            if on_bytes is not None:
+                on_bytes(done, total)
         return written
 
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]:

@@ -125,6 +125,7 @@ def test_compositions_are_listed_named_and_removed(catalog: Any, settings: Any, 
         "--name", "support-bot",
     )  # fmt: skip
     assert "running" in first.stderr or "ready" in first.stderr  # plain progress lines, not a bar
+    assert "downloaded" in first.stderr and " of " in first.stderr  # byte progress of the download
     catalog(
         "compose", "-b", "tiny-llama", "--brick", f"{LONG_NAME}:0.5", "--output", "adapter", "-o", str(tmp_path / "b")
     )

@@ -235,3 +235,15 @@ def test_a_cached_recipe_is_answered_without_planning_again(
     assert ready and again.id == built.id
     with pytest.raises(AssertionError, match="planned again"):  # a new recipe is still planned
         registry.compositions.request({**request, "bricks": [{"name": "sentiment", "weight": 0.5}]})
+
+
+def test_remote_download_reports_bytes(catalog: Any, tmp_path: Path) -> None:
+    from registry.client import RemoteClient
+
+    ready = _compose(catalog, {"name": "sentiment", "version": 1})
+    remote = RemoteClient("http://testserver", http=catalog)
+    seen: list[tuple[int, int]] = []
+    paths = remote.download_composition(ready["id"], tmp_path / "out", lambda done, total: seen.append((done, total)))
+    size = sum(p.stat().st_size for p in paths)
+    assert seen[-1] == (size, size)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
