@@ -38,9 +38,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_composition_names")),
     )
-    op.create_index(
-        op.f("ix_composition_names_composition_id"), "composition_names", ["composition_id"], unique=False
-    )
+    op.create_index(op.f("ix_composition_names_composition_id"), "composition_names", ["composition_id"], unique=False)
     bricks = op.create_table(
         "composition_bricks",
         sa.Column("composition_id", sa.String(length=64), nullable=False),
