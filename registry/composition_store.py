@@ -93,7 +93,7 @@ class CompositionStore:
             )
             requeued = 0
             if created:
-                for name in sorted({b["name"] for b in recipe["bricks"]}):
+                for name in sorted({b["name"] for b in recipe.get("bricks", [])}):  # any recipe shape
                     session.add(CompositionBrickRow(composition_id=composition_id, brick_name=name))
             else:
                 requeued = _changed(
