@@ -16,6 +16,7 @@ token from ``--token`` / ``BRICKYARD_TOKEN`` (or the local server's bootstrap to
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -90,14 +91,20 @@ def _announce_one_time_work() -> None:
     import logging
 
     logger = logging.getLogger("registry.search.onnx_export")
-    if any(getattr(h, "_brickyard_cli", False) for h in logger.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("note: %(message)s; this takes a few seconds, once"))
-    handler._brickyard_cli = True  # type: ignore[attr-defined]
-    handler.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrNote) for h in logger.handlers):
+        handler = _StderrNote(logging.INFO)
+        handler.setFormatter(logging.Formatter("note: %(message)s; this takes a few seconds, once"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class _StderrNote(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record arrives (not the stream of the
+    first command that installed it: the CLI may run several times in one process)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Print the formatted record on the current stderr."""
+        sys.stderr.write(self.format(record) + "\n")
 
 
 @dataclass(frozen=True)
