@@ -124,12 +124,16 @@ class Seeded:
     methods: dict[str, dict[str, Any]]
     adapters: list[tuple[bytes, bytes]]
     cursors: list[str]
+    cancelled: list[str] = field(default_factory=list)  # a cancelled composition (cancel answers 200 again)
 
 
 def _ok(response: Any, *statuses: int) -> Any:
     request = response.request
     assert response.status_code in statuses, f"{request.method} {request.url}: {response.status_code} {response.text}"
     return response.json()
+
+
+_CANCELLED = {"base_model": BASE_MODEL, "output": "adapter"}
 
 
 def seed(client: Any, base_path: Path, admin_token: str, *, timeout_s: float = 120.0) -> Seeded:
@@ -163,6 +167,16 @@ def seed(client: Any, base_path: Path, admin_token: str, *, timeout_s: float = 1
         while (status := _ok(client.get(f"/v1/compositions/{composition_id}"), 200))["status"] != "ready":
             assert status["status"] != "failed" and time.monotonic() < deadline, status
             time.sleep(0.05)
+    cancelled = []
+    for weight in (0.5, 0.25, 0.125):  # cancelled right after the request: queued or running still
+        queued = _ok(
+            client.post("/v1/compositions", json={**_CANCELLED, "bricks": [{"name": "translate", "weight": weight}]}),
+            200,
+            202,
+        )
+        if client.post(f"/v1/compositions/{queued['id']}/cancel").status_code == 200:
+            cancelled.append(queued["id"])
+            break
     files = sorted(
         {f["path"] for c in compositions for f in _ok(client.get(f"/v1/compositions/{c}/files"), 200)},
         key=lambda p: (p.count("/"), p),
@@ -202,6 +216,7 @@ def seed(client: Any, base_path: Path, admin_token: str, *, timeout_s: float = 1
         methods=methods,
         adapters=adapters,
         cursors=cursors,
+        cancelled=cancelled,
     )
 
 
@@ -347,9 +362,14 @@ class Fuzzer:
     # -- operations --
 
     def operations(self, contains: str = "") -> list[Any]:
-        """Every operation of the schema; deletions last (tokens after bricks)."""
+        """Every operation of the schema; deletions last (names, bricks, compositions, then tokens)."""
         operations = [result.ok() for result in self.schema.get_all_operations()]
-        order = {"DELETE /v1/bricks": 1, "DELETE /v1/tokens": 2}
+        order = {
+            "DELETE /v1/composition-names": 1,  # before the compositions they name
+            "DELETE /v1/bricks": 1,
+            "DELETE /v1/compositions": 2,
+            "DELETE /v1/tokens": 3,
+        }
         operations = [op for op in operations if contains.lower() in op.label.lower()]
         return sorted(operations, key=lambda op: order.get(op.label.split("/{")[0], 0))
 
@@ -482,6 +502,8 @@ class Fuzzer:
                 return [*seeded.base_models, "no-such-model"]
             if operation.path.startswith("/v1/tokens"):
                 return [*seeded.revocable_tokens, "no-such-token"]
+            if operation.path.startswith("/v1/composition-names"):
+                return ["fuzz-name", "no-such-name"]
             return [*seeded.bricks, "no-such-brick"]
         if name == "alias":
             return [*ALIASES, "no-such-alias"]
@@ -490,8 +512,10 @@ class Fuzzer:
         if name == "filename":
             return ["adapter_config.json", "adapter_model.safetensors", "README.md"]
         if name == "composition_id":
-            # The seeded (built) ones and the last few requested while fuzzing.
-            return [*seeded.compositions[:2], *seeded.compositions[2:][-3:], "0" * 64]
+            # The seeded (built) ones, the last few requested while fuzzing, a cancelled one.
+            return [*seeded.compositions[:2], *seeded.compositions[2:][-3:], *seeded.cancelled, "0" * 64]
+        if name == "alias":
+            return ["production", "no-such-alias"]
         if name == "path":
             return [*seeded.composition_files, "missing.bin", "../brickyard.json", "a/../config.json"]
         return []
@@ -606,6 +630,14 @@ class Fuzzer:
             yield self._case(operation, body={"query": "translate", "all_versions": True})
             for variant in _hostile_variants(body, ("query", "base_model", "tags")):
                 yield self._case(operation, body=variant)
+        elif label == "PUT /v1/composition-names/{name}":
+            yield self._case(
+                operation, path_parameters={"name": "fuzz-name"}, body={"composition": seeded.compositions[0]}
+            )
+        elif label == "PUT /v1/bricks/{name}/aliases/{alias}":
+            yield self._case(
+                operation, path_parameters={"name": "sentiment", "alias": "production"}, body={"version": 1}
+            )
         elif label == "POST /v1/compositions":
             bricks = [{"name": "sentiment", "weight": 0.7}, {"name": "translate"}]
             yield self._case(operation, body={"base_model": BASE_MODEL, "bricks": bricks})  # built: 200

@@ -19,7 +19,17 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from registry.errors import BrickyardError
+from registry.cli_support import (
+    Column,
+    JsonOption,
+    UrlOption,
+    open_client,
+    print_json,
+    print_record,
+    print_rows,
+    state,
+)
+from registry.errors import BrickyardError, Forbidden, Unauthorized
 
 __all__ = ["app", "main"]
 
@@ -50,74 +60,51 @@ app = typer.Typer(
 base_app = typer.Typer(help="Base models: register, list, show.", no_args_is_help=True)
 brick_app = typer.Typer(help="Bricks: push, list, show, pull, edit, remove.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-token_app = typer.Typer(help="API tokens: create, list, revoke (on the local registry).", no_args_is_help=True)
+token_app = typer.Typer(
+    help="API tokens: create, list, revoke (on the server with --url / BRICKYARD_URL, else the local registry).",
+    no_args_is_help=True,
+)
 app.add_typer(base_app, name="base")
 app.add_typer(token_app, name="token")
 app.add_typer(brick_app, name="brick")
 app.add_typer(db_app, name="db")
 
-UrlOption = Annotated[
-    str | None,
-    typer.Option("--url", envvar="BRICKYARD_URL", help="Brickyard server; default: the local registry"),
-]
+
+@app.callback()
+def _root(
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="BRICKYARD_TOKEN", help="API token for --url servers", show_default=False),
+    ] = None,
+) -> None:
+    """Registry and composition service for LoRA adapter bricks."""
+    state.token = token
 
 
-@contextmanager
-def _client(url: str | None) -> Iterator[Any]:
-    if url:
-        from registry.client import RemoteClient
-        from registry.settings import Settings
-
-        settings = Settings()
-        token = settings.token
-        if token is None and settings.admin_token_file.exists():
-            token = settings.admin_token_file.read_text().strip()  # the local server's bootstrap token
-        client: Any = RemoteClient(url, token=token)
-    else:
-        from registry.client import LocalClient
-
-        client = LocalClient.open()
-    try:
-        yield client
-    finally:
-        client.close()
+def _client(url: str | None) -> Any:
+    return open_client(url)
 
 
 def _fail(exc: BrickyardError) -> NoReturn:
-    err_console.print(f"[bold red]error[/] ({exc.code}): {exc.detail}")
+    # soft_wrap: an error is one line however narrow the terminal (grep-able, copy-able)
+    err_console.print(f"[bold red]error[/] ({exc.code}): {exc.detail}", soft_wrap=True, highlight=False)
     for line in exc.errors:
         err_console.print(f"  - {line}", markup=False, highlight=False)
     for key, value in exc.extra.items():
         err_console.print(f"  {key}: {json.dumps(value, default=str)}", markup=False, highlight=False)
+    if isinstance(exc, (Unauthorized, Forbidden)):
+        err_console.print("  hint: set BRICKYARD_TOKEN or pass --token (brickyard --token TOKEN COMMAND ...)")
     raise typer.Exit(1)
 
 
-def _parse_ref(ref: str) -> tuple[str, int | None]:
-    """``name`` or ``name@version``."""
-    name, _, version = ref.partition("@")
-    if not version:
-        return name, None
-    if not version.isdigit():
-        raise typer.BadParameter(f"{ref!r}: the version after '@' must be a number")
-    return name, int(version)
+def _parse_ref(ref: str) -> tuple[str, int | str | None]:
+    """``name``, ``name@version`` or ``name@alias`` (``latest`` and ``main``: the newest)."""
+    from registry.aliases import parse_version_or_alias
 
-
-def _show_record(record: Any, *, skip: tuple[str, ...] = ()) -> None:
-    table = Table(show_header=False, box=None)
-    table.add_column(style="bold cyan")
-    table.add_column()
-    for key, value in record.model_dump(mode="json").items():
-        if key in skip:
-            continue
-        text = (
-            ", ".join(map(str, value))
-            if isinstance(value, list)
-            else json.dumps(value)
-            if isinstance(value, dict)
-            else str(value)
-        )
-        table.add_row(key, text)
-    console.print(table)
+    name, sep, version = ref.partition("@")
+    if sep and not version:
+        raise typer.BadParameter(f"{ref!r}: give a version number or an alias after '@'")
+    return name, parse_version_or_alias(version)
 
 
 # -- serve & db -------------------------------------------------------------------------
@@ -159,9 +146,10 @@ def db_upgrade() -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
     try:
-        before = current_revision(engine)
-        upgrade(engine)
-        after = current_revision(engine)
+        with _database_errors(settings.sqlalchemy_url):
+            before = current_revision(engine)
+            upgrade(engine)
+            after = current_revision(engine)
     finally:
         engine.dispose()
     console.print(f"database at revision [bold]{after}[/] (was {before or 'empty'})")
@@ -174,14 +162,34 @@ def db_current() -> None:
     from registry.db.session import make_engine
     from registry.settings import Settings
 
-    engine = make_engine(Settings().sqlalchemy_url)
+    url = Settings().sqlalchemy_url
+    engine = make_engine(url)
     try:
-        current = current_revision(engine)
+        with _database_errors(url):
+            current = current_revision(engine)
     finally:
         engine.dispose()
     head = head_revision()
     state = "[green]up to date[/]" if current == head else "[yellow]out of date: run `brickyard db upgrade`[/]"
     console.print(f"database: {current or 'empty'}; code: {head}; {state}")
+    if current != head:
+        raise typer.Exit(1)  # scripts and deploy checks can test it
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """A database that cannot be reached is one line on stderr and exit status 1, not a traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        reason = " ".join(str(cause).split())[:300]
+        shown = make_url(url).render_as_string(hide_password=True)
+        err_console.print(f"error: cannot use the database {shown}: {reason}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 # -- base models ------------------------------------------------------------------------
@@ -189,7 +197,9 @@ def db_current() -> None:
 
 @base_app.command("add")
 def base_add(
-    path: Annotated[Path, typer.Argument(help="local Hugging Face model directory")],
+    path: Annotated[
+        Path, typer.Argument(help="Hugging Face model directory (with --url: a path on the server's file system)")
+    ],
     name: Annotated[str, typer.Option("--name", "-n", help="name to register it under")],
     description: Annotated[str, typer.Option("--description", "-d")] = "",
     alias: Annotated[list[str] | None, typer.Option(help="another name adapters may record (repeatable)")] = None,
@@ -197,9 +207,14 @@ def base_add(
 ) -> None:
     """Register a base model (reads only its config and safetensors headers)."""
     with _client(url) as client:
-        base = client.add_base_model(
-            name, str(path if url else path.resolve()), description=description, aliases=alias or []
-        )
+        try:
+            base = client.add_base_model(
+                name, str(path if url else path.resolve()), description=description, aliases=alias or []
+            )
+        except BrickyardError as exc:
+            if url and exc.status == 422:
+                exc.errors.append(f"PATH is read by the server at {url}, on its file system, not on this machine")
+            raise
     console.print(
         f"registered base model [bold]{base.name}[/]: {base.architecture}, {base.dtype}, "
         f"{base.parameter_count:,} parameters, {base.linear_module_count} linear modules"
@@ -207,24 +222,22 @@ def base_add(
 
 
 @base_app.command("list")
-def base_list(url: UrlOption = None) -> None:
+def base_list(url: UrlOption = None, as_json: JsonOption = False) -> None:
     """List base models."""
     with _client(url) as client:
         bases = client.list_base_models()
-    table = Table("name", "architecture", "dtype", "parameters", "fingerprint", "path")
-    for base in bases:
-        table.add_row(
-            base.name, base.architecture, base.dtype, f"{base.parameter_count:,}", base.fingerprint[:12], base.path
-        )
-    console.print(table)
+    columns = [Column("name", key=True), Column("architecture"), Column("dtype"), Column("parameters")]
+    columns += [Column("fingerprint"), Column("path", flex=True)]
+    rows = [[b.name, b.architecture, b.dtype, f"{b.parameter_count:,}", b.fingerprint[:12], b.path] for b in bases]
+    print_rows(console, columns, rows, records=bases, as_json=as_json, empty="no base models")
 
 
 @base_app.command("show")
-def base_show(name: str, url: UrlOption = None) -> None:
+def base_show(name: str, url: UrlOption = None, as_json: JsonOption = False) -> None:
     """Show a base model."""
     with _client(url) as client:
         base = client.get_base_model(name)
-    _show_record(base, skip=("linear_modules",))
+    print_record(console, base, as_json=as_json, skip=() if as_json else ("linear_modules",))
 
 
 alias_app = typer.Typer(help="Other names adapters may record for a base model.", no_args_is_help=True)
@@ -271,25 +284,48 @@ def base_rm(name: Annotated[str, typer.Argument(help="registered base model")], 
 def brick_push(
     adapter_dir: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json + safetensors)")],
     name: Annotated[str, typer.Option("--name", "-n")],
-    base: Annotated[str, typer.Option("--base", "-b", help="registered base model name")],
-    description: Annotated[str, typer.Option("--description", "-d", help="what the brick can do")],
+    base: Annotated[
+        str | None, typer.Option("--base", "-b", help="registered base model (default: README.md's base_model)")
+    ] = None,
+    description: Annotated[
+        str | None,
+        typer.Option("--description", "-d", help="what the brick can do (default: from the adapter's README.md)"),
+    ] = None,
     example: Annotated[list[str] | None, typer.Option("--example", "-e", help="an example input (repeatable)")] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="a tag (repeatable)")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", "-t", help="a tag (repeatable; default README.md's)")
+    ] = None,
     version: Annotated[int | None, typer.Option(help="explicit version; default the next free")] = None,
-    license: Annotated[str | None, typer.Option(help="license identifier")] = None,
+    license: Annotated[str | None, typer.Option(help="license identifier (default README.md's)")] = None,
     metric: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (repeatable)")] = None,
     url: UrlOption = None,
 ) -> None:
-    """Register an adapter directory as a brick."""
+    """Register an adapter directory as a brick. Its README.md (a Hugging Face model card)
+    supplies what is not given: description (front matter or first paragraph), tags,
+    license and base_model."""
+    card: dict[str, Any] = {}
+    readme = adapter_dir / "README.md"
+    if readme.is_file():
+        from registry.model_card import card_metadata
+
+        card, notes = card_metadata(readme.read_text(errors="replace"))
+        for note in notes:
+            err_console.print(note, markup=False, highlight=False)
+    base = base or card.get("base_model")
+    description = description if description is not None else card.get("description")
+    if base is None or description is None:
+        missing = [flag for flag, value in (("--base", base), ("--description", description)) if value is None]
+        raise typer.BadParameter(f"give {' and '.join(missing)} (the adapter's README.md does not say)")
     metadata: dict[str, Any] = {
         "name": name,
         "base_model": base,
         "description": description,
         "examples": example or [],
-        "tags": tag or [],
+        "tags": tag if tag is not None else card.get("tags", []),
     }
     if version is not None:
         metadata["version"] = version
+    license = license or card.get("license")
     if license is not None:
         metadata["license"] = license
     if metric:
@@ -315,32 +351,48 @@ def _parse_metric(text: str) -> tuple[str, float]:
 @brick_app.command("list")
 def brick_list(
     base: Annotated[str | None, typer.Option("--base", "-b", help="only bricks of this base model")] = None,
-    tag: Annotated[str | None, typer.Option("--tag", "-t")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", "-t", help="only bricks with this tag (repeat: all of them)")
+    ] = None,
     all_versions: Annotated[bool, typer.Option("--all-versions", help="every version, not only the latest")] = False,
-    limit: Annotated[int, typer.Option(help="at most this many")] = 100,
+    limit: Annotated[int, typer.Option(help="at most this many (pages are followed)", min=1)] = 100,
     url: UrlOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """List bricks (latest version of each)."""
+    """List bricks (latest version of each). On a terminal a table; piped, one tab-separated
+    line per brick (brick, base model, rank, modules, tags, size, description)."""
     from registry.client import iter_bricks
 
-    table = Table("brick", "base model", "rank", "modules", "tags", "size", "quality", "description")
+    wanted = {t.lower() for t in tag or []}
+    first = sorted(wanted)[0] if wanted else None  # the server filters by one tag; the rest here
+    found: list[Any] = []
+    more = False
     with _client(url) as client:
-        for count, brick in enumerate(
-            iter_bricks(client, base_model=base, tag=tag, all_versions=all_versions, limit=min(limit, 500))
-        ):
-            if count >= limit:
+        for brick in iter_bricks(client, base_model=base, tag=first, all_versions=all_versions, limit=min(limit, 500)):
+            if not wanted <= set(brick.tags):
+                continue
+            if len(found) >= limit:
+                more = True
                 break
-            table.add_row(
-                f"{brick.name}@{brick.version}",
-                brick.base_model,
-                str(brick.rank),
-                ",".join(brick.target_modules),
-                ",".join(brick.tags),
-                _size(brick.size_bytes),
-                _quality(brick),
-                brick.description if len(brick.description) <= 60 else brick.description[:57] + "...",
-            )
-    console.print(table)
+            found.append(brick)
+    if more:
+        err_console.print(f"showing the first {limit} bricks; pass --limit to see more", highlight=False)
+    columns = [Column("brick", key=True), Column("base model"), Column("rank"), Column("modules"), Column("tags")]
+    columns += [Column("size"), Column("quality"), Column("description", flex=True)]
+    rows = [
+        [
+            f"{b.name}@{b.version}",
+            b.base_model,
+            str(b.rank),
+            ",".join(b.target_modules),
+            ",".join(b.tags),
+            _size(b.size_bytes),
+            _quality(b),
+            b.description,
+        ]
+        for b in found
+    ]
+    print_rows(console, columns, rows, records=found, as_json=as_json, empty="no bricks")
 
 
 def _quality(brick: Any) -> str:
@@ -362,24 +414,28 @@ def _size(n: int) -> str:
 
 
 @brick_app.command("show")
-def brick_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")], url: UrlOption = None) -> None:
+def brick_show(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS")],
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """Show a brick version (the latest by default)."""
     name, version = _parse_ref(ref)
     with _client(url) as client:
         brick = client.get_brick(name, version)
-    _show_record(brick)
+    print_record(console, brick, as_json=as_json)
 
 
 @brick_app.command("pull")
 def brick_pull(
-    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")],
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS")],
     out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the adapter into")],
     url: UrlOption = None,
 ) -> None:
     """Download a brick as a PEFT adapter directory."""
-    name, version = _parse_ref(ref)
+    name, ref_version = _parse_ref(ref)
     with _client(url) as client:
-        version = version or client.get_brick(name).version
+        version = client.get_brick(name, ref_version).version
         paths = client.download_brick(name, version, out)
     console.print(f"wrote {name}@{version} to {out}: {', '.join(p.name for p in paths)}")
 
@@ -393,8 +449,8 @@ def brick_edit(
     url: UrlOption = None,
 ) -> None:
     """Change the description, examples or tags of a brick version."""
-    name, version = _parse_ref(ref)
-    if version is None:
+    name, ref_version = _parse_ref(ref)
+    if ref_version is None:
         raise typer.BadParameter("name the version to edit: NAME@VERSION")
     changes: dict[str, Any] = {}
     if description is not None:
@@ -404,6 +460,7 @@ def brick_edit(
     if tag is not None:
         changes["tags"] = tag
     with _client(url) as client:
+        version = client.get_brick(name, ref_version).version
         brick = client.update_brick(name, version, **changes)
     console.print(f"updated [bold]{brick.name}@{brick.version}[/]")
 
@@ -415,12 +472,13 @@ def brick_rm(
     url: UrlOption = None,
 ) -> None:
     """Delete a brick version."""
-    name, version = _parse_ref(ref)
-    if version is None:
+    name, ref_version = _parse_ref(ref)
+    if ref_version is None:
         raise typer.BadParameter("name the version to delete: NAME@VERSION")
-    if not yes and not typer.confirm(f"delete {name}@{version}?"):
-        raise typer.Exit(1)
     with _client(url) as client:
+        version = client.get_brick(name, ref_version).version
+        if not yes and not typer.confirm(f"delete {name}@{version}?"):
+            raise typer.Exit(1)
         brick = client.delete_brick(name, version)
     console.print(f"deleted [bold]{brick.name}@{brick.version}[/]")
 
@@ -453,6 +511,15 @@ def fsck_command(
             console.print(f"[{style}]{label}: {len(items)}[/]")
             for item in items[:50]:
                 console.print(f"  {item}", markup=False, highlight=False)
+    if repair:
+        leftovers = len(report.orphaned) + len(report.staging_leftovers)
+        removed = sum(1 for r in report.removed if r.startswith(("blob ", "staging file ")))
+        if leftovers > removed:
+            console.print(
+                f"kept {leftovers - removed} orphaned blobs or staging files younger than the grace period "
+                f"({grace:g} s): an upload may still be using them; --grace 0 removes them now",
+                highlight=False,
+            )
     if not report.healthy:
         err_console.print("[bold red]bricks with missing or corrupt bytes must be registered again[/]")
         raise typer.Exit(1)
@@ -466,39 +533,40 @@ def fsck_command(
 def token_create(
     name: Annotated[str, typer.Option("--name", "-n", help="who or what will use it (e.g. ci)")],
     scope: Annotated[str, typer.Option("--scope", "-s", help="read, write or admin")] = "write",
+    url: UrlOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Create an API token and print it (it is stored hashed: this is the only time it is shown)."""
+    """Create an API token and print it (it is stored hashed: this is the only time it is shown).
+    With --url (or BRICKYARD_URL) on that server, with an admin token; else in the local registry."""
+    import re
+
     from registry.inputs import NAME_PATTERN
-    from registry.service import Registry
 
     if scope not in ("read", "write", "admin"):
         raise typer.BadParameter("scope must be read, write or admin")
-    import re
-
     if not re.match(NAME_PATTERN, name):
         raise typer.BadParameter("names are 1-100 ASCII letters, digits, '.', '_' or '-'")
-    registry = Registry.open()
-    try:
-        token, info = registry.tokens.create(name, scope, actor=_local_actor())  # type: ignore[arg-type]
-    finally:
-        registry.close()
-    err_console.print(f"created {info.scope} token [bold]{info.name}[/]; keep it secret, it will not be shown again:")
-    console.print(token, markup=False, highlight=False)
+    with _client(url) as client:
+        created = client.create_token(name, scope)
+    if as_json:
+        print_json(created.model_dump(mode="json"))
+        return
+    err_console.print(
+        f"created {created.scope} token [bold]{created.name}[/]; keep it secret, it will not be shown again:"
+    )
+    console.print(created.token, markup=False, highlight=False)
 
 
 @token_app.command("list")
-def token_list() -> None:
-    """List API tokens (names, scopes, use; never the secrets)."""
-    from registry.service import Registry
-
-    registry = Registry.open()
-    try:
-        tokens = registry.tokens.list()
-    finally:
-        registry.close()
-    table = Table("name", "scope", "prefix", "created", "by", "last used", "revoked")
-    for t in tokens:
-        table.add_row(
+def token_list(url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """List API tokens (names, scopes, use; never the secrets): the server's with --url (or
+    BRICKYARD_URL), else the local registry's."""
+    with _client(url) as client:
+        tokens = client.list_tokens()
+    columns = [Column("name", key=True), Column("scope"), Column("prefix"), Column("created"), Column("by")]
+    columns += [Column("last used"), Column("revoked")]
+    rows = [
+        [
             t.name,
             t.scope,
             t.prefix + "…",
@@ -506,27 +574,18 @@ def token_list() -> None:
             t.created_by or "",
             f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "",
             f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
-        )
-    console.print(table)
+        ]
+        for t in tokens
+    ]
+    print_rows(console, columns, rows, records=tokens, as_json=as_json, empty="no tokens")
 
 
 @token_app.command("revoke")
-def token_revoke(name: Annotated[str, typer.Argument(help="token name")]) -> None:
-    """Revoke an API token; it stops working immediately."""
-    from registry.service import Registry
-
-    registry = Registry.open()
-    try:
-        info = registry.tokens.revoke(name, actor=_local_actor())
-    finally:
-        registry.close()
+def token_revoke(name: Annotated[str, typer.Argument(help="token name")], url: UrlOption = None) -> None:
+    """Revoke an API token; it stops working immediately (on the server with --url)."""
+    with _client(url) as client:
+        info = client.revoke_token(name)
     console.print(f"revoked token [bold]{info.name}[/]")
-
-
-def _local_actor() -> str:
-    from registry.client import local_actor
-
-    return local_actor()
 
 
 # -- search -----------------------------------------------------------------------------
@@ -540,23 +599,26 @@ def search(
     k: Annotated[int, typer.Option("-k", help="how many bricks")] = 5,
     min_score: Annotated[float | None, typer.Option(help="drop hits scoring below this")] = None,
     url: UrlOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Find the bricks that fit a task description or an example input."""
     with _client(url) as client:
         hits = client.search(query, base_model=base, tags=tag or None, k=k, min_score=min_score)
-    table = Table("#", "brick", "base model", "score", "matched", "text", "quality")
-    for rank, hit in enumerate(hits, 1):
-        shown = hit.text if len(hit.text) <= 70 else hit.text[:67] + "..."
-        table.add_row(
+    columns = [Column("#"), Column("brick", key=True), Column("base model"), Column("score"), Column("matched")]
+    columns += [Column("text", flex=True), Column("quality")]
+    rows = [
+        [
             str(rank),
             f"{hit.brick.name}@{hit.brick.version}",
             hit.brick.base_model,
             f"{hit.score:.2f}",
             f"{hit.matched} ({hit.similarity:.2f})",
-            shown,
+            hit.text,
             _quality(hit.brick),
-        )
-    console.print(table if hits else "no matching bricks")
+        ]
+        for rank, hit in enumerate(hits, 1)
+    ]
+    print_rows(console, columns, rows, records=hits, as_json=as_json, empty="no matching bricks")
 
 
 @app.command()
@@ -589,7 +651,10 @@ def reindex() -> None:
 
 
 def _parse_brick(text: str) -> dict[str, Any]:
-    """``NAME[@VERSION][:WEIGHT]``."""
+    """``NAME[@VERSION|@ALIAS][:WEIGHT]``."""
+    if "=" in text:
+        name, _, weight = text.partition("=")
+        raise typer.BadParameter(f"{text!r}: the weight follows a colon: --brick {name}:{weight}")
     ref, _, weight = text.partition(":")
     name, version = _parse_ref(ref)
     choice: dict[str, Any] = {"name": name}
@@ -603,18 +668,31 @@ def _parse_brick(text: str) -> dict[str, Any]:
     return choice
 
 
+def _refuse_duplicates(bricks: list[dict[str, Any]]) -> None:
+    seen: dict[tuple[str, Any], int] = {}
+    for choice in bricks:
+        key = (choice["name"], choice.get("version"))
+        seen[key] = seen.get(key, 0) + 1
+    twice = [f"{n}@{v}" if v is not None else n for (n, v), count in seen.items() if count > 1]
+    if twice:
+        raise typer.BadParameter(
+            f"{', '.join(twice)} given more than once; give each brick once, with its total weight (NAME:WEIGHT)"
+        )
+
+
 @app.command()
 def compose(
-    base: Annotated[str, typer.Option("--base", "-b", help="registered base model")],
     out: Annotated[Path, typer.Option("--out", "-o", help="directory to download the composed model into")],
+    base: Annotated[str | None, typer.Option("--base", "-b", help="registered base model")] = None,
     brick: Annotated[
-        list[str] | None, typer.Option("--brick", help="NAME[@VERSION][:WEIGHT] (repeatable)", show_default=False)
+        list[str] | None,
+        typer.Option("--brick", help="NAME\\[@VERSION|@ALIAS]\\[:WEIGHT] (repeatable)", show_default=False),
     ] = None,
     instruction: Annotated[str | None, typer.Option("--instruction", "-i", help="pick bricks by this task")] = None,
     k: Annotated[int, typer.Option("-k", help="with --instruction: how many bricks")] = 3,
-    method: Annotated[str, typer.Option("--method", "-m", help="merge method (see `brickyard methods`)")] = "linear",
+    method: Annotated[str | None, typer.Option("--method", "-m", help="merge method (default linear)")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE method parameter")] = None,
-    output: Annotated[str, typer.Option("--output", help="full (merged model) or adapter (one LoRA)")] = "full",
+    output: Annotated[str | None, typer.Option("--output", help="full (merged model, default) or adapter")] = None,
     rank: Annotated[int | None, typer.Option(help="adapter output: truncate to this rank")] = None,
     plan: Annotated[
         bool, typer.Option("--plan", help="with --instruction: show the bricks and weights it would merge, and stop")
@@ -624,49 +702,86 @@ def compose(
     ] = None,
     fit_steps: Annotated[int | None, typer.Option("--fit-steps", help="with --fit: optimiser steps")] = None,
     fit_prompt: Annotated[str | None, typer.Option("--fit-prompt", help="with --fit: prompt, e.g. '{input}='")] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="a recipe file (YAML or JSON: base_model, bricks, method, params, output) or a composed "
+            "model's brickyard.json (or its directory) to build again; options given override it",
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="name the composition (like a tag)")] = None,
+    timeout: Annotated[float | None, typer.Option(help="give up waiting after this many seconds")] = None,
     url: UrlOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Compose bricks into the base model (or one adapter) and download the result."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    request: dict[str, Any] = {}
+    expected_id = None
+    if recipe is not None:
+        from registry.recipe_files import load_recipe_file
 
-    if (brick is None) == (instruction is None):
-        raise typer.BadParameter("give --brick (one or more) or --instruction")
+        loaded = load_recipe_file(recipe)
+        request, expected_id = loaded.request, loaded.expected_id
+    if brick is not None and instruction is not None:
+        raise typer.BadParameter("give --brick (one or more) or --instruction, not both")
     if plan:
-        if instruction is None:
-            raise typer.BadParameter("--plan goes with --instruction")
+        if instruction is None or base is None:
+            raise typer.BadParameter("--plan goes with --instruction and --base")
         _print_instruction_plan(instruction, base, k, url)
         return
-    request: dict[str, Any] = {"base_model": base, "method": method, "output": output}
     if brick is not None:
+        request.pop("instruction", None)
         request["bricks"] = [_parse_brick(b) for b in brick]
-    else:
+    elif instruction is not None:
+        request.pop("bricks", None)
         request["instruction"], request["k"] = instruction, k
+    for key, value in (("base_model", base), ("method", method), ("output", output), ("rank", rank)):
+        if value is not None:
+            request[key] = value
     if param:
         from composer.cli import parse_param
 
-        request["params"] = dict(parse_param(p) for p in param)
-    if rank is not None:
-        request["rank"] = rank
+        request["params"] = {**request.get("params", {}), **dict(parse_param(p) for p in param)}
     if fit is not None:
         request["fit"] = _fit_request(fit, fit_steps, fit_prompt)
+    if "base_model" not in request:
+        raise typer.BadParameter("give --base (or a --recipe file naming base_model)")
+    if "bricks" not in request and "instruction" not in request:
+        raise typer.BadParameter("give --brick (one or more), --instruction or --recipe")
+    if isinstance(request.get("bricks"), list):
+        _refuse_duplicates([b for b in request["bricks"] if isinstance(b, dict) and "name" in b])
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before any heavy work
+        raise typer.BadParameter(f"{out} is not an empty directory; choose a new or empty output directory")
     with _client(url) as client:
         composition = client.compose(request)
+        if expected_id is not None and composition.id != expected_id:
+            err_console.print(
+                f"note: the recipe now resolves to composition {composition.id[:16]}, not {expected_id[:16]} "
+                "(a brick's bytes, the base model or the composer version changed)",
+                highlight=False,
+            )
         bricks = ", ".join(f"{b['name']}@{b['version']} x{b['weight']:.3g}" for b in composition.recipe["bricks"])
-        console.print(f"composition [bold]{composition.id[:16]}[/] ({method}, {output}): {bricks}")
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"))
-        with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task(composition.status, total=1.0)
-
-            def show(state: Any) -> None:
-                progress.update(task, completed=state.progress, description=f"{state.status}: {state.message}"[:60])
-
-            composition = client.wait_composition(composition.id, show)
+        err_console.print(
+            f"composition {composition.id[:16]} ({composition.method}, {composition.output}): {bricks}",
+            highlight=False,
+        )
+        if name is not None:
+            client.name_composition(name, composition.id)
+        composition = _wait_with_progress(client, composition, timeout=timeout, remote=bool(url))
         if composition.status != "ready":
-            err_console.print(f"[bold red]the build failed[/] ({composition.error_code}): {composition.error}")
+            err_console.print(
+                f"[bold red]the build {composition.status}[/] ({composition.error_code}): {composition.error}"
+            )
             raise typer.Exit(1)
-        paths = client.download_composition(composition.id, out)
+        paths = _download_with_progress(client, composition.id, out)
     size = sum(p.stat().st_size for p in paths)
-    console.print(f"wrote {len(paths)} files ({_size(size)}) to {out}")
+    if as_json:
+        print_json({**composition.model_dump(mode="json"), "out": str(out), "files": [str(p) for p in paths]})
+        return
+    console.print(f"wrote {len(paths)} files ({_size(size)}) to {out}", highlight=False)
+
     _report_truncation(out)
 
 
@@ -788,7 +903,7 @@ def emergent_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION"
     if brick.kind != "emergent" or brick.emergent is None:
         err_console.print(f"{brick.name}@{brick.version} is a {brick.kind} brick, not an emergent one")
         raise typer.Exit(1)
-    _show_record(brick, skip=("emergent", "rank", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"))
+    print_record(console, brick, skip=("emergent", "rank", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"))
     info = brick.emergent
     console.print(
         f"method {info['method']} {json.dumps(info['params'])}; {info['neurons']} neurons "
@@ -825,17 +940,95 @@ def _fit_request(path: Path, steps: int | None, prompt: str | None) -> dict[str,
     return fit
 
 
+def _download_with_progress(client: Any, composition_id: str, out: Path) -> list[Path]:
+    """Download with byte progress: a bar with sizes on a terminal, a line per 10 % otherwise."""
+    if err_console.is_terminal:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        with Progress(
+            "downloading", BarColumn(bar_width=30), DownloadColumn(), TransferSpeedColumn(), console=err_console
+        ) as progress:
+            task = progress.add_task("download", total=None)
+            return list(
+                client.download_composition(
+                    composition_id, out, lambda done, total: progress.update(task, completed=done, total=total)
+                )
+            )
+    shown = [-1]
+
+    def log(done: int, total: int) -> None:
+        step = 100 * done // total // 10 if total else 10
+        if step > shown[0]:
+            shown[0] = step
+            err_console.print(f"downloaded {_size(done)} of {_size(total)}", markup=False, highlight=False)
+
+    return list(client.download_composition(composition_id, out, log))
+
+
+_NO_WORKER_HINT_S = 15.0
+
+
+def _wait_with_progress(client: Any, composition: Any, *, timeout: float | None, remote: bool) -> Any:
+    """Wait for the build: a progress bar on a terminal, a plain line per change otherwise
+    (CI logs), and a hint when a server leaves it queued (no worker running?)."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.monotonic()
+    hinted = False
+    last: list[str] = [""]
+
+    def hint(state: Any) -> None:
+        nonlocal hinted
+        if remote and not hinted and state.status == "queued" and time.monotonic() - started > _NO_WORKER_HINT_S:
+            hinted = True
+            err_console.print(
+                f"still queued after {_NO_WORKER_HINT_S:.0f} s: is a worker running? (the server builds with "
+                "its own workers unless compose.workers is 0; `brickyard worker` runs more)",
+                highlight=False,
+            )
+
+    try:
+        if err_console.is_terminal:
+            columns = (
+                TextColumn("{task.description:<40.40}"),
+                BarColumn(bar_width=30),
+                TextColumn("{task.percentage:>5.1f}%"),
+            )
+            with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
+                task = progress.add_task(composition.status, total=1.0)
+
+                def show(state: Any) -> None:
+                    progress.update(task, completed=state.progress, description=f"{state.status}: {state.message}")
+                    hint(state)
+
+                return client.wait_composition(composition.id, show, timeout=timeout)
+
+        def log(state: Any) -> None:
+            line = f"{state.status} {state.progress:.0%}: {state.message}"
+            if line != last[0]:
+                last[0] = line
+                err_console.print(line, markup=False, highlight=False)
+            hint(state)
+
+        return client.wait_composition(composition.id, log, timeout=timeout)
+    except TimeoutError as exc:
+        err_console.print(f"[bold red]timed out[/]: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 @app.command()
-def methods(url: UrlOption = None) -> None:
+def methods(url: UrlOption = None, as_json: JsonOption = False) -> None:
     """List the merge methods and their parameters."""
     with _client(url) as client:
         found = client.merge_methods()
-    table = Table("method", "parameters (default)", "description")
+    rows = []
     for method in found:
         props = method.params.get("properties", {})
-        params = ", ".join(f"{k}={v.get('default')!r}" for k, v in props.items())
-        table.add_row(method.name, params, method.description)
-    console.print(table)
+        rows.append([method.name, ", ".join(f"{k}={v.get('default')!r}" for k, v in props.items()), method.description])
+    columns = [Column("method", key=True), Column("parameters (default)"), Column("description", flex=True)]
+    print_rows(console, columns, rows, records=found, as_json=as_json)
 
 
 @app.command()
@@ -853,7 +1046,12 @@ def worker(
     settings = Settings()
     settings = settings.model_copy(update={"compose": settings.compose.model_copy(update={"workers": workers})})
     registry = Registry.open(settings)
-    pool = WorkerPool(registry.compositions, settings)
+
+    def report(composition_id: str, seconds: float, status: str, detail: str) -> None:
+        line = f"{composition_id[:16]} {status} in {seconds:.1f} s" + (f": {detail}" if detail else "")
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    pool = WorkerPool(registry.compositions, settings, on_build=report)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pool.start()
@@ -865,6 +1063,16 @@ def worker(
     finally:
         pool.stop()
         registry.close()
+
+
+def _mount_management() -> None:
+    from registry.cli_manage import alias_app, composition_app
+
+    app.add_typer(composition_app, name="composition")
+    brick_app.add_typer(alias_app, name="alias")
+
+
+_mount_management()
 
 
 def _mount_local() -> None:

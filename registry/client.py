@@ -19,6 +19,7 @@ from registry import errors
 from registry.api.schemas import (
     BaseModelDetail,
     BaseModelOut,
+    BrickAliasOut,
     BrickFileOut,
     BrickOut,
     CompositionFileOut,
@@ -27,9 +28,11 @@ from registry.api.schemas import (
     Page,
     SearchHitOut,
     SearchOut,
+    TokenCreated,
+    TokenOut,
 )
 
-__all__ = ["BrickyardClient", "LocalClient", "RemoteClient", "error_from_problem"]
+__all__ = ["BrickyardClient", "LocalClient", "RemoteClient", "error_from_problem", "iter_bricks"]
 
 CONFIG_FILENAME = "adapter_config.json"
 WEIGHTS_FILENAME = "adapter_model.safetensors"
@@ -56,7 +59,7 @@ class BrickyardClient(Protocol):
         cursor: str | None = None,
         limit: int = 50,
     ) -> Page[BrickOut]: ...
-    def get_brick(self, name: str, version: int | None = None) -> BrickOut: ...
+    def get_brick(self, name: str, version: int | str | None = None) -> BrickOut: ...
     def update_brick(self, name: str, version: int, **changes: Any) -> BrickOut: ...
     def delete_brick(self, name: str, version: int) -> BrickOut: ...
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]: ...
@@ -66,9 +69,29 @@ class BrickyardClient(Protocol):
     def discover_emergent(self, base_model: str, request: Mapping[str, Any]) -> CompositionOut: ...
     def get_composition(self, composition_id: str) -> CompositionOut: ...
     def wait_composition(
-        self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None
+        self,
+        composition_id: str,
+        on_progress: Callable[[CompositionOut], None] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> CompositionOut: ...
-    def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]: ...
+    def download_composition(
+        self, composition_id: str, out_dir: Path, on_bytes: Callable[[int, int], None] | None = None
+    ) -> list[Path]: ...
+    def list_compositions(
+        self, *, cursor: str | None = None, limit: int = 50, **filters: Any
+    ) -> Page[CompositionOut]: ...
+    def describe_composition(self, ref: str) -> CompositionOut: ...
+    def cancel_composition(self, ref: str) -> CompositionOut: ...
+    def delete_composition(self, ref: str) -> CompositionOut: ...
+    def name_composition(self, name: str, ref: str) -> CompositionOut: ...
+    def unname_composition(self, name: str) -> CompositionOut: ...
+    def brick_aliases(self, name: str) -> list[BrickAliasOut]: ...
+    def set_brick_alias(self, name: str, version: int | str, alias: str) -> BrickAliasOut: ...
+    def remove_brick_alias(self, name: str, alias: str) -> BrickAliasOut: ...
+    def create_token(self, name: str, scope: str) -> TokenCreated: ...
+    def list_tokens(self) -> list[TokenOut]: ...
+    def revoke_token(self, name: str) -> TokenOut: ...
     def close(self) -> None: ...
 
 
@@ -208,8 +231,8 @@ class RemoteClient:
                 params[key] = value
         return Page[BrickOut].model_validate(self._request("GET", "/v1/bricks", params=params))
 
-    def get_brick(self, name: str, version: int | None = None) -> BrickOut:
-        """A brick version (latest when ``version`` is None)."""
+    def get_brick(self, name: str, version: int | str | None = None) -> BrickOut:
+        """A brick version (latest when ``version`` is None; a string may be an alias)."""
         path = f"/v1/bricks/{name}" if version is None else f"/v1/bricks/{name}/versions/{version}"
         return BrickOut.model_validate(self._request("GET", path))
 
@@ -257,34 +280,68 @@ class RemoteClient:
         return CompositionOut.model_validate(self._request("GET", f"/v1/compositions/{composition_id}"))
 
     def wait_composition(
-        self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None, *, poll_s: float = 0.5
+        self,
+        composition_id: str,
+        on_progress: Callable[[CompositionOut], None] | None = None,
+        *,
+        poll_s: float = 0.5,
+        timeout: float | None = None,
     ) -> CompositionOut:
-        """Poll until the composition is ready or failed."""
+        """Poll until the composition is ready, failed or cancelled.
+
+        Raises:
+            TimeoutError: still building after ``timeout`` seconds (the build goes on;
+                `cancel_composition` stops it).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             composition = self.get_composition(composition_id)
             if on_progress is not None:
                 on_progress(composition)
-            if composition.status in ("ready", "failed"):
+            if composition.status in _DONE:
                 return composition
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"composition {composition_id} is still {composition.status} after {timeout:g} s")
             time.sleep(poll_s)
 
-    def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]:
-        """Download a ready composition into ``out_dir`` (created; must not hold files)."""
+    def download_composition(
+        self, composition_id: str, out_dir: Path, on_bytes: Callable[[int, int], None] | None = None
+    ) -> list[Path]:
+        """Download a ready composition into ``out_dir`` (created; must not hold files);
+        ``on_bytes(done, total)`` reports progress as chunks arrive."""
         _empty_target(out_dir)
         listing = [
             CompositionFileOut.model_validate(f)
             for f in self._request("GET", f"/v1/compositions/{composition_id}/files")
         ]
+        total = sum(entry.size_bytes for entry in listing)
+        done = 0
+
+        def count(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_bytes is not None:
+                on_bytes(done, total)
+
         written = []
         for entry in listing:
             target = out_dir / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.download_file(f"/v1/compositions/{composition_id}/files/{entry.path}", target)
+            self.download_file(f"/v1/compositions/{composition_id}/files/{entry.path}", target, on_chunk=count)
             written.append(target)
         return written
 
-    def download_file(self, path: str, target: Path, *, sha256: str | None = None, size: int | None = None) -> None:
-        """Stream one file to ``target`` (written to a temporary name, then renamed).
+    def download_file(
+        self,
+        path: str,
+        target: Path,
+        *,
+        sha256: str | None = None,
+        size: int | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> None:
+        """Stream one file to ``target`` (written to a temporary name, then renamed);
+        ``on_chunk(n)`` is called with the size of each chunk written.
 
         With ``sha256``/``size``, the bytes are checked before the rename: a mismatch
         removes them and raises `StorageCorrupt`.
@@ -305,6 +362,8 @@ class RemoteClient:
                     out.write(chunk)
                     digest.update(chunk)
                     written += len(chunk)
+                    if on_chunk is not None:
+                        on_chunk(len(chunk))
         if (sha256 is not None and digest.hexdigest() != sha256) or (size is not None and written != size):
             partial.unlink(missing_ok=True)
             raise errors.StorageCorrupt(
@@ -314,6 +373,62 @@ class RemoteClient:
                 ],
             )
         partial.replace(target)
+
+    # -- managed compositions, aliases, tokens (issue #21) ---------------------------------
+
+    def list_compositions(self, *, cursor: str | None = None, limit: int = 50, **filters: Any) -> Page[CompositionOut]:
+        """A page of compositions, newest first (filters: base_model, brick, status, name)."""
+        params: dict[str, Any] = {"limit": limit, **{k: v for k, v in filters.items() if v is not None}}
+        if cursor is not None:
+            params["cursor"] = cursor
+        return Page[CompositionOut].model_validate(self._request("GET", "/v1/compositions", params=params))
+
+    def describe_composition(self, ref: str) -> CompositionOut:
+        """A composition by id or name, with its names."""
+        return self.get_composition(ref)
+
+    def cancel_composition(self, ref: str) -> CompositionOut:
+        """Cancel a queued or running build (by id or name)."""
+        return CompositionOut.model_validate(self._request("POST", f"/v1/compositions/{ref}/cancel"))
+
+    def delete_composition(self, ref: str) -> CompositionOut:
+        """Delete a composition (by id or name), its names and files."""
+        return CompositionOut.model_validate(self._request("DELETE", f"/v1/compositions/{ref}"))
+
+    def name_composition(self, name: str, ref: str) -> CompositionOut:
+        """Point ``name`` at a composition (by id or another name)."""
+        body = {"composition": ref}
+        return CompositionOut.model_validate(self._request("PUT", f"/v1/composition-names/{name}", json=body))
+
+    def unname_composition(self, name: str) -> CompositionOut:
+        """Remove a composition name; answers the composition it pointed at."""
+        return CompositionOut.model_validate(self._request("DELETE", f"/v1/composition-names/{name}"))
+
+    def brick_aliases(self, name: str) -> list[BrickAliasOut]:
+        """The aliases of a brick."""
+        return [BrickAliasOut.model_validate(a) for a in self._request("GET", f"/v1/bricks/{name}/aliases")]
+
+    def set_brick_alias(self, name: str, version: int | str, alias: str) -> BrickAliasOut:
+        """Point ``name@alias`` at a version (a number or another alias)."""
+        body = {"version": version}
+        return BrickAliasOut.model_validate(self._request("PUT", f"/v1/bricks/{name}/aliases/{alias}", json=body))
+
+    def remove_brick_alias(self, name: str, alias: str) -> BrickAliasOut:
+        """Remove ``name@alias``."""
+        return BrickAliasOut.model_validate(self._request("DELETE", f"/v1/bricks/{name}/aliases/{alias}"))
+
+    def create_token(self, name: str, scope: str) -> TokenCreated:
+        """Create an API token on the server (needs an admin token)."""
+        body = {"name": name, "scope": scope}
+        return TokenCreated.model_validate(self._request("POST", "/v1/tokens", json=body))
+
+    def list_tokens(self) -> list[TokenOut]:
+        """The server's API tokens (needs an admin token)."""
+        return [TokenOut.model_validate(t) for t in self._request("GET", "/v1/tokens")]
+
+    def revoke_token(self, name: str) -> TokenOut:
+        """Revoke an API token on the server (needs an admin token)."""
+        return TokenOut.model_validate(self._request("DELETE", f"/v1/tokens/{name}"))
 
 
 # -- local ------------------------------------------------------------------------------
@@ -404,9 +519,9 @@ class LocalClient:
         )
         return Page[BrickOut](items=[BrickOut.of(b) for b in page.items], next_cursor=page.next_cursor)
 
-    def get_brick(self, name: str, version: int | None = None) -> BrickOut:
-        """A brick version (latest when ``version`` is None)."""
-        return BrickOut.of(self.registry.get_brick(name, version))
+    def get_brick(self, name: str, version: int | str | None = None) -> BrickOut:
+        """A brick version (latest when ``version`` is None; a string may be an alias)."""
+        return BrickOut.of(self.registry.get_brick(name, self.registry.resolve_brick_ref(name, version)))
 
     def update_brick(self, name: str, version: int, **changes: Any) -> BrickOut:
         """Patch description, examples or tags."""
@@ -447,10 +562,21 @@ class LocalClient:
         return CompositionOut.of(self.registry.compositions.get(composition_id))
 
     def wait_composition(
-        self, composition_id: str, on_progress: Callable[[CompositionOut], None] | None = None, *, poll_s: float = 0.2
+        self,
+        composition_id: str,
+        on_progress: Callable[[CompositionOut], None] | None = None,
+        *,
+        poll_s: float = 0.2,
+        timeout: float | None = None,
     ) -> CompositionOut:
         """Build the composition here if it is queued (another process may be building it),
-        reporting progress, until it is ready or failed."""
+        reporting progress, until it is ready, failed or cancelled.
+
+        Raises:
+            TimeoutError: not done after ``timeout`` seconds; a build started here is
+                cancelled (it stops within a second and leaves no files).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         import threading
 
         from registry.compositions import worker_name
@@ -466,22 +592,35 @@ class LocalClient:
             composition = self.get_composition(composition_id)
             if on_progress is not None:
                 on_progress(composition)
-            if composition.status in ("ready", "failed") and (builder is None or not builder.is_alive()):
+            if composition.status in _DONE and (builder is None or not builder.is_alive()):
                 return composition
+            if deadline is not None and time.monotonic() >= deadline:
+                if builder is not None:  # nobody else will finish what this process started
+                    compositions.store.cancel(composition_id, self.actor)
+                    builder.join()
+                raise TimeoutError(f"composition {composition_id} is still {composition.status} after {timeout:g} s")
             time.sleep(poll_s)
 
-    def download_composition(self, composition_id: str, out_dir: Path) -> list[Path]:
-        """Copy a ready composition into ``out_dir`` (created; must not hold files)."""
+    def download_composition(
+        self, composition_id: str, out_dir: Path, on_bytes: Callable[[int, int], None] | None = None
+    ) -> list[Path]:
+        """Copy a ready composition into ``out_dir`` (created; must not hold files);
+        ``on_bytes(done, total)`` reports progress after each file."""
         import shutil
 
         _empty_target(out_dir)
+        files = self.registry.compositions.files(composition_id)
+        total, done = sum(size for _, size in files), 0
         written = []
-        for relative, _ in self.registry.compositions.files(composition_id):
+        for relative, size in files:
             target = out_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             with self.registry.compositions.open_file(composition_id, relative) as source, open(target, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 20)
             written.append(target)
+            done += size
+            if on_bytes is not None:
+                on_bytes(done, total)
         return written
 
     def download_brick(self, name: str, version: int, out_dir: Path) -> list[Path]:
@@ -496,6 +635,63 @@ class LocalClient:
                 shutil.copyfileobj(source, out, 1 << 20)
             written.append(target)
         return written
+
+    # -- managed compositions, aliases, tokens (issue #21) ---------------------------------
+
+    def list_compositions(self, *, cursor: str | None = None, limit: int = 50, **filters: Any) -> Page[CompositionOut]:
+        """A page of compositions, newest first (filters: base_model, brick, status, name)."""
+        base = filters.pop("base_model", None)
+        base_id = self.registry.store.base_model_id(base) if base is not None else None
+        page = self.registry.compositions.list_page(base_model_id=base_id, cursor=cursor, limit=limit, **filters)
+        return Page[CompositionOut](items=[CompositionOut.of(c) for c in page.items], next_cursor=page.next_cursor)
+
+    def describe_composition(self, ref: str) -> CompositionOut:
+        """A composition by id or name, with its names."""
+        return CompositionOut.of(self.registry.compositions.describe(ref))
+
+    def cancel_composition(self, ref: str) -> CompositionOut:
+        """Cancel a queued or running build (by id or name)."""
+        return CompositionOut.of(self.registry.compositions.cancel(ref, actor=self.actor))
+
+    def delete_composition(self, ref: str) -> CompositionOut:
+        """Delete a composition (by id or name), its names and files."""
+        return CompositionOut.of(self.registry.compositions.delete(ref, actor=self.actor))
+
+    def name_composition(self, name: str, ref: str) -> CompositionOut:
+        """Point ``name`` at a composition (by id or another name)."""
+        return CompositionOut.of(self.registry.compositions.set_name(name, ref, actor=self.actor))
+
+    def unname_composition(self, name: str) -> CompositionOut:
+        """Remove a composition name; answers the composition it pointed at."""
+        return CompositionOut.of(self.registry.compositions.describe(self.registry.compositions.remove_name(name)))
+
+    def brick_aliases(self, name: str) -> list[BrickAliasOut]:
+        """The aliases of a brick."""
+        return [BrickAliasOut.of(a) for a in self.registry.brick_aliases(name)]
+
+    def set_brick_alias(self, name: str, version: int | str, alias: str) -> BrickAliasOut:
+        """Point ``name@alias`` at a version (a number or another alias)."""
+        return BrickAliasOut.of(self.registry.set_brick_alias(name, version, alias, actor=self.actor))
+
+    def remove_brick_alias(self, name: str, alias: str) -> BrickAliasOut:
+        """Remove ``name@alias``."""
+        return BrickAliasOut.of(self.registry.remove_brick_alias(name, alias))
+
+    def create_token(self, name: str, scope: str) -> TokenCreated:
+        """Create an API token in the local registry."""
+        token, info = self.registry.tokens.create(name, scope, actor=self.actor)
+        return TokenCreated(token=token, **TokenOut.of(info).model_dump())
+
+    def list_tokens(self) -> list[TokenOut]:
+        """The local registry's API tokens."""
+        return [TokenOut.of(t) for t in self.registry.tokens.list()]
+
+    def revoke_token(self, name: str) -> TokenOut:
+        """Revoke an API token in the local registry."""
+        return TokenOut.of(self.registry.tokens.revoke(name, actor=self.actor))
+
+
+_DONE = ("ready", "failed", "cancelled", "deleted")
 
 
 def _empty_target(out_dir: Path) -> None:

@@ -2,9 +2,10 @@
 
 ```
             request            claim              finish
- (none) ──────────> queued ──────────> running ──────────> ready ──(evict)──> (none)
-                      ^                   │ fail / interrupted
-                      └──── retry ─────── failed
+ (none) ──────────> queued ──────────> running ──────────> ready ──(evict, delete)──> (none)
+                      ^    │ cancel        │ fail / interrupted / cancel
+                      │    v               v
+                      └─── cancelled / failed (request again: retry)
 ```
 
 Claims are atomic (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers),
@@ -14,19 +15,30 @@ transaction and returns domain objects.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from registry import domain
-from registry.db.models import CompositionLeaseRow, CompositionRow, utcnow
+from registry.db.models import (
+    CompositionBrickRow,
+    CompositionLeaseRow,
+    CompositionNameRow,
+    CompositionRow,
+    as_utc,
+    utcnow,
+)
 from registry.db.session import Database
 
 __all__ = ["CompositionStore"]
 
-QUEUED, RUNNING, READY, FAILED = "queued", "running", "ready", "failed"
+QUEUED, RUNNING, READY, FAILED, CANCELLED = "queued", "running", "ready", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, READY, FAILED, CANCELLED)
 
 
 def _changed(result: Any) -> int:
@@ -87,11 +99,14 @@ class CompositionStore:
                 is not None
             )
             requeued = 0
-            if not created:
+            if created:
+                for name in sorted({b["name"] for b in recipe.get("bricks", [])}):  # any recipe shape
+                    session.add(CompositionBrickRow(composition_id=composition_id, brick_name=name))
+            else:
                 requeued = _changed(
                     session.execute(
                         update(CompositionRow)
-                        .where(CompositionRow.id == composition_id, CompositionRow.status == FAILED)
+                        .where(CompositionRow.id == composition_id, CompositionRow.status.in_((FAILED, CANCELLED)))
                         .values(status=QUEUED, progress=0.0, message="queued again", error=None, error_code=None)
                     )
                 )
@@ -165,24 +180,33 @@ class CompositionStore:
         size_bytes: int,
         message: str,
         files: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Mark a build ready; ``files`` is its manifest when published to the blob store
-        (recorded in the same transaction, so a ready composition always has it)."""
+    ) -> bool:
+        """Mark a build ready; False when it was cancelled (or taken over) meanwhile. ``files``
+        is its manifest when published to the blob store (recorded in the same transaction, so
+        a ready composition always has it)."""
         with self.db.session(write=True) as session:
             now = utcnow()
-            session.execute(
-                update(CompositionRow)
-                .where(CompositionRow.id == composition_id, CompositionRow.worker == worker)
-                .values(
-                    status=READY,
-                    progress=1.0,
-                    message=message[:500],
-                    size_bytes=size_bytes,
-                    finished_at=now,
-                    last_accessed_at=now,
-                    error=None,
-                    error_code=None,
-                    files=files,
+            return bool(
+                _changed(
+                    session.execute(
+                        update(CompositionRow)
+                        .where(
+                            CompositionRow.id == composition_id,
+                            CompositionRow.worker == worker,
+                            CompositionRow.status == RUNNING,
+                        )
+                        .values(
+                            status=READY,
+                            progress=1.0,
+                            message=message[:500],
+                            size_bytes=size_bytes,
+                            finished_at=now,
+                            last_accessed_at=now,
+                            error=None,
+                            error_code=None,
+                            files=files,
+                        )
+                    )
                 )
             )
 
@@ -209,6 +233,14 @@ class CompositionStore:
                 )
             ).all()
         return [(r.id, r.worker, r.heartbeat_at) for r in rows]
+
+    def count_by_status(self) -> dict[str, int]:
+        """How many compositions are in each status (``queued``: the build queue's length)."""
+        from sqlalchemy import func
+
+        with self.db.session() as session:
+            rows = session.execute(select(CompositionRow.status, func.count()).group_by(CompositionRow.status)).all()
+        return {status: int(count) for status, count in rows}
 
     def touch(self, composition_id: str) -> None:
         """Record a use (for LRU eviction)."""
@@ -308,3 +340,137 @@ class CompositionStore:
                 return False
             session.delete(row)
             return True
+
+    # -- management: cancel, delete, list, names -------------------------------------------
+
+    def cancel(self, composition_id: str, actor: str | None) -> bool:
+        """Cancel a queued or running build (a running one stops at its next heartbeat).
+        False when it was neither queued nor running."""
+        with self.db.session(write=True) as session:
+            return bool(
+                _changed(
+                    session.execute(
+                        update(CompositionRow)
+                        .where(CompositionRow.id == composition_id, CompositionRow.status.in_((QUEUED, RUNNING)))
+                        .values(
+                            status=CANCELLED,
+                            message=f"cancelled by {actor or 'anonymous'}"[:500],
+                            error="cancelled; request the composition again to build it",
+                            error_code="cancelled",
+                            finished_at=utcnow(),
+                        )
+                    )
+                )
+            )
+
+    def delete(self, composition_id: str) -> domain.Composition | None:
+        """Forget a composition that is not queued or running (cancel it first); its names
+        and brick rows go with it. None when there was no such row or it is being built."""
+        with self.db.session(write=True) as session:
+            row = session.get(CompositionRow, composition_id)
+            if row is None or row.status in (QUEUED, RUNNING):
+                return None
+            gone = row.to_domain()
+            session.execute(delete(CompositionNameRow).where(CompositionNameRow.composition_id == composition_id))
+            session.execute(delete(CompositionBrickRow).where(CompositionBrickRow.composition_id == composition_id))
+            session.delete(row)
+            return gone
+
+    def list_page(
+        self,
+        *,
+        base_model_id: int | None = None,
+        brick: str | None = None,
+        status: str | None = None,
+        name: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[domain.Composition], str | None]:
+        """A page of compositions, newest first, and the cursor of the next page (keyset
+        pagination on (created_at, id): stable while rows are added)."""
+        query = select(CompositionRow)
+        if base_model_id is not None:
+            query = query.where(CompositionRow.base_model_id == base_model_id)
+        if status is not None:
+            query = query.where(CompositionRow.status == status)
+        if brick is not None:
+            query = query.where(
+                CompositionRow.id.in_(
+                    select(CompositionBrickRow.composition_id).where(CompositionBrickRow.brick_name == brick)
+                )
+            )
+        if name is not None:
+            query = query.where(
+                CompositionRow.id.in_(select(CompositionNameRow.composition_id).where(CompositionNameRow.name == name))
+            )
+        if cursor is not None:
+            created, last_id = _decode_cursor(cursor)
+            query = query.where(
+                or_(
+                    CompositionRow.created_at < created,
+                    (CompositionRow.created_at == created) & (CompositionRow.id < last_id),
+                )
+            )
+        query = query.order_by(CompositionRow.created_at.desc(), CompositionRow.id.desc()).limit(limit + 1)
+        with self.db.session() as session:
+            rows = session.scalars(query).all()
+            items = [r.to_domain() for r in rows[:limit]]
+            raw_last = rows[limit - 1].created_at if len(rows) > limit else None
+        next_cursor = _encode_cursor(raw_last, items[-1].id) if raw_last is not None else None
+        return items, next_cursor
+
+    def set_name(self, name: str, composition_id: str, actor: str | None) -> None:
+        """Point ``name`` at a composition (moving it if it pointed elsewhere)."""
+        with self.db.session(write=True) as session:
+            row = session.get(CompositionNameRow, name)
+            if row is None:
+                session.add(CompositionNameRow(name=name, composition_id=composition_id, created_by=actor))
+            else:
+                row.composition_id, row.created_by, row.created_at = composition_id, actor, utcnow()
+
+    def remove_name(self, name: str) -> str | None:
+        """Remove a name; the id it pointed at, or None."""
+        with self.db.session(write=True) as session:
+            row = session.get(CompositionNameRow, name)
+            if row is None:
+                return None
+            session.delete(row)
+            return row.composition_id
+
+    def resolve_name(self, name: str) -> str | None:
+        """The composition id a name points at, or None."""
+        with self.db.session() as session:
+            return session.scalar(select(CompositionNameRow.composition_id).where(CompositionNameRow.name == name))
+
+    def names_of(self, composition_ids: list[str]) -> dict[str, list[str]]:
+        """The names pointing at each of these compositions (sorted)."""
+        if not composition_ids:
+            return {}
+        with self.db.session() as session:
+            rows = session.execute(
+                select(CompositionNameRow.composition_id, CompositionNameRow.name)
+                .where(CompositionNameRow.composition_id.in_(composition_ids))
+                .order_by(CompositionNameRow.name)
+            ).all()
+        found: dict[str, list[str]] = {}
+        for composition_id, name in rows:
+            found.setdefault(composition_id, []).append(name)
+        return found
+
+
+def _encode_cursor(created: datetime, composition_id: str) -> str:
+    stamp = as_utc(created).isoformat()
+    return base64.urlsafe_b64encode(json.dumps([stamp, composition_id]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    from registry.errors import InvalidInput
+
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, composition_id = json.loads(raw)
+        if isinstance(stamp, str) and isinstance(composition_id, str):
+            return datetime.fromisoformat(stamp), composition_id
+    except (binascii.Error, ValueError, TypeError):
+        pass
+    raise InvalidInput("invalid cursor", errors=["cursor: pass the next_cursor of a previous page unchanged"])

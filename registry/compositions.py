@@ -29,8 +29,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from registry import domain
 from registry.composer_errors import composer_errors
 from registry.composition_outputs import PublishedFile, manifest_from_json, manifest_to_json, publish_directory
-from registry.composition_store import FAILED, READY, RUNNING, CompositionStore
+from registry.composition_store import CANCELLED, FAILED, QUEUED, READY, RUNNING, STATUSES, CompositionStore
 from registry.errors import (
+    BaseModelNotFound,
+    BrickNotFound,
+    BrickyardError,
     CompositionNotFound,
     Conflict,
     FileNotFound,
@@ -44,6 +47,7 @@ from registry.fitting import FIT_FRACTION, fit_recipe, fit_section, require_toke
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
 from registry.instruction_weights import instruction_weights
 from registry.model_roots import ModelRoots
+from registry.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from registry.blobs import BlobStore
@@ -77,6 +81,7 @@ class Compositions:
         settings: Settings,
         *,
         search: Callable[[SearchRequest], domain.SearchResult],
+        resolve_version: Callable[[str, int | str | None], int | None] | None = None,
     ) -> None:
         """``catalog`` holds the base models and bricks a request names, ``blobs`` their bytes,
         ``search`` finds bricks for an instruction; compositions live in their own store
@@ -85,6 +90,7 @@ class Compositions:
         self.blobs = blobs
         self.settings = settings
         self.search = search
+        self.resolve_version = resolve_version
         self.store = CompositionStore(catalog.db)
         self.root = settings.compositions_dir
         self.root.mkdir(parents=True, exist_ok=True)
@@ -96,9 +102,10 @@ class Compositions:
 
     # -- requests ------------------------------------------------------------------------
 
-    def resolve(self, request: ComposeRequest | dict[str, Any]) -> tuple[dict[str, Any], int]:
+    def resolve(self, request: ComposeRequest | dict[str, Any], *, plan: bool = True) -> tuple[dict[str, Any], int]:
         """Resolve a request into its recipe (and the base model's row id), validating it
-        completely (bricks, compatibility, method parameters) before anything is queued.
+        completely (bricks, compatibility, method parameters; with ``plan``, the composer's
+        plan against the base model too) before anything is queued.
 
         Raises:
             InvalidInput: malformed request. BaseModelNotFound / BrickNotFound: unknown names.
@@ -107,58 +114,85 @@ class Compositions:
         """
         if not isinstance(request, ComposeRequest):
             request = parse_json_model(ComposeRequest, dict(request), what="composition")
-        base = self.catalog.get_base_model(request.base_model)
-        base_id = self.catalog.base_model_id(base.name)
+        from composer import COMPOSER_VERSION, get_method, list_methods
+
+        # Every problem is collected and reported in one answer, each unknown name with a
+        # did-you-mean: a user fixing "sumarize" should not then learn about "density: 3".
+        problems: list[str] = []
+        missing: list[BrickyardError] = []
+        base = None
+        try:
+            base = self.catalog.get_base_model(request.base_model)
+        except BaseModelNotFound as exc:
+            hint = did_you_mean(request.base_model, [b.name for b in self.catalog.list_base_models()])
+            problems.append(f"base_model: {exc.detail}{hint}")
+            missing.append(exc)
+        method = None
+        try:
+            with composer_errors(into=InvalidRecipe):
+                method = get_method(request.method)
+        except InvalidRecipe as exc:
+            problems.append(f"method: {exc.detail}{did_you_mean(request.method, [m.name for m in list_methods()])}")
+        params: dict[str, Any] = {}
+        if method is not None:
+            try:
+                with composer_errors(into=InvalidRecipe, field="params"):
+                    params = method.validate_params(request.params).model_dump(mode="json")
+            except InvalidRecipe as exc:
+                known = list(method.params_schema().get("properties", {}))
+                problems.extend(_with_param_hints(exc.errors or [exc.detail], known))
+        chosen: list[tuple[domain.Brick, float]] = []
         if request.instruction is not None:
-            hits = self._candidates(request.instruction, base.name, request.k)
-            if not hits:
-                raise InvalidRecipe(
-                    f"no brick of base model {base.name!r} matches the instruction",
-                    errors=["instruction: register bricks for this base model, or name bricks explicitly"],
-                )
-            if request.weights is not None and len(request.weights) != len(hits):
-                raise InvalidRecipe(
-                    f"{len(request.weights)} weights given for {len(hits)} bricks found",
-                    errors=[
-                        f"weights: give {len(hits)} weights, in rank order: {', '.join(h.brick.ref for h in hits)}"
-                    ],
-                )
-            if request.weights is not None:
-                chosen = [(h.brick, w) for h, w in zip(hits, request.weights, strict=True)]
-            else:
-                weights = instruction_weights([h.similarity for h in hits])
-                chosen = [(h.brick, w) for h, w in zip(hits, weights, strict=True) if w > 0]
+            if base is not None and not problems:
+                chosen = self._chosen_by_instruction(request, base)
         else:
             assert request.bricks is not None
-            chosen = []
-            for choice in request.bricks:
-                chosen.append((self.catalog.get_brick(choice.name, choice.version), choice.weight))
-            emergent = [b for b, _ in chosen if b.kind != "lora"]
-            if emergent:
-                raise InvalidRecipe(
-                    "emergent bricks are not merged: use them in neuron operations",
-                    errors=[f"bricks: {b.ref} is an emergent brick; name it under 'neurons'" for b in emergent],
+            names: list[str] | None = None
+            for i, choice in enumerate(request.bricks):
+                try:
+                    version = choice.version
+                    if isinstance(version, str) and self.resolve_version is not None:
+                        version = self.resolve_version(choice.name, version)  # an alias: sentiment@production
+                    if isinstance(version, str):
+                        raise InvalidRecipe(f"brick {choice.name!r}: version aliases are not available here")
+                    chosen.append((self.catalog.get_brick(choice.name, version), choice.weight))
+                except BrickNotFound as exc:
+                    names = names if names is not None else self.catalog.brick_names()
+                    hint = did_you_mean(choice.name, names) if choice.name not in names else ""
+                    problems.append(f"bricks[{i}]: {exc.detail}{hint}" + "".join(f"; {e}" for e in exc.errors))
+                    missing.append(exc)
+            problems.extend(
+                f"bricks: {b.ref} is an emergent brick; name it under 'neurons'" for b, _ in chosen if b.kind != "lora"
+            )
+            if base is not None:
+                foreign = [b for b, _ in chosen if not self._same_base(b.base_model, base)]
+                if foreign and not problems:
+                    raise IncompatibleBrick(
+                        f"{len(foreign)} of the bricks were trained on another base model than {base.name!r}",
+                        errors=[
+                            f"{b.ref} is a brick of base model {b.base_model!r}, whose fingerprint differs"
+                            for b in foreign
+                        ],
+                        extra={
+                            "bricks": [
+                                {"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign
+                            ]
+                        },
+                    )
+                problems.extend(f"{b.ref} is a brick of base model {b.base_model!r}" for b in foreign)
+        if problems:
+            if len(missing) == len(problems):  # only unknown names: 404, as for one
+                raise type(missing[0])(
+                    missing[0].detail if len(missing) == 1 else f"{len(missing)} names are not registered",
+                    errors=problems,
                 )
-            foreign = [b for b, _ in chosen if not self._same_base(b.base_model, base)]
-            if foreign:
-                raise IncompatibleBrick(
-                    f"{len(foreign)} of the bricks were trained on another base model than {base.name!r}",
-                    errors=[
-                        f"{b.ref} is a brick of base model {b.base_model!r}, whose fingerprint differs" for b in foreign
-                    ],
-                    extra={
-                        "bricks": [{"name": b.name, "version": b.version, "base_model": b.base_model} for b in foreign]
-                    },
-                )
+            count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
+            raise InvalidRecipe(f"the composition request has {count}", errors=problems)
+        assert base is not None and method is not None
+        base_id = self.catalog.base_model_id(base.name)
         if request.fit is not None:
             # Fitting starts from uniform weights; the fitted ones are written at build time.
             chosen = [(b, 1.0 / len(chosen)) for b, _ in chosen]
-        from composer import COMPOSER_VERSION, get_method
-
-        with composer_errors(into=InvalidRecipe):
-            method = get_method(request.method)
-        with composer_errors(into=InvalidRecipe, field="params"):
-            params = method.validate_params(request.params).model_dump(mode="json")
         recipe = {
             "schema": RECIPE_SCHEMA,
             "composer_version": COMPOSER_VERSION,
@@ -185,7 +219,8 @@ class Compositions:
         if request.fit is not None:
             require_tokenizer(self._base_dir(base.path), base.name)
             recipe["fit"] = fit_section(request.fit)
-        self._plan(recipe, self._base_dir(base.path))
+        if plan:
+            self._plan(recipe, self._base_dir(base.path))
         return recipe, base_id
 
     def _resolve_neurons(
@@ -257,6 +292,30 @@ class Compositions:
         kept = [h for h in hits if not (h.brick.quality and h.brick.quality.get("beats_base") is False)]
         return kept[:k]
 
+    def _chosen_by_instruction(
+        self, request: ComposeRequest, base: domain.BaseModel
+    ) -> list[tuple[domain.Brick, float]]:
+        """The bricks an instruction finds and their weights (`registry.instruction_weights`:
+        a temperature on the similarities, bricks far behind the best dropped)."""
+        assert request.instruction is not None
+        hits = self._candidates(request.instruction, base.name, request.k)
+        if not hits:
+            raise InvalidRecipe(
+                f"no brick of base model {base.name!r} matches the instruction",
+                errors=["instruction: register bricks for this base model, or name bricks explicitly"],
+            )
+        if request.weights is not None:
+            if len(request.weights) != len(hits):
+                raise InvalidRecipe(
+                    f"{len(request.weights)} weights given for {len(hits)} bricks found",
+                    errors=[
+                        f"weights: give {len(hits)} weights, in rank order: {', '.join(h.brick.ref for h in hits)}"
+                    ],
+                )
+            return [(h.brick, w) for h, w in zip(hits, request.weights, strict=True)]
+        weights = instruction_weights([h.similarity for h in hits])
+        return [(h.brick, w) for h, w in zip(hits, weights, strict=True) if w > 0]
+
     def _brick_sources(self, recipe: dict[str, Any]) -> list[Any]:
         from composer import BrickSource
 
@@ -320,8 +379,15 @@ class Compositions:
         Returns:
             (the composition, whether it is already built and ready to download).
         """
-        recipe, base_id = self.resolve(request)
+        recipe, base_id = self.resolve(request, plan=False)
         composition_id = recipe_id(recipe)
+        # A recipe built before passed the composer's plan then: answering from the cache
+        # skips re-planning, which rebuilds the base architecture on the meta device
+        # (seconds for an 8B model). Any other request is planned before it is queued.
+        built = self.store.get(composition_id)
+        if built is None or built.status != READY or not self._complete(composition_id):
+            base = self.catalog.get_base_model(recipe["base_model"]["name"])
+            self._plan(recipe, Path(base.path))
         while True:
             composition, _ = self.store.create(
                 composition_id,
@@ -499,6 +565,12 @@ class Compositions:
             if self.publishes:
                 heartbeat(0.999, "uploading the output")
                 manifest = manifest_to_json(publish_directory(self.blobs, target))
+        except BuildCancelled:
+            # Cancelled or deleted meanwhile: the composer removed its staging directory; a
+            # directory published just before the cancel was seen goes too.
+            log.info("composition %s: build stopped (%s)", composition.id, "cancelled")
+            self._drop_unready_directory(composition.id)
+            return self._current(composition)
         except ComposeError as exc:
             self.store.fail(composition.id, worker, str(exc), "invalid-recipe")
         except (InvalidRecipe, StorageCorrupt) as exc:
@@ -517,11 +589,166 @@ class Compositions:
             if "fit" in recipe:
                 fitted = ", ".join(f"{b['name']}@{b['version']}={b['weight']:.4g}" for b in recipe["bricks"])
                 done = f"fitted weights {fitted} (loss {recipe['fit']['final_loss']:.4g}); {done}"
-            self.store.finish(composition.id, worker, result.total_bytes, done, files=manifest)
-            if manifest is not None:
-                shutil.rmtree(target, ignore_errors=True)  # published: the local copy was the build's
-            self.evict_to_budget(keep=composition.id)
-        return self.get(composition.id)
+            if self.store.finish(composition.id, worker, result.total_bytes, done, files=manifest):
+                if manifest is not None:
+                    shutil.rmtree(target, ignore_errors=True)  # published: the local copy was the build's
+                self.evict_to_budget(keep=composition.id)
+            else:  # cancelled (or deleted) while the last bytes were written: keep nothing
+                self._drop_unready_directory(composition.id)
+        return self._current(composition)
+
+    # -- management: list, cancel, delete, names (issue #21) ------------------------------
+
+    def _current(self, composition: domain.Composition) -> domain.Composition:
+        """The composition as stored now; the given one marked deleted if its row is gone."""
+        current = self.store.get(composition.id)
+        if current is not None:
+            return current
+        from dataclasses import replace
+
+        return replace(composition, status="deleted", message="deleted")
+
+    def resolve_ref(self, ref: str) -> str:
+        """The composition id of ``ref``: a 64-hex id, or a name given with `set_name`.
+
+        Raises:
+            CompositionNotFound: a name that points nowhere.
+        """
+        if _is_id(ref):
+            return ref
+        found = self.store.resolve_name(ref)
+        if found is None:
+            raise CompositionNotFound(
+                f"no composition named {ref[:100]!r}",
+                errors=["give a 64-hex composition id or a name set with `brickyard composition name`"],
+                extra={"name": ref[:100]},
+            )
+        return found
+
+    def describe(self, ref: str) -> domain.Composition:
+        """A composition by id or name, with the names pointing at it."""
+        from dataclasses import replace
+
+        composition = self.get(self.resolve_ref(ref))
+        return replace(composition, names=tuple(self.store.names_of([composition.id]).get(composition.id, [])))
+
+    def list_page(
+        self,
+        *,
+        base_model_id: int | None = None,
+        brick: str | None = None,
+        status: str | None = None,
+        name: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> domain.Page[domain.Composition]:
+        """A page of compositions, newest first, each with its names.
+
+        Raises:
+            InvalidInput: an unknown status or a limit outside 1..500.
+        """
+        from dataclasses import replace
+
+        problems = []
+        if status is not None and status not in STATUSES:
+            problems.append(f"status: one of {', '.join(STATUSES)}")
+        if not 1 <= limit <= 500:
+            problems.append("limit: must be between 1 and 500")
+        if problems:
+            raise InvalidInput("invalid composition filter", errors=problems)
+        items, next_cursor = self.store.list_page(
+            base_model_id=base_model_id, brick=brick, status=status, name=name, cursor=cursor, limit=limit
+        )
+        names = self.store.names_of([c.id for c in items])
+        return domain.Page(items=[replace(c, names=tuple(names.get(c.id, []))) for c in items], next_cursor=next_cursor)
+
+    def cancel(self, ref: str, *, actor: str | None = None) -> domain.Composition:
+        """Cancel a queued or running build. A running build stops at its next progress
+        report (within about a second) and leaves no files; requesting the same recipe
+        again queues it anew.
+
+        Raises:
+            CompositionNotFound: unknown id or name. Conflict: it is ready or failed already.
+        """
+        composition_id = self.resolve_ref(ref)
+        if not self.store.cancel(composition_id, actor):
+            current = self.get(composition_id)
+            if current.status == CANCELLED:
+                return current
+            raise Conflict(
+                f"composition {composition_id} is {current.status}: only queued or running builds can be cancelled",
+                extra={"composition_status": current.status},
+            )
+        log.info("composition %s cancelled by %s", composition_id, actor or "anonymous")
+        return self.get(composition_id)
+
+    def delete(self, ref: str, *, actor: str | None = None) -> domain.Composition:
+        """Delete a composition: cancel its build if one is queued or running, forget the row
+        and its names, and remove its files.
+
+        Downloads already under way finish: the directory is renamed away first, and a file
+        a response has opened stays readable until it is closed (POSIX unlink semantics);
+        a download that starts afterwards gets 404. (There are no download leases yet to
+        defer the deletion itself.)
+
+        Raises:
+            CompositionNotFound: unknown id or name.
+        """
+        composition_id = self.resolve_ref(ref)
+        self.get(composition_id)
+        self.store.cancel(composition_id, actor)
+        gone = self.store.delete(composition_id)
+        if gone is None:  # claimed between the cancel and the delete: cancel once more
+            self.store.cancel(composition_id, actor)
+            gone = self.store.delete(composition_id)
+        if gone is None:
+            raise Conflict(f"composition {composition_id} changed while being deleted; try again")
+        self._remove_directory(composition_id)
+        log.info("composition %s deleted by %s", composition_id, actor or "anonymous")
+        return gone
+
+    def set_name(self, name: str, ref: str, *, actor: str | None = None) -> domain.Composition:
+        """Point ``name`` at a composition (by id or by another name); moves an existing name.
+
+        Raises:
+            InvalidInput: the name is malformed or looks like an id. CompositionNotFound: no target.
+        """
+        import re
+
+        from registry.inputs import NAME_PATTERN
+
+        if not re.match(NAME_PATTERN, name) or _is_id(name):
+            raise InvalidInput(
+                f"invalid composition name {name[:100]!r}",
+                errors=["name: 1-100 ASCII letters, digits, '.', '_' or '-', and not a 64-hex id"],
+            )
+        composition_id = self.resolve_ref(ref)
+        self.get(composition_id)
+        self.store.set_name(name, composition_id, actor)
+        return self.describe(composition_id)
+
+    def remove_name(self, name: str) -> str:
+        """Remove a composition name; returns the id it pointed at (`CompositionNotFound` otherwise)."""
+        composition_id = self.store.remove_name(name)
+        if composition_id is None:
+            raise CompositionNotFound(f"no composition named {name[:100]!r}", extra={"name": name[:100]})
+        return composition_id
+
+    def _remove_directory(self, composition_id: str) -> None:
+        import uuid
+
+        path = self.root / composition_id
+        trash = self.root / f".{composition_id}.deleted-{uuid.uuid4().hex[:12]}"
+        try:
+            path.rename(trash)  # atomic: no reader sees a half-removed directory
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _drop_unready_directory(self, composition_id: str) -> None:
+        current = self.store.get(composition_id)
+        if current is None or current.status != READY:
+            self._remove_directory(composition_id)
 
     def _fit(
         self, composition_id: str, recipe: dict[str, Any], base_path: Path, progress: Callable[[float, str], None]
@@ -589,6 +816,22 @@ class Compositions:
         return failed
 
 
+def _with_param_hints(problems: list[str], known: list[str]) -> list[str]:
+    """``params.densty: Extra inputs are not permitted`` gets a did-you-mean for ``density``."""
+    hinted = []
+    for problem in problems:
+        field, sep, _ = problem.partition(":")
+        name = field.removeprefix("params.")
+        if sep and field.startswith("params.") and "Extra inputs" in problem:
+            problem += did_you_mean(name, known) or f" (parameters: {', '.join(known) or 'none'})"
+        hinted.append(problem)
+    return hinted
+
+
+def _is_id(ref: str) -> bool:
+    return len(ref) == 64 and all(c in "0123456789abcdef" for c in ref)
+
+
 def _walk(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
@@ -623,8 +866,14 @@ class DownloadLease:
             self.store.release_lease(self.lease_id)
 
 
+class BuildCancelled(Exception):
+    """Raised from the progress callback when a build lost its claim (cancelled, deleted or
+    taken over): it unwinds the composer, which removes its staging directory."""
+
+
 class _Heartbeat:
-    """Progress callback: writes progress to the database at most twice a second."""
+    """Progress callback: writes progress to the database at most twice a second, and stops
+    the build (`BuildCancelled`) once the row says it is no longer this worker's to run."""
 
     def __init__(self, store: CompositionStore, composition_id: str, worker: str) -> None:
         self.store = store
@@ -639,7 +888,8 @@ class _Heartbeat:
         if fraction < 1.0 and now - self.last < 0.5:
             return
         self.last = now
-        self.store.heartbeat(self.composition_id, self.worker, min(fraction, 0.999), message)
+        if not self.store.heartbeat(self.composition_id, self.worker, min(fraction, 0.999), message):
+            raise BuildCancelled(self.composition_id)
 
 
 def worker_name(index: int) -> str:
@@ -670,4 +920,4 @@ def worker_alive(worker: str) -> bool:
     return True
 
 
-__all__ += ["FAILED", "RUNNING", "worker_alive", "worker_name"]
+__all__ += ["CANCELLED", "FAILED", "QUEUED", "RUNNING", "BuildCancelled", "worker_alive", "worker_name"]

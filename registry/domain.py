@@ -186,6 +186,7 @@ class Composition:
     started_at: datetime | None
     finished_at: datetime | None
     requested_by: str | None = None
+    names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,3 +206,14 @@ class SearchResult:
 
     hits: list[SearchHit]
     timings_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class BrickAlias:
+    """An alias of a brick version (``sentiment@production`` -> ``sentiment@3``)."""
+
+    name: str
+    alias: str
+    version: int
+    created_at: datetime
+    created_by: str | None = None

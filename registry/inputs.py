@@ -212,7 +212,9 @@ class BrickChoice(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
-    version: int | None = Field(None, ge=1, le=MAX_VERSION, description="default: the latest version")
+    version: Annotated[int, Field(ge=1, le=MAX_VERSION)] | Name | None = Field(
+        None, description="a version number or an alias (`production`); default: the latest version"
+    )
     weight: Weight = Field(1.0, description=f"merge weight in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
 
 

@@ -21,9 +21,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from registry.compositions import Compositions, worker_alive, worker_name
+from registry.errors import BrickyardError
 from registry.priority import lower_to_background
 from registry.quality import QualityJobs
 
@@ -41,9 +44,18 @@ _NICENESS = 10
 class WorkerPool:
     """Threads that claim and build queued compositions."""
 
-    def __init__(self, compositions: Compositions, settings: Settings) -> None:
+    def __init__(
+        self,
+        compositions: Compositions,
+        settings: Settings,
+        *,
+        on_build: Callable[[str, float, str, str], None] | None = None,
+    ) -> None:
+        """``on_build(composition id, seconds, status, detail)`` is called after each build
+        (metrics, ``brickyard worker``'s console)."""
         self.compositions = compositions
         self.settings = settings
+        self.on_build = on_build
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -90,10 +102,24 @@ class WorkerPool:
                 self._wake.clear()
                 continue
             log.info("building composition %s (%s, %s)", composition.id, composition.method, composition.output)
+            started = time.monotonic()
             if self.settings.compose.isolation == "thread":
                 self.compositions.build_claimed(composition, worker)
             else:
                 self._build_in_child(composition.id, worker, index)
+            self._report(composition.id, time.monotonic() - started)
+
+    def _report(self, composition_id: str, seconds: float) -> None:
+        """One line per build in the log (and on `brickyard worker`'s console), and the metrics hook."""
+        try:
+            done = self.compositions.store.get(composition_id)
+            status = done.status if done is not None else "deleted"
+            detail = (done.error or done.message) if done is not None else ""
+        except BrickyardError:  # the database is away: reporting must not stop the worker
+            status, detail = "unknown", ""
+        log.info("composition %s %s in %.1f s: %s", composition_id, status, seconds, detail[:200])
+        if self.on_build is not None:
+            self.on_build(composition_id, seconds, status, detail)
 
     def _check_quality(self, index: int) -> bool:
         """Run one queued quality check, if any (builds go first); whether there was one."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from composer import find_linear_modules, read_base_model
 from registry import domain
+from registry.aliases import BrickAliasStore, check_alias, parse_version_or_alias
 from registry.auth import TokenStore
 from registry.blob_check import VerifiedBlobs
 from registry.blobs import BlobStore, LocalBlobStore
@@ -85,7 +86,10 @@ class Registry:
         self._embed_child_lock = threading.Lock()
         self._closed = False
         self.index = index if index is not None else make_index(store.db)
-        self.compositions = Compositions(store, blobs, settings, search=self.search)
+        self.compositions = Compositions(
+            store, blobs, settings, search=self.search, resolve_version=self.resolve_brick_ref
+        )
+        self.aliases = BrickAliasStore(store.db)
         self.emergent = EmergentBricks(store, blobs, self.compositions, embed=self._embed)
         self.tokens = TokenStore(store.db)
         self._hit_bricks = BrickCache(store, size=_BRICK_CACHE_SIZE)
@@ -662,6 +666,57 @@ class Registry:
             ):
                 found.append(composition)
         return found
+
+    # -- brick version aliases (issue #21) ---------------------------------------------------
+
+    def resolve_brick_ref(self, name: str, version_or_alias: int | str | None) -> int | None:
+        """The version a reference names: a number (or digit string) is a version, an alias
+        (``production``) is looked up, None/``latest``/``main`` mean the latest (None back).
+
+        Raises:
+            BrickNotFound: no brick ``name``, or it has no such alias.
+        """
+        ref = parse_version_or_alias(version_or_alias) if isinstance(version_or_alias, str) else version_or_alias
+        if not isinstance(ref, str):
+            return ref
+        version = self.aliases.version_of(name, ref)
+        if version is None:
+            self.store.get_brick(name)  # an unknown brick says so first
+            known = [a.alias for a in self.aliases.of_brick(name)]
+            raise BrickNotFound(
+                f"brick {name!r} has no version or alias {ref[:100]!r}",
+                errors=[f"aliases of {name}: {', '.join(known) if known else 'none'}"],
+                extra={"name": name},
+            )
+        return version
+
+    def hub_alias(self, name: str, revision: str) -> int | None:
+        """``registry.hub.Hub``'s alias resolver: the version ``name@revision`` names, or None."""
+        return self.aliases.version_of(name, revision)
+
+    def set_brick_alias(
+        self, name: str, version_or_alias: int | str, alias: str, *, actor: str | None = None
+    ) -> domain.BrickAlias:
+        """Point ``name@alias`` at a version (given by number or by another alias); moves it
+        if it pointed elsewhere.
+
+        Raises:
+            InvalidInput: a malformed, numeric or reserved alias. BrickNotFound: no such version.
+        """
+        check_alias(alias)
+        brick = self.store.get_brick(name, self.resolve_brick_ref(name, version_or_alias))
+        found = self.aliases.set(name, alias, brick.version, actor)
+        log.info("alias %s@%s -> version %d (by %s)", name, alias, brick.version, actor or "anonymous")
+        return found
+
+    def remove_brick_alias(self, name: str, alias: str) -> domain.BrickAlias:
+        """Remove ``name@alias`` (`BrickNotFound` when it does not exist)."""
+        return self.aliases.remove(name, alias)
+
+    def brick_aliases(self, name: str) -> list[domain.BrickAlias]:
+        """Every alias of brick ``name`` (`BrickNotFound` for an unknown brick)."""
+        self.store.get_brick(name)
+        return self.aliases.of_brick(name)
 
 
 def _parse_metadata(raw: Mapping[str, Any] | str | bytes) -> BrickMetadata:

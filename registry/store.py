@@ -93,6 +93,11 @@ class Store:
             raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
         return found
 
+    def brick_names(self) -> list[str]:
+        """The names of every brick with at least one version (for did-you-mean hints)."""
+        with self.db.session() as session:
+            return list(session.scalars(select(BrickRow.name).distinct().order_by(BrickRow.name)))
+
     def list_base_models(self) -> list[domain.BaseModel]:
         """Every base model, by name."""
         with self.db.session() as session:

@@ -1,7 +1,7 @@
 """a brick is identified by its config and weights together
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-07 08:00:00
 
 The same weights with another ``adapter_config.json`` (a corrected ``lora_alpha``, rsLoRA
@@ -14,7 +14,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -24,6 +24,8 @@ from registry.api.routes import (
     health,
     hub,
     merge_methods,
+    metrics,
+    names,
     search,
     tokens,
 )
@@ -66,7 +68,9 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
             )
         _sweep_stale_uploads(app.state.registry)
         _warm_up(app.state.registry)
-        workers = WorkerPool(app.state.registry.compositions, app.state.registry.settings)
+        workers = WorkerPool(
+            app.state.registry.compositions, app.state.registry.settings, on_build=app.state.metrics.observe_build
+        )
         workers.start()
         app.state.workers = workers
         try:
@@ -83,7 +87,14 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         lifespan=lifespan,
         responses=PROBLEM_RESPONSES,
         redirect_slashes=False,
+        docs_url=None,  # served from packaged assets by registry.api.docs: no CDN
+        redoc_url=None,
     )
+    from registry.api.docs import mount_offline_docs
+    from registry.api.metrics import Metrics, MetricsMiddleware
+
+    mount_offline_docs(app)
+    app.state.metrics = Metrics(lambda: getattr(app.state, "registry", None))
     if registry is not None:
         app.state.registry = registry
     # At most this many threads reading base-model directories (registry.api.offload).
@@ -94,10 +105,12 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         max_bytes=limits.max_adapter_bytes + limits.max_config_bytes + limits.max_metadata_bytes + _MULTIPART_SLACK,
     )
     app.add_middleware(AuthGuard, registry_of=lambda: app.state.registry)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts refusals too
     install_problem_handlers(app)
     # hub last: its /{namespace}/{name}/resolve/... routes must not shadow the others
     for module in (
         health,
+        metrics,
         base_models,
         base_model_changes,
         emergent,
@@ -106,6 +119,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         compositions,
         merge_methods,
         tokens,
+        names,
         hub,
     ):
         app.include_router(module.router)

@@ -19,10 +19,15 @@ __all__ = [
     "RelativePath",
     "TagQuery",
     "VersionPath",
+    "VersionRefPath",
 ]
 
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, max_length=100, description="a name (brick, base model, token)")]
 VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="brick version")]
+VersionRefPath = Annotated[
+    str,
+    Path(pattern=NAME_PATTERN, max_length=100, description="brick version number, or an alias (`production`)"),
+]
 FilenamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,200}$", description="file name")]
 RelativePath = Annotated[
     str, Path(pattern=r"^[A-Za-z0-9._-][A-Za-z0-9._/-]{0,254}$", description="path of a file inside the composition")

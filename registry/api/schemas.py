@@ -3,6 +3,7 @@ the CLI and the Python API)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
@@ -172,6 +173,14 @@ class Page(BaseModel, Generic[T]):
     items: list[T]
     next_cursor: str | None = None
 
+    def __iter__(self) -> Iterator[T]:  # type: ignore[override]
+        """The items (``for brick in client.list_bricks()``), not pydantic's (field, value) pairs."""
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        """How many items this page holds."""
+        return len(self.items)
+
 
 class SearchHitOut(BaseModel):
     """A ranked brick: why it matched and how well."""
@@ -208,6 +217,7 @@ class CompositionOut(BaseModel):
     finished_at: datetime | None
     files_url: str
     archive_url: str
+    names: list[str] = Field(default_factory=list, description="names pointing at this composition")
 
     @classmethod
     def of(cls, composition: domain.Composition) -> CompositionOut:
@@ -230,6 +240,7 @@ class CompositionOut(BaseModel):
             finished_at=composition.finished_at,
             files_url=f"{base}/files",
             archive_url=f"{base}/archive",
+            names=list(composition.names),
         )
 
 
@@ -301,3 +312,40 @@ class EventOut(BaseModel):
     def of(cls, event: Any) -> EventOut:
         """From a `registry.db.events.Event`."""
         return cls(at=event.at, actor=event.actor, action=event.action, subject=event.subject, details=event.details)
+
+
+class BrickAliasOut(BaseModel):
+    """An alias of a brick version."""
+
+    name: str
+    alias: str
+    version: int
+    created_at: datetime
+    created_by: str | None
+
+    @classmethod
+    def of(cls, alias: domain.BrickAlias) -> BrickAliasOut:
+        """From the domain object."""
+        return cls(
+            name=alias.name,
+            alias=alias.alias,
+            version=alias.version,
+            created_at=alias.created_at,
+            created_by=alias.created_by,
+        )
+
+
+class BrickAliasIn(BaseModel):
+    """Where an alias points: a version number or another alias."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | str = Field(description="a version number, or an alias to copy")
+
+
+class CompositionNameIn(BaseModel):
+    """The composition a name points at."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    composition: str = Field(min_length=1, max_length=100, description="a composition id or another name")

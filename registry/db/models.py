@@ -440,6 +440,41 @@ class CompositionLeaseRow(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class CompositionNameRow(Base):
+    """A name that points at a composition (``brickyard composition name``); moving a name
+    to another composition is an update of this row."""
+
+    __tablename__ = "composition_names"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    composition_id: Mapped[str] = mapped_column(ForeignKey("compositions.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(100))
+
+
+class CompositionBrickRow(Base):
+    """A brick name used by a composition: lets listings filter by brick with an index
+    instead of reading every recipe's JSON."""
+
+    __tablename__ = "composition_bricks"
+
+    composition_id: Mapped[str] = mapped_column(ForeignKey("compositions.id", ondelete="CASCADE"), primary_key=True)
+    brick_name: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+
+
+class BrickAliasRow(Base):
+    """An alias of a brick version (``sentiment@production``), MLflow-style: one version per
+    (name, alias); setting it again moves it."""
+
+    __tablename__ = "brick_aliases"
+
+    name: Mapped[str] = mapped_column(String(100), ForeignKey("brick_names.name"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(100))
+
+
 class ApiTokenRow(Base):
     """An API token: only its sha256 is stored; ``prefix`` identifies it in listings."""
 

@@ -72,6 +72,7 @@ class ProcessEmbedder:
         self._child: _Child | None = None
         self._facts: dict[str, Any] | None = None  # the model's name and dim, once known
         self._closed = False
+        self.starts = 0  # children started so far; /metrics reports the restarts (starts - 1)
 
     @property
     def name(self) -> str:
@@ -146,6 +147,7 @@ class ProcessEmbedder:
                 raise ServiceUnavailable(f"the embedding process did not start: {exc}; see {self.log_path}") from None
             raise
         self._child, self._facts = child, facts
+        self.starts += 1
         return child
 
     def _replace(self) -> None:

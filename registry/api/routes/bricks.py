@@ -10,11 +10,18 @@ from fastapi.responses import FileResponse, Response
 from registry.api.blob_downloads import stored_file_response
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
 from registry.api.files import FILE_RESPONSES
-from registry.api.params import CursorQuery, FilenamePath, LimitQuery, NamePath, NameQuery, TagQuery, VersionPath
+from registry.api.params import CursorQuery, FilenamePath, LimitQuery, NamePath, NameQuery, TagQuery, VersionRefPath
 from registry.api.schemas import BrickFileOut, BrickOut, EventOut, Page
 from registry.inputs import BrickPatchIn
+from registry.service import Registry
 
 router = APIRouter(prefix="/v1/bricks", tags=["bricks"])
+
+
+def _version(registry: Registry, name: str, ref: str) -> int:
+    """A version path segment as a number: digits, an alias, or ``latest``."""
+    version = registry.resolve_brick_ref(name, ref)
+    return version if version is not None else registry.get_brick(name).version
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -72,31 +79,37 @@ def list_brick_versions(
 
 
 @router.get("/{name}/versions/{version}")
-def get_brick_version(name: NamePath, version: VersionPath, registry: RegistryDep, _: ReadActor) -> BrickOut:
+def get_brick_version(name: NamePath, version: VersionRefPath, registry: RegistryDep, _: ReadActor) -> BrickOut:
     """One version of a brick."""
-    return BrickOut.of(registry.get_brick(name, version))
+    number = _version(registry, name, version)
+    return BrickOut.of(registry.get_brick(name, number))
 
 
 @router.patch("/{name}/versions/{version}")
 def patch_brick_version(
-    name: NamePath, version: VersionPath, body: BrickPatchIn, registry: RegistryDep, actor: WriteActor
+    name: NamePath, version: VersionRefPath, body: BrickPatchIn, registry: RegistryDep, actor: WriteActor
 ) -> BrickOut:
     """Change the description, examples or tags of a brick version."""
-    return BrickOut.of(registry.update_brick(name, version, body, actor=actor.name))
+    number = _version(registry, name, version)
+    return BrickOut.of(registry.update_brick(name, number, body, actor=actor.name))
 
 
 @router.delete("/{name}/versions/{version}")
-def delete_brick_version(name: NamePath, version: VersionPath, registry: RegistryDep, actor: WriteActor) -> BrickOut:
+def delete_brick_version(name: NamePath, version: VersionRefPath, registry: RegistryDep, actor: WriteActor) -> BrickOut:
     """Delete a brick version; answers the deleted brick. Its number is never reused."""
-    return BrickOut.of(registry.delete_brick(name, version, actor=actor.name))
+    number = _version(registry, name, version)
+    return BrickOut.of(registry.delete_brick(name, number, actor=actor.name))
 
 
 @router.get("/{name}/versions/{version}/files")
-def list_brick_files(name: NamePath, version: VersionPath, registry: RegistryDep, _: ReadActor) -> list[BrickFileOut]:
+def list_brick_files(
+    name: NamePath, version: VersionRefPath, registry: RegistryDep, _: ReadActor
+) -> list[BrickFileOut]:
     """The stored files of a brick version."""
+    number = _version(registry, name, version)
     return [
         BrickFileOut(filename=f.filename, sha256=f.sha256, size_bytes=f.size_bytes, media_type=f.media_type)
-        for f in registry.brick_files(name, version)
+        for f in registry.brick_files(name, number)
     ]
 
 
@@ -107,7 +120,7 @@ def list_brick_files(name: NamePath, version: VersionPath, registry: RegistryDep
 )
 def get_brick_file(
     name: NamePath,
-    version: VersionPath,
+    version: VersionRefPath,
     filename: FilenamePath,
     request: Request,
     registry: RegistryDep,
@@ -115,7 +128,7 @@ def get_brick_file(
 ) -> Response:
     """A stored file, byte-identical to the upload (HTTP Range supported; a 307 to the object
     store when presigned downloads are enabled)."""
-    file = registry.brick_file(name, version, filename)
+    file = registry.brick_file(name, _version(registry, name, version), filename)
     return stored_file_response(
         request,
         registry.blobs,

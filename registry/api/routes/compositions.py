@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -19,13 +19,22 @@ from registry.api.files import (
     tar_of_streams_length,
     tar_stream,
 )
-from registry.api.params import RelativePath
-from registry.api.schemas import CompositionFileOut, CompositionOut
+from registry.api.params import CursorQuery, LimitQuery, NameQuery, RelativePath
+from registry.api.schemas import CompositionFileOut, CompositionOut, Page
 from registry.inputs import ComposeRequest
 
 router = APIRouter(prefix="/v1/compositions", tags=["compositions"])
 
-IdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{64}$", description="composition id (sha256 of its recipe)")]
+IdPath = Annotated[
+    str,
+    Path(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="composition id (sha256 of its recipe) or a name pointing at one",
+    ),
+]
+StatusQuery = Annotated[
+    str | None, Query(pattern=r"^[a-z]{1,16}$", description="queued|running|ready|failed|cancelled")
+]
 
 
 @router.post(
@@ -54,13 +63,48 @@ def request_composition(
 
 @router.get("/{composition_id}")
 def get_composition(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> CompositionOut:
-    """Status, progress (0..1), error and recipe of a composition."""
-    return CompositionOut.of(registry.compositions.get(composition_id))
+    """Status, progress (0..1), error, recipe and names of a composition (by id or name)."""
+    return CompositionOut.of(registry.compositions.describe(composition_id))
+
+
+@router.get("")
+def list_compositions(
+    registry: RegistryDep,
+    _: ReadActor,
+    base_model: NameQuery = None,
+    brick: NameQuery = None,
+    status: StatusQuery = None,
+    name: NameQuery = None,
+    cursor: CursorQuery = None,
+    limit: LimitQuery = 50,
+) -> Page[CompositionOut]:
+    """Compositions, newest first, a page at a time; filtered by base model, brick (name),
+    status and composition name."""
+    base_id = registry.store.base_model_id(base_model) if base_model is not None else None
+    page = registry.compositions.list_page(
+        base_model_id=base_id, brick=brick, status=status, name=name, cursor=cursor, limit=limit
+    )
+    return Page[CompositionOut](items=[CompositionOut.of(c) for c in page.items], next_cursor=page.next_cursor)
+
+
+@router.post("/{composition_id}/cancel")
+def cancel_composition(composition_id: IdPath, registry: RegistryDep, actor: WriteActor) -> CompositionOut:
+    """Cancel a queued or running build: it stops within about a second and leaves no
+    files (409 when it is ready or failed already). Requesting it again rebuilds it."""
+    return CompositionOut.of(registry.compositions.cancel(composition_id, actor=actor.name))
+
+
+@router.delete("/{composition_id}")
+def delete_composition(composition_id: IdPath, registry: RegistryDep, actor: WriteActor) -> CompositionOut:
+    """Delete a composition (cancelling its build if it is queued or running) with its names
+    and files; answers it as it was. Downloads already streaming a file finish."""
+    return CompositionOut.of(registry.compositions.delete(composition_id, actor=actor.name))
 
 
 @router.get("/{composition_id}/files")
 def list_composition_files(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> list[CompositionFileOut]:
     """The files of a ready composition (409 while it is not ready)."""
+    composition_id = registry.compositions.resolve_ref(composition_id)
     return [CompositionFileOut(path=p, size_bytes=n) for p, n in registry.compositions.files(composition_id)]
 
 
@@ -78,6 +122,7 @@ def get_composition_file(
 ) -> Response:
     """One file of a ready composition (HTTP Range supported; from object storage, a 307 to
     a presigned URL when presigned downloads are enabled)."""
+    composition_id = registry.compositions.resolve_ref(composition_id)
     # Held against eviction until the response is sent (long: a file response is not renewed).
     lease = registry.compositions.lease(composition_id, ttl_s=6 * 3600)
     try:
@@ -122,6 +167,7 @@ router.add_api_route(
 )
 def get_composition_archive(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> StreamingResponse:
     """The whole composition as a tar stream (uncompressed: weights do not compress)."""
+    composition_id = registry.compositions.resolve_ref(composition_id)
     lease = registry.compositions.lease(composition_id)  # eviction waits for the download
     try:
         files = registry.compositions.files(composition_id)

@@ -62,7 +62,7 @@ router = APIRouter(tags=["hugging face hub"], route_class=_HubRoute, include_in_
 
 
 def _hub(registry: RegistryDep) -> Hub:
-    return Hub(registry)
+    return Hub(registry, resolve_alias=registry.hub_alias)  # revision="production" works too
 
 
 HubDep = Annotated[Hub, Depends(_hub)]

@@ -253,7 +253,9 @@ def test_nan_weight_and_unknown_names(composable: Any) -> None:
     assert missing.status_code == 404
     unknown = composable.get("/v1/compositions/" + "0" * 64)
     assert unknown.status_code == 404
-    assert composable.get("/v1/compositions/not-an-id").status_code == 422
+    unnamed = composable.get("/v1/compositions/not-a-name")  # a name would be accepted; none points anywhere
+    assert unnamed.status_code == 404 and unnamed.json()["type"].endswith("composition-not-found")
+    assert composable.get("/v1/compositions/-not-an-id").status_code == 422
 
 
 def test_merge_methods_are_listed_with_parameters(client: Any) -> None:
