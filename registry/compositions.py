@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from registry.settings import Settings
     from registry.store import Store
 
-__all__ = ["Compositions", "recipe_id", "softmax_weights"]
+__all__ = ["Compositions", "instruction_weights", "recipe_id", "softmax_weights"]
 
 log = logging.getLogger("brickyard.compositions")
 
@@ -66,6 +66,12 @@ def softmax_weights(scores: list[float]) -> list[float]:
     exps = [math.exp(s - top) for s in scores]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def instruction_weights(hits: list[domain.SearchHit]) -> list[float]:
+    """The documented score rule: the weights of bricks found by an instruction, in rank order
+    (also used by ``auto`` serving, so both pick weights the same way)."""
+    return softmax_weights([h.score for h in hits])
 
 
 class Compositions:
@@ -119,7 +125,7 @@ class Compositions:
                         f"weights: give {len(hits)} weights, in rank order: {', '.join(h.brick.ref for h in hits)}"
                     ],
                 )
-            weights = request.weights or softmax_weights([h.score for h in hits])
+            weights = request.weights or instruction_weights(hits)
             chosen = [(h.brick, w) for h, w in zip(hits, weights, strict=True)]
         else:
             assert request.bricks is not None

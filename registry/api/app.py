@@ -14,7 +14,17 @@ from fastapi import FastAPI
 from registry.api.guard import AuthGuard
 from registry.api.limits import BodyLimitMiddleware
 from registry.api.problems import PROBLEM_RESPONSES, document_problems, install_problem_handlers
-from registry.api.routes import base_models, bricks, compositions, health, hub, merge_methods, search, tokens
+from registry.api.routes import (
+    base_models,
+    bricks,
+    compositions,
+    health,
+    hub,
+    merge_methods,
+    openai,
+    search,
+    tokens,
+)
 from registry.jobs import WorkerPool
 from registry.service import Registry
 from registry.settings import Settings
@@ -55,9 +65,13 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         workers = WorkerPool(app.state.registry.compositions, app.state.registry.settings)
         workers.start()
         app.state.workers = workers
+        from registry.serve import Gateway
+
+        app.state.gateway = Gateway.open(app.state.registry, wake_builds=workers.wake)
         try:
             yield
         finally:
+            await app.state.gateway.aclose()
             workers.stop()
             if owns_registry:
                 app.state.registry.close()
@@ -80,7 +94,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
     app.add_middleware(AuthGuard, registry_of=lambda: app.state.registry)
     install_problem_handlers(app)
     # hub last: its /{namespace}/{name}/resolve/... routes must not shadow the others
-    for module in (health, base_models, bricks, search, compositions, merge_methods, tokens, hub):
+    for module in (health, base_models, bricks, search, compositions, merge_methods, tokens, openai, hub):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
