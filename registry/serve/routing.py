@@ -63,13 +63,14 @@ class Router:
 
     Args:
         registry: the catalog, search and compositions.
-        wake_builds: called after a new composition is queued (the server's worker pool).
+        wake_builds: called after a new composition is queued (the server's worker pool);
+            None: no pool runs (the CLI without a server), so the waiting request builds it.
     """
 
     def __init__(self, registry: Registry, wake_builds: Callable[[], None] | None = None) -> None:
         self.registry = registry
         self.settings = registry.settings.serve
-        self.wake_builds = wake_builds or (lambda: None)
+        self.wake_builds = wake_builds
         self._links = registry.settings.serve_dir / "bricks"
 
     def route(self, model: str, query: str | None, options: RoutingOptions) -> Target:
@@ -153,7 +154,7 @@ class Router:
             request["rank"] = rank
         composition, ready = self.registry.compositions.request(request, actor="serve")
         if not ready:
-            self.wake_builds()
+            self._build(composition.id)
         scores = {h.brick.ref: h.score for h in hits}
         target = self._ready(composition, model=model, scores=scores)
         if rank is not None:
@@ -161,6 +162,17 @@ class Router:
         return target
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _build(self, composition_id: str) -> None:
+        if self.wake_builds is not None:
+            self.wake_builds()
+            return
+        from registry.compositions import worker_name
+
+        worker = f"{worker_name(0)}:serve"
+        claimed = self.registry.compositions.store.claim(composition_id, worker)
+        if claimed is not None:  # else another process builds it: wait for it below
+            self.registry.compositions.build_claimed(claimed, worker)
 
     def _auto_base(self, name: str | None) -> domain.BaseModel:
         if name is not None:
