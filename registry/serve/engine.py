@@ -1,4 +1,5 @@
-"""What an engine is given and what it streams back, and the factory choosing one by setting."""
+"""What an engine is given and what it streams back (the engines: `registry.serve.embedded`,
+`registry.serve.vllm`; `registry.serve.gateway.make_engine` picks one by setting)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from registry.serve.routing import Target
-    from registry.settings import Settings
 
-__all__ = ["Done", "Engine", "Generation", "Piece", "Started", "make_engine"]
+__all__ = ["Done", "Engine", "Generation", "Piece", "Started"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Generation:
     seed: int | None
     stop: list[str]
     n: int
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,3 @@ class Engine(Protocol):
     def status(self) -> dict[str, Any]:
         """What the engine has loaded (for /v1/models and tests)."""
         ...
-
-
-def make_engine(settings: Settings) -> Engine:
-    """The engine ``settings.serve.engine`` names."""
-    if settings.serve.engine == "vllm":
-        from registry.serve.vllm import VllmEngine
-
-        return VllmEngine(settings.serve)
-    from registry.serve.embedded import EmbeddedEngine
-
-    return EmbeddedEngine(settings.serve, log_path=settings.serve_dir / "engine.log")

@@ -19,14 +19,15 @@ from pydantic import ValidationError
 
 from registry.errors import InvalidInput
 from registry.inputs import validation_errors
-from registry.serve.engine import Done, Engine, Generation, Piece, Started, make_engine
+from registry.serve.engine import Done, Engine, Generation, Piece, Started
 from registry.serve.protocol import ChatRequest, CompletionRequest
 from registry.serve.routing import Router, Target
 
 if TYPE_CHECKING:
     from registry.service import Registry
+    from registry.settings import Settings
 
-__all__ = ["Gateway", "parse_request"]
+__all__ = ["Gateway", "make_engine", "parse_request"]
 
 Request = CompletionRequest | ChatRequest
 
@@ -48,6 +49,17 @@ def parse_request(kind: type[Request], body: Any) -> Request:
             errors=validation_errors(exc),
             extra={"param": ".".join(str(p) for p in first) or None},
         ) from None
+
+
+def make_engine(settings: Settings) -> Engine:
+    """The engine ``settings.serve.engine`` names."""
+    if settings.serve.engine == "vllm":
+        from registry.serve.vllm import VllmEngine
+
+        return VllmEngine(settings.serve)
+    from registry.serve.embedded import EmbeddedEngine
+
+    return EmbeddedEngine(settings.serve, log_path=settings.serve_dir / "engine.log")
 
 
 class Gateway:
@@ -82,6 +94,7 @@ class Gateway:
             seed=request.seed,
             stop=request.stops,
             n=request.n,
+            stream=request.stream,
         )
 
     async def complete(self, request: Request, generation: Generation) -> dict[str, Any]:

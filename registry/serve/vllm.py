@@ -4,8 +4,9 @@ and Brickyard's LoRA resolver plugin (``serving/vllm_plugin``).
 The ``model`` sent is what the resolver accepts, already resolved here: ``name@version`` for a
 brick (never a plain name: vLLM remembers a resolved name for as long as it runs, so a plain
 name would keep its first version), a composition id, or vLLM's own served base name for the
-base alone. vLLM always streams to the gateway (``stream_options.include_usage``), and its
-chunks become the same events as the embedded engine's, so both give one response shape.
+base alone. A streamed request is streamed from vLLM (``stream_options.include_usage``), a
+whole one asked whole (vLLM's streamed text of a token-id prompt starts with the prompt's
+text); either way vLLM's answer becomes the same events as the embedded engine's.
 Chat requests go to vLLM's chat route when the base's tokenizer has a chat template, and as
 the plain rendering of `registry.serve.chat` to its completions route otherwise (vLLM refuses
 chat without a template). vLLM unreachable or failing: `ServiceUnavailable` (503, Retry-After).
@@ -71,9 +72,10 @@ class VllmEngine:
             "temperature": generation.temperature,
             "top_p": generation.top_p,
             "n": generation.n,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": generation.stream,
         }
+        if generation.stream:
+            body["stream_options"] = {"include_usage": True}
         if generation.seed is not None:
             body["seed"] = generation.seed
         if generation.stop:
@@ -86,6 +88,18 @@ class VllmEngine:
                 body["prompt"] = render_plain_chat(generation.messages)
         else:
             body["prompt"] = generation.prompt
+        if not generation.stream:
+            whole = (await self._request("POST", path, json=body)).json()
+            yield Started(int((whole.get("usage") or {}).get("prompt_tokens") or 0))
+            tokens = int((whole.get("usage") or {}).get("completion_tokens") or 0)
+            for choice in whole.get("choices") or []:
+                index = int(choice.get("index", 0))
+                text = choice.get("text")
+                if text is None:
+                    text = (choice.get("message") or {}).get("content") or ""
+                yield Piece(index, text)
+                yield Done(index, str(choice.get("finish_reason") or "stop"), tokens // max(generation.n, 1))
+            return
         counts = [0] * generation.n
         try:
             async with self._http.stream("POST", path, json=body) as response:

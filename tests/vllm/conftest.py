@@ -165,7 +165,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = make_base_model(root / "base", hidden=256, intermediate=512, num_layers=2)
     other = make_base_model(root / "other", hidden=256, intermediate=512, num_layers=3, seed=9)
     out = {"base": base, "other": other}
-    names = (*BRICKS, "late", "gone")
+    names = (*BRICKS, "late", "gone", "gateway-gone")
     for seed, name in enumerate(names, start=1):
         out[name] = make_lora(base, root / name, r=8, alpha=16, target_modules=LLAMA_PROJECTIONS, seed=seed)
     out["foreign"] = make_lora(other, root / "foreign", r=8, alpha=16, target_modules=LLAMA_PROJECTIONS, seed=99)
