@@ -211,7 +211,7 @@ class Router:
             if found is None:
                 raise CompositionNotFound(f"composition {composition.id} vanished while being built")
             composition = found
-        recipe: dict[str, Any] = dict(composition.recipe)  # type: ignore[arg-type]
+        recipe: dict[str, Any] = dict(composition.recipe)
         base = self.registry.get_base_model(recipe["base_model"]["name"])
         bricks = [
             {

@@ -66,15 +66,17 @@ class VllmEngine:
         """Stream a generation's events from vLLM."""
         target = generation.target
         model = target.adapter.key if target.adapter is not None else await self._served_base()
-        body: dict[str, Any] = {
-            "model": model,
-            "max_tokens": generation.max_tokens,
-            "temperature": generation.temperature,
-            "top_p": generation.top_p,
-            "n": generation.n,
-            "stream": generation.stream,
-        }
+        # Only what differs from vLLM's defaults: the request is what a client asking vLLM
+        # directly for the same thing would send.
+        body: dict[str, Any] = {"model": model, "temperature": generation.temperature}
+        if generation.max_tokens is not None:
+            body["max_tokens"] = generation.max_tokens
+        if generation.top_p != 1.0:
+            body["top_p"] = generation.top_p
+        if generation.n != 1:
+            body["n"] = generation.n
         if generation.stream:
+            body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         if generation.seed is not None:
             body["seed"] = generation.seed

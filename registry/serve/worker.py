@@ -44,8 +44,8 @@ class _Base:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        self.model.eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.model: Any = model.eval()
         self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.adapters: OrderedDict[str, str] = OrderedDict()
@@ -60,11 +60,11 @@ class _Base:
         if key in self.adapters:
             self.adapters.move_to_end(key)
         elif isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=key)
+            self.model.load_adapter(str(path), adapter_name=key)
             self.adapters[key] = str(path)
         else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=key)
-            self.model.eval()
+            peft_model: Any = PeftModel.from_pretrained(self.model, str(path), adapter_name=key)
+            self.model = peft_model.eval()
             self.adapters[key] = str(path)
         self.model.set_adapter(key)
         while len(self.adapters) > limit:
