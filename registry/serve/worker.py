@@ -134,7 +134,7 @@ class _Worker:
             base = self.bases[job["base"]] = _Base(job["base"])
         ids = self.prompt_ids(base, job)
         max_tokens = job.get("max_tokens") or base.max_len - len(ids)
-        if len(ids) + max_tokens > base.max_len:
+        if len(ids) >= base.max_len or len(ids) + max_tokens > base.max_len:
             raise _Bad(
                 "context_length_exceeded",
                 f"This model's maximum context length is {base.max_len} tokens. However, you requested "

@@ -241,6 +241,8 @@ def test_bad_requests_are_openai_errors_and_load_nothing(served: Served) -> None
     with pytest.raises(openai.BadRequestError) as too_long:
         served.client.completions.create(model="sql@1", prompt=" ".join(["fox"] * 200), max_tokens=4)
     assert too_long.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):  # over the context with no max_tokens at all
+        served.client.completions.create(model="sql@1", prompt=" ".join(["fox"] * 200))
     with pytest.raises(openai.BadRequestError):
         complete(served, "not a model!")
     assert served.child_status().get("bases", {}) == before
