@@ -77,8 +77,12 @@ def test_gateway_equals_vllm_direct_embedded_and_reference(stack: Stack, tmp_pat
     for model, direct, adapter, key in cases:
         answer = through_gateway(stack, model)
         text = answer.choices[0].text
-        assert text == vllm_direct(stack, direct) == reference_text(stack.base, adapter), model
-        assert text == embedded(stack.base, adapter, key, tmp_path), model
+        assert text == vllm_direct(stack, direct), model
+        # vLLM leaves out a character cut off by the last token, which a full decode (and the
+        # embedded engine's final flush) renders as U+FFFD: compare without it.
+        reference = reference_text(stack.base, adapter).removesuffix("\ufffd")
+        assert text.removesuffix("\ufffd") == reference, model
+        assert embedded(stack.base, adapter, key, tmp_path).removesuffix("\ufffd") == reference, model
     assert through_gateway(stack, "alpha").brickyard["bricks"][0]["version"] == 1  # type: ignore[attr-defined]
 
 
