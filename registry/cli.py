@@ -1075,6 +1075,92 @@ def _mount_management() -> None:
 _mount_management()
 
 
+# -- OpenAI-compatible generation (registry.serve) ------------------------------------------
+
+
+def _generate(body: dict[str, Any], *, chat: bool, url: str | None) -> str:
+    """Stream one generation to the terminal; print which bricks answered. Returns the text."""
+    from registry.serve.console import stream_generation
+    from registry.settings import Settings
+
+    token = None
+    if url:
+        settings = Settings()
+        token = settings.token
+        if token is None and settings.admin_token_file.exists():
+            token = settings.admin_token_file.read_text().strip()
+    pieces: list[str] = []
+
+    def on_used(used: dict[str, Any]) -> None:
+        bricks = ", ".join(
+            f"{b['name']}@{b['version']} x{b['weight']:.3g}" + (f" (score {b['score']:.2f})" if b.get("score") else "")
+            for b in used.get("bricks", [])
+        )
+        line = f"[dim]{used.get('base_model')}[/]" + (f" + {bricks}" if bricks else " (base model alone)")
+        if used.get("recipe_id"):
+            line += f" [dim]recipe {str(used['recipe_id'])[:16]}[/]"
+        err_console.print(line)
+        if used.get("note"):
+            err_console.print(f"[yellow]{used['note']}[/]")
+
+    def on_text(text: str) -> None:
+        pieces.append(text)
+        console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        stream_generation(body, chat=chat, url=url, token=token, on_used=on_used, on_text=on_text)
+    except BrickyardError as exc:
+        _fail(exc)
+    console.print()
+    return "".join(pieces)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt (sent as one user message with --chat)")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="base, brick[@version], composition id, auto[:base]")
+    ] = "auto",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="tokens to generate")] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0: greedy")] = 0.0,
+    k: Annotated[int, typer.Option("-k", help="auto: at most this many bricks")] = 3,
+    min_score: Annotated[float | None, typer.Option("--min-score", help="auto: score threshold")] = None,
+    chat_format: Annotated[bool, typer.Option("--chat", help="send as a chat message")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Generate text with a model of the registry, showing which bricks answered."""
+    options: dict[str, Any] = {"k": k} | ({"min_score": min_score} if min_score is not None else {})
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "brickyard": options}
+    if chat_format:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    _generate(body, chat=chat_format, url=url)
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="base, brick[@version], composition id, auto[:base]")
+    ] = "auto",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="tokens per answer")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0: greedy")] = 0.0,
+    url: UrlOption = None,
+) -> None:
+    """Chat in the terminal (empty line or Ctrl-D ends); each answer says which bricks answered."""
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        messages.append({"role": "assistant", "content": _generate(body, chat=True, url=url)})
+
+
 def _mount_local() -> None:
     from composer.cli import app as composer_app
 

@@ -3,7 +3,8 @@
 Builds a tiny random Llama base model and a few LoRA bricks locally, starts the API on
 the embedded SQLite database, registers everything over REST, lists and searches it,
 composes two bricks, downloads the composed model, loads it with transformers and
-generates a few tokens, printing what it did at each step. Then the same with bricks that
+generates a few tokens, and asks an OpenAI-style request with ``model="auto"`` (the prompt
+picks the bricks), printing what it did at each step. Then the same with bricks that
 have learned something (`registry.demo_skills`): the trained test bed, base vs composed.
 """
 
@@ -113,9 +114,30 @@ def _generate(model_dir: Path) -> str:
     return str(tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
+def _auto_request(url: str, token: str, console: Console) -> None:
+    """POST /v1/chat/completions with ``model="auto"``, streamed; print the bricks that answered."""
+    from registry.serve.console import stream_generation
+
+    question = "Translate this Romanian customer email into English: Buna ziua, comanda mea nu a ajuns."
+    pieces: list[str] = []
+
+    def used(record: dict[str, Any]) -> None:
+        bricks = ", ".join(f"{b['name']}@{b['version']} x{b['weight']:.2f} (score {b['score']:.1f})"
+                           for b in record["bricks"])  # fmt: skip
+        console.print(f"POST /v1/chat/completions model=auto {question!r}")
+        console.print(f"  answered by {record['base_model']} + {bricks or 'no brick'}"
+                      + (f", recipe {record['recipe_id'][:16]}" if record.get("recipe_id") else ""))  # fmt: skip
+        if record.get("note"):
+            console.print(f"  {record['note']}")
+
+    body = {"model": "auto", "messages": [{"role": "user", "content": question}], "max_tokens": 12, "temperature": 0}
+    stream_generation(body, chat=True, url=url, token=token, on_used=used, on_text=pieces.append)
+    console.print(f"  generated: {''.join(pieces)!r} (embedded engine: transformers + PEFT in a child process)")
+
+
 def run_demo(workdir: Path, console: Console, *, skills: bool = True) -> int:
     """Run the demo; returns the process exit code. ``skills=False`` stops before the trained
-    test bed (step 8, `registry.demo_skills.show_skills`, tested on its own)."""
+    test bed (step 9, `registry.demo_skills.show_skills`, tested on its own)."""
     from registry.client import RemoteClient, iter_bricks
     from registry.demo_skills import show_skills
     from registry.errors import BaseModelExists, BrickExists
@@ -210,8 +232,10 @@ def run_demo(workdir: Path, console: Console, *, skills: bool = True) -> int:
                 "the composed files load and run)"
             )
 
+            console.rule("[bold]8. ask model=auto: the prompt picks the bricks, composed and served per request")
+            _auto_request(url, token, console)
             if skills:
-                console.rule("[bold]8. bricks that learned something: the trained test bed, base vs composed")
+                console.rule("[bold]9. bricks that learned something: the trained test bed, base vs composed")
                 show_skills(client, workdir, console)
         console.rule("[bold green]demo finished")
         return 0

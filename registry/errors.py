@@ -7,7 +7,8 @@ BrickyardError                      500 internal
 │   ├── InvalidAdapter              422 invalid-adapter
 │   ├── InvalidBaseModel            422 invalid-base-model
 │   ├── IncompatibleBrick           422 incompatible-brick
-│   └── InvalidRecipe               422 invalid-recipe
+│   ├── InvalidRecipe               422 invalid-recipe
+│   └── RequestRefused              400 request-refused    (a serving engine refused a generation)
 ├── UnsupportedMediaType            415 unsupported-media-type
 ├── PayloadTooLarge                 413 payload-too-large
 ├── Unauthorized                    401 unauthorized
@@ -58,6 +59,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RangeNotSatisfiable",
+    "RequestRefused",
     "SchemaOutOfDate",
     "ServiceUnavailable",
     "StorageCorrupt",
@@ -114,6 +116,13 @@ class InvalidRecipe(InvalidInput):
     """A composition request that cannot be resolved or planned."""
 
     code, title = "invalid-recipe", "Invalid composition request"
+
+
+class RequestRefused(InvalidInput):
+    """A serving engine refused a generation (prompt over the context length, token ids outside
+    the vocabulary, an adapter it cannot load). 400, as OpenAI answers these."""
+
+    status, code, title = 400, "request-refused", "Request refused by the engine"
 
 
 class UnsupportedMediaType(BrickyardError):

@@ -57,6 +57,13 @@ BRICKYARD_AUTH__ENABLED                       require API tokens (true)
 BRICKYARD_AUTH__OPEN_READS                    reads need no token (true)
 BRICKYARD_AUTH__BOOTSTRAP_ADMIN               create and print an admin token on first start
 BRICKYARD_TOKEN                               token the CLI sends to a server
+BRICKYARD_SERVE__ENGINE                       what generates for the OpenAI routes: ``embedded``
+                                              (transformers + PEFT in a child process) or ``vllm``
+BRICKYARD_SERVE__VLLM_URL                     the vLLM OpenAI server (http://127.0.0.1:8001)
+BRICKYARD_SERVE__MAX_LORA_RANK                largest adapter rank the engine takes (64); ``auto``
+                                              truncates a composition to it
+BRICKYARD_SERVE__MAX_LOADED_ADAPTERS          adapters the embedded engine keeps loaded (LRU, 8)
+BRICKYARD_SERVE__MIN_SCORE                    ``auto``: bricks scoring below this are not used (8)
 ============================================  =================================================
 """
 
@@ -69,7 +76,15 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["AuthSettings", "BlobSettings", "ComposeSettings", "EmbeddingSettings", "LimitSettings", "Settings"]
+__all__ = [
+    "AuthSettings",
+    "BlobSettings",
+    "ComposeSettings",
+    "EmbeddingSettings",
+    "LimitSettings",
+    "ServeSettings",
+    "Settings",
+]
 
 _MiB = 1024 * 1024
 
@@ -178,6 +193,20 @@ class ComposeSettings(BaseModel):
     )
 
 
+class ServeSettings(BaseModel):
+    """The OpenAI-compatible routes (`registry.serve`)."""
+
+    engine: Literal["embedded", "vllm"] = Field(
+        "embedded", description="embedded: transformers + PEFT in a child process; vllm: forward to vllm_url"
+    )
+    vllm_url: str = Field("http://127.0.0.1:8001", description="the vLLM OpenAI server (started with --enable-lora)")
+    max_lora_rank: int = Field(64, ge=1, le=4096, description="largest adapter rank the engine accepts")
+    max_loaded_adapters: int = Field(8, ge=1, le=256, description="embedded engine: adapters kept loaded (LRU)")
+    min_score: float = Field(8.0, allow_inf_nan=False, description="auto: bricks scoring below this are not used")
+    timeout_s: float = Field(300.0, gt=0, description="an engine silent this long fails the request (503)")
+    compose_timeout_s: float = Field(300.0, gt=0, description="auto: longest wait for a new recipe's build")
+
+
 class Settings(BaseSettings):
     """Brickyard's settings. Construct with keyword arguments in tests, from env otherwise."""
 
@@ -194,6 +223,7 @@ class Settings(BaseSettings):
     compose: ComposeSettings = Field(default_factory=ComposeSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     blobs: BlobSettings = Field(default_factory=BlobSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
     token: str | None = Field(None, description="API token the CLI sends to a server (BRICKYARD_TOKEN)")
     model_roots: list[Path] | None = Field(
         None,
@@ -236,6 +266,11 @@ class Settings(BaseSettings):
     def compositions_dir(self) -> Path:
         """Where built compositions are kept (one directory per composition id)."""
         return self.home / "compositions"
+
+    @property
+    def serve_dir(self) -> Path:
+        """Where the serving engines keep brick adapter directories (links to blobs) and logs."""
+        return self.home / "cache" / "serve"
 
     @property
     def blob_root(self) -> Path:

@@ -26,6 +26,7 @@ from registry.api.routes import (
     merge_methods,
     metrics,
     names,
+    openai,
     search,
     tokens,
 )
@@ -73,9 +74,13 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         )
         workers.start()
         app.state.workers = workers
+        from registry.serve import Gateway
+
+        app.state.gateway = Gateway.open(app.state.registry, wake_builds=workers.wake)
         try:
             yield
         finally:
+            await app.state.gateway.aclose()
             workers.stop()
             if owns_registry:
                 app.state.registry.close()
@@ -120,6 +125,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         merge_methods,
         tokens,
         names,
+        openai,
         hub,
     ):
         app.include_router(module.router)

@@ -21,7 +21,8 @@ from registry.errors import BrickyardError
 __all__ = ["AuthGuard"]
 
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_READS_BY_POST = frozenset({"/v1/search"})  # a POST only because a query is a body
+# POSTs only because a query is a body (a generation may build an auto recipe: a cached read)
+_READS_BY_POST = frozenset({"/v1/search", "/v1/chat/completions", "/v1/completions"})
 _UNAUTHENTICATED = Actor("unauthenticated", "admin")
 # The API's description: readable exactly when the API is (closed reads close these too).
 _DOCS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})

@@ -27,6 +27,7 @@ __all__ = [
     "Problem",
     "document_problems",
     "install_problem_handlers",
+    "openai_error_response",
     "problem_response",
 ]
 
@@ -109,12 +110,37 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
+# The OpenAI-compatible routes (`registry.api.routes.openai`) answer errors in OpenAI's shape.
+_OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.rstrip("/") in _OPENAI_PATHS
+
+
+def openai_error_response(
+    status: int, message: str, code: str, *, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """``{"error": {"message", "type", "param", "code"}}`` (OpenAI's error body). Validation
+    errors are 400 there, as OpenAI and vLLM answer them."""
+    status = 400 if status == 422 else status
+    kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def _from_error(request: Request, exc: BrickyardError) -> JSONResponse:
     if exc.status >= 500:
         log.error("%s on %s %s: %s", exc.code, request.method, request.url.path, exc)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     if exc.status == 503:
         headers = {"Retry-After": "1"}
+    if _is_openai(request):
+        code = str(exc.extra.get("openai_code") or exc.code.replace("-", "_"))
+        param = exc.extra.get("param")
+        message = str(exc) if exc.errors else exc.detail
+        return openai_error_response(exc.status, message, code, param=param, headers=headers)
     return problem_response(
         exc.status,
         exc.code,
@@ -132,6 +158,8 @@ def _from_validation(request: Request, exc: RequestValidationError) -> JSONRespo
     for error in exc.errors():
         location = ".".join(str(part) for part in error.get("loc", ()))
         errors.append(f"{location}: {error.get('msg', 'invalid')}")
+    if _is_openai(request):
+        return openai_error_response(422, "; ".join(errors), "invalid_input")
     return problem_response(
         422, "invalid-input", "Invalid input", "the request is invalid", instance=request.url.path, errors=errors
     )
@@ -144,6 +172,8 @@ def _from_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 405:
         # Starlette names only the first route whose path matched; list every method served here.
         headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
+    if _is_openai(request):
+        return openai_error_response(exc.status_code, detail, code.replace("-", "_"), headers=headers or None)
     return problem_response(exc.status_code, code, title, detail, instance=request.url.path, headers=headers or None)
 
 
@@ -179,6 +209,8 @@ def _from_unexpected(request: Request, exc: Exception) -> JSONResponse:
         full = InsufficientStorage("the server's storage is full; nothing was kept, retry later")
         return _from_error(request, full)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    if _is_openai(request):
+        return openai_error_response(500, "an unexpected error occurred; it has been logged", "internal")
     return problem_response(
         500, "internal", "Internal error", "an unexpected error occurred; it has been logged", instance=request.url.path
     )

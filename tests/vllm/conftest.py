@@ -88,6 +88,8 @@ class Stack:
     vllm_log: Path
     base: Path
     adapters: dict[str, Path]
+    brickyard_url: str = ""  # its OpenAI routes forward to vllm_url (serve.engine = vllm)
+    admin_token: str = ""
 
     def complete(self, model: str, prompt: list[int] = PROMPT, max_tokens: int = NEW_TOKENS) -> httpx.Response:
         """POST /v1/completions to vLLM, greedy, EOS ignored (so the reference can run the full length)."""
@@ -163,7 +165,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = make_base_model(root / "base", hidden=256, intermediate=512, num_layers=2)
     other = make_base_model(root / "other", hidden=256, intermediate=512, num_layers=3, seed=9)
     out = {"base": base, "other": other}
-    names = (*BRICKS, "late", "gone")
+    names = (*BRICKS, "late", "gone", "gateway-gone")
     for seed, name in enumerate(names, start=1):
         out[name] = make_lora(base, root / name, r=8, alpha=16, target_modules=LLAMA_PROJECTIONS, seed=seed)
     out["foreign"] = make_lora(other, root / "foreign", r=8, alpha=16, target_modules=LLAMA_PROJECTIONS, seed=99)
@@ -177,7 +179,13 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
     work = tmp_path_factory.mktemp("vllm-stack")
     home = work / "home"
     port = _free_port()
-    env = {**os.environ, "BRICKYARD_HOME": str(home)}
+    vllm_port = _free_port()
+    env = {
+        **os.environ,
+        "BRICKYARD_HOME": str(home),
+        "BRICKYARD_SERVE__ENGINE": "vllm",
+        "BRICKYARD_SERVE__VLLM_URL": f"http://127.0.0.1:{vllm_port}",
+    }
     env.pop("BRICKYARD_DATABASE_URL", None)
     brickyard_log = work / "brickyard.log"
     with brickyard_log.open("ab") as out:
@@ -199,11 +207,10 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
             assert response.status_code == 201, response.text
         created = http.post("/v1/tokens", json={"name": "vllm", "scope": "read"})
         assert created.status_code == 201, created.text
-        stack = Stack(http, "", work / "vllm.log", models["base"], models)
+        stack = Stack(http, "", work / "vllm.log", models["base"], models, brickyard_url=url, admin_token=admin)
         for name in BRICKS:
             stack.register_brick(name, models[name])
 
-        vllm_port = _free_port()
         vllm_env = {
             **os.environ,
             "VLLM_PLUGINS": "brickyard",

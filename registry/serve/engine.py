@@ -1,0 +1,76 @@
+"""What an engine is given and what it streams back (the engines: `registry.serve.embedded`,
+`registry.serve.vllm`; `registry.serve.gateway.make_engine` picks one by setting)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from registry.serve.routing import Target
+
+__all__ = ["Done", "Engine", "Generation", "Piece", "Started"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One request for an engine: the target and the sampling. Exactly one of ``prompt``
+    (text or token ids) and ``messages`` is set."""
+
+    target: Target
+    prompt: str | list[int] | None
+    messages: list[dict[str, str]] | None
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    n: int
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class Started:
+    """Generation began: the prompt's length in tokens."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """New text of choice ``index``."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """Choice ``index`` ended (``stop``, ``length`` or ``cancelled``) after ``tokens`` tokens."""
+
+    index: int
+    finish_reason: str
+    tokens: int
+
+
+Event = Started | Piece | Done
+
+
+class Engine(Protocol):
+    """Generates text for a `Generation`; failures are `registry.errors.BrickyardError`s
+    (`ServiceUnavailable` when the engine is down, `InvalidInput` for requests it refuses)."""
+
+    name: str
+
+    def generate(self, generation: Generation) -> AsyncIterator[Event]:
+        """Stream the events of one request; closing the iterator early cancels it."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop the engine (its child or its HTTP client)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """What the engine has loaded (for /v1/models and tests)."""
+        ...

@@ -1,0 +1,154 @@
+"""The vLLM engine: forward generations to a vLLM OpenAI server started with ``--enable-lora``
+and Brickyard's LoRA resolver plugin (``serving/vllm_plugin``).
+
+The ``model`` sent is what the resolver accepts, already resolved here: ``name@version`` for a
+brick (never a plain name: vLLM remembers a resolved name for as long as it runs, so a plain
+name would keep its first version), a composition id, or vLLM's own served base name for the
+base alone. A streamed request is streamed from vLLM (``stream_options.include_usage``), a
+whole one asked whole (vLLM's streamed text of a token-id prompt starts with the prompt's
+text); either way vLLM's answer becomes the same events as the embedded engine's.
+Chat requests go to vLLM's chat route when the base's tokenizer has a chat template, and as
+the plain rendering of `registry.serve.chat` to its completions route otherwise (vLLM refuses
+chat without a template). vLLM unreachable or failing: `ServiceUnavailable` (503, Retry-After).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from registry.errors import BrickyardError, RequestRefused, ServiceUnavailable
+from registry.serve.chat import has_chat_template, render_plain_chat
+from registry.serve.engine import Done, Event, Generation, Piece, Started
+
+__all__ = ["VllmEngine"]
+
+
+class VllmEngine:
+    """`registry.serve.engine.Engine` forwarding to vLLM over HTTP."""
+
+    name = "vllm"
+
+    def __init__(self, settings: Any, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``settings``: `registry.settings.ServeSettings` (``vllm_url``, ``timeout_s``)."""
+        self.settings = settings
+        self.url = settings.vllm_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(settings.timeout_s, connect=5.0), transport=transport
+        )
+        self._base_name: str | None = None
+
+    async def _served_base(self) -> str:
+        """vLLM's name of its base model (the model without a parent in its /v1/models)."""
+        if self._base_name is None:
+            response = await self._request("GET", "/v1/models")
+            roots = [m["id"] for m in response.json().get("data", []) if not m.get("parent")]
+            if not roots:
+                raise ServiceUnavailable(f"vLLM at {self.url} serves no base model")
+            self._base_name = str(roots[0])
+        return self._base_name
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"the vLLM server at {self.url} is not reachable: {exc}") from None
+        if response.status_code >= 400:
+            raise _vllm_error(response.status_code, response.text)
+        return response
+
+    async def generate(self, generation: Generation) -> AsyncIterator[Event]:
+        """Stream a generation's events from vLLM."""
+        target = generation.target
+        model = target.adapter.key if target.adapter is not None else await self._served_base()
+        # Only what differs from vLLM's defaults: the request is what a client asking vLLM
+        # directly for the same thing would send.
+        body: dict[str, Any] = {"model": model, "temperature": generation.temperature}
+        if generation.max_tokens is not None:
+            body["max_tokens"] = generation.max_tokens
+        if generation.top_p != 1.0:
+            body["top_p"] = generation.top_p
+        if generation.n != 1:
+            body["n"] = generation.n
+        if generation.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        if generation.seed is not None:
+            body["seed"] = generation.seed
+        if generation.stop:
+            body["stop"] = generation.stop
+        path = "/v1/completions"
+        if generation.messages is not None:
+            if has_chat_template(Path(target.base.path)):
+                path, body["messages"] = "/v1/chat/completions", generation.messages
+            else:
+                body["prompt"] = render_plain_chat(generation.messages)
+        else:
+            body["prompt"] = generation.prompt
+        if not generation.stream:
+            whole = (await self._request("POST", path, json=body)).json()
+            yield Started(int((whole.get("usage") or {}).get("prompt_tokens") or 0))
+            tokens = int((whole.get("usage") or {}).get("completion_tokens") or 0)
+            for choice in whole.get("choices") or []:
+                index = int(choice.get("index", 0))
+                text = choice.get("text")
+                if text is None:
+                    text = (choice.get("message") or {}).get("content") or ""
+                yield Piece(index, text)
+                yield Done(index, str(choice.get("finish_reason") or "stop"), tokens // max(generation.n, 1))
+            return
+        counts = [0] * generation.n
+        try:
+            async with self._http.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    raise _vllm_error(response.status_code, (await response.aread()).decode(errors="replace"))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    usage = chunk.get("usage")
+                    if usage:
+                        yield Started(int(usage.get("prompt_tokens") or 0))
+                    for choice in chunk.get("choices") or []:
+                        index = int(choice.get("index", 0))
+                        text = choice.get("text")
+                        if text is None:
+                            text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            counts[index] += 1
+                            yield Piece(index, text)
+                        if choice.get("finish_reason"):
+                            yield Done(index, str(choice["finish_reason"]), counts[index])
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"the vLLM server at {self.url} is not reachable: {exc}") from None
+
+    async def unload(self, key: str) -> None:
+        """Ask vLLM to drop a loaded adapter (a deleted brick); a no-op when it has none."""
+        with contextlib.suppress(httpx.HTTPError):
+            await self._http.post("/v1/unload_lora_adapter", json={"lora_name": key})
+
+    def status(self) -> dict[str, Any]:
+        """The engine's name and URL."""
+        return {"engine": self.name, "url": self.url}
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._http.aclose()
+
+
+def _vllm_error(status: int, text: str) -> BrickyardError:
+    try:
+        message = str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = text[:500]
+    if 400 <= status < 500:
+        return RequestRefused(f"vLLM refused the request: {message}", extra={"engine_status": status})
+    return ServiceUnavailable(f"the vLLM server failed ({status}): {message}")

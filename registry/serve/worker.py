@@ -1,0 +1,259 @@
+"""The embedded engine's child process: transformers + PEFT generation, streamed as JSON lines.
+
+Run as ``python -m registry.serve.worker`` by `registry.serve.embedded.EmbeddedEngine`. Each
+base model is loaded once; adapters are attached with PEFT's ``load_adapter`` and switched with
+``set_adapter`` per request, at most ``max_loaded_adapters`` kept (least recently used evicted);
+the base alone runs under ``disable_adapter()``. Requests are served one at a time in arrival
+order (FIFO: fair, and the two cores are better spent on one generation than split).
+
+Protocol (one JSON object per line). In: ``{"op": "generate", "id", ...}``, ``{"op": "cancel",
+"id"}``, ``{"op": "status", "id"}``. Out, tagged with the request id: ``start`` (prompt tokens),
+``token`` (choice index, text), ``done`` (index, finish reason, tokens), ``error`` (status,
+code, message), ``status``. A cancel stops the generation at the next token. End of input:
+the server went away, the child exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections import OrderedDict
+from typing import IO, Any
+
+__all__ = ["main"]
+
+
+class _Bad(Exception):
+    """A request the model cannot serve (answered as a 4xx)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+class _Base:
+    """A loaded base model, its tokenizer and its attached adapters (LRU order)."""
+
+    def __init__(self, path: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.model: Any = model.eval()
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        self.adapters: OrderedDict[str, str] = OrderedDict()
+
+    def use(self, key: str | None, path: str | None, limit: int) -> Any:
+        """Make ``key`` the active adapter (loading it, evicting the least recently used);
+        the context manager the generation runs in."""
+        from peft import PeftModel
+
+        if key is None:
+            return self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
+        if key in self.adapters:
+            self.adapters.move_to_end(key)
+        elif isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(path), adapter_name=key)
+            self.adapters[key] = str(path)
+        else:
+            peft_model: Any = PeftModel.from_pretrained(self.model, str(path), adapter_name=key)
+            self.model = peft_model.eval()
+            self.adapters[key] = str(path)
+        self.model.set_adapter(key)
+        while len(self.adapters) > limit:
+            old, _ = self.adapters.popitem(last=False)
+            self.model.delete_adapter(old)
+        self.model.set_adapter(key)
+        return contextlib.nullcontext()
+
+
+class _Worker:
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.write_lock = threading.Lock()
+        self.bases: dict[str, _Base] = {}
+        self.jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cancelled: set[int] = set()
+        self.limit = 8
+        self.stopped_early: list[dict[str, int]] = []  # the last cancelled generations (id, tokens made)
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self.write_lock:
+            self.out.write(json.dumps(message) + "\n")
+            self.out.flush()
+
+    def read(self, stream: IO[str]) -> None:
+        for line in stream:
+            message = json.loads(line)
+            if message.get("op") == "cancel":
+                self.cancelled.add(int(message["id"]))
+            else:
+                self.jobs.put(message)
+        self.jobs.put(None)
+
+    def run(self) -> None:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("BRICKYARD_SERVE_THREADS", "2")))
+        while (job := self.jobs.get()) is not None:
+            rid = int(job["id"])
+            try:
+                if job["op"] == "config":
+                    self.limit = int(job["max_loaded_adapters"])
+                    self.send({"id": rid, "event": "status", "pid": os.getpid()})
+                elif job["op"] == "status":
+                    loaded = {path: list(base.adapters) for path, base in self.bases.items()}
+                    self.send({"id": rid, "event": "status", "bases": loaded, "pid": os.getpid(),
+                               "cancelled": self.stopped_early})  # fmt: skip
+                elif rid in self.cancelled:
+                    self.send({"id": rid, "event": "done", "index": 0, "finish_reason": "cancelled", "tokens": 0})
+                else:
+                    self.generate(job)
+            except _Bad as exc:
+                self.send({"id": rid, "event": "error", "status": 400, "code": exc.code, "param": exc.param,
+                           "message": str(exc)})  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - the request fails, the child lives on
+                self.send({"id": rid, "event": "error", "status": 500, "code": "engine_error", "param": None,
+                           "message": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+            finally:
+                self.cancelled.discard(rid)
+
+    def generate(self, job: dict[str, Any]) -> None:
+        import torch
+
+        rid = int(job["id"])
+        base = self.bases.get(job["base"])
+        if base is None:
+            base = self.bases[job["base"]] = _Base(job["base"])
+        ids = self.prompt_ids(base, job)
+        max_tokens = job.get("max_tokens") or base.max_len - len(ids)
+        if len(ids) >= base.max_len or len(ids) + max_tokens > base.max_len:
+            raise _Bad(
+                "context_length_exceeded",
+                f"This model's maximum context length is {base.max_len} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the completion).",
+                "messages" if job.get("messages") else "prompt",
+            )
+        adapter = job.get("adapter")
+        context = base.use(job.get("adapter_key"), adapter, self.limit)
+        self.send({"id": rid, "event": "start", "prompt_tokens": len(ids)})
+        tensor = torch.tensor([ids])
+        for index in range(int(job.get("n", 1))):
+            if job.get("seed") is not None:
+                torch.manual_seed(int(job["seed"]) + index)
+            streamer = _Streamer(self, rid, index, base.tokenizer, list(job.get("stop") or []))
+            sampling: dict[str, Any] = {"do_sample": False}
+            if float(job.get("temperature", 1.0)) > 0:
+                sampling = {"do_sample": True, "temperature": float(job["temperature"]), "top_p": float(job["top_p"]),
+                            "top_k": 0}  # fmt: skip
+            eos = base.model.config.eos_token_id
+            with context, torch.no_grad():
+                base.model.generate(
+                    input_ids=tensor,
+                    attention_mask=torch.ones_like(tensor),
+                    max_new_tokens=max_tokens,
+                    streamer=streamer,
+                    stopping_criteria=[streamer.criterion],
+                    pad_token_id=eos if isinstance(eos, int) else None,
+                    **sampling,
+                )
+            context = base.use(job.get("adapter_key"), adapter, self.limit)  # a context manager is one-shot
+            reason = "cancelled" if streamer.cancelled else streamer.reason(max_tokens, eos)
+            self.send({"id": rid, "event": "done", "index": index, "finish_reason": reason,
+                       "tokens": len(streamer.generated)})  # fmt: skip
+            if streamer.cancelled:
+                self.stopped_early = [*self.stopped_early[-15:], {"id": rid, "tokens": len(streamer.generated)}]
+                return
+
+    @staticmethod
+    def prompt_ids(base: _Base, job: dict[str, Any]) -> list[int]:
+        from registry.serve.chat import render_plain_chat
+
+        tokenizer = base.tokenizer
+        if job.get("messages") is not None:
+            if getattr(tokenizer, "chat_template", None):
+                encoded = tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=True)
+                return list(encoded["input_ids"] if isinstance(encoded, dict) else encoded)
+            return list(tokenizer(render_plain_chat(job["messages"]))["input_ids"])
+        prompt = job["prompt"]
+        if isinstance(prompt, list):
+            vocab = int(base.model.config.vocab_size)
+            if any(not 0 <= int(t) < vocab for t in prompt):
+                raise _Bad("invalid_prompt", f"prompt token ids must be in [0, {vocab})", "prompt")
+            return [int(t) for t in prompt]
+        return list(tokenizer(prompt)["input_ids"])
+
+
+class _Streamer:
+    """transformers' streamer interface: sends each new piece of text; stops on a stop string or a cancel."""
+
+    def __init__(self, worker: _Worker, rid: int, index: int, tokenizer: Any, stops: list[str]) -> None:
+        self.worker, self.rid, self.index, self.tokenizer, self.stops = worker, rid, index, tokenizer, stops
+        self.generated: list[int] = []
+        self.text = ""
+        self.prompt_seen = False
+        self.stopped = False
+        self.cancelled = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        if self.stopped:
+            return
+        self.generated.extend(int(t) for t in value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def _emit(self, *, final: bool) -> None:
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:  # a character split across tokens: wait for the rest
+            return
+        for stop in self.stops:
+            at = text.find(stop)
+            if at >= 0:
+                text, self.stopped = text[:at], True
+        new = text[len(self.text) :]
+        self.text = text
+        if new:
+            self.worker.send({"id": self.rid, "event": "token", "index": self.index, "text": new})
+
+    def end(self) -> None:
+        """transformers calls this when generation ends: send what was held back."""
+        if self.prompt_seen and not self.stopped:
+            self._emit(final=True)
+
+    def criterion(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.cancelled = self.rid in self.worker.cancelled
+        return torch.full((input_ids.shape[0],), self.stopped or self.cancelled, dtype=torch.bool)
+
+    def reason(self, max_tokens: int, eos: Any) -> str:
+        if self.stopped:
+            return "stop"
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        if self.generated and self.generated[-1] in eos_ids:
+            return "stop"
+        return "length" if len(self.generated) >= max_tokens else "stop"
+
+
+def main() -> int:
+    """Serve requests from stdin until it closes."""
+    sys.stdout.reconfigure(line_buffering=False)  # type: ignore[union-attr]
+    worker = _Worker(sys.stdout)
+    threading.Thread(target=worker.read, args=(sys.stdin,), name="serve-reader", daemon=True).start()
+    started = time.monotonic()
+    worker.run()
+    print(f"serve worker exits after {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
