@@ -1050,7 +1050,10 @@ def probe_hostile_families(
                 "adapter_weights": ("adapter_model.safetensors", weights),
             },
         )
-        check(f"pattern: {kind}", response, time.perf_counter() - t, ok=(422,))
+        # Keys that are each cheap but many may finish within the request's pattern budget on a
+        # fast machine (201) or run past it (422): either way the request must end promptly.
+        ok = (201, 422) if kind == "1024 + 1024 keys" else (422,)
+        check(f"pattern: {kind}", response, time.perf_counter() - t, ok=ok)
     for i, version in enumerate(HOSTILE_VERSIONS):
         config_v, weights_v = random_adapter(5000 + i)
         meta = {"name": "hostile-version", "base_model": BASE_MODEL, "description": "big version", "version": version}

@@ -630,6 +630,7 @@ class LocalClient:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for entry in self.registry.brick_files(name, version):
+            self.registry.brick_file(name, version, entry.filename)  # StorageCorrupt unless the bytes check out
             target = out_dir / entry.filename
             with self.registry.blobs.open(entry.sha256) as source, open(target, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 20)

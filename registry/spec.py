@@ -102,8 +102,10 @@ def inspect_adapter(
         if not found:
             bad = find_nonfinite(weights_path, header)
             found.extend(f"adapter_weights: tensor {name!r} contains NaN or Inf values" for name in bad)
-        if not found and settings is not None:
-            # An adapter saved before training (lora_B = 0) is valid but changes nothing.
+        if not found and settings is not None and Path(base.path).is_dir():
+            # An adapter saved before training (lora_B = 0) is valid but changes nothing. (It
+            # is measured against the base's weights: a base whose directory is gone, or one in
+            # object storage, is checked against its recorded shapes only.)
             with composer_problems(found, "adapter_weights"):
                 refuse_negligible_delta(weights_path, Path(base.path), settings)
     if settings is not None and base is not None:

@@ -172,6 +172,13 @@ class AdapterSource:
         digest = hashlib.sha256()
         size = 0
         with self.http.stream("GET", url) as response, target.open("wb") as out:
+            if response.status_code >= 500:
+                # The server checks a blob's sha256 and size before serving it and answers a
+                # `storage-corrupt` problem rather than wrong bytes: that is a refusal too.
+                response.read()
+                code = _problem_code(response)
+                if code == "storage-corrupt":
+                    raise AdapterRefused(f"{label}: the server found {file.path} corrupt (sha256 check failed)")
             response.raise_for_status()
             for chunk in response.iter_bytes(_CHUNK):
                 digest.update(chunk)
@@ -183,6 +190,15 @@ class AdapterSource:
             raise AdapterRefused(
                 f"{label}: {file.path} has sha256 {digest.hexdigest()[:12]}, the server lists {file.sha256[:12]}"
             )
+
+
+def _problem_code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    kind = body.get("type") if isinstance(body, dict) else None  # RFC 9457: ".../problems/<code>"
+    return kind.rsplit("/", 1)[-1] if isinstance(kind, str) else None
 
 
 def _safe_relative(path: str) -> PurePosixPath:

@@ -493,7 +493,7 @@ def test_hostile_families_of_the_fuzzer_are_refused_promptly(
     report = probe_hostile_families(client, llama_base, scratch, secret)
     assert not report.findings, report.render()
     assert report.cases >= 20
-    assert report.statuses[201] == 4  # the four large versions
+    assert 4 <= report.statuses[201] <= 5  # the four large versions, and 1024 + 1024 keys when within the budget
 
 
 # -- a delta that changes nothing --------------------------------------------------------

@@ -142,7 +142,8 @@ def test_uploads_are_checked_against_the_recorded_shapes_when_the_base_directory
     register_base(client, moved, name="tiny-llama")
     shutil.rmtree(moved)
     fine = _with_config(loras["r4"], tmp_path / "fine", base_model_name_or_path=None)
-    assert upload(client, fine).status_code == 201
+    response = upload(client, fine)
+    assert response.status_code == 201, response.text
     wrong_rank = _with_config(loras["r8"], tmp_path / "wrong", r=4, lora_alpha=8, base_model_name_or_path=None)
     refused = upload(client, wrong_rank, metadata=brick_metadata("wrong"))
     assert refused.status_code == 422
