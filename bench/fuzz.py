@@ -505,7 +505,9 @@ class Fuzzer:
             if operation.path.startswith("/v1/composition-names"):
                 return ["fuzz-name", "no-such-name"]
             return [*seeded.bricks, "no-such-brick"]
-        if name == "alias":
+        if name == "alias":  # a base model's aliases, or a brick version's (cli)
+            if operation.path.startswith("/v1/bricks"):
+                return ["production", "no-such-alias"]
             return [*ALIASES, "no-such-alias"]
         if name == "version":
             return sorted({v for versions in seeded.bricks.values() for v in versions} | {99})
@@ -514,8 +516,6 @@ class Fuzzer:
         if name == "composition_id":
             # The seeded (built) ones, the last few requested while fuzzing, a cancelled one.
             return [*seeded.compositions[:2], *seeded.compositions[2:][-3:], *seeded.cancelled, "0" * 64]
-        if name == "alias":
-            return ["production", "no-such-alias"]
         if name == "path":
             return [*seeded.composition_files, "missing.bin", "../brickyard.json", "a/../config.json"]
         return []

@@ -387,7 +387,7 @@ class Compositions:
         built = self.store.get(composition_id)
         if built is None or built.status != READY or not self._complete(composition_id):
             base = self.catalog.get_base_model(recipe["base_model"]["name"])
-            self._plan(recipe, Path(base.path))
+            self._plan(recipe, self._base_dir(base.path))
         while True:
             composition, _ = self.store.create(
                 composition_id,

@@ -43,7 +43,15 @@ from registry.errors import (
     VersionExists,
 )
 from registry.fsck import FsckReport, fsck
-from registry.inputs import NAME_PATTERN, BaseModelCreate, BrickMetadata, BrickPatchIn, SearchRequest, parse_json_model
+from registry.inputs import (
+    MAX_VERSION,
+    NAME_PATTERN,
+    BaseModelCreate,
+    BrickMetadata,
+    BrickPatchIn,
+    SearchRequest,
+    parse_json_model,
+)
 from registry.model_roots import ModelRoots
 from registry.search.embed import Embedder, shared_embedder
 from registry.search.hit_cache import BrickCache
@@ -677,6 +685,10 @@ class Registry:
             BrickNotFound: no brick ``name``, or it has no such alias.
         """
         ref = parse_version_or_alias(version_or_alias) if isinstance(version_or_alias, str) else version_or_alias
+        if isinstance(ref, int) and not 1 <= ref <= MAX_VERSION:
+            raise InvalidInput(
+                f"version {ref} is out of range", errors=[f"version: a number from 1 to {MAX_VERSION} (64-bit)"]
+            )
         if not isinstance(ref, str):
             return ref
         version = self.aliases.version_of(name, ref)

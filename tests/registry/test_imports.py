@@ -12,9 +12,9 @@ import composer
 ROOT = Path(__file__).resolve().parents[2]
 
 # Public composer modules the registry may import besides the package itself: the fixture
-# builders (for `brickyard demo`) and composer's command line (mounted as `brickyard compose`,
+# builders and the trained test bed (for `brickyard demo`), and composer's command line (mounted as `brickyard compose`,
 # kept out of composer/__init__ so that importing composer does not import typer).
-PUBLIC_COMPOSER_MODULES = {"composer.testing", "composer.cli"}
+PUBLIC_COMPOSER_MODULES = {"composer.testing", "composer.testbed", "composer.cli"}
 
 
 def _modules(package: str) -> dict[str, Path]:

@@ -36,14 +36,30 @@ class _Queue:
             self.claims.append((item.id, worker))
             return item
 
+    def get(self, composition_id: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(status="ready", error=None, message=f"built {composition_id}")
+
     def fail(self, *args: Any) -> None:
         raise AssertionError("thread builds never fail through the pool")
 
 
 class _Compositions:
-    """The part of `Compositions` the pool uses: recover, store, build_claimed."""
+    """The part of `Compositions` the pool uses: recover, store, build_claimed, and the
+    catalog's database and the blobs (for quality checks: a real, empty SQLite database)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tmp_path: Path) -> None:
+        from types import SimpleNamespace
+
+        from registry.blobs import LocalBlobStore
+        from registry.db.migrate import ensure_schema
+        from registry.db.session import Database
+
+        db = Database.from_url(f"sqlite:///{tmp_path / 'registry.db'}")
+        ensure_schema(db.engine, auto_upgrade=True)
+        self.catalog = SimpleNamespace(db=db)
+        self.blobs = LocalBlobStore(tmp_path / "blobs")
         self.store = _Queue()
         self.built: list[str] = []
         self.recovered = 0
@@ -65,7 +81,7 @@ def _settings(tmp_path: Path, workers: int) -> Settings:
 
 
 def test_each_queued_composition_is_built_once(tmp_path: Path) -> None:
-    compositions = _Compositions()
+    compositions = _Compositions(tmp_path)
     compositions.expected = 20
     compositions.store.items = [_Queued(f"c{i}") for i in range(20)]
     pool = WorkerPool(compositions, _settings(tmp_path, workers=3))  # type: ignore[arg-type]
@@ -82,7 +98,7 @@ def test_each_queued_composition_is_built_once(tmp_path: Path) -> None:
 
 def test_wake_claims_before_the_next_poll(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setattr("registry.jobs._POLL_S", 60.0)  # only a wake can make it look again in time
-    compositions = _Compositions()
+    compositions = _Compositions(tmp_path)
     compositions.expected = 1
     pool = WorkerPool(compositions, _settings(tmp_path, workers=1))  # type: ignore[arg-type]
     pool.start()
@@ -98,7 +114,7 @@ def test_wake_claims_before_the_next_poll(tmp_path: Path, monkeypatch: Any) -> N
 
 
 def test_zero_workers_build_nothing(tmp_path: Path) -> None:
-    compositions = _Compositions()
+    compositions = _Compositions(tmp_path)
     compositions.store.items = [_Queued("c0")]
     pool = WorkerPool(compositions, _settings(tmp_path, workers=0))  # type: ignore[arg-type]
     pool.start()

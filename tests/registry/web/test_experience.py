@@ -217,7 +217,9 @@ def test_screenshots_and_no_sideways_scrolling(
 
 
 def test_chat_says_when_the_server_serves_no_model(web_server: WebServer, open_page: Any) -> None:
+    # This server serves models (registry.serve); one that does not answers 404 on the route.
     page = open_page()
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=404, json={"status": 404}))
     page.goto(web_server.page + "#/chat")
     status = page.get_by_role("status")
     expect(status).to_contain_text("does not serve models yet")
