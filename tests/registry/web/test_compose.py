@@ -53,6 +53,7 @@ def test_compose_linear_adapter_end_to_end_and_download(web_server: WebServer, o
         expected_files = {f["path"]: f["size_bytes"] for f in listing}
         weights = client.get(f"/v1/compositions/{composition_id}/files/adapter_model.safetensors").content
     rows = page.locator("#composition-files tbody tr td:first-child")
+    expect(rows).to_have_count(len(expected_files))  # the file list is fetched after "ready"
     assert sorted(rows.all_inner_texts()) == sorted(expected_files)
     assert {"adapter_config.json", "adapter_model.safetensors", "brickyard.json"} <= set(expected_files)
 

@@ -250,10 +250,10 @@ def test_chat_talks_to_a_serving_route(web_server: WebServer, open_page: Any) ->
     page.route("**/v1/chat/completions", completions)
     page.route("**/v1/models", lambda route: route.fulfill(json={"data": [{"id": "tiny-llama"}]}))
     page.goto(web_server.page + "#/chat")
-    assert page.get_by_label("Model").locator("option").all_inner_texts()[:2] == [
-        "auto (pick bricks for each message)",
-        "tiny-llama",
-    ]
+    # The view renders after its fetches: wait for it, then read the choices.
+    options = page.get_by_label("Model").locator("option")
+    expect(options.nth(1)).to_have_text("tiny-llama")
+    assert options.all_inner_texts()[:2] == ["auto (pick bricks for each message)", "tiny-llama"]
     page.get_by_label("Message").fill("<b>is this review happy?</b>")
     page.get_by_role("button", name="Send").click()
     log = page.get_by_role("log")
