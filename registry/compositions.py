@@ -220,7 +220,7 @@ class Compositions:
             require_tokenizer(self._base_dir(base.path), base.name)
             recipe["fit"] = fit_section(request.fit)
         if plan:
-            self._plan(recipe, self._base_dir(base.path))
+            self._plan(recipe, self._base_dir(base.path, headers_only=True))
         return recipe, base_id
 
     def _resolve_neurons(
@@ -345,12 +345,14 @@ class Compositions:
         if not is_s3_url(path):
             ModelRoots(self.settings).check_model(Path(path))
 
-    def _base_dir(self, path: str) -> Path:
-        """The local directory of a base model (a local copy of one in object storage)."""
-        from registry.s3_bases import base_model_dir
+    def _base_dir(self, path: str, *, headers_only: bool = False) -> Path:
+        """The local directory of a base model: a local copy of one in object storage, of every
+        file for a build, of its config and headers only for planning (an API replica that
+        only plans never downloads the weights)."""
+        from registry.s3_bases import base_model_dir, base_model_headers
 
         try:
-            return base_model_dir(path, self.settings)
+            return (base_model_headers if headers_only else base_model_dir)(path, self.settings)
         except (OSError, ValueError) as exc:
             raise InvalidRecipe(f"cannot read the base model at {path}: {exc}") from None
 
@@ -387,7 +389,7 @@ class Compositions:
         built = self.store.get(composition_id)
         if built is None or built.status != READY or not self._complete(composition_id):
             base = self.catalog.get_base_model(recipe["base_model"]["name"])
-            self._plan(recipe, self._base_dir(base.path))
+            self._plan(recipe, self._base_dir(base.path, headers_only=True))
         while True:
             composition, _ = self.store.create(
                 composition_id,

@@ -241,7 +241,9 @@ class Registry:
     def add_base_model(
         self, request: BaseModelCreate | Mapping[str, Any], *, actor: str | None = None
     ) -> domain.BaseModel:
-        """Register a base model from a local directory; only config and headers are read.
+        """Register a base model from a local directory or an ``s3://`` prefix; only the config,
+        the shard index and the safetensors headers are read (from object storage by ranged
+        GETs, `registry.s3_bases.base_model_headers`), never the weights.
 
         Raises:
             InvalidInput: invalid name or fields.
@@ -250,7 +252,7 @@ class Registry:
         """
         if not isinstance(request, BaseModelCreate):
             request = parse_json_model(BaseModelCreate, dict(request), what="base model")
-        from registry.s3_bases import base_model_dir, is_s3_url
+        from registry.s3_bases import base_model_headers, is_s3_url
 
         source = request.path
         if not is_s3_url(request.path):
@@ -260,7 +262,7 @@ class Registry:
             roots.check_model(resolved)
             source = str(resolved)
         try:
-            path = base_model_dir(source, self.settings)  # an s3:// base: its local copy
+            path = base_model_headers(source, self.settings)  # an s3:// base: a local view of its headers
             with composer_errors():
                 layout = read_base_model(path, max_header_bytes=self.settings.limits.max_header_bytes)
                 linear = find_linear_modules(layout)
