@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,6 +35,8 @@ from registry.db.models import (
     utcnow,
 )
 from registry.db.session import Database
+from registry.errors import ServiceUnavailable
+from registry.store import lock_blob_collection
 
 __all__ = ["CompositionStore"]
 
@@ -180,11 +183,24 @@ class CompositionStore:
         size_bytes: int,
         message: str,
         files: list[dict[str, Any]] | None = None,
+        blobs_present: Callable[[], bool] | None = None,
     ) -> bool:
         """Mark a build ready; False when it was cancelled (or taken over) meanwhile. ``files``
         is its manifest when published to the blob store (recorded in the same transaction, so
-        a ready composition always has it)."""
+        a ready composition always has it). ``blobs_present`` is asked under the blob
+        collection lock (`registry.store.lock_blob_collection`), as a brick registration is:
+        a concurrent ``fsck --repair`` either sees the manifest or has removed a blob first.
+
+        Raises:
+            ServiceUnavailable: ``blobs_present`` answered False; nothing was recorded.
+        """
         with self.db.session(write=True) as session:
+            if files is not None:
+                lock_blob_collection(session)
+                if blobs_present is not None and not blobs_present():
+                    raise ServiceUnavailable(
+                        "stored files of the composition were collected while it was published; request it again"
+                    )
             now = utcnow()
             return bool(
                 _changed(

@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import Select, and_, exists, func, select, text, update
+from sqlalchemy import Select, Text, and_, cast, exists, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -202,7 +202,7 @@ class Store:
         """
         try:
             with self.db.session(write=True) as session:
-                _lock_blob_collection(session)
+                lock_blob_collection(session)
                 if blobs_present is not None and not blobs_present():
                     raise ServiceUnavailable(
                         "the brick's stored bytes were collected while it was being registered; register it again"
@@ -404,15 +404,19 @@ class Store:
 
     def delete_blob_if_unreferenced(self, digest: str, delete: Callable[[], bool]) -> bool:
         """Run ``delete`` (which may still decline, e.g. the blob is young again) only while
-        no brick row references ``digest``, holding the lock registrations take before
-        recording a row: a registration either commits first (and its row is seen here) or
-        finds its bytes gone and records nothing. Returns whether it was deleted."""
+        no brick row and no published composition references ``digest``, holding the lock
+        registrations and publications take before recording a row: either commits first
+        (and its row is seen here) or finds its bytes gone and records nothing. Returns
+        whether it was deleted."""
         with self.db.session(write=True) as session:
-            _lock_blob_collection(session, exclusive=True)
+            lock_blob_collection(session, exclusive=True)
             used = session.scalar(
                 select(exists().where((BrickRow.sha256 == digest) | (BrickRow.config_sha256 == digest)))
             )
-            if used:
+            # A manifest is a JSON list of {path, sha256, size}; a 64-hex digest in its text
+            # is a reference (no other field holds 64 hex characters).
+            published = session.scalar(select(exists().where(cast(CompositionRow.files, Text).contains(digest))))
+            if used or published:
                 return False
             return delete()
 
@@ -426,8 +430,9 @@ class Store:
 _BLOB_LOCK_KEY = 0x627269636B
 
 
-def _lock_blob_collection(session: Session, *, exclusive: bool = False) -> None:
-    """Serialise brick rows being recorded with unreferenced blobs being deleted. SQLite's
+def lock_blob_collection(session: Session, *, exclusive: bool = False) -> None:
+    """Serialise rows that reference blobs (bricks, published compositions) being recorded
+    with unreferenced blobs being deleted. SQLite's
     write transactions (BEGIN IMMEDIATE) are serialised already; PostgreSQL takes a
     transaction-scoped advisory lock, shared by registrations (which then do not wait for
     each other) and exclusive for a deletion."""
