@@ -217,7 +217,7 @@ class Compositions:
             recipe["neurons"] = neurons
         self._check_roots(base.path)  # the roots may have changed since
         if request.fit is not None:
-            require_tokenizer(self._base_dir(base.path), base.name)
+            require_tokenizer(self._base_files(base.path), base.name, base.path)
             recipe["fit"] = fit_section(request.fit)
         if plan:
             self._plan(recipe, self._base_dir(base.path, headers_only=True))
@@ -353,6 +353,15 @@ class Compositions:
 
         try:
             return (base_model_headers if headers_only else base_model_dir)(path, self.settings)
+        except (OSError, ValueError) as exc:
+            raise InvalidRecipe(f"cannot read the base model at {path}: {exc}") from None
+
+    def _base_files(self, path: str) -> frozenset[str]:
+        """Names of a base model's top-level files (one listing for one in object storage)."""
+        from registry.s3_bases import base_model_files
+
+        try:
+            return base_model_files(path, self.settings)
         except (OSError, ValueError) as exc:
             raise InvalidRecipe(f"cannot read the base model at {path}: {exc}") from None
 

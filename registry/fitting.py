@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +48,22 @@ def fit_section(fit: FitRequest) -> dict[str, Any]:
     }
 
 
-def require_tokenizer(base_path: Path, base_name: str) -> None:
-    """Fitting reads text: refuse (before queuing) a base model directory without a tokenizer.
+def require_tokenizer(files: Collection[str], base_name: str, where: str) -> None:
+    """Fitting reads text: refuse (before queuing) a base model without a tokenizer.
+
+    Args:
+        files: names of the files at the top of the base model (`registry.s3_bases.base_model_files`:
+            a directory's entries, or one listing of an ``s3://`` prefix, nothing downloaded).
+        base_name: the base model's name, for the message.
+        where: its path or URL, for the message.
 
     Raises:
-        InvalidRecipe: no tokenizer file in ``base_path``.
+        InvalidRecipe: none of the tokenizer files is there.
     """
-    if not any((base_path / name).is_file() for name in _TOKENIZER_FILES):
+    if not any(name in files for name in _TOKENIZER_FILES):
         raise InvalidRecipe(
             f"base model {base_name!r} has no tokenizer, so examples cannot be read",
-            errors=[f"fit: {base_path} holds none of {', '.join(_TOKENIZER_FILES)}"],
+            errors=[f"fit: {where} holds none of {', '.join(_TOKENIZER_FILES)}"],
         )
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from registry.settings import Settings
 
-__all__ = ["base_model_dir", "base_model_headers", "is_s3_url"]
+__all__ = ["base_model_dir", "base_model_files", "base_model_headers", "is_s3_url"]
 
 _MANIFEST = ".brickyard-etags.json"
 _lock = threading.Lock()
@@ -85,6 +85,24 @@ def base_model_headers(path: str, settings: Settings) -> Path:
     if not is_s3_url(path):
         return Path(path).expanduser()
     return _view(path, settings, "base-headers", _fetch_for_headers, _read_by_registration)
+
+
+def base_model_files(path: str, settings: Settings) -> frozenset[str]:
+    """Names of the regular files at the top of a base model, none of them read: a directory's
+    entries, or for an ``s3://`` URL one listing of the prefix.
+
+    Raises:
+        ValueError: a malformed ``s3://`` URL. OSError: the directory cannot be listed.
+        ServiceUnavailable: the object store does not answer.
+    """
+    if not is_s3_url(path):
+        return frozenset(p.name for p in Path(path).expanduser().iterdir() if p.is_file())
+    from registry.s3_blobs import _storage_errors, make_s3_client, parse_s3_url
+
+    bucket, prefix = parse_s3_url(path)
+    client = make_s3_client(endpoint_url=settings.blobs.endpoint_url, region=settings.blobs.region)
+    with _storage_errors():
+        return frozenset(relative for relative in _list(client, bucket, prefix) if "/" not in relative)
 
 
 def _read_by_registration(relative: str) -> bool:

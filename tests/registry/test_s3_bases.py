@@ -200,3 +200,30 @@ def test_the_header_view_follows_the_bucket_and_refuses_what_a_directory_would(
         registry.add_base_model({"name": "huge", "path": url})
     assert "limit" in " ".join(caught.value.errors)
     assert [(g["range"], g["bytes"]) for g in request_log.gets()] == [("bytes=0-7", 8)]
+
+
+def test_a_fit_request_checks_the_tokenizer_by_listing_the_prefix(
+    registry: Any, llama_base: Path, s3_client: Any, bucket: str, request_log: _RequestLog
+) -> None:
+    from registry.errors import InvalidRecipe
+
+    assert (llama_base / "tokenizer.json").exists()  # the fixture saves a tokenizer
+    _upload_dir(s3_client, bucket, "m", llama_base)
+    registry.add_base_model({"name": "remote", "path": f"s3://{bucket}/m"})
+    config, weights = random_adapter(3)
+    registry.register_brick(brick_metadata("a", base_model="remote"), config, io.BytesIO(weights))
+    fit = {"examples": [{"input": "the battery lasts", "output": "positive"}], "steps": 2}
+    request = {"base_model": "remote", "bricks": [{"name": "a"}], "fit": fit}
+    request_log.clear()
+    composition, _ = registry.compositions.request(request)
+    assert composition.status == "queued"
+    assert request_log.gets() == []  # listed, not downloaded
+    assert not (registry.settings.home / "cache" / "bases").exists()
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        s3_client.delete_object(Bucket=bucket, Key=f"m/{name}")
+    with pytest.raises(InvalidRecipe) as caught:
+        registry.compositions.request({**request, "fit": {**fit, "steps": 3}})
+    assert caught.value.status == 422 and "no tokenizer" in caught.value.detail
+    assert f"s3://{bucket}/m" in " ".join(caught.value.errors)
+    assert request_log.gets() == []
