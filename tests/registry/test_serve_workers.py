@@ -24,7 +24,7 @@ from tests.conftest import brick_metadata, random_adapter
 # module imports `sitecustomize`), so also by the server processes uvicorn spawns: each build
 # first leaves a marker naming its process, then waits until two builds have started. One
 # build thread per process (BRICKYARD_COMPOSE__WORKERS=1) means two builds waiting at once are
-# in two processes; should only one process claim, the wait ends after two minutes and the
+# in two processes; should only one process claim, the wait ends after five minutes and the
 # test fails on the pids, not by hanging.
 _SITECUSTOMIZE = """
 import os, pathlib, time
@@ -38,7 +38,7 @@ if _barrier:
     def _build_together(self, composition, worker):
         root = pathlib.Path(_barrier)
         (root / f"{composition.id}.{os.getpid()}").write_text(worker)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while len(list(root.iterdir())) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         return _build(self, composition, worker)
@@ -88,11 +88,14 @@ def served(settings: Any, registry: Any, tmp_path: Path) -> Iterator[dict[str, A
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            # Every process must be serving (and its build workers started) before compositions
+            # are queued: uvicorn logs one "Application startup complete" per worker process.
+            started = log_path.read_text(errors="replace").count("Application startup complete")
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                if started == 2 and httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -127,7 +130,7 @@ def test_two_server_processes_share_the_queue_and_build_at_once(
             queued = api.post("/v1/compositions", json={"base_model": "tiny-llama", "bricks": [{"name": name}]})
             assert queued.status_code == 202, queued.text
             ids.append(queued.json()["id"])
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         for composition_id in ids:
             while (body := api.get(f"/v1/compositions/{composition_id}").json())["status"] not in ("ready", "failed"):
                 assert time.monotonic() < deadline, served["log"].read_text(errors="replace")[-3000:]
