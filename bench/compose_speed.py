@@ -31,7 +31,9 @@ With ``--object-store``: (d) ``brickyard -> S3``: the same merge, then every out
 published to an S3 blob store (`registry.composition_outputs.publish_directory`: staging,
 sha256, verified conditional upload), against (e) ``upload``: a plain ``upload_file`` of the
 same output files with the same boto3 client and transfer settings (the floor there), each
-into a fresh bucket; reported beside the local-disk numbers.
+into a fresh bucket; reported beside the local-disk numbers. Publishing alone against the
+plain upload, and base registration from ``s3://``, are measured by ``bench/object_store.py``
+(moto in a child process or MinIO), without the merge in the timing.
 """
 
 from __future__ import annotations
