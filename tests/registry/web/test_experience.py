@@ -183,7 +183,14 @@ def test_a_first_visit_is_the_page_then_one_round_of_requests(
     script and the view's data at once, no more than a browser sends in parallel to one host
     (six), the data requests started by the inline script and each made once; a repeat visit
     takes every asset from the cache."""
-    for name, url in _pages(web_server, composition_id).items():
+    views = {
+        **_pages(web_server, composition_id),
+        "base model": web_server.page + "#/base-models/tiny-llama-b",
+        "older version": web_server.page + "#/bricks/translate-ro-en/1",
+        "filtered": web_server.page + "#/?base_model=tiny-llama&tag=translation",
+        "compositions": web_server.page + "#/compositions",
+    }
+    for name, url in views.items():
         context = browser.new_context(viewport=DESKTOP)
         try:
             page = context.new_page()
