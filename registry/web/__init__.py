@@ -73,8 +73,13 @@ def build_shell(assets: str, directory: Path = STATIC_DIR) -> tuple[str, str]:
     Args:
         assets: the URL prefix of this version's assets.
         directory: the static folder (``index.html``, ``js/early.js``).
+
+    Raises:
+        ValueError: early.js holds ``</script``, which would end the inline element.
     """
     early = (directory / "js" / _EARLY).read_text(encoding="utf-8")
+    if "</script" in early.lower():  # it would end the inline element early
+        raise ValueError(f"{_EARLY} must not contain '</script'")
     digest = base64.b64encode(hashlib.sha256(early.encode()).digest()).decode()
     html = (directory / "index.html").read_text(encoding="utf-8")
     html = html.replace("%EARLY_SCRIPT%", early).replace("%ASSETS%", assets)

@@ -12,7 +12,7 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 
-from registry.web import BUNDLE, STATIC_DIR, asset_version
+from registry.web import BUNDLE, STATIC_DIR, asset_version, build_shell
 from tests.registry.web.conftest import WebServer, start_server, stop_server
 
 _IMPORT = re.compile(r"""(?:from|import)\s*["'](\.{1,2}/[^"']+)["']""")
@@ -87,6 +87,19 @@ def test_asset_version_follows_the_content(tmp_path: Path) -> None:
     assert asset_version(tmp_path) == first
     (tmp_path / "a.js").write_text("export const a = 2;")
     assert asset_version(tmp_path) != first
+
+
+def test_shell_inlines_early_script_allowed_by_its_hash_only(tmp_path: Path) -> None:
+    (tmp_path / "js").mkdir()
+    (tmp_path / "index.html").write_text('<script>%EARLY_SCRIPT%</script><script src="%ASSETS%/app.js"></script>')
+    (tmp_path / "js" / "early.js").write_text("window.x = 1;\n")
+    html, csp = build_shell("/ui/assets/v1", tmp_path)
+    assert html == '<script>window.x = 1;\n</script><script src="/ui/assets/v1/app.js"></script>'
+    expected = base64.b64encode(hashlib.sha256(b"window.x = 1;\n").digest()).decode()
+    assert f"script-src 'self' 'sha256-{expected}';" in csp
+    (tmp_path / "js" / "early.js").write_text("const s = '</SCRIPT>';\n")
+    with pytest.raises(ValueError, match="must not contain"):
+        build_shell("/ui/assets/v1", tmp_path)
 
 
 @pytest.fixture(scope="module")
