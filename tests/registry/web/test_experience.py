@@ -204,7 +204,10 @@ def test_a_first_visit_is_the_page_then_one_round_of_requests(
             assert len(scripts_and_styles) + len(first["started"]) <= 6, (name, first)
             _load(page, url)
             repeat = page.evaluate(LOAD_FACTS)
-            assert all(size == 0 for _, size in repeat["assets"]), (name, repeat)  # nothing over the wire
+            # Nothing over the wire. (Not the icon: the browser asks for it after the load, so
+            # a repeat visit may start before the first visit's icon reached the cache.)
+            rendering = [size for asset, size in repeat["assets"] if asset != "favicon.svg"]
+            assert all(size == 0 for size in rendering), (name, repeat)
         finally:
             context.close()
 
