@@ -121,7 +121,9 @@ def test_schema_checks_agree_with_the_api(web_server: WebServer, open_page: Any)
     page.locator("#base-models").wait_for()
     verdicts = page.evaluate(
         """async ([methods, cases]) => {
-            const { checkValue } = await import(document.querySelector("link[href$='js/schema.js']").href);
+            // The page's own module (still served beside the bundle that joins it), from its assets.
+            const assets = document.querySelector("script[type=module]").src.replace(/[^/]*$/, "");
+            const { checkValue } = await import(`${assets}js/schema.js`);
             return cases.map(([m, name, raw]) => {
               const schema = methods[m];
               const result = checkValue(schema.properties[name], raw, (schema.required || []).includes(name));

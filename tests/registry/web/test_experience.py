@@ -1,5 +1,5 @@
 """How the page feels: keyboard-only use, phone width, render time, no layout shift,
-screenshots (saved under tests/artifacts/web), and the chat box without a serving route."""
+screenshots (saved under tests/artifacts/web)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
+from registry.web import BUNDLE
 from tests.registry.web.conftest import DESKTOP, PHONE, WebServer
 
 RENDERED = "performance.getEntriesByName('brickyard:rendered').length > 0"
@@ -34,8 +35,8 @@ new PerformanceObserver((list) => {
   for (const entry of list.getEntries()) if (!entry.hadRecentInput) window.__shift += entry.value;
 }).observe({ type: "layout-shift", buffered: true });
 """
-BUDGET_MS = 200
-LOADS = 5  # the median of 5 loads: one slow load on the shared 2-core machine is not the page
+CATASTROPHE_MS = 1500  # see test_render_time_and_layout_shift
+LOADS = 5
 
 
 def _load(page: Any, url: str) -> float:
@@ -158,6 +159,59 @@ def test_every_field_has_a_label_and_the_page_has_landmarks(
     assert nav.get_by_role("link").all_inner_texts() == ["Browse", "Search", "Compose", "Compositions", "Try a model"]
 
 
+# What a load did, from the page's own Performance API (entries exist once a response ended,
+# so after the render mark every request the view waited for is listed).
+LOAD_FACTS = """(() => {
+  const resources = performance.getEntriesByType("resource");
+  const early = window.brickyardEarly || { started: [], requests: {} };
+  return {
+    assets: resources.filter((r) => r.name.includes("/ui/assets/"))
+      .map((r) => [r.name.split("/").pop(), r.transferSize]),
+    data: resources.filter((r) => r.name.includes("/v1/") && !r.name.endsWith("/v1/search"))
+      .map((r) => r.name.slice(location.origin.length)),
+    started: early.started,
+    unused: Object.keys(early.requests),
+  };
+})()"""
+
+
+def test_a_first_visit_is_the_page_then_one_round_of_requests(
+    web_server: WebServer, browser: Any, composition_id: str
+) -> None:
+    """The page's speed comes from its shape, checked here without a clock (the 200 ms goal is
+    measured by bench/web_render.py): after the HTML, a first visit asks for the stylesheet, one
+    script and the view's data at once, no more than a browser sends in parallel to one host
+    (six), the data requests started by the inline script and each made once; a repeat visit
+    takes every asset from the cache."""
+    views = {
+        **_pages(web_server, composition_id),
+        "base model": web_server.page + "#/base-models/tiny-llama-b",
+        "older version": web_server.page + "#/bricks/translate-ro-en/1",
+        "filtered": web_server.page + "#/?base_model=tiny-llama&tag=translation",
+        "compositions": web_server.page + "#/compositions",
+    }
+    for name, url in views.items():
+        context = browser.new_context(viewport=DESKTOP)
+        try:
+            page = context.new_page()
+            _load(page, url)
+            first = page.evaluate(LOAD_FACTS)
+            scripts_and_styles = sorted(asset for asset, _ in first["assets"] if asset != "favicon.svg")
+            assert scripts_and_styles == ["app.css", BUNDLE], (name, first)
+            assert first["started"], (name, first)  # every view needs data: all of it asked for early
+            assert sorted(first["data"]) == sorted(first["started"]), (name, first)
+            assert first["unused"] == [], (name, first)
+            assert len(scripts_and_styles) + len(first["started"]) <= 6, (name, first)
+            _load(page, url)
+            repeat = page.evaluate(LOAD_FACTS)
+            # Nothing over the wire. (Not the icon: the browser asks for it after the load, so
+            # a repeat visit may start before the first visit's icon reached the cache.)
+            rendering = [size for asset, size in repeat["assets"] if asset != "favicon.svg"]
+            assert all(size == 0 for size in rendering), (name, repeat)
+        finally:
+            context.close()
+
+
 def test_render_time_and_layout_shift(
     web_server: WebServer, browser: Any, composition_id: str, artifacts: Path
 ) -> None:
@@ -179,7 +233,7 @@ def test_render_time_and_layout_shift(
             shifts[name] = float(page.evaluate("window.__shift"))
     finally:
         context.close()
-    # Cold: a browser that has never seen the page (every asset fetched).
+    # First visits: a browser that has never seen the page (every asset fetched).
     cold = []
     for _ in range(LOADS):
         fresh = browser.new_context(viewport=DESKTOP)
@@ -187,20 +241,19 @@ def test_render_time_and_layout_shift(
             cold.append(_load(fresh.new_page(), web_server.page))
         finally:
             fresh.close()
-    timings["browse, cold cache"] = cold
+    timings["browse, first visit"] = cold
     medians = {name: statistics.median(values) for name, values in timings.items()}
     best = {name: min(values) for name, values in timings.items()}
     report = {"ms": timings, "median_ms": medians, "best_ms": best, "search_results_ms": results, "cls": shifts}
     (artifacts / "timings.json").write_text(json.dumps(report, indent=2))
     print(f"render ms, best of {LOADS}: {best}; median: {medians}; search hits at {results} ms; CLS: {shifts}")
-    # The budget holds for the page's own cost: the best of 5 warm loads (a shared machine
-    # only ever adds time). The median may take twice that when the host is saturated, and a
-    # first visit (every asset fetched, the renderer cold) at most a second.
-    warm = {name: values for name, values in timings.items() if name != "browse, cold cache"}
-    assert all(min(values) < BUDGET_MS for values in warm.values()), timings
-    assert all(statistics.median(values) < 2 * BUDGET_MS for values in warm.values()), medians
-    assert medians["browse, cold cache"] < 1000, cold
+    # Nothing may move while data arrives (the views reserve their space).
     assert all(value < 0.01 for value in shifts.values()), shifts
+    # The 200 ms goal is bench/web_render.py's (a clock in a test fails when the machine is busy,
+    # not when the page is slow). This only catches a render that waits for something it should
+    # not, such as a timer or a request chain: under a load average of 15 on the 2-core machine
+    # the medians were 130-340 ms (repeat) and 300-670 ms (first visit).
+    assert all(value < CATASTROPHE_MS for value in medians.values()), medians
 
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
@@ -214,55 +267,3 @@ def test_screenshots_and_no_sideways_scrolling(
         page.screenshot(path=str(artifacts / f"{label}-{name}.png"), full_page=True)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= viewport["width"], f"{name} is {width}px wide at {viewport['width']}px"
-
-
-def test_chat_says_when_the_server_serves_no_model(web_server: WebServer, open_page: Any) -> None:
-    # This server serves models (registry.serve); one that does not answers 404 on the route.
-    page = open_page()
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=404, json={"status": 404}))
-    page.goto(web_server.page + "#/chat")
-    status = page.get_by_role("status")
-    expect(status).to_contain_text("does not serve models yet")
-    expect(status).to_contain_text("/v1/chat/completions")
-    assert page.get_by_label("Message").count() == 0
-
-
-def test_chat_talks_to_a_serving_route(web_server: WebServer, open_page: Any) -> None:
-    """The serving gateway is built in parallel: stand in for it with an OpenAI-style route."""
-    sent: list[dict[str, Any]] = []
-
-    def completions(route: Any) -> None:
-        if route.request.method == "GET":
-            route.fulfill(status=405, json={"title": "Method Not Allowed", "status": 405})
-            return
-        body = json.loads(route.request.post_data)
-        sent.append(body)
-        answer = f"echo {len(body['messages'])}: {body['messages'][-1]['content']}"
-        route.fulfill(
-            json={
-                "model": "auto",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}],
-                "brickyard": {"bricks": [{"name": "sentiment", "version": 1, "weight": 0.7}]},
-            }
-        )
-
-    page = open_page()
-    page.route("**/v1/chat/completions", completions)
-    page.route("**/v1/models", lambda route: route.fulfill(json={"data": [{"id": "tiny-llama"}]}))
-    page.goto(web_server.page + "#/chat")
-    # The view renders after its fetches: wait for it, then read the choices.
-    options = page.get_by_label("Model").locator("option")
-    expect(options.nth(1)).to_have_text("tiny-llama")
-    assert options.all_inner_texts()[:2] == ["auto (pick bricks for each message)", "tiny-llama"]
-    page.get_by_label("Message").fill("<b>is this review happy?</b>")
-    page.get_by_role("button", name="Send").click()
-    log = page.get_by_role("log")
-    expect(log.locator("li")).to_have_count(2)
-    assert "echo 1: <b>is this review happy?</b>" in log.inner_text()
-    assert "answered by sentiment@1 (0.7)" in log.inner_text()
-    assert page.locator("main b").count() == 0
-    page.get_by_label("Message").fill("and this one?")
-    page.get_by_label("Message").press("Control+Enter")  # sends, like the button
-    expect(log.locator("li")).to_have_count(4)
-    assert [m["role"] for m in sent[-1]["messages"]] == ["user", "assistant", "user"]
-    assert sent[-1]["model"] == "auto"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 
-from registry.web import STATIC_DIR, asset_version
+from registry.web import BUNDLE, STATIC_DIR, asset_version, build_shell
 from tests.registry.web.conftest import WebServer, start_server, stop_server
 
 _IMPORT = re.compile(r"""(?:from|import)\s*["'](\.{1,2}/[^"']+)["']""")
@@ -41,12 +43,25 @@ def test_page_and_every_asset_come_from_the_server(web_server: WebServer) -> Non
     assert page.headers["cache-control"] == "no-cache"
     csp = page.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
+    # One inline script, allowed by its sha256 and by nothing broader; it is early.js verbatim.
+    inline = re.findall(r"<script>(.*?)</script>", page.text, re.DOTALL)
+    assert inline == [(STATIC_DIR / "js" / "early.js").read_text()]
+    digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+    assert f"script-src 'self' 'sha256-{digest}';" in csp and "unsafe-inline" not in csp
     assets = _assets(web_server.page, page.text)
     prefix = f"{web_server.url}/ui/assets/{asset_version()}/"
     names = {url.removeprefix(prefix) for url in assets}
-    # Every file of the static directory but the page itself is loaded, and nothing else.
-    on_disk = {p.relative_to(STATIC_DIR).as_posix() for p in STATIC_DIR.rglob("*") if p.is_file()}
-    assert names == on_disk - {"index.html"}
+    # A first visit asks for three files: the stylesheet, the icon and one script joining
+    # every module of js/ (each module's exports are in it) but the inlined early.js.
+    assert names == {"app.css", "favicon.svg", BUNDLE}
+    bundle = assets[prefix + BUNDLE].text
+    modules = {p.name for p in (STATIC_DIR / "js").glob("*.js")} - {"early.js"}
+    for module in modules:
+        for name in re.findall(
+            r"^export (?:async )?(?:function|class|const) (\w+)", (STATIC_DIR / "js" / module).read_text(), re.M
+        ):
+            assert re.search(rf"\b(?:function|class|const) {name}\b", bundle), (module, name)
+    assert not re.search(r"^\s*(?:import|export)\b", bundle, re.M)
     types = {".js": "javascript", ".css": "text/css", ".svg": "image/svg+xml"}
     for url, response in assets.items():
         assert response.status_code == 200, url
@@ -72,6 +87,19 @@ def test_asset_version_follows_the_content(tmp_path: Path) -> None:
     assert asset_version(tmp_path) == first
     (tmp_path / "a.js").write_text("export const a = 2;")
     assert asset_version(tmp_path) != first
+
+
+def test_shell_inlines_early_script_allowed_by_its_hash_only(tmp_path: Path) -> None:
+    (tmp_path / "js").mkdir()
+    (tmp_path / "index.html").write_text('<script>%EARLY_SCRIPT%</script><script src="%ASSETS%/app.js"></script>')
+    (tmp_path / "js" / "early.js").write_text("window.x = 1;\n")
+    html, csp = build_shell("/ui/assets/v1", tmp_path)
+    assert html == '<script>window.x = 1;\n</script><script src="/ui/assets/v1/app.js"></script>'
+    expected = base64.b64encode(hashlib.sha256(b"window.x = 1;\n").digest()).decode()
+    assert f"script-src 'self' 'sha256-{expected}';" in csp
+    (tmp_path / "js" / "early.js").write_text("const s = '</SCRIPT>';\n")
+    with pytest.raises(ValueError, match="must not contain"):
+        build_shell("/ui/assets/v1", tmp_path)
 
 
 @pytest.fixture(scope="module")

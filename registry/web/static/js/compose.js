@@ -251,13 +251,17 @@ function recipeFacts(composition) {
 
 /** A composition: status with live progress, recipe, and its files once ready. */
 export async function compositionView({ args: [id], signal, say, explain }) {
-  let composition = await get(path("/v1/compositions/{}", id), { signal });
+  // The files are asked for with the composition (one round of requests): a composition that
+  // is not ready yet answers an error for them, and they are asked for again once it is.
+  const filesPath = path("/v1/compositions/{}/files", id);
+  let [composition, prefetched] = await Promise.all([get(path("/v1/compositions/{}", id), { signal }), get(filesPath, { signal }).catch(() => null)]);
   const status = h("p", { class: "status", id: "composition-status", role: "status", "aria-live": "polite" });
   const bar = h("progress", { id: "composition-progress", max: "1", value: "0", "aria-label": "Build progress" });
   const files = h("section", { class: "files-box", "aria-labelledby": "cfiles-title" }, h("h2", { id: "cfiles-title" }, "Files"), h("p", { class: "hint" }, "Available when the build is ready."));
 
   async function showFiles() {
-    const list = await get(path("/v1/compositions/{}/files", id), { signal });
+    const list = prefetched || (await get(filesPath, { signal }));
+    prefetched = null;
     const columns = ["File", "Size", "Download"];
     const link = (url, name, label) =>
       h("a", { href: url, download: name, onclick: (event) => {
@@ -290,6 +294,7 @@ export async function compositionView({ args: [id], signal, say, explain }) {
   }
   show();
   if (composition.status === "ready") await showFiles();
+  else prefetched = null;
 
   async function poll() {
     while (!signal.aborted && (composition.status === "queued" || composition.status === "running")) {

@@ -8,6 +8,7 @@ import { bytes, count, facts, h, hash, highlight, replace, time } from "./dom.js
 import { sessionCompositions } from "./compose.js";
 
 const PAGE = 50;
+const CHAT_MAX_TOKENS = 128;
 
 function brickLink(brick, withVersion = true) {
   const label = withVersion ? `${brick.name}@${brick.version}` : brick.name;
@@ -199,10 +200,12 @@ function downloadLink(url, filename, label, say, explain) {
 
 /** A brick version: model card, files with checksums, every version, history. */
 export async function brickView({ args: [name, version], signal, say, explain }) {
-  const brick = await get(version ? path("/v1/bricks/{}/versions/{}", name, version) : path("/v1/bricks/{}", name), { signal });
-  const [versions, files, history] = await Promise.all([
+  // One round of requests, not two: the files of the latest version are asked for by the
+  // name "latest" instead of waiting for the brick to learn its number.
+  const [brick, versions, files, history] = await Promise.all([
+    get(version ? path("/v1/bricks/{}/versions/{}", name, version) : path("/v1/bricks/{}", name), { signal }),
     get(`${path("/v1/bricks/{}/versions", name)}?limit=100`, { signal }),
-    get(path("/v1/bricks/{}/versions/{}/files", name, brick.version), { signal }),
+    get(path("/v1/bricks/{}/versions/{}/files", name, version || "latest"), { signal }),
     get(`${path("/v1/bricks/{}/history", name)}?limit=50`, { signal }),
   ]);
   const fileColumns = ["File", "Size", "sha256", "Download"];
@@ -400,18 +403,22 @@ export async function searchView({ query, signal, say, explain }) {
   };
 }
 
-function bricksOf(body, response) {
-  // The serving gateway is being built in parallel: accept the likely places it names them.
-  const header = response.headers.get("X-Brickyard-Bricks");
-  const found = body.brickyard?.bricks || body.bricks || (header ? header.split(",").map((s) => s.trim()) : null);
-  if (!found || !found.length) return null;
-  return found.map((b) => (typeof b === "string" ? b : `${b.name}${b.version ? `@${b.version}` : ""}${b.weight !== undefined ? ` (${b.weight})` : ""}`));
+/** Which bricks answered, from the response's `brickyard` record (registry.serve.gateway). */
+function answeredBy(body) {
+  const used = body.brickyard;
+  if (!used) return null;
+  const bricks = used.bricks || [];
+  if (!bricks.length) return `answered by the base model ${used.base_model}${used.note ? ` (${used.note})` : ""}`;
+  return `answered by ${bricks.map((b) => `${b.name}@${b.version} (${b.weight})`).join(", ")}`;
 }
 
 /** "Try a model": a chat box against /v1/chat/completions, when the server serves models. */
 export async function chatView({ signal, say, explain }) {
   // GET on a POST-only route answers 405 when it exists and 404 when it does not.
-  const probe = await request("GET", "/v1/chat/completions", { raw: true, signal }).catch((error) => error);
+  const [probe, models] = await Promise.all([
+    request("GET", "/v1/chat/completions", { raw: true, signal }).catch((error) => error),
+    get("/v1/models", { signal }).catch(() => null),
+  ]);
   const absent = probe instanceof ApiError && probe.status === 404;
   if (absent) {
     return {
@@ -424,10 +431,18 @@ export async function chatView({ signal, say, explain }) {
       ),
     };
   }
-  const models = await get("/v1/models", { signal }).catch(() => null);
-  const choices = ["auto", ...((models && models.data) || []).map((m) => m.id), ...sessionCompositions().map((c) => c.id)];
-  const select = h("select", { id: "chat-model" }, [...new Set(choices)].map((c) => h("option", { value: c }, c === "auto" ? "auto (pick bricks for each message)" : c)));
+  // The server's own list: it offers plain "auto" only when one base model makes it valid
+  // (with several, "auto:<base>" names the base). Routing choices first, then the rest.
+  const listed = models && Array.isArray(models.data) ? models.data.map((m) => m.id) : ["auto"];
+  const isAuto = (id) => id === "auto" || id.startsWith("auto:");
+  const choices = [...listed.filter(isAuto), ...listed.filter((id) => !isAuto(id)), ...sessionCompositions().map((c) => c.id)];
+  const label = (id) => (id === "auto" ? "auto (pick bricks for each message)" : id.startsWith("auto:") ? `${id} (pick bricks of ${id.slice(5)})` : id);
+  const select = h("select", { id: "chat-model" }, [...new Set(choices)].map((c) => h("option", { value: c }, label(c))));
   const input = h("textarea", { id: "chat-input", rows: 3, required: true });
+  // Sampling as the API takes it; temperature 0 is greedy (the same answer every time), and a
+  // bound on the answer's length keeps a small model from talking until its context is full.
+  const temperature = h("input", { id: "chat-temperature", type: "number", min: "0", max: "2", step: "0.1", value: "1", required: true, inputmode: "decimal" });
+  const maxTokens = h("input", { id: "chat-max-tokens", type: "number", min: "1", step: "1", value: String(CHAT_MAX_TOKENS), required: true, inputmode: "numeric" });
   const log = h("ol", { class: "chat-log", role: "log", "aria-live": "polite", "aria-label": "Conversation" });
   const messages = [];
   const send = h("button", { type: "submit", class: "primary" }, "Send");
@@ -444,18 +459,17 @@ export async function chatView({ signal, say, explain }) {
         input.value = "";
         send.disabled = true;
         try {
-          const response = await request("POST", "/v1/chat/completions", { body: { model: select.value, messages }, raw: true });
-          const body = await response.json();
+          const body = await post("/v1/chat/completions", { model: select.value, messages, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) });
           const content = body.choices?.[0]?.message?.content ?? "";
           messages.push({ role: "assistant", content });
-          const bricks = bricksOf(body, response);
+          const by = answeredBy(body);
           log.append(
             h(
               "li",
               { class: "model" },
               h("span", { class: "who" }, body.model || select.value),
               h("p", {}, content),
-              bricks ? h("p", { class: "meta" }, `answered by ${bricks.join(", ")}`) : null,
+              by ? h("p", { class: "meta" }, by) : null,
             ),
           );
         } catch (error) {
@@ -470,6 +484,8 @@ export async function chatView({ signal, say, explain }) {
     },
     h("div", { class: "field" }, h("label", { for: "chat-model" }, "Model"), select),
     h("div", { class: "field grow" }, h("label", { for: "chat-input" }, "Message"), input),
+    h("div", { class: "field narrow" }, h("label", { for: "chat-temperature" }, "Temperature"), temperature),
+    h("div", { class: "field narrow" }, h("label", { for: "chat-max-tokens" }, "Max tokens"), maxTokens),
     send,
   );
   input.addEventListener("keydown", (event) => {
