@@ -80,6 +80,12 @@ def test_concurrent_callers_each_get_their_own_vectors(onnx_embedder: OnnxEmbedd
     assert_concurrent_callers_get_their_own_vectors(onnx_embedder, TEXTS, 24, atol=1e-5)
 
 
+def test_idle_onnx_threads_sleep_rather_than_spin(onnx_embedder: OnnxEmbedder) -> None:
+    onnx_embedder.embed(["load the session"])
+    options = onnx_embedder._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_no_texts_give_an_empty_array(onnx_embedder: OnnxEmbedder) -> None:
     vectors, layers = onnx_embedder.embed_with_layer([])
     assert vectors.shape == layers.shape == (0, 384)
