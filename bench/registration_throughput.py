@@ -23,6 +23,13 @@ machine the wall-clock numbers are only as good as the idleness (CPU seconds per
 the floor are less sensitive to it).
 
     python bench/registration_throughput.py [--clients 4]
+
+Measured (2026-12-07, load average 13-20 from other work on the 2 CPUs, so wall clock is
+far from idle): embedding floor 54 ms of CPU per brick (210 before this session's pass bound
+and non-spinning onnxruntime threads; 124 with only the threads fixed); server 88-104 ms of
+CPU per brick (170-182 before); 4 concurrent uploads 2.5 bricks/s wall (0.3 before), one at
+a time 0.5 bricks/s with p50 1.65 s (the embedding child runs at background priority and
+the neighbours took the CPU). The idle-machine goals are not shown by this machine.
 """
 
 from __future__ import annotations
