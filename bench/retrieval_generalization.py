@@ -28,6 +28,12 @@ cross-check term adding ``c_cross`` x the example branch to the description bran
 ranking) are chosen by grid search on 4 of 5 folds of task clusters and scored on the
 fifth, so no query is ranked by constants fitted on its own cluster.
 
+Fitted on the dev set, reported on the known (evaluation) set: three constants of a wider
+description branch (the word-overlap weight ``beta``, ``w_both`` x the cosine to the mean of
+definition + examples, ``w_max`` x the max-sim cosine; shipped = (0.2, 0, 0)) are grid-fitted
+on the dev tasks' queries only and the table shows both sets beside every baseline. On
+32 dev queries per kind one query is 0.031 of top-1: expect the fit to chase single queries.
+
 Goal, on the unseen tasks: top-1 >= best plain baseline + 0.05 for each kind, and top-3 >=
 0.90 for paraphrases. The table says per cell whether it is met. Also printed: the cosine
 gap between the right task's definition and the best one of another cluster (what the
@@ -178,13 +184,16 @@ def branch_rows(registry, queries: Sequence[Query], task_of: dict[str, str]) -> 
         missing = [f.brick_id for f in found.features if f.brick_id not in names]
         if missing:
             names.update({i: b.name for i, b in registry.store.get_bricks_by_ids(missing).items()})
+        exmax = np.array([float((f.ex_vecs @ vecs[0]).max()) for f in found.features])
+        centroids = np.stack([np.vstack([f.desc_vec[None], f.ex_vecs]).mean(axis=0) for f in found.features])
         rows.append(
             {
                 "ids": [task_of[names[f.brick_id]] for f in found.features],
                 "s_desc": branches.s_desc,
                 "D": branches.description,
                 "E": branches.example,
-                "exmax": np.array([float((f.ex_vecs @ vecs[0]).max()) for f in found.features]),
+                "exmax": exmax,
+                "both": (centroids @ vecs[0]) / np.linalg.norm(centroids, axis=1),
                 "gate_gap": float(branches.s_desc.max()) - found.max_example_sim,
             }
         )
@@ -200,6 +209,39 @@ def extended_top3(row: dict, c_cross: float, c_exmax: float) -> list[str]:
     example = row["E"] + c_exmax * RANKING.a * row["exmax"]
     scores = alpha * description + (1.0 - alpha) * example
     return [row["ids"][j] for j in np.argsort(-scores, kind="stable")[:3]]
+
+
+GRID_BETA = (0.0, 0.1, 0.2, 0.3)
+GRID_BOTH = (0.0, 0.25, 0.5, 1.0, 2.0)
+GRID_MAX = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def description_variant_top3(row: dict, beta: float, w_both: float, w_max: float) -> list[str]:
+    """Top-3 task ids when the description branch becomes ``lam * (cos(q, desc) + beta *
+    word + w_both * cos(q, mean(desc + examples)) + w_max * max-sim)`` (the example branch and
+    the gate as shipped; (RANKING.beta, 0, 0) is the shipped ranking)."""
+    from registry.search.ranking import RANKING
+
+    word = (row["D"] / RANKING.lam - row["s_desc"]) / RANKING.beta
+    max_sim = np.maximum(row["s_desc"], row["exmax"])
+    description = RANKING.lam * (row["s_desc"] + beta * word + w_both * row["both"] + w_max * max_sim)
+    alpha = 1.0 / (1.0 + np.exp(-np.clip((row["gate_gap"] - RANKING.g0) / RANKING.s, -50.0, 50.0)))
+    scores = alpha * description + (1.0 - alpha) * row["E"]
+    return [row["ids"][j] for j in np.argsort(-scores, kind="stable")[:3]]
+
+
+def fit_on_dev(rows: Sequence[dict], queries: Sequence[Query]) -> tuple[tuple[float, float, float], list[list[str]]]:
+    """Grid-fit (beta, w_both, w_max) of `description_variant_top3` on the dev (unseen) tasks'
+    queries only (mean top-1 over the three kinds; ties to the smallest constants); the
+    top-3 of every query under the chosen constants, to be reported on the known tasks."""
+    grid = [(b, w, m) for b in GRID_BETA for w in GRID_BOTH for m in GRID_MAX]
+
+    def dev_score(point: tuple[float, float, float]) -> float:
+        tops = [description_variant_top3(row, *point) if q.unseen else [] for row, q in zip(rows, queries, strict=True)]
+        return float(np.mean([rates(tops, queries, True, kind)[0] for kind in KINDS]))
+
+    best = max(grid, key=lambda p: (dev_score(p), -sum(p)))
+    return best, [description_variant_top3(row, *best) for row in rows]
 
 
 def cross_validate(rows: Sequence[dict], tasks: Sequence[dict], queries: Sequence[Query]) -> dict:
@@ -313,6 +355,24 @@ def run(database_url: str, home: Path, dev_path: Path, console: Console) -> dict
             table.add_row(f"{'unseen' if unseen else 'known'}: {label}", *cells)
     console.print(table)
     console.print(f"constants chosen per fold: {folded['chosen']}")
+    chosen, dev_fitted = fit_on_dev(rows, queries)
+    table = Table(title=f"description branch fitted on the DEV tasks only (beta, w_both, w_max) = {chosen}")
+    table.add_column("method")
+    for unseen in (True, False):
+        for kind in KINDS:
+            table.add_column(f"{'dev' if unseen else 'eval'} {kind}", justify="right")
+    for label, ranked in (
+        *((method, plain[method]) for method in plain),
+        ("Brickyard /search (shipped)", ours),
+        ("fitted on dev", dev_fitted),
+    ):
+        cells = [
+            f"{rates(ranked, queries, unseen, k)[0]:.3f} / {rates(ranked, queries, unseen, k)[1]:.3f}"
+            for unseen in (True, False)
+            for k in KINDS
+        ]
+        table.add_row(label, *cells)
+    console.print(table)
     gaps = definition_gaps(q, defs, tasks, queries)
     pct = np.percentile(gaps, [10, 25, 50, 75, 90])
     console.print(

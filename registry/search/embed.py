@@ -159,14 +159,24 @@ class _BatchingEmbedder:
 
 def _next_pass(waiting: list[_Request], now: float) -> list[tuple[_Request, int]]:
     """The (request, text index) pairs of the next forward pass: callers that waited too
-    long first, then the fewest characters left; within a caller, its shortest texts first."""
+    long first, then the fewest characters left; within a caller, its shortest texts first.
+
+    A pass holds at most ``_SUB_BATCH`` texts and at most ``_PASS_CHARS`` padded characters
+    (texts x the longest one), and always at least one text. Measured with onnxruntime on
+    this CPU (bench/registration_throughput.py): the 360 texts of 60 benchmark bricks cost
+    18.7 ms of CPU each in passes of 16, 9.6 ms in passes of <= 512 padded characters; a
+    batch cost more per text than the same texts alone once it was a few long texts wide,
+    while one-line queries lose nothing (4.2 vs 4.4 ms each)."""
     waiting.sort(key=lambda r: (now - r.since < _MAX_WAIT_S, r.chars_left(), r.since))
     work: list[tuple[_Request, int]] = []
+    longest = 0
     for request in waiting:
-        for i in request.todo[: _SUB_BATCH - len(work)]:
+        for i in request.todo:
+            size = max(longest, len(request.texts[i]), 1)
+            if work and (len(work) == _SUB_BATCH or (len(work) + 1) * size > _PASS_CHARS):
+                return work
             work.append((request, i))
-        if len(work) == _SUB_BATCH:
-            break
+            longest = size
     return work
 
 
@@ -285,6 +295,7 @@ class _Request:
 
 
 _SUB_BATCH = 16
+_PASS_CHARS = 512
 _MAX_WAIT_S = 2.0
 
 _shared: dict[tuple[Any, ...], Embedder] = {}

@@ -80,6 +80,12 @@ def test_concurrent_callers_each_get_their_own_vectors(onnx_embedder: OnnxEmbedd
     assert_concurrent_callers_get_their_own_vectors(onnx_embedder, TEXTS, 24, atol=1e-5)
 
 
+def test_idle_onnx_threads_sleep_rather_than_spin(onnx_embedder: OnnxEmbedder) -> None:
+    onnx_embedder.embed(["load the session"])
+    options = onnx_embedder._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_no_texts_give_an_empty_array(onnx_embedder: OnnxEmbedder) -> None:
     vectors, layers = onnx_embedder.embed_with_layer([])
     assert vectors.shape == layers.shape == (0, 384)
@@ -184,6 +190,31 @@ def test_a_caller_waiting_too_long_goes_first() -> None:
     old.since -= 10
     assert _next_pass([fresh, old], old.since + 10)[0] == (old, 0)
     assert _next_pass([fresh, _Request(["a long text " * 50])], fresh.since)[0] == (fresh, 0)
+
+
+def test_a_pass_is_bounded_by_padded_characters() -> None:
+    # Padding every text to the longest of a wide pass cost twice the CPU of narrow passes:
+    # long texts go in small passes, one-line queries still share one.
+    long_texts = ["x" * 300, "y" * 200, "z" * 250]
+    registration = _Request(long_texts)
+    first = _next_pass([registration], registration.since)
+    assert [registration.texts[i] for _, i in first] == ["y" * 200, "z" * 250]  # 2 x 250 <= 512; 3 x 300 is not
+    queries = [_Request([f"query {i}"]) for i in range(20)]
+    batch = _next_pass(list(queries), queries[0].since)
+    assert len(batch) == 16  # 16 short texts fit in 512 padded characters
+    alone = _Request(["w" * 2000])
+    assert _next_pass([alone], alone.since) == [(alone, 0)]  # a text longer than the budget still goes
+
+
+def test_every_text_is_encoded_once_in_bounded_passes() -> None:
+    embedder = _Recording()
+    embedder.gate.set()
+    texts = [("word " * n).strip() for n in (1, 90, 3, 40, 2, 100, 7)]
+    sentences, layers = embedder.embed_with_layer(texts)
+    np.testing.assert_array_equal(sentences, _expected(texts))
+    np.testing.assert_array_equal(layers, -_expected(texts))
+    assert sorted(t for p in embedder.passes for t in p) == sorted(texts)
+    assert all(len(p) == 1 or len(p) * max(map(len, p)) <= 512 for p in embedder.passes)
 
 
 def test_a_failing_pass_fails_only_its_callers() -> None:

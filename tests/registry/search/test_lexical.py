@@ -49,6 +49,16 @@ def test_shape_view_counts_two_to_six_grams_of_the_skeleton() -> None:
     assert tf.tolist() == [1.0]
 
 
+def test_features_asked_again_are_equal_and_cannot_be_changed_by_a_caller() -> None:
+    idx, tf = text_features("Shared features, asked twice", "shape")
+    again_idx, again_tf = text_features("Shared features, asked twice", "shape")
+    assert idx.tolist() == again_idx.tolist() and tf.tolist() == again_tf.tolist()
+    with pytest.raises(ValueError, match="read-only"):
+        idx[0] = 0
+    with pytest.raises(ValueError, match="read-only"):
+        tf *= 2
+
+
 def test_unknown_view_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown view"):
         text_features("x", "colour")
