@@ -239,9 +239,8 @@ class Router:
                 self._build(composition.id)
             composition = self._wait_ready(composition)
             path = self.registry.compositions.directory(composition.id)
-            recipe_bricks = tuple(
-                (b["name"], int(b["version"]), b["weight"]) for b in dict(composition.recipe)["bricks"]
-            )
+            recipe: dict[str, Any] = dict(composition.recipe)
+            recipe_bricks = tuple((b["name"], int(b["version"]), b["weight"]) for b in recipe["bricks"])
             plan = _Plan(composition.id, path, recipe_bricks, time.monotonic(), (path / _MARKER).is_file())
             self._plans.put(key, plan)
         target = self._target(base, plan.composition_id, plan.path, plan.bricks, model=model, scores=scores)
