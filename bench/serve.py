@@ -166,7 +166,7 @@ def start_vllm(
     }
     command = [
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
         "--enforce-eager", "--enable-lora", "--max-lora-rank", "64", "--max-loras", "8",
     ]  # fmt: skip
     log = (work / "vllm.log").open("ab")
