@@ -3,8 +3,8 @@ rank-8 all-projection bricks, in one run against ``create_app`` served by uvicor
 
 - (a) vLLM asked directly for a brick it has loaded (``--vllm-python``: the vLLM virtualenv's
   interpreter, as ``make vllm-env`` builds it; vLLM runs with Brickyard's resolver plugin);
-- (b) the same brick through Brickyard's gateway (a second app on the same registry with
-  ``serve.engine = vllm``, forwarding to that vLLM);
+- (b) the same brick through Brickyard's gateway (``brickyard serve`` in its own process on the
+  same registry with ``serve.engine = vllm``, forwarding to that vLLM);
 - (c) the routing decision of ``auto`` with a cached recipe (search + plan, in-process
   ``Router.route``), p50/p95;
 - (d) ``auto`` with a new recipe (search + compose + build), once;
@@ -12,7 +12,8 @@ rank-8 all-projection bricks, in one run against ``create_app`` served by uvicor
 - (f) plain transformers + PEFT ``generate`` on the same brick, prompt and length, in this
   process with as many torch threads as the embedded engine's child.
 
-Peers are measured in alternation ((a) then (b), (e) then (f), ``--runs`` times each), so both
+The embedded part runs first, then vLLM starts (its processes would otherwise share the cores
+with it). Peers are measured in alternation ((a) then (b), (e) then (f), ``--runs`` times each), so both
 see the same machine load. Time to first token (TTFT): a streamed request, client side, to the
 first chunk with text. Tokens/s: a whole request's ``usage.completion_tokens`` over its wall
 time (for (f): new tokens over ``generate``'s time); 8 clients: all tokens over the wall time
@@ -24,8 +25,10 @@ of 8 concurrent requests. Every answer is greedy and the same length for every p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -67,13 +70,12 @@ def ttft(http: httpx.Client, model: str, tokens: int) -> float:
     started = time.perf_counter()
     with http.stream("POST", "/v1/completions", json=_body(model, tokens, stream=True)) as response:
         assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+        first = None
+        for line in response.iter_lines():  # read to the end, as a client does
+            if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                 first = time.perf_counter() - started
-                for _ in response.iter_lines():  # read to the end, as a client does
-                    pass
-                return first
-    raise AssertionError(f"{model}: no text streamed")
+    assert first is not None, f"{model}: no text streamed"
+    return first
 
 
 def whole(http: httpx.Client, model: str, tokens: int) -> tuple[int, float]:
@@ -170,11 +172,13 @@ def start_vllm(
         "--enforce-eager", "--enable-lora", "--max-lora-rank", "64", "--max-loras", "8",
     ]  # fmt: skip
     log = (work / "vllm.log").open("ab")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+    # Its own session: stopping it stops its engine-core processes too (`stop_process`).
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            stop_process(process)  # what it started may outlive it
             raise SystemExit(f"vLLM exited with {process.returncode}: see {work / 'vllm.log'}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -182,8 +186,45 @@ def start_vllm(
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    process.kill()
+    stop_process(process)
     raise SystemExit(f"vLLM did not start in 900 s: see {work / 'vllm.log'}")
+
+
+def start_gateway(work: Path, vllm_url: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``brickyard serve`` on the benchmark's registry with ``serve.engine = vllm``."""
+    port = free_port()
+    env = {**os.environ, "BRICKYARD_HOME": str(work / "home"), "BRICKYARD_SERVE__ENGINE": "vllm",
+           "BRICKYARD_SERVE__VLLM_URL": vllm_url, "BRICKYARD_MODEL_ROOTS": json.dumps([str(work)])}  # fmt: skip
+    log = (work / "gateway.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the gateway exited with {process.returncode}: see {work / 'gateway.log'}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    stop_process(process)
+    raise SystemExit(f"the gateway did not start in 300 s: see {work / 'gateway.log'}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server started in its own session and what it started, politely first."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 def main() -> int:
@@ -232,44 +273,6 @@ def main() -> int:
             meta = brick_metadata(name, base_model="bench", description=description, examples=[], tags=[])
             assert upload(http, adapters[name], metadata=meta).status_code == 201
 
-        if args.vllm_python is not None:
-            process, vllm_url = start_vllm(args.vllm_python, base, work, url, token)
-            stop.append(process.kill)
-            gateway_registry = Registry.open(settings(engine="vllm", vllm_url=vllm_url))
-            stop.append(gateway_registry.close)
-            gateway_server, gateway_url = serve(create_app(registry=gateway_registry))
-            stop.append(lambda: setattr(gateway_server, "should_exit", True))
-            direct = httpx.Client(base_url=vllm_url, timeout=600)
-            gateway = httpx.Client(base_url=gateway_url, timeout=600, headers=headers)
-            for model in ("french@1", "legal@1", "sql@1"):  # resolved and loaded by vLLM: preloaded
-                assert whole(direct, model, 4)[0] > 0 and whole(gateway, model, 4)[0] > 0
-            a_ttft, b_ttft = alternate(
-                args.runs, lambda: ttft(direct, "french@1", args.tokens), lambda: ttft(gateway, "french@1", args.tokens)
-            )
-            a_rate, b_rate = alternate(
-                args.runs,
-                lambda: (lambda r: r[0] / r[1])(whole(direct, "french@1", args.tokens)),
-                lambda: (lambda r: r[0] / r[1])(whole(gateway, "french@1", args.tokens)),
-            )
-            a8, b8 = alternate(
-                max(3, args.runs // 3),
-                lambda: eight_clients(direct, EIGHT, args.tokens),
-                lambda: eight_clients(gateway, EIGHT, args.tokens),
-            )
-            a_p50, b_p50 = pct(a_ttft, 0.5) * 1000, pct(b_ttft, 0.5) * 1000
-            ar, br = statistics.median(a_rate), statistics.median(b_rate)
-            a8m, b8m = statistics.median(a8), statistics.median(b8)
-            rows += [
-                ("(a) vLLM direct, 1 client: TTFT p50", f"{a_p50:.1f} ms"),
-                ("(b) vLLM via gateway, 1 client: TTFT p50", f"{b_p50:.1f} ms (+{b_p50 - a_p50:.1f} ms; goal <= +10)"),
-                ("(a) vLLM direct, 1 client: tokens/s", f"{ar:.1f}"),
-                ("(b) vLLM via gateway, 1 client: tokens/s", f"{br:.1f} ({br / ar:.0%} of (a); goal >= 95%)"),
-                ("(a) vLLM direct, 8 clients: tokens/s", f"{a8m:.1f}"),
-                ("(b) vLLM via gateway, 8 clients: tokens/s", f"{b8m:.1f} ({b8m / a8m:.0%} of (a); goal >= 95%)"),
-            ]  # fmt: skip
-            direct.close()
-            gateway.close()
-
         router = Router(registry, wake_builds=None)
         options = RoutingOptions(k=2, min_score=-1e9)
         query = "translate this English sentence into French"
@@ -309,6 +312,45 @@ def main() -> int:
             (f"(f) transformers + PEFT generate: tokens/s ({threads} torch threads)", f"{f:.1f}"),
             ("(e) embedded via gateway, 8 clients: tokens/s total (FIFO)", f"{statistics.median(e8):.1f}"),
         ]  # fmt: skip
+
+        if args.vllm_python is not None:
+            process, vllm_url = start_vllm(args.vllm_python, base, work, url, token)
+            stop.append(lambda: stop_process(process))
+            # The gateway in its own process, as deployed (in this one it would share the GIL with
+            # the 8 client threads, which vLLM asked directly does not).
+            gateway_process, gateway_url = start_gateway(work, vllm_url)
+            stop.append(lambda: stop_process(gateway_process))
+            direct = httpx.Client(base_url=vllm_url, timeout=600)
+            gateway = httpx.Client(base_url=gateway_url, timeout=600, headers=headers)
+            for model in ("french@1", "legal@1", "sql@1"):  # resolved and loaded by vLLM: preloaded
+                assert whole(direct, model, 4)[0] > 0 and whole(gateway, model, 4)[0] > 0
+            a_ttft, b_ttft = alternate(
+                args.runs, lambda: ttft(direct, "french@1", args.tokens), lambda: ttft(gateway, "french@1", args.tokens)
+            )
+            a_rate, b_rate = alternate(
+                args.runs,
+                lambda: (lambda r: r[0] / r[1])(whole(direct, "french@1", args.tokens)),
+                lambda: (lambda r: r[0] / r[1])(whole(gateway, "french@1", args.tokens)),
+            )
+            a8, b8 = alternate(
+                max(3, args.runs // 3),
+                lambda: eight_clients(direct, EIGHT, args.tokens),
+                lambda: eight_clients(gateway, EIGHT, args.tokens),
+            )
+            a_p50, b_p50 = pct(a_ttft, 0.5) * 1000, pct(b_ttft, 0.5) * 1000
+            ar, br = statistics.median(a_rate), statistics.median(b_rate)
+            a8m, b8m = statistics.median(a8), statistics.median(b8)
+            rows += [
+                ("(a) vLLM direct, 1 client: TTFT p50", f"{a_p50:.1f} ms"),
+                ("(b) vLLM via gateway, 1 client: TTFT p50", f"{b_p50:.1f} ms (+{b_p50 - a_p50:.1f} ms; goal <= +10)"),
+                ("(a) vLLM direct, 1 client: tokens/s", f"{ar:.1f}"),
+                ("(b) vLLM via gateway, 1 client: tokens/s", f"{br:.1f} ({br / ar:.0%} of (a); goal >= 95%)"),
+                ("(a) vLLM direct, 8 clients: tokens/s", f"{a8m:.1f}"),
+                ("(b) vLLM via gateway, 8 clients: tokens/s", f"{b8m:.1f} ({b8m / a8m:.0%} of (a); goal >= 95%)"),
+            ]  # fmt: skip
+            direct.close()
+            gateway.close()
+
     finally:
         for action in reversed(stop):
             action()
