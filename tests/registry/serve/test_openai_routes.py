@@ -299,8 +299,10 @@ def test_engine_killed_mid_request_is_503_then_recovers(served: Served) -> None:
 def test_auto_reuses_its_plan_until_the_composition_is_evicted(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
+    from registry.serve import routing
     from registry.serve.protocol import RoutingOptions
 
+    monkeypatch.setattr(routing, "_PLAN_RECHECK_S", 1e9)  # no re-verification by age here, however slow the host
     router = served.app.state.gateway.router
     compositions = served.app.state.registry.compositions
     calls: list[Any] = []

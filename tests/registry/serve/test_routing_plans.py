@@ -18,6 +18,12 @@ def _plan(directory: Path, checked_at: float, *, local: bool = True) -> _Plan:
     return _Plan("c" * 64, directory, (("french", 1, 1.0),), checked_at, local)
 
 
+@pytest.fixture(autouse=True)
+def _no_expiry_by_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans do not age out while a test runs, however slow the host (the test of ageing sets its own clock)."""
+    monkeypatch.setattr(routing, "_PLAN_RECHECK_S", 1e9)
+
+
 def test_a_plan_is_answered_until_its_directory_goes(tmp_path: Path) -> None:
     plans = _Plans()
     plan = _plan(tmp_path / "c", routing.time.monotonic())
@@ -38,6 +44,7 @@ def test_a_published_plan_needs_no_local_directory(tmp_path: Path) -> None:
 
 def test_a_plan_is_verified_again_after_the_recheck_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
+    monkeypatch.setattr(routing, "_PLAN_RECHECK_S", 30.0)
     monkeypatch.setattr(routing.time, "monotonic", lambda: now[0])
     plans = _Plans()
     plans.put("k", _plan(tmp_path / "c", now[0]))
