@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -363,6 +364,10 @@ def main() -> int:
             print(f"{label:<{width}}  {value}", flush=True)
         time.sleep(1)
         registry.close()
+        if os.environ.get("BRICKYARD_BENCH_KEEP") == "1":  # as bench/_registry.py: keep it to read the logs
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
