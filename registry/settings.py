@@ -63,6 +63,7 @@ BRICKYARD_SERVE__VLLM_URL                     the vLLM OpenAI server (http://127
 BRICKYARD_SERVE__MAX_LORA_RANK                largest adapter rank the engine takes (64); ``auto``
                                               truncates a composition to it
 BRICKYARD_SERVE__MAX_LOADED_ADAPTERS          adapters the embedded engine keeps loaded (LRU, 8)
+BRICKYARD_SERVE__THREADS                      torch threads of the embedded engine (default: cores - 1)
 BRICKYARD_SERVE__MIN_SCORE                    ``auto``: bricks scoring below this are not used (8)
 ============================================  =================================================
 """
@@ -202,6 +203,13 @@ class ServeSettings(BaseModel):
     vllm_url: str = Field("http://127.0.0.1:8001", description="the vLLM OpenAI server (started with --enable-lora)")
     max_lora_rank: int = Field(64, ge=1, le=4096, description="largest adapter rank the engine accepts")
     max_loaded_adapters: int = Field(8, ge=1, le=256, description="embedded engine: adapters kept loaded (LRU)")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="embedded engine: torch threads in its child; default: the cores less one (the server "
+        "streams tokens and searches on the other; torch spinning on every core beside it ran 3x slower)",
+    )
     min_score: float = Field(8.0, allow_inf_nan=False, description="auto: bricks scoring below this are not used")
     timeout_s: float = Field(300.0, gt=0, description="an engine silent this long fails the request (503)")
     compose_timeout_s: float = Field(300.0, gt=0, description="auto: longest wait for a new recipe's build")

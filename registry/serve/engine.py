@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -65,6 +65,11 @@ class Engine(Protocol):
 
     def generate(self, generation: Generation) -> AsyncIterator[Event]:
         """Stream the events of one request; closing the iterator early cancels it."""
+        ...
+
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Drop the adapters named ``keys`` if loaded (a deleted brick): no request may be
+        answered with them again. Best effort when the engine is down (it then holds nothing)."""
         ...
 
     async def aclose(self) -> None:

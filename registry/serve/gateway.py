@@ -24,6 +24,7 @@ from registry.serve.protocol import ChatRequest, CompletionRequest
 from registry.serve.routing import Router, Target
 
 if TYPE_CHECKING:
+    from registry import domain
     from registry.service import Registry
     from registry.settings import Settings
 
@@ -75,6 +76,13 @@ class Gateway:
     def open(cls, registry: Registry, *, wake_builds: Callable[[], None] | None = None) -> Gateway:
         """A gateway on the engine the registry's settings choose."""
         return cls(registry, make_engine(registry.settings), wake_builds=wake_builds)
+
+    async def brick_deleted(self, brick: domain.Brick) -> None:
+        """A brick version is gone: drop the cached routing plans and unload it from the engine
+        under every name it may have been loaded by (``name@version``, and ``name``, which a
+        client asking vLLM directly may have had resolved to this version)."""
+        self.router.forget()
+        await self.engine.forget([brick.ref, brick.name])
 
     async def aclose(self) -> None:
         """Stop the engine."""

@@ -5,12 +5,23 @@ list), weighs the hits by the compositions' documented rule (`instruction_weight
 `Compositions` for a linear ``adapter`` recipe: exact concatenation when the summed rank fits
 ``serve.max_lora_rank``, truncated to it otherwise. The recipe is hashed and cached like any
 composition; a new one is built by the worker pool while the request waits.
+
+Routing a message is search + a recipe lookup. Resolving a recipe reads every brick row,
+checks the base's files against the model roots, hashes the recipe and reads the
+composition's rows (about 60% of a cached ``auto`` request, profiled), yet its answer only
+depends on the base's fingerprint, the (immutable) brick versions, the weights and the
+options. So the router remembers, per such plan, the composition that serves it (`_Plans`): a
+repeated plan costs a file check, and is verified again through the compositions at most
+every ``_PLAN_RECHECK_S`` (which also keeps its LRU-eviction clock fresh).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +49,11 @@ __all__ = ["Adapter", "Router", "Target"]
 
 _CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter_model.safetensors"
+_MARKER = "brickyard.json"  # written last into a built composition's directory
+# A cached plan is re-verified through the compositions (rows, files, LRU touch) this often;
+# eviction ranks by that touch, so a composition in use is never older than this there.
+_PLAN_RECHECK_S = 30.0
+_PLAN_ENTRIES = 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,54 @@ class Target:
     used: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A resolved ``auto`` plan: the ready composition serving it."""
+
+    composition_id: str
+    path: Path
+    bricks: tuple[tuple[str, int, float], ...]  # (name, version, weight), as in the recipe
+    checked_at: float
+    local: bool  # its files are in ``path`` (else published to the blob store)
+
+
+class _Plans:
+    """A bounded LRU of plans, shared by the request threads."""
+
+    def __init__(self, entries: int = _PLAN_ENTRIES) -> None:
+        self._entries: OrderedDict[str, _Plan] = OrderedDict()
+        self._limit = entries
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> _Plan | None:
+        """The plan of ``key`` if it was verified less than ``_PLAN_RECHECK_S`` ago and its
+        directory is still there (eviction removes it)."""
+        with self._lock:
+            plan = self._entries.get(key)
+            if plan is None:
+                return None
+            if time.monotonic() - plan.checked_at > _PLAN_RECHECK_S or (
+                plan.local and not (plan.path / _MARKER).is_file()
+            ):
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return plan
+
+    def put(self, key: str, plan: _Plan) -> None:
+        """Remember a verified plan."""
+        with self._lock:
+            self._entries[key] = plan
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._limit:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every plan (a brick was deleted)."""
+        with self._lock:
+            self._entries.clear()
+
+
 class Router:
     """Resolves ``model`` strings against the registry.
 
@@ -72,6 +136,11 @@ class Router:
         self.settings = registry.settings.serve
         self.wake_builds = wake_builds
         self._links = registry.settings.serve_dir / "bricks"
+        self._plans = _Plans()
+
+    def forget(self) -> None:
+        """Drop the cached plans (after a deletion: the next request re-verifies)."""
+        self._plans.clear()
 
     def route(self, model: str, query: str | None, options: RoutingOptions) -> Target:
         """The target of a request.
@@ -159,11 +228,22 @@ class Router:
         }
         if rank is not None:
             request["rank"] = rank
-        composition, ready = self.registry.compositions.request(request, actor="serve")
-        if not ready:
-            self._build(composition.id)
         scores = {h.brick.ref: h.score for h in hits}
-        target = self._ready(composition, model=model, scores=scores)
+        # The recipe is a function of the base's identity, the brick versions (immutable), the
+        # weights and the options: that is the plan's key.
+        key = json.dumps([base.name, base.fingerprint, base.path, request], sort_keys=True)
+        plan = self._plans.get(key)
+        if plan is None:
+            composition, ready = self.registry.compositions.request(request, actor="serve")
+            if not ready:
+                self._build(composition.id)
+            composition = self._wait_ready(composition)
+            path = self.registry.compositions.directory(composition.id)
+            recipe: dict[str, Any] = dict(composition.recipe)
+            recipe_bricks = tuple((b["name"], int(b["version"]), b["weight"]) for b in recipe["bricks"])
+            plan = _Plan(composition.id, path, recipe_bricks, time.monotonic(), (path / _MARKER).is_file())
+            self._plans.put(key, plan)
+        target = self._target(base, plan.composition_id, plan.path, plan.bricks, model=model, scores=scores)
         if rank is not None:
             target.used["truncated_rank"] = rank
         return target
@@ -204,6 +284,41 @@ class Router:
 
     def _ready(self, composition: domain.Composition, *, model: str, scores: dict[str, float] | None) -> Target:
         """Wait for a composition to be built; the target serving it."""
+        composition = self._wait_ready(composition)
+        recipe: dict[str, Any] = dict(composition.recipe)
+        base = self.registry.get_base_model(recipe["base_model"]["name"])
+        bricks = tuple((b["name"], int(b["version"]), b["weight"]) for b in recipe["bricks"])
+        path = self.registry.compositions.directory(composition.id)
+        return self._target(base, composition.id, path, bricks, model=model, scores=scores)
+
+    @staticmethod
+    def _target(
+        base: domain.BaseModel,
+        composition_id: str,
+        path: Path,
+        bricks: tuple[tuple[str, int, float], ...],
+        *,
+        model: str,
+        scores: dict[str, float] | None,
+    ) -> Target:
+        used = {
+            "model": model,
+            "base_model": base.name,
+            "bricks": [
+                {
+                    "name": name,
+                    "version": version,
+                    "weight": weight,
+                    "score": None if scores is None else scores.get(f"{name}@{version}"),
+                }
+                for name, version, weight in bricks
+            ],
+            "recipe_id": composition_id,
+        }
+        return Target(base, Adapter(composition_id, path), used)
+
+    def _wait_ready(self, composition: domain.Composition) -> domain.Composition:
+        """The composition once built (polling its row)."""
         store = self.registry.compositions.store
         deadline = time.monotonic() + self.settings.compose_timeout_s
         while composition.status != READY:
@@ -218,20 +333,7 @@ class Router:
             if found is None:
                 raise CompositionNotFound(f"composition {composition.id} vanished while being built")
             composition = found
-        recipe: dict[str, Any] = dict(composition.recipe)
-        base = self.registry.get_base_model(recipe["base_model"]["name"])
-        bricks = [
-            {
-                "name": b["name"],
-                "version": b["version"],
-                "weight": b["weight"],
-                "score": None if scores is None else scores.get(f"{b['name']}@{b['version']}"),
-            }
-            for b in recipe["bricks"]
-        ]
-        used = {"model": model, "base_model": base.name, "bricks": bricks, "recipe_id": composition.id}
-        path = self.registry.compositions.directory(composition.id)
-        return Target(base, Adapter(composition.id, path), used)
+        return composition
 
     def _brick_dir(self, brick: domain.Brick) -> Path:
         """A PEFT directory for a brick: links to its blobs (written once, atomically)."""

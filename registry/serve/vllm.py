@@ -14,9 +14,9 @@ chat without a template). vLLM unreachable or failing: `ServiceUnavailable` (503
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from registry.serve.chat import has_chat_template, render_plain_chat
 from registry.serve.engine import Done, Event, Generation, Piece, Started
 
 __all__ = ["VllmEngine"]
+
+log = logging.getLogger("brickyard.serve")
 
 
 class VllmEngine:
@@ -130,10 +132,25 @@ class VllmEngine:
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(f"the vLLM server at {self.url} is not reachable: {exc}") from None
 
-    async def unload(self, key: str) -> None:
-        """Ask vLLM to drop a loaded adapter (a deleted brick); a no-op when it has none."""
-        with contextlib.suppress(httpx.HTTPError):
-            await self._http.post("/v1/unload_lora_adapter", json={"lora_name": key})
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Unload adapters from vLLM (``/v1/unload_lora_adapter``, mounted when vLLM runs with
+        ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``).
+
+        vLLM answers a name it has resolved once from its own table and never asks the resolver
+        again, so a deleted brick requested directly from vLLM would still be answered; once
+        unloaded, the next request asks the resolver, which finds nothing. 404: vLLM had not
+        loaded it. vLLM unreachable: logged (a vLLM that is down holds no adapters once
+        restarted, but one that merely did not answer keeps them: the log says which).
+        """
+        for key in keys:
+            try:
+                response = await self._http.post("/v1/unload_lora_adapter", json={"lora_name": key})
+            except httpx.HTTPError as exc:
+                log.warning("could not unload adapter %r from vLLM at %s: %s", key, self.url, exc)
+                continue
+            if response.status_code not in (200, 404):
+                log.warning("vLLM at %s refused to unload adapter %r (%d): %s", self.url, key,
+                            response.status_code, response.text[:300])  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         """The engine's name and URL."""

@@ -7,10 +7,10 @@ the base alone runs under ``disable_adapter()``. Requests are served one at a ti
 order (FIFO: fair, and the two cores are better spent on one generation than split).
 
 Protocol (one JSON object per line). In: ``{"op": "generate", "id", ...}``, ``{"op": "cancel",
-"id"}``, ``{"op": "status", "id"}``. Out, tagged with the request id: ``start`` (prompt tokens),
-``token`` (choice index, text), ``done`` (index, finish reason, tokens), ``error`` (status,
-code, message), ``status``. A cancel stops the generation at the next token. End of input:
-the server went away, the child exits.
+"id"}``, ``{"op": "status", "id"}``, ``{"op": "forget", "keys"}`` (unload adapters). Out, tagged
+with the request id: ``start`` (prompt tokens), ``token`` (choice index, text), ``done`` (index,
+finish reason, tokens), ``error`` (status, code, message), ``status``. A cancel stops the
+generation at the next token. End of input: the server went away, the child exits.
 """
 
 from __future__ import annotations
@@ -73,6 +73,12 @@ class _Base:
         self.model.set_adapter(key)
         return contextlib.nullcontext()
 
+    def forget(self, keys: list[str]) -> None:
+        """Unload the adapters named ``keys`` (a deleted brick)."""
+        for key in keys:
+            if self.adapters.pop(key, None) is not None:
+                self.model.delete_adapter(key)
+
 
 class _Worker:
     def __init__(self, out: IO[str]) -> None:
@@ -101,17 +107,21 @@ class _Worker:
     def run(self) -> None:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("BRICKYARD_SERVE_THREADS", "2")))
         while (job := self.jobs.get()) is not None:
             rid = int(job["id"])
             try:
                 if job["op"] == "config":
                     self.limit = int(job["max_loaded_adapters"])
+                    if job.get("threads"):  # serve.threads (registry.serve.embedded.engine_threads)
+                        torch.set_num_threads(int(job["threads"]))
                     self.send({"id": rid, "event": "status", "pid": os.getpid()})
+                elif job["op"] == "forget":
+                    for base in self.bases.values():
+                        base.forget(job["keys"])
                 elif job["op"] == "status":
                     loaded = {path: list(base.adapters) for path, base in self.bases.items()}
                     self.send({"id": rid, "event": "status", "bases": loaded, "pid": os.getpid(),
-                               "cancelled": self.stopped_early})  # fmt: skip
+                               "cancelled": self.stopped_early, "threads": torch.get_num_threads()})  # fmt: skip
                 elif rid in self.cancelled:
                     self.send({"id": rid, "event": "done", "index": 0, "finish_reason": "cancelled", "tokens": 0})
                 else:

@@ -33,14 +33,24 @@ def test_a_brick_registered_after_vllm_started_is_served_without_restart(stack: 
     assert stack.tokens("late") == greedy_reference(stack.base, stack.adapters["late"])
 
 
-def test_a_deleted_brick_is_refused(stack: Stack) -> None:
+def test_a_deleted_brick_is_refused_even_once_vllm_has_loaded_it(stack: Stack) -> None:
     brick = stack.register_brick("gone", stack.adapters["gone"])
+    models = ("gone", f"gone@{brick['version']}")
+    expected = greedy_reference(stack.base, stack.adapters["gone"])
+    for model in models:  # asked of vLLM directly: it resolves and keeps both names
+        assert stack.tokens(model) == expected
+    loaded = {m["id"] for m in httpx.get(f"{stack.vllm_url}/v1/models", timeout=30).json()["data"]}
+    assert set(models) <= loaded
+    # Brickyard (serve.engine = vllm) unloads the brick from vLLM before answering the deletion.
     deleted = stack.brickyard.delete(f"/v1/bricks/gone/versions/{brick['version']}")
     assert deleted.status_code == 200, deleted.text
-    for model in ("gone", f"gone@{brick['version']}"):
+    loaded = {m["id"] for m in httpx.get(f"{stack.vllm_url}/v1/models", timeout=30).json()["data"]}
+    assert not set(models) & loaded
+    for model in models:
         response = stack.complete(model)
         assert response.status_code == 404, response.text
         assert response.json()["error"]["code"] == 404
+    assert stack.tokens("alpha") == greedy_reference(stack.base, stack.adapters["alpha"])  # others unaffected
 
 
 def test_a_brick_of_another_base_is_refused_by_fingerprint(stack: Stack) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import anyio
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.responses import FileResponse, Response
 
@@ -95,10 +96,17 @@ def patch_brick_version(
 
 
 @router.delete("/{name}/versions/{version}")
-def delete_brick_version(name: NamePath, version: VersionRefPath, registry: RegistryDep, actor: WriteActor) -> BrickOut:
-    """Delete a brick version; answers the deleted brick. Its number is never reused."""
+def delete_brick_version(
+    name: NamePath, version: VersionRefPath, registry: RegistryDep, actor: WriteActor, request: Request
+) -> BrickOut:
+    """Delete a brick version; answers the deleted brick. Its number is never reused. The
+    serving engine unloads it before the answer (`registry.serve.Gateway.brick_deleted`)."""
     number = _version(registry, name, version)
-    return BrickOut.of(registry.delete_brick(name, number, actor=actor.name))
+    brick = registry.delete_brick(name, number, actor=actor.name)
+    gateway = getattr(request.app.state, "gateway", None)  # None: the app runs without its lifespan
+    if gateway is not None:
+        anyio.from_thread.run(gateway.brick_deleted, brick)
+    return BrickOut.of(brick)
 
 
 @router.get("/{name}/versions/{version}/files")

@@ -69,7 +69,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         home=root / "home",
         compose=ComposeSettings(isolation="thread"),
         embedding={"isolation": "thread"},
-        serve={"max_loaded_adapters": 2, "min_score": 5.0},
+        serve={"max_loaded_adapters": 2, "min_score": 5.0, "threads": 1},
     )
     registry = Registry.open(settings)
     token, _ = registry.tokens.create("test-admin", "admin", actor="tests")
@@ -261,10 +261,14 @@ def test_bad_requests_are_openai_errors_and_load_nothing(served: Served) -> None
 
 def test_deleted_brick_is_refused(served: Served) -> None:
     assert complete(served, "doomed@1").choices[0].text == reference(served.base, served.adapters["doomed"])
+    assert "doomed@1" in served.child_status()["bases"][str(served.base)]
     assert served.http.delete("/v1/bricks/doomed/versions/1").status_code in (200, 204)
+    # unloaded from the child too (the child reads its input in order: the unload came first)
+    assert "doomed@1" not in served.child_status()["bases"][str(served.base)]
     for model in ("doomed", "doomed@1"):
         with pytest.raises(openai.NotFoundError):
             complete(served, model)
+    assert complete(served, "sql@1").choices[0].text == reference(served.base, served.adapters["sql"])
 
 
 def test_models_lists_bases_bricks_and_auto(served: Served) -> None:
@@ -280,10 +284,49 @@ def test_engine_killed_mid_request_is_503_then_recovers(served: Served) -> None:
     long_request = {"model": "legal@1", "prompt": "a", "max_tokens": 100, "n": 8, "temperature": 1.0, "seed": 1}
     worker = threading.Thread(target=lambda: outcome.append(served.http.post("/v1/completions", json=long_request)))
     worker.start()
-    time.sleep(1.0)  # the child is generating 8 x 100 tokens (several seconds here)
+    deadline = time.monotonic() + 60
+    while not served.engine.pending:  # killed once the request reached the child (8 x 100 tokens to go)
+        assert time.monotonic() < deadline and worker.is_alive(), outcome
+        time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     worker.join(60)
     assert outcome and outcome[0].status_code == 503, outcome and outcome[0].text
     assert outcome[0].headers["Retry-After"] and outcome[0].json()["error"]["type"] == "server_error"
     assert complete(served, "legal@1").choices[0].text == expected  # a new child, same answer
     assert served.engine.pid not in (None, pid)
+
+
+def test_auto_reuses_its_plan_until_the_composition_is_evicted(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from registry.serve import routing
+    from registry.serve.protocol import RoutingOptions
+
+    monkeypatch.setattr(routing, "_PLAN_RECHECK_S", 1e9)  # no re-verification by age here, however slow the host
+    router = served.app.state.gateway.router
+    compositions = served.app.state.registry.compositions
+    calls: list[Any] = []
+    original = compositions.request
+    monkeypatch.setattr(compositions, "request", lambda *a, **k: calls.append(a) or original(*a, **k))
+    options = RoutingOptions(k=2, min_score=-1e9, bricks=["legal", "sql"])
+    query = "summarize this contract"
+    first = router.route("auto:tiny", query, options)
+    assert len(calls) == 1
+    again = router.route("auto:tiny", query, options)
+    assert len(calls) == 1 and again.used == first.used and again.adapter == first.adapter
+    # evicted as the compositions' LRU does it: row, then directory
+    recipe_id = first.used["recipe_id"]
+    assert compositions.store.delete_ready(recipe_id)
+    shutil.rmtree(compositions.root / recipe_id)
+    rebuilt = router.route("auto:tiny", query, options)
+    assert len(calls) == 2 and rebuilt.used["recipe_id"] == recipe_id
+    assert (rebuilt.adapter.path / "adapter_model.safetensors").is_file()
+    # a deletion drops every plan: the next request is verified again
+    served.app.state.gateway.router.forget()
+    router.route("auto:tiny", query, options)
+    assert len(calls) == 3
+
+
+def test_the_child_runs_the_configured_torch_threads(served: Served) -> None:
+    complete(served, "tiny")
+    assert served.child_status()["threads"] == 1  # serve.threads in the fixture
