@@ -512,8 +512,10 @@ def build_testbed(
             brick_dir = staging / "bricks" / task
             # PEFT would record the staging directory the base was loaded from, a path that is
             # gone once the build is published: record the base's stable name instead.
+            # No embedding layer is trained; "auto" would look the name up as a model (a Hub
+            # request, a warning offline) to compare vocabularies.
             model.peft_config["default"].base_model_name_or_path = base_name(variant, seed)
-            model.save_pretrained(str(brick_dir))
+            model.save_pretrained(str(brick_dir), save_embedding_layers=False)
             brick_accuracy = exact_match(model, evals[task])
             base_accuracy = exact_match(base, evals[task])
             say(f"  {task}: base {base_accuracy:.2f} brick {brick_accuracy:.2f}")
