@@ -21,8 +21,16 @@ specialised neurons; the model and probes are cached under ``.bench/emergent``. 
 ``--model DIR`` (a transformers causal LM, e.g. the trained test bed), give probe sets as
 ``--probe NAME=FILE`` (one text per line; even lines find, odd lines verify).
 
+On the trained test bed (`composer.testbed`, #22 item 5): ``--testbed DIR`` writes one probe
+file per task (``--texts`` prompts ``input=`` of that task, inputs drawn from the task's
+generator with the test bed's seed, none of its held-out eval inputs) under
+``.bench/emergent/testbed-probes/`` and runs on ``DIR/base`` with them; the printed per-task
+table is the paper's table in miniature (own-task loss increase vs the other tasks' and vs
+random neurons).
+
     python bench/emergent.py                                  # about a minute
     python bench/emergent.py --model DIR --probe code=code.txt --probe prose=prose.txt
+    python bench/emergent.py --testbed ~/.brickyard/cache/testbed-full-seed0-<version>
 """
 
 from __future__ import annotations
@@ -115,6 +123,33 @@ def _tokenised_probes(model_dir: Path, specs: list[str], max_length: int) -> dic
         lines = [line for line in Path(file).read_text().splitlines() if line.strip()]
         probes[name] = [tokenizer(line, truncation=True, max_length=max_length)["input_ids"] for line in lines]
     return probes
+
+
+def write_testbed_probes(testbed: Path, out: Path, texts: int) -> list[str]:
+    """One probe file per task of a built test bed: ``texts`` distinct prompts of the task
+    (not its eval inputs), one per line. Returns the ``NAME=FILE`` specs."""
+    import random
+
+    from composer.testbed import TASKS, format_prompt, load_testbed
+
+    bed = load_testbed(testbed)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for name, task in bed.tasks.items():
+        rng = random.Random(f"{bed.seed}/{name}/probes")
+        seen = {text for text, _ in task.eval_set}
+        lines: list[str] = []
+        for _ in range(texts * 100):
+            text, _answer = TASKS[name].generate(rng)
+            if text not in seen:
+                seen.add(text)
+                lines.append(format_prompt(text))
+            if len(lines) == texts:
+                break
+        file = out / f"{name}.txt"
+        file.write_text("\n".join(lines) + "\n")
+        specs.append(f"{name}={file}")
+    return specs
 
 
 def _batches(texts: list[list[int]], batch_size: int) -> list[tuple[Any, Any]]:
@@ -344,6 +379,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a transformers causal LM directory (default: train a small one)")
     parser.add_argument("--probe", action="append", default=[], help="NAME=FILE, one text per line (with --model)")
+    parser.add_argument("--testbed", type=Path, help="a built test bed: its base, probes written from its tasks")
     parser.add_argument("--texts", type=int, default=64, help="synthetic texts per function (default model)")
     parser.add_argument("--length", type=int, default=64, help="tokens per synthetic text")
     parser.add_argument("--max-length", type=int, default=256, help="truncate tokenised probe texts")
@@ -367,6 +403,10 @@ def main() -> None:
         return
 
     CACHE.mkdir(parents=True, exist_ok=True)
+    if args.testbed is not None:
+        args.model = args.testbed / "base"
+        args.probe = write_testbed_probes(args.testbed, CACHE / "testbed-probes", args.texts)
+        args.no_wide = True
     if args.model is None:
         model_dir = CACHE / f"llama-trained-{args.train_steps}-{args.seed}"
         if not (model_dir / "config.json").exists():

@@ -191,8 +191,73 @@ def _delta_hook(entries: list[tuple[int, torch.Tensor, torch.Tensor, float]], we
     return hook
 
 
+def _check_fit(examples: Sequence[Example], steps: int, batch_size: int, bounds: tuple[float, float]) -> None:
+    problems = []
+    if not examples:
+        problems.append("at least one example is needed")
+    if steps < 1:
+        problems.append(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {batch_size}")
+    if not bounds[0] < bounds[1]:
+        problems.append(f"bounds must be (low, high) with low < high, got {bounds}")
+    if problems:
+        raise InvalidParams("invalid fitting parameters", problems)
+
+
+def _fit(
+    mixture: LoraMixture,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    lr: float,
+    l1: float,
+    bounds: tuple[float, float],
+    batch_size: int,
+    seed: int,
+    prompt_template: str,
+    progress: ProgressCallback | None,
+) -> tuple[tuple[float, ...], tuple[float, ...], float, float]:
+    """The optimisation on a loaded mixture, from its current weights: (weights, objective per
+    step, initial cross-entropy, final cross-entropy). Leaves the fitted weights set."""
+    import torch
+
+    weights = mixture.weights
+    order = random.Random(seed)
+    pairs = list(examples)
+    everything = mixture.batch(pairs, prompt_template=prompt_template)
+
+    def objective(ids: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        cross_entropy = mixture.loss(ids, labels)
+        return cross_entropy + l1 * weights.abs().mean(), cross_entropy
+
+    with torch.no_grad():
+        initial_loss = float(mixture.loss(*everything))
+    optimizer = torch.optim.Adam([weights], lr=lr)
+    losses: list[float] = []
+    for step in range(steps):
+        if len(pairs) > batch_size:
+            ids, labels = mixture.batch(order.sample(pairs, batch_size), prompt_template=prompt_template)
+        else:
+            ids, labels = everything
+        total, cross_entropy = objective(ids, labels)
+        losses.append(total.detach().item())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        with torch.no_grad():
+            weights.clamp_(*bounds)
+        if progress is not None:
+            value = cross_entropy.detach().item()
+            progress((step + 1) / steps, f"fitting weights: step {step + 1}/{steps}, loss {value:.4f}")
+    with torch.no_grad():
+        final_total, final_loss = objective(*everything)
+    losses.append(float(final_total))
+    return tuple(float(w) for w in weights.detach()), tuple(losses), initial_loss, float(final_loss)
+
+
 def fit_weights(
-    base_dir: Path,
+    base_dir: Path | LoraMixture,
     brick_dirs: Sequence[Path],
     examples: Sequence[Example],
     *,
@@ -214,8 +279,12 @@ def fit_weights(
     function of the inputs and ``seed`` (CPU, same thread count).
 
     Args:
-        base_dir: the base model directory (with tokenizer).
-        brick_dirs: PEFT LoRA adapter directories, in recipe order.
+        base_dir: the base model directory (with tokenizer), or a `LoraMixture` already
+            loaded with these bricks: several fits (or a fit and another search, in a
+            benchmark) then share one loaded model; its weights are reset to ``init`` first
+            and left at the fitted values.
+        brick_dirs: PEFT LoRA adapter directories, in recipe order (with a mixture: as many
+            as it holds; they are not read again).
         examples: ``(input, output)`` pairs.
         steps, lr, l1, bounds: the optimisation.
         init: initial weights (default: uniform ``1 / n``).
@@ -225,69 +294,49 @@ def fit_weights(
         progress: ``progress(fraction, message)`` after every step.
 
     Returns:
-        `FitResult` with the final weights, the objective per step and the examples' hash.
+        `FitResult` with the final weights, the objective per step and the examples' hash;
+        ``seconds`` counts loading only when this call loaded the model.
 
     Raises:
-        InvalidParams: no examples, a non-positive step count or batch size, empty bounds.
+        InvalidParams: no examples, a non-positive step count or batch size, empty bounds,
+            ``init`` or ``brick_dirs`` of the wrong length for a mixture.
         InvalidAdapter: see `LoraMixture.load`.
     """
-    import torch
-
-    problems = []
-    if not examples:
-        problems.append("at least one example is needed")
-    if steps < 1:
-        problems.append(f"steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        problems.append(f"batch_size must be >= 1, got {batch_size}")
-    if not bounds[0] < bounds[1]:
-        problems.append(f"bounds must be (low, high) with low < high, got {bounds}")
-    if problems:
-        raise InvalidParams("invalid fitting parameters", problems)
-
+    _check_fit(examples, steps, batch_size, bounds)
     started = time.perf_counter()
-    mixture = LoraMixture.load(base_dir, brick_dirs, init=init)
-    weights = mixture.weights
-    order = random.Random(seed)
-    pairs = list(examples)
-    everything = mixture.batch(pairs, prompt_template=prompt_template)
-
-    def full_loss() -> float:
-        with torch.no_grad():
-            return float(mixture.loss(*everything))
-
-    def objective(ids: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        cross_entropy = mixture.loss(ids, labels)
-        return cross_entropy + l1 * weights.abs().mean(), cross_entropy
-
-    initial_loss = full_loss()
-    optimizer = torch.optim.Adam([weights], lr=lr)
-    losses: list[float] = []
-    for step in range(steps):
-        if len(pairs) > batch_size:
-            ids, labels = mixture.batch(order.sample(pairs, batch_size), prompt_template=prompt_template)
-        else:
-            ids, labels = everything
-        total, cross_entropy = objective(ids, labels)
-        losses.append(total.detach().item())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        with torch.no_grad():
-            weights.clamp_(*bounds)
-        if progress is not None:
-            value = cross_entropy.detach().item()
-            progress((step + 1) / steps, f"fitting weights: step {step + 1}/{steps}, loss {value:.4f}")
-    with torch.no_grad():
-        final_total, final_loss = objective(*everything)
-    losses.append(float(final_total))
-    fitted = tuple(float(w) for w in weights.detach())
-    mixture.detach()
+    if isinstance(base_dir, LoraMixture):
+        mixture, owned = base_dir, False
+        count = mixture.weights.numel()
+        start = [1.0 / count] * count if init is None else [float(w) for w in init]
+        if len(start) != count or len(brick_dirs) != count:
+            raise InvalidParams(
+                "one brick and one initial weight per brick of the mixture",
+                [f"{len(brick_dirs)} bricks and {len(start)} weights for a mixture of {count}"],
+            )
+        mixture.set_weights(start)
+    else:
+        mixture, owned = LoraMixture.load(base_dir, brick_dirs, init=init), True
+    try:
+        weights, losses, initial_loss, final_loss = _fit(
+            mixture,
+            examples,
+            steps=steps,
+            lr=lr,
+            l1=l1,
+            bounds=bounds,
+            batch_size=batch_size,
+            seed=seed,
+            prompt_template=prompt_template,
+            progress=progress,
+        )
+    finally:
+        if owned:
+            mixture.detach()
     return FitResult(
-        weights=fitted,
-        losses=tuple(losses),
+        weights=weights,
+        losses=losses,
         initial_loss=initial_loss,
-        final_loss=float(final_loss),
-        examples_hash=examples_hash(pairs),
+        final_loss=final_loss,
+        examples_hash=examples_hash(examples),
         seconds=time.perf_counter() - started,
     )

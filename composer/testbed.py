@@ -47,6 +47,7 @@ __all__ = [
     "Task",
     "TestBed",
     "TestBedTask",
+    "base_name",
     "build_testbed",
     "code_version",
     "encode_example",
@@ -72,6 +73,12 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,;/+-=#"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MANIFEST = "manifest.json"
+
+
+def base_name(variant: str, seed: int) -> str:
+    """The name a build's bricks record as ``base_model_name_or_path`` (and the manifest as
+    ``base_name``): stable across machines and cache paths, unlike the directory trained in."""
+    return f"brickyard-testbed-{variant}-seed{seed}"
 
 
 def format_prompt(text: str) -> str:
@@ -399,6 +406,7 @@ class TestBed:
 
     root: Path
     base_dir: Path
+    base_name: str
     variant: str
     seed: int
     code_version: str
@@ -453,7 +461,7 @@ def build_testbed(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     staging = out_dir.parent / f".{out_dir.name}.building-{uuid.uuid4().hex[:12]}"
     (staging / "bricks").mkdir(parents=True)
     threads = torch.get_num_threads()
@@ -502,7 +510,12 @@ def build_testbed(
             say(f"brick {task}: {recipe.brick_steps} steps")
             _train(model, task_batches(), recipe.brick_steps, _BRICK_LR, task, say)
             brick_dir = staging / "bricks" / task
-            model.save_pretrained(str(brick_dir))
+            # PEFT would record the staging directory the base was loaded from, a path that is
+            # gone once the build is published: record the base's stable name instead.
+            # No embedding layer is trained; "auto" would look the name up as a model (a Hub
+            # request, a warning offline) to compare vocabularies.
+            model.peft_config["default"].base_model_name_or_path = base_name(variant, seed)
+            model.save_pretrained(str(brick_dir), save_embedding_layers=False)
             brick_accuracy = exact_match(model, evals[task])
             base_accuracy = exact_match(base, evals[task])
             say(f"  {task}: base {base_accuracy:.2f} brick {brick_accuracy:.2f}")
@@ -528,9 +541,12 @@ def build_testbed(
             "seed": seed,
             "code_version": code_version(),
             "base": "base",
+            "base_name": base_name(variant, seed),
             "prompt_format": format_prompt("{input}"),
             "thresholds": {"brick_min_accuracy": BRICK_MIN_ACCURACY[variant], "base_max_accuracy": BASE_MAX_ACCURACY},
             "build_seconds": round(time.perf_counter() - started, 1),
+            # CPU time of this process: on a loaded machine, what the build costs a free core.
+            "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
             "torch_threads": torch.get_num_threads(),
             "tasks": records,
         }
@@ -563,6 +579,7 @@ def load_testbed(root: Path) -> TestBed:
     return TestBed(
         root=root,
         base_dir=root / manifest["base"],
+        base_name=manifest["base_name"],
         variant=manifest["variant"],
         seed=manifest["seed"],
         code_version=manifest["code_version"],

@@ -10,7 +10,6 @@ exact match of both over the task's eval set.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -20,9 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["BASE_NAME", "show_skills", "testbed_cache"]
+__all__ = ["show_skills", "testbed_cache"]
 
-BASE_NAME = "testbed-small"
 SHOWN_INPUTS = 3
 EVAL_PAIRS = 16
 
@@ -58,23 +56,18 @@ def show_skills(client: Any, workdir: Path, console: Console) -> dict[str, tuple
 
     bed = ensure_testbed(cache, seed=0, variant="small", progress=progress)
     console.print(f"test bed (small variant, seed 0) in {bed.root} ({time.monotonic() - started:.0f} s)")
-    # The bricks name the base by the path it was trained at (the build's staging directory).
-    claimed = {
-        json.loads((task.brick_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        for task in bed.tasks.values()
-    }
-    aliases = sorted(c for c in claimed if isinstance(c, str) and c and c != str(bed.base_dir))
+    # The bricks record the base's stable name (`composer.testbed.base_name`) as
+    # base_model_name_or_path: registered under that name, the base needs no alias.
+    base = bed.base_name
     try:
-        client.add_base_model(
-            BASE_NAME, str(bed.base_dir), description="the trained test bed's base model", aliases=aliases
-        )
-        console.print(f"POST /v1/base-models -> {BASE_NAME}")
+        client.add_base_model(base, str(bed.base_dir), description="the trained test bed's base model")
+        console.print(f"POST /v1/base-models -> {base}")
     except BaseModelExists:
-        console.print(f"{BASE_NAME} is already registered")
+        console.print(f"{base} is already registered")
     for task in bed.tasks.values():
         metadata = {
             "name": f"tb-{task.name}",
-            "base_model": BASE_NAME,
+            "base_model": base,
             "description": task.description,
             "examples": list(task.examples),
             "tags": ["testbed"],
@@ -91,7 +84,7 @@ def show_skills(client: Any, workdir: Path, console: Console) -> dict[str, tuple
     scores: dict[str, tuple[float, float]] = {}
     table = Table("task", "input", "expected", "base", "composed")
     for task in bed.tasks.values():
-        request = {"base_model": BASE_NAME, "instruction": task.description, "k": 1}
+        request = {"base_model": base, "instruction": task.description, "k": 1}
         composition = client.wait_composition(client.compose(request).id)
         if composition.status != "ready":
             raise RuntimeError(f"composition for {task.name} failed: {composition.error}")
@@ -115,6 +108,6 @@ def show_skills(client: Any, workdir: Path, console: Console) -> dict[str, tuple
             f"{len(task.eval_set)} held-out inputs: base {base_score:.2f}, composed {composed_score:.2f}"
         )
     console.print(table)
-    for brick in client.list_bricks(base_model=BASE_NAME).items:
+    for brick in client.list_bricks(base_model=base).items:
         console.print(f"quality of {brick.name}@{brick.version}: {brick.quality_status} {brick.quality or ''}")
     return scores

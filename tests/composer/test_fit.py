@@ -48,6 +48,25 @@ def test_fit_lowers_loss_from_uniform_and_is_deterministic(small_testbed: TestBe
 
 
 @pytest.mark.slow
+def test_fit_on_a_loaded_mixture_equals_a_fit_from_the_directories(small_testbed: TestBed) -> None:
+    """A benchmark or a server fits several times on one loaded model: each fit starts from
+    ``init`` again, whatever the previous fit left, and finds what a fresh load finds."""
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    examples = _mixture_examples(small_testbed)
+    template = format_prompt("{input}")
+    fresh = fit_weights(small_testbed.base_dir, bricks, examples, steps=6, seed=3, prompt_template=template)
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    first = fit_weights(mixture, bricks, examples, steps=6, seed=3, prompt_template=template)
+    again = fit_weights(mixture, bricks, examples, steps=6, seed=3, prompt_template=template)
+    assert first.weights == fresh.weights == again.weights
+    assert first.losses == fresh.losses == again.losses
+    assert mixture.weights.detach().tolist() == list(first.weights)  # left at the fitted values
+    with pytest.raises(InvalidParams):
+        fit_weights(mixture, bricks[:1], examples, steps=2)
+    mixture.detach()
+
+
+@pytest.mark.slow
 def test_unmerged_forward_equals_the_linear_merge(small_testbed: TestBed, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import torch
     from transformers import AutoModelForCausalLM

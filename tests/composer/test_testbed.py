@@ -12,6 +12,7 @@ from composer.testbed import (
     BRICK_MIN_ACCURACY,
     TASKS,
     TestBed,
+    base_name,
     encode_example,
     ensure_testbed,
     exact_match,
@@ -81,3 +82,14 @@ def test_ensure_testbed_reuses_the_cached_build(small_testbed: TestBed) -> None:
     again = ensure_testbed(small_testbed.root.parent, seed=small_testbed.seed, variant="small")
     assert again.root == small_testbed.root
     assert manifest.stat().st_mtime_ns == before
+
+
+def test_bricks_record_the_base_by_its_stable_name(small_testbed: TestBed) -> None:
+    """Not the staging directory the build trained in (gone once published): the name the
+    manifest gives the base, the same on every machine and cache path."""
+    import json
+
+    assert small_testbed.base_name == base_name(small_testbed.variant, small_testbed.seed)
+    for task in small_testbed.tasks.values():
+        config = json.loads((task.brick_dir / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == small_testbed.base_name, task.name
