@@ -99,6 +99,8 @@ class Compositions:
         self.publishes = settings.blobs.url is not None
         # Other jobs sharing the queue and its workers: recipe["job"] -> runner (e.g. emergent discovery).
         self.runners: dict[str, Callable[[domain.Composition, str], domain.Composition]] = {}
+        # Called with (composition id, bytes) for every composition evicted to the budget (/metrics).
+        self.eviction_listeners: list[Callable[[str, int], None]] = []
 
     # -- requests ------------------------------------------------------------------------
 
@@ -783,7 +785,16 @@ class Compositions:
                 total -= size
                 evicted.append(composition_id)
                 log.info("evicted composition %s (%d bytes) to stay within the cache budget", composition_id, size)
+                self.report_eviction(composition_id, size)
         return evicted
+
+    def report_eviction(self, composition_id: str, size: int) -> None:
+        """Tell the eviction listeners; a build child's evictions are reported by its parent."""
+        for listener in list(self.eviction_listeners):
+            try:
+                listener(composition_id, size)
+            except Exception:  # a listener must not stop the eviction loop or the build
+                log.exception("an eviction listener failed")
 
     def _delete_unused_blobs(self, files: list[PublishedFile]) -> None:
         """Delete the blobs of an evicted composition that no brick and no other composition

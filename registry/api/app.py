@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
             )
         _sweep_stale_uploads(app.state.registry)
         _warm_up(app.state.registry)
+        # Evictions by this server's workers (threads, or build children reporting through them).
+        evictions = app.state.registry.compositions.eviction_listeners
+        evictions.append(app.state.metrics.observe_eviction)
         workers = WorkerPool(
             app.state.registry.compositions, app.state.registry.settings, on_build=app.state.metrics.observe_build
         )
@@ -82,6 +85,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         finally:
             await app.state.gateway.aclose()
             workers.stop()
+            evictions.remove(app.state.metrics.observe_eviction)  # a shared registry outlives the app
             if owns_registry:
                 app.state.registry.close()
 
