@@ -244,6 +244,11 @@ alias_app = typer.Typer(help="Other names adapters may record for a base model."
 base_app.add_typer(alias_app, name="alias")
 
 
+def _print_aliases(base: Any) -> None:
+    """The line `base alias add` and `base alias rm` answer with: the base model's aliases now."""
+    console.print(f"base model [bold]{base.name}[/] aliases: {', '.join(base.aliases) or '(none)'}")
+
+
 @alias_app.command("add")
 def base_alias_add(
     name: Annotated[str, typer.Argument(help="registered base model")],
@@ -253,7 +258,7 @@ def base_alias_add(
     """Add an alias: adapters recording it as base_model_name_or_path register for NAME."""
     with _client(url) as client:
         base = client.add_base_model_alias(name, alias)
-    console.print(f"base model [bold]{base.name}[/] aliases: {', '.join(base.aliases) or '(none)'}")
+    _print_aliases(base)
 
 
 @alias_app.command("rm")
@@ -265,7 +270,7 @@ def base_alias_rm(
     """Remove an alias of a base model."""
     with _client(url) as client:
         base = client.remove_base_model_alias(name, alias)
-    console.print(f"base model [bold]{base.name}[/] aliases: {', '.join(base.aliases) or '(none)'}")
+    _print_aliases(base)
 
 
 @base_app.command("rm")
