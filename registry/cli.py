@@ -16,7 +16,6 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
 from registry.cli_support import (
@@ -815,6 +814,8 @@ def _report_truncation(out: Path) -> None:
 def _print_instruction_plan(instruction: str, base: str, k: int, url: str | None) -> None:
     """The bricks an instruction finds and the weights a composition would give them
     (`registry.instruction_weights`), without building anything."""
+    from rich.table import Table
+
     from registry.instruction_weights import instruction_weights
 
     with _client(url) as client:
@@ -902,6 +903,8 @@ def emergent_find(
 def emergent_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")], url: UrlOption = None) -> None:
     """Show an emergent brick and its verification table (relative loss increase per function
     when its neurons, or as many random ones, are ablated)."""
+    from rich.table import Table
+
     name, version = _parse_ref(ref)
     with _client(url) as client:
         brick = client.get_brick(name, version)
