@@ -16,7 +16,6 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
 from registry.cli_support import (
@@ -244,6 +243,11 @@ alias_app = typer.Typer(help="Other names adapters may record for a base model."
 base_app.add_typer(alias_app, name="alias")
 
 
+def _print_aliases(base: Any) -> None:
+    """The line `base alias add` and `base alias rm` answer with: the base model's aliases now."""
+    console.print(f"base model [bold]{base.name}[/] aliases: {', '.join(base.aliases) or '(none)'}")
+
+
 @alias_app.command("add")
 def base_alias_add(
     name: Annotated[str, typer.Argument(help="registered base model")],
@@ -253,7 +257,7 @@ def base_alias_add(
     """Add an alias: adapters recording it as base_model_name_or_path register for NAME."""
     with _client(url) as client:
         base = client.add_base_model_alias(name, alias)
-    console.print(f"base model [bold]{base.name}[/] aliases: {', '.join(base.aliases) or '(none)'}")
+    _print_aliases(base)
 
 
 @alias_app.command("rm")
@@ -265,7 +269,7 @@ def base_alias_rm(
     """Remove an alias of a base model."""
     with _client(url) as client:
         base = client.remove_base_model_alias(name, alias)
-    console.print(f"base model [bold]{base.name}[/] aliases: {', '.join(base.aliases) or '(none)'}")
+    _print_aliases(base)
 
 
 @base_app.command("rm")
@@ -810,6 +814,8 @@ def _report_truncation(out: Path) -> None:
 def _print_instruction_plan(instruction: str, base: str, k: int, url: str | None) -> None:
     """The bricks an instruction finds and the weights a composition would give them
     (`registry.instruction_weights`), without building anything."""
+    from rich.table import Table
+
     from registry.instruction_weights import instruction_weights
 
     with _client(url) as client:
@@ -897,6 +903,8 @@ def emergent_find(
 def emergent_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")], url: UrlOption = None) -> None:
     """Show an emergent brick and its verification table (relative loss increase per function
     when its neurons, or as many random ones, are ablated)."""
+    from rich.table import Table
+
     name, version = _parse_ref(ref)
     with _client(url) as client:
         brick = client.get_brick(name, version)

@@ -25,7 +25,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 __all__ = [
     "Column",
@@ -161,6 +160,8 @@ def print_rows(
         if empty:
             console.print(empty)
         return
+    from rich.table import Table  # only a terminal listing needs it
+
     natural = [max([len(c.header), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
     widths = fit_widths(natural, columns, console.width)
     table = Table(box=None, padding=(0, _GAP, 0, 0), pad_edge=False, show_edge=False, header_style="bold")
@@ -182,6 +183,8 @@ def print_record(console: Console, record: Any, *, as_json: bool = False, skip: 
         for key, text in items:
             sys.stdout.write(f"{key}\t{text}\n")
         return
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")

@@ -34,6 +34,7 @@ from registry.db.models import (
     as_utc,
     utcnow,
 )
+from registry.db.queue import claim_oldest
 from registry.db.session import Database
 from registry.errors import ServiceUnavailable
 from registry.store import lock_blob_collection
@@ -120,17 +121,13 @@ class CompositionStore:
 
     def claim_next(self, worker: str) -> domain.Composition | None:
         """Take the oldest queued composition for ``worker`` (None when the queue is empty)."""
-        with self.db.session() as session:  # a cheap read first: polling must not take the write lock
-            if session.scalar(select(CompositionRow.id).where(CompositionRow.status == QUEUED).limit(1)) is None:
-                return None
-        with self.db.session(write=True) as session:
-            query = select(CompositionRow.id).where(CompositionRow.status == QUEUED).order_by(CompositionRow.created_at)
-            if self.db.dialect == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            composition_id = session.scalar(query.limit(1))
-            if composition_id is None:
-                return None
-            return self._start(session, composition_id, worker)
+        return claim_oldest(
+            self.db,
+            CompositionRow.id,
+            CompositionRow.status == QUEUED,
+            CompositionRow.created_at,
+            lambda session, composition_id: self._start(session, composition_id, worker),
+        )
 
     def claim(self, composition_id: str, worker: str) -> domain.Composition | None:
         """Take a specific queued composition (None if it is not queued any more)."""

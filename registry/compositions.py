@@ -22,7 +22,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -99,6 +100,8 @@ class Compositions:
         self.publishes = settings.blobs.url is not None
         # Other jobs sharing the queue and its workers: recipe["job"] -> runner (e.g. emergent discovery).
         self.runners: dict[str, Callable[[domain.Composition, str], domain.Composition]] = {}
+        # Called with (composition id, bytes) for every composition evicted to the budget (/metrics).
+        self.eviction_listeners: list[Callable[[str, int], None]] = []
 
     # -- requests ------------------------------------------------------------------------
 
@@ -460,6 +463,22 @@ class Compositions:
             raise CompositionNotFound(f"composition {composition_id} was evicted; request it again")
         return DownloadLease(self.store, lease_id, ttl_s)
 
+    @contextmanager
+    def download_lease(self, composition_id: str, *, ttl_s: float = 300.0) -> Iterator[DownloadLease]:
+        """A lease (`lease`) held while a download's response is prepared: released if the
+        block raises; otherwise the response takes it over and releases it when it ends
+        (`DownloadLease.release` after the response, `DownloadLease.streaming` for streams).
+
+        Raises:
+            CompositionNotFound / Conflict / StorageCorrupt: as `lease`.
+        """
+        lease = self.lease(composition_id, ttl_s=ttl_s)
+        try:
+            yield lease
+        except BaseException:
+            lease.release()
+            raise
+
     def _complete(self, composition_id: str) -> bool:
         if self.store.published_files(composition_id) is not None:
             return True  # the database is the source of truth; fsck checks the blobs
@@ -807,7 +826,16 @@ class Compositions:
                 total -= size
                 evicted.append(composition_id)
                 log.info("evicted composition %s (%d bytes) to stay within the cache budget", composition_id, size)
+                self.report_eviction(composition_id, size)
         return evicted
+
+    def report_eviction(self, composition_id: str, size: int) -> None:
+        """Tell the eviction listeners; a build child's evictions are reported by its parent."""
+        for listener in list(self.eviction_listeners):
+            try:
+                listener(composition_id, size)
+            except Exception:  # a listener must not stop the eviction loop or the build
+                log.exception("an eviction listener failed")
 
     def _delete_unused_blobs(self, files: list[PublishedFile]) -> None:
         """Delete the blobs of an evicted composition that no brick and no other composition
@@ -882,6 +910,16 @@ class DownloadLease:
         if now - self._renewed > self.ttl_s / 5:
             self.store.renew_lease(self.lease_id, self.ttl_s)
             self._renewed = now
+
+    def streaming(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """``chunks``, renewing the lease while they flow and releasing it at the end, also
+        when the client goes away (the generator is closed)."""
+        try:
+            for chunk in chunks:
+                self.keep_alive()
+                yield chunk
+        finally:
+            self.release()
 
     def release(self) -> None:
         """End the hold (idempotent)."""

@@ -148,7 +148,7 @@ class WorkerPool:
         if child is None or not child.alive:
             child = _Child(self.settings, index)
             self._children[index] = child
-        failure = child.build(composition_id, worker)
+        failure = child.build(composition_id, worker, self.compositions.report_eviction)
         if failure is not None:
             self.compositions.store.fail(composition_id, worker, failure, "build-crashed")
 
@@ -178,18 +178,27 @@ class _Child:
         """Whether the process is still running."""
         return self.process.poll() is None
 
-    def build(self, composition_id: str, worker: str) -> str | None:
-        """Build one composition; None on success, else why the child failed."""
-        return self.run(f"{composition_id} {worker}", f"done {composition_id}")
+    def build(
+        self, composition_id: str, worker: str, on_eviction: Callable[[str, int], None] | None = None
+    ) -> str | None:
+        """Build one composition; None on success, else why the child failed.
+        ``on_eviction(id, bytes)`` hears of the compositions the build evicted."""
+        return self.run(f"{composition_id} {worker}", f"done {composition_id}", on_eviction)
 
-    def run(self, command: str, done: str) -> str | None:
-        """Send one command line; None when the child answers ``done``, else why it failed."""
+    def run(self, command: str, done: str, on_eviction: Callable[[str, int], None] | None = None) -> str | None:
+        """Send one command line; None when the child answers ``done``, else why it failed.
+        ``evicted <id> <bytes>`` lines before it go to ``on_eviction``."""
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
             self.process.stdin.write(f"{command}\n".encode())
             self.process.stdin.flush()
             line = self.process.stdout.readline()
-        except (BrokenPipeError, OSError):
+            while line.startswith(b"evicted "):
+                _, evicted, size = line.decode().split()
+                if on_eviction is not None:
+                    on_eviction(evicted, int(size))
+                line = self.process.stdout.readline()
+        except (BrokenPipeError, OSError, ValueError):
             line = b""
         if line.strip() == done.encode():
             return None
@@ -223,7 +232,8 @@ def _child_setup() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Child entry point: ``python -m registry.jobs serve``. Reads the settings (JSON) as
     the first line of stdin, then ``<composition id> <worker>`` lines; builds each and
-    answers ``done <composition id>`` (outcomes are recorded in the database)."""
+    answers ``done <composition id>`` (outcomes are recorded in the database), after an
+    ``evicted <id> <bytes>`` line per composition the build evicted."""
     args = argv if argv is not None else sys.argv[1:]
     if args != ["serve"]:
         print(
@@ -240,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: F401 - pay the imports once, before the first build
     import transformers  # noqa: F401
 
+    def report_eviction(composition_id: str, size: int) -> None:  # the parent counts it (/metrics)
+        sys.stdout.write(f"evicted {composition_id} {size}\n")
+        sys.stdout.flush()
+
+    registry.compositions.eviction_listeners.append(report_eviction)
     try:
         quality = QualityJobs(registry.compositions.catalog.db, registry.compositions.blobs)
         for line in sys.stdin:

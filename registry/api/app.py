@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,6 +29,7 @@ from registry.api.routes import (
     search,
     tokens,
 )
+from registry.api.warm_up import EmbedderWarmUp
 from registry.jobs import WorkerPool
 from registry.service import Registry
 from registry.settings import Settings
@@ -68,7 +68,10 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
                 flush=True,
             )
         _sweep_stale_uploads(app.state.registry)
-        _warm_up(app.state.registry)
+        app.state.warm_up = EmbedderWarmUp(app.state.registry).start()
+        # Evictions by this server's workers (threads, or build children reporting through them).
+        evictions = app.state.registry.compositions.eviction_listeners
+        evictions.append(app.state.metrics.observe_eviction)
         workers = WorkerPool(
             app.state.registry.compositions, app.state.registry.settings, on_build=app.state.metrics.observe_build
         )
@@ -82,6 +85,7 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         finally:
             await app.state.gateway.aclose()
             workers.stop()
+            evictions.remove(app.state.metrics.observe_eviction)  # a shared registry outlives the app
             if owns_registry:
                 app.state.registry.close()
 
@@ -151,21 +155,6 @@ def _sweep_stale_uploads(registry: Registry) -> None:
         return
     if removed:
         log.info("removed %d stale upload staging files", removed)
-
-
-def _warm_up(registry: Registry) -> None:
-    """Load the embedding model (exporting it on a first start) in the background, so the
-    server answers at once and the first search does not pay for it; a search arriving
-    earlier waits for the same load."""
-
-    def load() -> None:
-        try:
-            _ = registry.embedder.dim
-            _ = registry.brick_embedder.dim  # starts the embedding child, after any export above
-        except Exception:  # reported again, as a problem, by the request that needs it
-            logging.getLogger(__name__).exception("could not load the embedding model")
-
-    threading.Thread(target=load, name="brickyard-embed-warm-up", daemon=True).start()
 
 
 def _limit_blas_threads() -> None:

@@ -3,16 +3,18 @@
 Each `create_app` gets its own `prometheus_client.CollectorRegistry` (no import-time state,
 so tests can run several apps in a process). What is measured:
 
-===========================================  ===================================================
-``brickyard_http_requests_total``            requests by method, route template and status
-``brickyard_http_request_duration_seconds``  latency histogram by method and route template
-``brickyard_search_stage_seconds``           search time by stage: ``embed``, ``index``, ``rank``
-``brickyard_builds_total``                   builds finished by this server's workers, by outcome
-``brickyard_build_duration_seconds``         build time histogram (this server's workers)
-``brickyard_compositions``                   compositions by status (``queued`` = queue length)
-``brickyard_composition_cache_bytes``        bytes of ready compositions; ``..._budget_bytes``
-``brickyard_embedding_child_restarts``       restarts of the embedding child process
-===========================================  ===================================================
+=============================================  ===========================================================
+``brickyard_http_requests_total``              requests by method, route template and status
+``brickyard_http_request_duration_seconds``    latency histogram by method and route template
+``brickyard_search_stage_seconds``             search time by stage: ``embed``, ``index``, ``rank``
+``brickyard_builds_total``                     builds finished by this server's workers, by outcome
+``brickyard_build_duration_seconds``           build time histogram (this server's workers)
+``brickyard_compositions``                     compositions by status (``queued`` = queue length)
+``brickyard_composition_cache_bytes``          bytes of ready compositions; ``..._budget_bytes``
+``brickyard_composition_evictions_total``      compositions evicted to the budget by this server's workers
+``brickyard_composition_evicted_bytes_total``  bytes those evictions freed
+``brickyard_embedding_child_restarts``         restarts of the embedding child process
+=============================================  ===========================================================
 
 Route templates (``/v1/bricks/{name}``), never raw paths, label the requests, so a
 scraper cannot be made to create a time series per URL. The composition gauges are read
@@ -76,6 +78,16 @@ class Metrics:
             buckets=_BUILD_BUCKETS,
             registry=self.collectors,
         )
+        self.evictions = Counter(
+            "brickyard_composition_evictions",
+            "Ready compositions evicted (least recently used first) to keep the cache within its budget",
+            registry=self.collectors,
+        )
+        self.evicted_bytes = Counter(
+            "brickyard_composition_evicted_bytes",
+            "Bytes freed by evicting compositions",
+            registry=self.collectors,
+        )
         self.collectors.register(_StateCollector(registry_of))
 
     def observe_search(self, timings_ms: Mapping[str, float]) -> None:
@@ -87,6 +99,11 @@ class Metrics:
         """Record one finished build (`registry.jobs.WorkerPool`'s ``on_build`` hook)."""
         self.builds.labels(status).inc()
         self.build_seconds.observe(seconds)
+
+    def observe_eviction(self, composition_id: str, size: int) -> None:
+        """Record one evicted composition (a `registry.compositions.Compositions` eviction listener)."""
+        self.evictions.inc()
+        self.evicted_bytes.inc(size)
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in the Prometheus text format, and its content type."""

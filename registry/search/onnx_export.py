@@ -61,8 +61,14 @@ def ensure_exported(model_path: Path, directory: Path, *, quantize: bool = False
     exported = _read(directory)
     if exported is not None:
         return exported
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    except OSError as exc:  # e.g. a read-only home holding the default (user) cache
+        raise ServiceUnavailable(
+            f"cannot write the exported embedding model to {directory.parent}: {exc.strerror or exc}; "
+            "set BRICKYARD_EMBEDDING__CACHE_DIR to a writable directory"
+        ) from None
     try:
         log.info("exporting embedding model %s to ONNX (once per model)", model_path)
         _export(model_path, staging, quantize=quantize)

@@ -259,3 +259,33 @@ def test_push_reads_the_model_card_and_the_python_api_iterates_bricks(
     with LocalClient.open(settings) as client:
         bricks = list(client.list_bricks())
     assert [(b.name, b.version) for b in bricks] == [("sentiment", 1)]  # Brick objects, not (field, value) pairs
+
+
+def test_compose_against_a_server_without_workers_hints_and_times_out(
+    remote: Any,
+    client: Any,
+    admin_token: str,
+    llama_base: Path,
+    loras: dict[str, Path],
+    monkeypatch: Any,
+    tmp_path: Path,
+) -> None:
+    """Issue #21 item 7: a composition a server leaves queued (no worker running) says why it
+    waits instead of sitting at 'queued' silently, and --timeout ends the wait (exit 2)."""
+    import registry.cli as cli_module
+
+    client.app.state.workers.stop()  # this server builds nothing: the composition stays queued
+    monkeypatch.setattr(cli_module, "_NO_WORKER_HINT_S", 0.0)  # hint at the first queued state
+    run, _ = remote
+    assert run("--token", admin_token, "base", "add", str(llama_base), "-n", "tiny-llama").exit_code == 0
+    pushed = run("--token", admin_token, "brick", "push", str(loras["r4"]), "-n", "s", "-b", "tiny-llama", "-d", "d")
+    assert pushed.exit_code == 0, pushed.output
+    out = tmp_path / "never"
+    waited = run(
+        "--token", admin_token, "compose", "-b", "tiny-llama", "--brick", "s", "-o", str(out), "--timeout", "1"
+    )
+    assert waited.exit_code == 2, waited.output
+    flat = _flat(waited.stderr)
+    assert "still queued after 0 s: is a worker running?" in flat and "`brickyard worker` runs more" in flat
+    assert "timed out" in flat
+    assert not out.exists()  # nothing downloaded

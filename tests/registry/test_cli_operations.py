@@ -94,3 +94,67 @@ def test_the_first_local_search_announces_the_one_time_export(tmp_path: Path) ->
     assert first.stdout == ""  # no hits, and the note stays off stdout
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "note:" not in second.stderr
+
+
+def test_worker_prints_one_line_per_build(
+    registry: Any, settings: Any, llama_base: Path, loras: dict[str, Path]
+) -> None:
+    """``brickyard worker`` as a user runs it (its own process), building a queued tiny
+    composition: one line naming the build, its outcome and time; SIGTERM stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from tests.conftest import brick_metadata
+
+    registry.add_base_model({"name": "tiny-llama", "path": str(llama_base)})
+    with (loras["r4"] / "adapter_model.safetensors").open("rb") as weights:
+        config = (loras["r4"] / "adapter_config.json").read_bytes()
+        registry.register_brick(brick_metadata("sentiment"), config, weights)
+    good, _ = registry.compositions.request({"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}]})
+
+    # Without PYTHONUNBUFFERED, as in a CI job or `brickyard worker | tee`: the line must be flushed.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRICKYARD_") and k != "PYTHONUNBUFFERED"}
+    env.update(
+        BRICKYARD_HOME=str(settings.home),
+        BRICKYARD_DATABASE_URL=settings.database_url,
+        BRICKYARD_COMPOSE__ISOLATION="process",  # the default: builds in a child of the worker
+        BRICKYARD_EMBEDDING__CACHE_DIR=os.environ["BRICKYARD_EMBEDDING__CACHE_DIR"],
+        BRICKYARD_MODEL_ROOTS=os.environ["BRICKYARD_MODEL_ROOTS"],
+    )
+    lines: list[str] = []
+    built = threading.Event()
+    errors = settings.home / "worker-stderr.log"
+    with (
+        errors.open("wb") as stderr,
+        subprocess.Popen(
+            [sys.executable, "-m", "registry", "worker"], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
+        ) as worker,
+    ):
+
+        def read() -> None:
+            assert worker.stdout is not None
+            for line in worker.stdout:
+                lines.append(line.rstrip("\n"))
+                if line.startswith(good.id[:16]):
+                    built.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            # A generous bound, not a budget: it only stops a hung worker from hanging the suite.
+            assert built.wait(300), f"no build line; stdout {lines}"
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            code = worker.wait(60)
+        reader.join(10)
+    assert code == 0, errors.read_text()
+    assert "building compositions with 1 worker(s); Ctrl-C to stop" in lines
+    build_lines = [line for line in lines if line.startswith(good.id[:16])]
+    assert len(build_lines) == 1, lines
+    words = build_lines[0].split()
+    assert words[1:3] == ["ready", "in"] and words[4].rstrip(":") == "s", build_lines
+    assert float(words[3]) > 0
+    assert registry.compositions.get(good.id).status == "ready"

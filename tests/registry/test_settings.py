@@ -13,6 +13,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for key in ("BRICKYARD_HOME", "BRICKYARD_DATABASE_URL", "BRICKYARD_BLOB_DIR", "BRICKYARD_EMBEDDING__CACHE_DIR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     settings = Settings()
     assert settings.home == tmp_path / ".brickyard"
     assert settings.sqlalchemy_url == f"sqlite:///{tmp_path / '.brickyard' / 'brickyard.db'}"
@@ -21,7 +22,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.embedding.resolved_model_path().joinpath("config.json").exists()
     assert settings.embedding.runtime == "onnx"
-    assert settings.embedding_cache_dir == tmp_path / ".brickyard" / "cache" / "embeddings"
+    # The user's cache, not the home: every home on the machine shares one export.
+    assert settings.embedding_cache_dir == tmp_path / ".cache" / "brickyard" / "embeddings"
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -47,3 +49,13 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRICKYARD_PORT", "99999")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_the_embedding_export_cache_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("BRICKYARD_EMBEDDING__CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    one, other = Settings(home=tmp_path / "a"), Settings(home=tmp_path / "b")
+    assert one.embedding_cache_dir == other.embedding_cache_dir == tmp_path / "xdg" / "brickyard" / "embeddings"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG rule: a relative path is ignored
+    assert Settings().embedding_cache_dir == tmp_path / "user" / ".cache" / "brickyard" / "embeddings"

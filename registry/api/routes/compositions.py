@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
@@ -124,8 +123,7 @@ def get_composition_file(
     a presigned URL when presigned downloads are enabled)."""
     composition_id = registry.compositions.resolve_ref(composition_id)
     # Held against eviction until the response is sent (long: a file response is not renewed).
-    lease = registry.compositions.lease(composition_id, ttl_s=6 * 3600)
-    try:
+    with registry.compositions.download_lease(composition_id, ttl_s=6 * 3600) as lease:
         stored = registry.compositions.published_file(composition_id, path)
         if stored is not None:
             response = stored_file_response(
@@ -144,9 +142,6 @@ def get_composition_file(
             response = file_response(
                 request, local, media_type=media, filename=local.name, etag=f"{composition_id}:{path}"
             )
-    except BaseException:
-        lease.release()
-        raise
     response.background = BackgroundTask(lease.release)
     return response
 
@@ -168,8 +163,7 @@ router.add_api_route(
 def get_composition_archive(composition_id: IdPath, registry: RegistryDep, _: ReadActor) -> StreamingResponse:
     """The whole composition as a tar stream (uncompressed: weights do not compress)."""
     composition_id = registry.compositions.resolve_ref(composition_id)
-    lease = registry.compositions.lease(composition_id)  # eviction waits for the download
-    try:
+    with registry.compositions.download_lease(composition_id) as lease:  # eviction waits for the download
         files = registry.compositions.files(composition_id)
         if registry.compositions.published(composition_id) is not None:
             total = tar_of_streams_length(files)  # measured on the headers tar_of_streams will send
@@ -179,20 +173,9 @@ def get_composition_archive(composition_id: IdPath, registry: RegistryDep, _: Re
             relative = [p for p, _ in files]
             total = tar_length(root, relative)  # measured on the headers tar_stream will send
             body = tar_stream(root, relative)
-    except BaseException:
-        lease.release()
-        raise
-
-    def leased_stream() -> Iterator[bytes]:
-        try:
-            for chunk in body:
-                lease.keep_alive()
-                yield chunk
-        finally:  # also when the client goes away (the generator is closed)
-            lease.release()
 
     return StreamingResponse(
-        leased_stream(),
+        lease.streaming(body),
         media_type="application/x-tar",
         headers={
             "Content-Disposition": f'attachment; filename="{composition_id}.tar"',

@@ -1,10 +1,13 @@
-"""Liveness and readiness."""
+"""Liveness and readiness (see `registry.api.warm_up` for what waits for the embedding model)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 
 from registry.api.deps import RegistryDep
+from registry.errors import ServiceUnavailable
 
 router = APIRouter(tags=["health"])
 
@@ -16,6 +19,18 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(registry: RegistryDep) -> dict[str, str]:
-    """The database answers (503 problem otherwise)."""
-    return {"status": "ready", "database": registry.check_database()}
+def readyz(
+    request: Request,
+    registry: RegistryDep,
+    embedder: Annotated[
+        bool, Query(description="also wait for the search embedding model to be loaded (503 while it loads)")
+    ] = False,
+) -> dict[str, str]:
+    """The database answers (503 problem otherwise); ``embedder`` reports the embedding
+    model's warm-up: ``loading``, ``ready`` or ``unavailable``."""
+    database = registry.check_database()
+    warm_up = getattr(request.app.state, "warm_up", None)
+    state = warm_up.state if warm_up is not None else "loading"
+    if embedder and state == "loading":
+        raise ServiceUnavailable("the embedding model is loading; searches would wait for it")
+    return {"status": "ready", "database": database, "embedder": state}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,17 @@ def _scrape(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
     return samples
 
 
+def _wait_for(probe: Callable[[], Any]) -> Any:
+    """Poll ``probe`` until it returns something (a generous bound against a hang, not a budget)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("the state awaited was not reached")
+
+
 def test_metrics_count_routes_search_stages_and_builds(client: Any, llama_base: Path, loras: dict[str, Path]) -> None:
     register_base(client, llama_base)
     assert upload(client, loras["r4"], metadata=brick_metadata("sentiment")).status_code == 201
@@ -35,7 +48,9 @@ def test_metrics_count_routes_search_stages_and_builds(client: Any, llama_base: 
     )
     assert wait_ready(client, queued.json()["id"])["status"] == "ready"
 
-    samples = _scrape(client)
+    # The worker records a build after its status turns ready: wait for the record.
+    built = ("brickyard_builds_total", (("status", "ready"),))
+    samples = _wait_for(lambda: (lambda found: found if built in found else None)(_scrape(client)))
     route = "/v1/bricks/{name}"
     key = ("brickyard_http_requests_total", (("method", "GET"), ("route", route), ("status", "404")))
     assert samples[key] == 3  # by route template, not by raw path
@@ -84,3 +99,49 @@ def test_docs_and_redoc_use_no_cdn(client: Any) -> None:
         assert script.status_code == 200 and len(script.content) > 100_000
     assert client.get("/docs-assets/swagger-ui.css").status_code == 200
     assert client.get("/openapi.json").json()["info"]["title"] == "Brickyard"
+
+
+def _compose(client: Any, output: str) -> dict[str, Any]:
+    queued = client.post(
+        "/v1/compositions", json={"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}], "output": output}
+    )
+    assert queued.status_code in (200, 201, 202), queued.text
+    done = wait_ready(client, queued.json()["id"])
+    assert done["status"] == "ready", done
+    return done
+
+
+def _evictions(client: Any) -> tuple[float, float]:
+    samples = _scrape(client)
+    return samples[("brickyard_composition_evictions_total", ())], samples[
+        ("brickyard_composition_evicted_bytes_total", ())
+    ]
+
+
+def test_an_eviction_counts_in_metrics(
+    client: Any, registry: Any, llama_base: Path, loras: dict[str, Path], monkeypatch: Any
+) -> None:
+    register_base(client, llama_base)
+    assert upload(client, loras["r4"], metadata=brick_metadata("sentiment")).status_code == 201
+    first = _compose(client, "adapter")
+    assert _evictions(client) == (0, 0)
+    monkeypatch.setattr(registry.settings.compose, "cache_bytes", 1)  # the next build evicts the first
+    _compose(client, "full")  # ready, then it evicts the first: wait for that
+    assert _wait_for(lambda: _evictions(client) == (1, first["size_bytes"]))
+    assert client.get(f"/v1/compositions/{first['id']}").status_code == 404
+
+
+def test_evictions_in_build_processes_count_in_the_servers_metrics(
+    live_server: Any, llama_base: Path, loras: dict[str, Path]
+) -> None:
+    live_server.stop()
+    live_server.env["BRICKYARD_COMPOSE__CACHE_BYTES"] = "1"  # every build evicts the one before
+    live_server.start()
+    with live_server.http() as http:
+        register_base(http, llama_base)
+        assert upload(http, loras["r4"], metadata=brick_metadata("sentiment")).status_code == 201
+        first = _compose(http, "adapter")
+        second = _compose(http, "full")
+        assert _wait_for(lambda: _evictions(http) == (1, first["size_bytes"]))
+        assert http.get(f"/v1/compositions/{first['id']}").status_code == 404
+        assert http.get(f"/v1/compositions/{second['id']}").status_code == 200

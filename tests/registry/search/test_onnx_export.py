@@ -59,3 +59,13 @@ def test_a_model_it_cannot_reproduce_is_refused_with_the_way_out(tmp_path: Path)
     with pytest.raises(ServiceUnavailable, match="BRICKYARD_EMBEDDING__RUNTIME=torch"):
         ensure_exported(model, target)
     assert os.listdir(target.parent) == []
+
+
+def test_an_unwritable_cache_is_a_503_naming_the_setting(tmp_path: Path) -> None:
+    """The default cache is in the user's home, which may be read-only (a container user):
+    the refusal says where it tried and how to choose another place, before any export."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache's parent should be")
+    with pytest.raises(ServiceUnavailable, match="BRICKYARD_EMBEDDING__CACHE_DIR") as refused:
+        ensure_exported(MODEL, blocker / "embeddings" / "minilm")
+    assert str(blocker / "embeddings") in refused.value.detail
