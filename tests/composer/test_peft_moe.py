@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from composer import compose
 from tests.composer.helpers import PREFIX, quiet, source
-from tests.composer.zoo import load_adapter_model, load_model, make_adapter, peft_reference
+from tests.composer.zoo import MOE_ARCHS, load_adapter_model, load_model, make_adapter, make_base, peft_reference
 
 
 def _mixtral(path: Path) -> Path:
@@ -92,25 +92,7 @@ def test_legacy_expert_adapters_land_on_the_checkpoints_own_tensors(tmp_path: Pa
 
 
 def _qwen3_moe(path: Path) -> Path:
-    import transformers
-
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    with quiet():
-        transformers.Qwen3MoeForCausalLM(config).save_pretrained(path)
-    return path
+    return make_base(MOE_ARCHS["qwen3_moe"], path)
 
 
 _FUSED_BASES = {"qwen3_moe": _qwen3_moe, "mixtral": _mixtral}

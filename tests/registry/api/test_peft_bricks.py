@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.composer.helpers import quiet
-from tests.composer.zoo import ARCHS, load_adapter_model, load_model, make_adapter, make_base, peft_reference
+from tests.composer.zoo import ARCHS, MOE_ARCHS, load_adapter_model, load_model, make_adapter, make_base, peft_reference
 from tests.conftest import brick_metadata, register_base, upload, wait_ready
 
 WEIGHTS = (0.7, 0.3)
@@ -35,6 +35,12 @@ CASES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         {"r": 2, "lora_alpha": 6, "target_modules": ["embed_tokens"]},
     ),
     # GPT-2 checkpoints are stored without "transformer." (as on the Hub); Conv1D layers.
+    # PEFT 0.21's all-linear on transformers 5's fused experts: target_parameters (gate_up_proj,
+    # down_proj, the router) besides attention modules.
+    ("qwen3_moe", "target_parameters"): (
+        {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        {"r": 2, "lora_alpha": 6, "target_modules": ["v_proj"], "target_parameters": ["experts.down_proj"]},
+    ),
     ("gpt2", "unprefixed"): (
         {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True},
         {"r": 2, "lora_alpha": 4, "use_rslora": True, "target_modules": ["c_attn"], "fan_in_fan_out": True},
@@ -50,7 +56,7 @@ def peft_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], 
     built = {}
     for (arch, kind), configs in CASES.items():
         if arch not in bases:
-            bases[arch] = make_base(ARCHS[arch], root / arch)
+            bases[arch] = make_base(ARCHS.get(arch) or MOE_ARCHS[arch], root / arch)
         adapters = [
             # task_type tells AutoPeftModelForCausalLM which model class to load
             make_adapter(bases[arch], root / f"{arch}-{kind}-{i}", seed=200 + i, task_type="CAUSAL_LM", **config)
