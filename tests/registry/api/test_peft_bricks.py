@@ -132,6 +132,13 @@ def test_bricks_of_each_kind_register_and_compose_over_http_like_peft(
             loaded = loaded.merge_and_unload()
     torch.testing.assert_close(_logits(loaded), expected, atol=5e-4 if rank else 2e-4, rtol=1e-4)
     torch.testing.assert_close(_logits(load_adapter_model(base, adapter)), _logits(loaded), atol=1e-4, rtol=1e-4)
+    if kind == "target_parameters":
+        # A truncated adapter cannot keep ParamWrapper factors exact: refused, one line per brick.
+        request = {"base_model": base_name, "bricks": [{"name": n} for n in names], "output": "adapter", "rank": 4}
+        refused = client.post("/v1/compositions", json=request)
+        assert refused.status_code == 422, refused.text
+        lines = [e for e in refused.json()["errors"] if "adapts raw parameters (target_parameters" in e]
+        assert len(lines) == 2 and all("compose output='full'" in e for e in lines), refused.json()
 
 
 def test_legacy_per_expert_mixtral_adapters_register_and_compose_over_http(client: Any, tmp_path: Path) -> None:
