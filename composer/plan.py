@@ -531,7 +531,8 @@ def _plan_parameters(
     if not targeted:
         incompatible.append(
             f"{label}: target_parameters {list(settings.target_parameters)[:8]} select no parameter of the base "
-            f"model ({layout.architecture}) outside its linear and embedding layers"
+            f"model ({layout.architecture}) outside its linear and embedding layers: target_parameters is for raw "
+            "parameters such as fused MoE expert tensors; adapt linear layers with target_modules"
         )
         return {}, set()
     found: dict[str, tuple[TensorInfo, TensorInfo]] = {}
