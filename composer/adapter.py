@@ -52,9 +52,6 @@ _KEY_PREFIX = "base_model.model."
 # (a per-module delta of a stored weight). Refused with what the setting is, why it cannot
 # be merged, and what to do instead: one line per adapter, whatever its number of modules.
 _UNSUPPORTED: Mapping[str, str] = {
-    "target_parameters": "LoRA on raw parameters (PEFT's ParamWrapper, e.g. fused MoE expert tensors) is not "
-    "supported yet; target the modules instead (target_modules), or merge it with PEFT's merge_and_unload and "
-    "register the result as a base model",
     "layer_replication": "it changes the base model's layer layout, which a merged delta cannot express; merge it "
     "with PEFT's merge_and_unload and register the result as a base model",
     "trainable_token_indices": "it trains single embedding rows (PEFT's TrainableTokens), not a LoRA update; save "
@@ -106,6 +103,8 @@ class LoraSettings:
     base_model_name_or_path: str | None = None
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    # PEFT's ParamWrapper targets (`composer.experts`): parameter names or dotted suffixes.
+    target_parameters: tuple[str, ...] = ()
 
     def rank_for(self, module: str) -> int:
         """The LoRA rank of ``module`` (``rank_pattern`` first, else ``r``)."""
@@ -264,6 +263,17 @@ def parse_lora_config(data: Any) -> LoraSettings:
     exclude_modules = _module_spec(data.get("exclude_modules"), "exclude_modules", problems)
     rank_pattern = _pattern_map(data.get("rank_pattern"), "rank_pattern", problems, integer=True)
     alpha_pattern = _pattern_map(data.get("alpha_pattern"), "alpha_pattern", problems, integer=False)
+    target_parameters = data.get("target_parameters") or []
+    if (
+        not isinstance(target_parameters, list)
+        or len(target_parameters) > _MAX_PATTERNS
+        or not all(isinstance(t, str) and t for t in target_parameters)
+    ):
+        problems.append("target_parameters must be a list of parameter names")
+        target_parameters = []
+    elif target_parameters and (use_dora is True or fan_in_fan_out is True):
+        # PEFT's ParamWrapper refuses both itself, so no such adapter can have been trained.
+        problems.append("target_parameters cannot be combined with use_dora or fan_in_fan_out (PEFT refuses both)")
     base = data.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         problems.append(f"base_model_name_or_path must be a string, got {_show(base)}")
@@ -282,6 +292,7 @@ def parse_lora_config(data: Any) -> LoraSettings:
         base_model_name_or_path=base,
         use_dora=bool(use_dora),
         modules_to_save=tuple(modules_to_save),
+        target_parameters=tuple(target_parameters),
     )
 
 

@@ -252,11 +252,16 @@ def find_mergeable_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
     return dict(cached)
 
 
-def _build_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
+def meta_model(layout: BaseModelLayout) -> Any:
+    """The base's architecture built from its config on PyTorch's ``meta`` device (no
+    weights read or allocated). Callers that may be a process's first user of transformers
+    hold `TRANSFORMERS_LOCK`.
+
+    Raises:
+        InvalidBaseModel: when transformers does not know the architecture.
+    """
     import torch
     import transformers
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
 
     try:
         config = transformers.AutoConfig.for_model(**dict(layout.config))
@@ -276,6 +281,14 @@ def _build_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
             "unsupported architecture",
             [f"transformers cannot build {layout.architecture!r} from config.json: {type(exc).__name__}: {exc}"],
         ) from None
+    return model
+
+
+def _build_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    model = meta_model(layout)
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
     modules: dict[str, LinearModule] = {}
     for name, module in model.named_modules():

@@ -18,7 +18,7 @@ import stat
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -29,7 +29,7 @@ from composer.basemodel import INDEX_FILE
 from composer.errors import NonFiniteResult
 from composer.files import HF_MODEL_FILES
 from composer.neurons import NeuronOp
-from composer.plan import BrickSource, CompositionPlan, ModulePlan, OutputKind, plan_composition
+from composer.plan import BrickSource, CompositionPlan, Contribution, ModulePlan, OutputKind, plan_composition
 
 if TYPE_CHECKING:
     import torch
@@ -264,7 +264,9 @@ class _Payload:
     checks: list[torch.Tensor] = field(default_factory=list)
 
 
-def _load(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]) -> _Payload:
+def _load(
+    plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile], wrappers: _WrapperCache | None = None
+) -> _Payload:
     import torch
 
     from composer.lora import Factors, stacked_factors, tensor_key
@@ -274,7 +276,12 @@ def _load(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]
     copies: list[torch.Tensor | None] = []
     for c in module.contributions:
         source = files[c.brick]
-        if c.a is not None and c.b is not None:
+        if c.a is not None and c.b is not None and c.view is not None:
+            whole = wrappers.get(c) if wrappers is not None else (source.read(c.a), source.read(c.b))
+            a, b = c.view.factors(*whole)
+            read = Factors(a=a, b=b, scaling=c.scaling, weight=c.weight)
+            factors.append(read)
+        elif c.a is not None and c.b is not None:
             read = Factors(a=source.read(c.a), b=source.read(c.b), scaling=c.scaling, weight=c.weight)
             restriction = plan.neurons.restrictions.get(c.brick)
             if restriction is not None:
@@ -304,6 +311,35 @@ def _load(plan: CompositionPlan, module: ModulePlan, files: Sequence[TensorFile]
             for f, m, k in zip(factors, magnitudes, copies, strict=True)
         )
     return payload
+
+
+class _WrapperCache:
+    """A composition's ParamWrapper factors ``(lora_A, lora_B)``, read once for all the
+    stored tensors that take a slice of them (every expert's gate, up and down tensor would
+    read the same two tensors 3 x E times). Storage order keeps one layer's experts
+    together, so a few entries suffice; merge threads share it."""
+
+    def __init__(self, files: Sequence[TensorFile], size: int = 8) -> None:
+        self.files = files
+        self.size = size
+        self.entries: OrderedDict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, c: Contribution) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole factors of ``c`` (a contribution with a view)."""
+        assert c.a is not None and c.b is not None
+        key = (c.brick, c.a.name)
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                return hit
+        value = (self.files[c.brick].read(c.a), self.files[c.brick].read(c.b))
+        with self.lock:
+            self.entries[key] = value
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return value
 
 
 def _check_base_layers(plan: CompositionPlan, module: ModulePlan, payload: _Payload, stored: torch.Tensor) -> None:
@@ -479,12 +515,13 @@ def _write_full(plan: CompositionPlan, staging: Path, report: _Reporter) -> None
     workers = _merge_workers()
     with ExitStack() as stack:
         files = _open_bricks(plan, stack)
+        wrappers = _WrapperCache(files)
         if workers > 1:
             stack.enter_context(_torch_single_threaded())
         stream_shards(
             jobs,
             update,
-            load=lambda info: _load(plan, by_tensor[info.name], files),
+            load=lambda info: _load(plan, by_tensor[info.name], files, wrappers),
             progress=lambda written, name: report(
                 _STREAM_SHARE * written / total, f"merged {name}" if name else "copying"
             ),
@@ -663,8 +700,11 @@ def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> t
                 report(_STREAM_SHARE * (index + 1) / max(1, len(modules)), f"merged {module.name}")
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        parameter_ranks = _write_parameters(plan, files, tensors)
     write_safetensors(staging / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
-    write_json(staging / ADAPTER_CONFIG, adapter_config(plan, ranks, saved))
+    write_json(staging / ADAPTER_CONFIG, adapter_config(plan, ranks, saved, parameter_ranks))
+    errors.update(dict.fromkeys(parameter_ranks, 0.0))
+    ranks = {**ranks, **parameter_ranks}
     values = list(errors.values())
     stats = TruncationStats(
         max_relative_error=max(values, default=0.0),
@@ -674,15 +714,61 @@ def _write_adapter(plan: CompositionPlan, staging: Path, report: _Reporter) -> t
     return stats, ranks
 
 
-def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int], saved: Sequence[str] = ()) -> dict[str, Any]:
+def _write_parameters(
+    plan: CompositionPlan, files: Sequence[TensorFile], tensors: dict[str, torch.Tensor]
+) -> dict[str, int]:
+    """An adapter output's ParamWrapper factors (``target_parameters``): per expert, the
+    bricks' factors concatenated (``B_e = [B_1e | B_2e ...]``, ``A_e`` stacking
+    ``w_i s_i A_ie``), which is exactly the weighted sum of their deltas at scaling 1, laid
+    out and named as PEFT saves them. Returns each parameter's rank per expert."""
+    import torch
+
+    from composer.experts import ExpertView, adapter_module_name, fused_factors
+
+    targeted = [p.parameter for p in plan.parameters.values()]
+    ranks: dict[str, int] = {}
+    for name, parameter_plan in plan.parameters.items():
+        parameter = parameter_plan.parameter
+        experts = parameter.experts
+        per_expert = []
+        wholes = [(files[c.brick].read(c.a), files[c.brick].read(c.b), c) for c in parameter_plan.contributions]  # type: ignore[arg-type]
+        for expert in range(experts):
+            view = ExpertView(experts, expert, 0, parameter.out_features)
+            parts = [view.factors(a, b) for a, b, _ in wholes]
+            a_e = torch.cat(
+                [a.to(torch.float32) * (c.weight * c.scaling) for (a, _), (_, _, c) in zip(parts, wholes, strict=True)]
+            )
+            b_e = torch.cat([b.to(torch.float32) for _, b in parts], dim=1)
+            per_expert.append((a_e, b_e))
+        lora_a, lora_b = fused_factors(per_expert)
+        if not (_fits(lora_a, torch.float32) and _fits(lora_b, torch.float32)):
+            bricks = ", ".join(repr(plan.bricks[c.brick].source.name) for c in parameter_plan.contributions)
+            raise NonFiniteResult(
+                f"merging parameter {name!r} produced NaN or Inf", [f"the factors of bricks {bricks} hold NaN or Inf"]
+            )
+        prefix = f"base_model.model.{adapter_module_name(parameter, targeted)}"
+        tensors[f"{prefix}.lora_A.weight"] = lora_a
+        tensors[f"{prefix}.lora_B.weight"] = lora_b
+        ranks[name] = int(lora_a.shape[0]) // experts
+    return ranks
+
+
+def adapter_config(
+    plan: CompositionPlan,
+    ranks: Mapping[str, int],
+    saved: Sequence[str] = (),
+    parameters: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
     """The ``adapter_config.json`` of an adapter output: scaling 1 everywhere (``lora_alpha``
     equals the rank of every module), per-module ranks in ``rank_pattern`` with the module
     names escaped as regexes, ``target_modules`` as suffixes when they select exactly the
     merged modules, else as full names; modules carried as full copies in
-    ``modules_to_save`` (full names)."""
-    counts = Counter(ranks.values())
+    ``modules_to_save`` (full names); raw parameters (``parameters``: name -> rank per
+    expert) in ``target_parameters`` (full names)."""
+    parameters = parameters or {}
+    counts = Counter([*ranks.values(), *parameters.values()])
     r = max(counts, key=lambda k: (counts[k], k)) if counts else 1
-    rank_pattern = {re.escape(name): k for name, k in ranks.items() if k != r}
+    rank_pattern = {re.escape(name): k for name, k in {**ranks, **parameters}.items() if k != r}
     # PEFT's Embedding layer ignores fan_in_fan_out; the linear layers decide it.
     linear = [plan.modules[name].module for name in ranks if not plan.modules[name].module.embedding]
     fan_in_fan_out = bool(linear) and all(m.fan_in_fan_out for m in linear)
@@ -695,7 +781,9 @@ def adapter_config(plan: CompositionPlan, ranks: Mapping[str, int], saved: Seque
         "lora_alpha": r,
         "rank_pattern": rank_pattern,
         "alpha_pattern": dict(rank_pattern),
-        "target_modules": _target_modules(plan, list(ranks)),
+        # PEFT accepts no target_modules when target_parameters are given (not an empty list).
+        "target_modules": _target_modules(plan, list(ranks)) if ranks or not parameters else None,
+        "target_parameters": sorted(parameters) or None,
         "use_rslora": False,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",

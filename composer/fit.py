@@ -115,6 +115,13 @@ class LoraMixture:
             settings = parse_lora_config(json.loads((brick / "adapter_config.json").read_text()))
             if settings.fan_in_fan_out:
                 raise InvalidAdapter(f"brick {brick.name}: fan_in_fan_out adapters are not supported", [])
+            if settings.target_parameters:
+                # The fitting hooks wrap nn.Linear layers; fused expert parameters have none.
+                raise InvalidAdapter(
+                    f"brick {brick.name}: target_parameters adapters (fused MoE experts) cannot be fitted yet; "
+                    "give the weights explicitly",
+                    [],
+                )
             with safe_open(str(brick / "adapter_model.safetensors"), framework="pt") as tensors:
                 mapping = map_adapter_tensors(tensors.keys())
                 for module, (a_name, b_name) in mapping.modules.items():

@@ -21,6 +21,14 @@ from typing import Any, Literal
 from composer.adapter import LoraSettings, map_adapter_tensors, parse_lora_config
 from composer.basemodel import BaseModelLayout, LinearModule, find_mergeable_modules, read_base_model
 from composer.errors import IncompatibleBricks, InvalidAdapter, InvalidParams, InvalidTensorFile
+from composer.experts import (
+    ExpertSite,
+    ExpertView,
+    RawParameter,
+    adapter_module_name,
+    find_raw_parameters,
+    selects_parameter,
+)
 from composer.files import open_regular
 from composer.header import FLOAT_DTYPES, SafetensorsHeader, TensorInfo, read_header
 from composer.methods import MergeMethod, MethodParams, get_method
@@ -34,6 +42,7 @@ __all__ = [
     "Contribution",
     "ModulePlan",
     "OutputKind",
+    "ParameterPlan",
     "plan_composition",
 ]
 
@@ -71,6 +80,8 @@ class BrickPlan:
     copies: Mapping[str, TensorInfo] = field(default_factory=dict)
     base_layers: Mapping[str, TensorInfo] = field(default_factory=dict)
     bias_copies: Mapping[str, TensorInfo] = field(default_factory=dict)
+    # target_parameters: ``<module>.<parameter>`` -> the ParamWrapper's whole (lora_A, lora_B).
+    parameters: Mapping[str, tuple[TensorInfo, TensorInfo]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,9 @@ class Contribution:
     weight: float
     magnitude: TensorInfo | None = None
     copy: TensorInfo | None = None
+    # A ParamWrapper's factors (``a``, ``b``) of which this stored tensor takes one expert's
+    # slice (`composer.experts`); ``rank`` is then the per-expert rank.
+    view: ExpertView | None = None
 
     @property
     def low_rank(self) -> bool:
@@ -128,6 +142,15 @@ class ModulePlan:
 
 
 @dataclass(frozen=True)
+class ParameterPlan:
+    """A raw parameter some brick targets (``target_parameters``) and each brick's whole
+    ParamWrapper factors on it (``rank`` per expert); an adapter output writes these."""
+
+    parameter: RawParameter
+    contributions: tuple[Contribution, ...]
+
+
+@dataclass(frozen=True)
 class CompositionPlan:
     """Everything `compose` needs, validated; ``modules`` is in the base's storage order."""
 
@@ -139,6 +162,7 @@ class CompositionPlan:
     rank: int | None
     modules: Mapping[str, ModulePlan]
     neurons: NeuronPlan = EMPTY
+    parameters: Mapping[str, ParameterPlan] = field(default_factory=dict)
     # How the outputs name the base model: ``base_model_name_or_path`` of an adapter output
     # (what PEFT loads it from) and ``base_model`` of the model card; None: the bricks' common
     # ``base_model_name_or_path``, else the base directory.
@@ -244,10 +268,13 @@ def plan_composition(
         if found is not None:
             planned.append(found)
     for index in neuron_plan.restrictions:
-        if index < len(planned) and (planned[index].magnitudes or planned[index].copies or planned[index].bias_copies):
+        brick_plan = planned[index] if index < len(planned) else None
+        if brick_plan is not None and (
+            brick_plan.magnitudes or brick_plan.copies or brick_plan.bias_copies or brick_plan.parameters
+        ):
             incompatible.append(
-                f"brick {planned[index].source.name!r} has DoRA magnitudes or saved module copies: only a plain "
-                "LoRA can be restricted to neurons (by masking its factors)"
+                f"brick {brick_plan.source.name!r} has DoRA magnitudes, saved module copies or target_parameters: "
+                "only a plain LoRA on modules can be restricted to neurons (by masking its factors)"
             )
     if output == "adapter" and rank is None:
         for brick_plan in planned:
@@ -257,6 +284,16 @@ def plan_composition(
                     "so it is not low-rank and an adapter output needs rank=k (a truncated SVD of the merged delta, "
                     "its error reported); or compose output='full', which is exact"
                 )
+    if output == "adapter" and (rank is not None or not merge_method.sums_deltas):
+        for brick_plan in planned:
+            if brick_plan.parameters:
+                why = f"rank={rank}" if rank is not None else f"method {method!r} does not sum deltas"
+                incompatible.append(
+                    f"brick {brick_plan.source.name!r} adapts raw parameters (target_parameters, e.g. "
+                    f"{next(iter(brick_plan.parameters))!r}): an adapter output carries them as PEFT ParamWrapper "
+                    f"factors, exactly only as the concatenation of the bricks' factors, and {why} asks for more; "
+                    "compose output='full' (exact), or method 'linear' without rank"
+                )
     if incompatible:
         raise IncompatibleBricks("bricks do not fit the base model", (incompatible + invalid)[:_MAX_PROBLEMS])
     if invalid:
@@ -264,6 +301,8 @@ def plan_composition(
 
     contributions: dict[str, list[Contribution]] = {}
     checks: dict[str, list[tuple[int, TensorInfo]]] = {}
+    parameter_contributions: dict[str, list[Contribution]] = {}
+    raw_parameters = find_raw_parameters(layout) if any(b.parameters for b in planned) else {}
     for index, brick_plan in enumerate(planned):
         weight = float(brick_plan.source.weight)
         for module, (a, b) in brick_plan.modules.items():
@@ -284,6 +323,23 @@ def plan_composition(
             )
         for module, info in brick_plan.base_layers.items():
             checks.setdefault(module, []).append((index, info))
+        for name, (a, b) in brick_plan.parameters.items():
+            raw = raw_parameters[name]
+            contribution = Contribution(
+                brick=index,
+                a=a,
+                b=b,
+                rank=a.shape[0] // raw.experts,
+                scaling=brick_plan.settings.scaling_for(name),
+                weight=weight,
+            )
+            parameter_contributions.setdefault(name, []).append(contribution)
+            if output == "adapter":
+                continue  # written back as ParamWrapper factors, not per stored tensor
+            for site in raw.sites:
+                stored = _site_module(site)
+                linear.setdefault(stored.name, stored)
+                contributions.setdefault(stored.name, []).append(replace(contribution, view=site.view))
         for module, info in brick_plan.bias_copies.items():
             contributions.setdefault(f"{module}.bias", []).append(
                 Contribution(brick=index, a=None, b=None, rank=0, scaling=1.0, weight=weight, copy=info)
@@ -311,7 +367,20 @@ def plan_composition(
         rank=rank,
         modules={m.key: m for m in module_plans},
         neurons=neuron_plan,
+        parameters={
+            name: ParameterPlan(raw_parameters[name], tuple(found))
+            for name, found in sorted(parameter_contributions.items())
+        },
     )
+
+
+def _site_module(site: ExpertSite) -> LinearModule:
+    """The stored 2-D tensor of one expert slice, as a module a delta merges into."""
+    name = site.key.removesuffix(".weight")
+    rows, cols = site.shape
+    if site.view.transposed:  # stored in x out, like a Conv1D weight
+        return LinearModule(name, cols, rows, fan_in_fan_out=True, stored_name=site.key)
+    return LinearModule(name, rows, cols, stored_name=site.key)
 
 
 def _plan_brick(
@@ -345,8 +414,11 @@ def _plan_brick(
     except InvalidAdapter as exc:
         invalid.extend(f"{label}: {p}" for p in exc.problems)
         return None
+    parameters, consumed = _plan_parameters(label, settings, mapped.modules, header, layout, incompatible)
     modules: dict[str, tuple[TensorInfo, TensorInfo]] = {}
     for module, (a_name, b_name) in mapped.modules.items():
+        if module in consumed:
+            continue
         where = f"{label}: module {module!r}"
         a, b = header.tensors[a_name], header.tensors[b_name]
         target = linear.get(module) or _stored_linear(module, layout)
@@ -436,7 +508,81 @@ def _plan_brick(
         copies=copies,
         base_layers=base_layers,
         bias_copies=bias_copies,
+        parameters=parameters,
     )
+
+
+def _plan_parameters(
+    label: str,
+    settings: LoraSettings,
+    factor_names: Mapping[str, tuple[str, str]],
+    header: SafetensorsHeader,
+    layout: BaseModelLayout,
+    incompatible: list[str],
+) -> tuple[dict[str, tuple[TensorInfo, TensorInfo]], set[str]]:
+    """A brick's ParamWrapper factors (``target_parameters``), checked against the base's
+    parameters (PEFT's shapes ``lora_A`` ``r*E x in``, ``lora_B`` ``out x r*E``) and against
+    where the checkpoint stores them. Returns them by parameter name, and the adapter module
+    names they occupy (PEFT's nested ``base_layer`` names)."""
+    if not settings.target_parameters:
+        return {}, set()
+    raw = find_raw_parameters(layout)
+    targeted = [p for p in raw.values() if selects_parameter(settings.target_parameters, p.name)]
+    if not targeted:
+        incompatible.append(
+            f"{label}: target_parameters {list(settings.target_parameters)[:8]} select no parameter of the base "
+            f"model ({layout.architecture}) outside its linear and embedding layers: target_parameters is for raw "
+            "parameters such as fused MoE expert tensors; adapt linear layers with target_modules"
+        )
+        return {}, set()
+    found: dict[str, tuple[TensorInfo, TensorInfo]] = {}
+    consumed: set[str] = set()
+    # Problems shared by many parameters (every layer's experts) are reported once per brick.
+    missing: list[tuple[str, str]] = []
+    layouts: dict[str, list[str]] = {}
+    for parameter in targeted:
+        where = f"{label}: parameter {parameter.name!r}"
+        module = adapter_module_name(parameter, targeted)
+        consumed.add(module)
+        names = factor_names.get(module)
+        if names is None:
+            missing.append((parameter.name, module))
+            continue
+        a, b = header.tensors[names[0]], header.tensors[names[1]]
+        rank, experts = settings.rank_for(parameter.name), parameter.experts
+        expected_a, expected_b = (rank * experts, parameter.in_features), (parameter.out_features, rank * experts)
+        ok = True
+        if a.shape != expected_a or b.shape != expected_b:
+            incompatible.append(
+                f"{where}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit {list(parameter.shape)} at "
+                f"rank {rank} (expected lora_A {list(expected_a)}, lora_B {list(expected_b)}: PEFT's ParamWrapper "
+                "holds rank x experts rows)"
+            )
+            ok = False
+        bad = [f"{f} is {i.dtype}" for f, i in (("lora_A", a), ("lora_B", b)) if i.dtype not in FLOAT_DTYPES]
+        if bad:
+            incompatible.append(f"{where}: {' and '.join(bad)}, not a float type")
+            ok = False
+        if parameter.problem is not None:
+            layouts.setdefault(parameter.problem, []).append(parameter.name)
+            ok = False
+        for site in parameter.sites:
+            ok = _check_base_dtype(where, layout, _site_module(site), incompatible) and ok
+        if ok:
+            found[parameter.name] = (a, b)
+    if missing:
+        name, module = missing[0]
+        incompatible.append(
+            f"{label}: target_parameters selects {len(missing)} parameters whose factors the weights do not hold "
+            f"(first: {name!r}, which PEFT saves as '{module}.lora_A/lora_B'): the file is not a complete adapter; "
+            "save it again with PEFT"
+        )
+    for problem, unmapped in layouts.items():
+        incompatible.append(
+            f"{label}: target_parameters selects {len(unmapped)} parameters (first: {unmapped[0]!r}) that cannot take "
+            f"a delta: {problem}"
+        )
+    return found, consumed
 
 
 def _stored_linear(module: str, layout: BaseModelLayout) -> LinearModule | None:

@@ -286,12 +286,17 @@ class Compositions:
         return brick_base == base.name or self.catalog.get_base_model(brick_base).fingerprint == base.fingerprint
 
     def _candidates(self, instruction: str, base_model: str, k: int) -> list[domain.SearchHit]:
-        """The top-``k`` bricks for an instruction; with ``hide_bricks_not_beating_base``,
+        """The top-``k`` bricks for an instruction, among the bricks of every base model of
+        ``base_model``'s fingerprint (they all fit it); with ``hide_bricks_not_beating_base``,
         bricks whose quality check found them no better than the base are passed over."""
         if not self.settings.compose.hide_bricks_not_beating_base:
-            return self.search(SearchRequest(query=instruction, base_model=base_model, k=k, kind="lora")).hits
+            return self.search(
+                SearchRequest(query=instruction, base_model=base_model, k=k, kind="lora", compatible=True)
+            ).hits
         # Look further down the ranking so that k bricks remain after the filter.
-        hits = self.search(SearchRequest(query=instruction, base_model=base_model, k=min(4 * k, 64), kind="lora")).hits
+        hits = self.search(
+            SearchRequest(query=instruction, base_model=base_model, k=min(4 * k, 64), kind="lora", compatible=True)
+        ).hits
         kept = [h for h in hits if not (h.brick.quality and h.brick.quality.get("beats_base") is False)]
         return kept[:k]
 

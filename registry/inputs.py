@@ -200,6 +200,11 @@ class SearchRequest(BaseModel):
     all_versions: bool = Field(False, description="rank every version, not only the latest of each brick")
     exact: bool = Field(False, description="exact nearest-neighbour search instead of the approximate index")
     kind: Literal["lora", "emergent"] | None = Field(None, description="only bricks of this kind")
+    compatible: bool = Field(
+        False,
+        description="with base_model: also bricks registered for base models of the same fingerprint "
+        "(they fit it too; compositions by instruction search this way)",
+    )
 
 
 MAX_WEIGHT = 100.0

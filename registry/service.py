@@ -550,11 +550,14 @@ class Registry:
         """
         if not isinstance(request, SearchRequest):
             request = parse_json_model(SearchRequest, dict(request), what="search")
-        base_id = None
-        if request.base_model is not None:
-            base_id = self.store.base_model_id(request.base_model)
+        base_ids = None
+        if request.base_model is not None and request.compatible:
+            # A brick fits every base model of its base's fingerprint, so it is found for each.
+            base_ids = self.store.compatible_base_model_ids(request.base_model)
+        elif request.base_model is not None:
+            base_ids = (self.store.base_model_id(request.base_model),)
         filters = SearchFilters(
-            base_model_id=base_id, tags=tuple(request.tags), all_versions=request.all_versions, kind=request.kind
+            base_model_ids=base_ids, tags=tuple(request.tags), all_versions=request.all_versions, kind=request.kind
         )
         clock = time.perf_counter()
         timings: dict[str, float] = {}

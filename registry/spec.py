@@ -194,7 +194,7 @@ def _plan_on_base(
             problems.extend(_weights_problem(p) for p in exc.problems)
             return ()
     brick = plan.bricks[0]
-    return tuple(sorted({*brick.modules, *brick.copies}))
+    return tuple(sorted({*brick.modules, *brick.copies, *brick.parameters}))
 
 
 def _weights_problem(problem: str) -> str:
@@ -205,6 +205,14 @@ def _weights_problem(problem: str) -> str:
 def _check_tensors(
     header: SafetensorsHeader, settings: LoraSettings | None, base: domain.BaseModel, problems: list[str]
 ) -> tuple[str, ...]:
+    if settings is not None and settings.target_parameters:
+        # Raw parameters (fused experts) are mapped through the base's own files, not its record.
+        problems.append(
+            f"adapter_config: target_parameters (LoRA on raw parameters, e.g. fused MoE experts) is checked against "
+            f"the files of base model {base.name!r}, which are not readable as registered; restore its directory "
+            "(or register it again) and upload the brick again"
+        )
+        return ()
     mapping = None
     with composer_problems(problems, "adapter_weights"):
         mapping = map_adapter_tensors(header.tensors)

@@ -93,6 +93,24 @@ class Store:
             raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
         return found
 
+    def compatible_base_model_ids(self, name: str) -> tuple[int, ...]:
+        """Row ids of base model ``name`` and every base model with its fingerprint (a brick
+        of any of them fits each of them), in id order.
+
+        Raises:
+            BaseModelNotFound: no such base model.
+        """
+        with self.db.session() as session:
+            fingerprint = select(BaseModelRow.fingerprint).where(BaseModelRow.name == name).scalar_subquery()
+            found = tuple(
+                session.scalars(
+                    select(BaseModelRow.id).where(BaseModelRow.fingerprint == fingerprint).order_by(BaseModelRow.id)
+                )
+            )
+        if not found:
+            raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
+        return found
+
     def brick_names(self) -> list[str]:
         """The names of every brick with at least one version (for did-you-mean hints)."""
         with self.db.session() as session:

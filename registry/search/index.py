@@ -38,7 +38,8 @@ __all__ = ["Candidates", "InMemoryIndex", "PgVectorIndex", "SearchFilters", "Sea
 class SearchFilters:
     """Which bricks may be returned."""
 
-    base_model_id: int | None = None
+    # Bricks of any of these base models (one base and its fingerprint twins); None: any base.
+    base_model_ids: tuple[int, ...] | None = None
     tags: tuple[str, ...] = ()
     all_versions: bool = False
     kind: str | None = None  # "lora" | "emergent"; None: every kind
@@ -274,8 +275,8 @@ class InMemoryIndex:
         eligible = np.ones(len(snap.brick_ids), bool)
         if not filters.all_versions:
             eligible &= snap.latest
-        if filters.base_model_id is not None:
-            eligible &= snap.base_ids == filters.base_model_id
+        if filters.base_model_ids is not None:
+            eligible &= np.isin(snap.base_ids, np.asarray(filters.base_model_ids, np.int64))
         if filters.kind is not None:
             eligible &= snap.kinds == filters.kind
         for tag in filters.tags:
@@ -409,9 +410,10 @@ class PgVectorIndex:
         params: dict[str, object] = {"model": model, "q": query, "n": n}
         if not filters.all_versions:
             conditions.append("b.is_latest")
-        if filters.base_model_id is not None:
-            conditions.append("b.base_model_id = :base_id")
-            params["base_id"] = filters.base_model_id
+        if filters.base_model_ids is not None:
+            names = [f":base_id{i}" for i in range(len(filters.base_model_ids))]
+            conditions.append(f"b.base_model_id IN ({', '.join(names)})" if names else "FALSE")
+            params.update({f"base_id{i}": base_id for i, base_id in enumerate(filters.base_model_ids)})
         if filters.kind is not None:
             conditions.append("b.kind = :kind")
             params["kind"] = filters.kind

@@ -148,7 +148,11 @@ def test_missing_dora_magnitudes_are_one_line(llama: Path, doras: list[Path], tm
         ({"bias": "all"}, "trains the base model's biases", "retrain with bias='none'"),
         ({"bias": "lora_only"}, "trains the base model's biases", "retrain with bias='none'"),
         ({"lora_bias": True}, "trained bias", "retrain with lora_bias=False"),
-        ({"target_parameters": ["experts.gate_up_proj"]}, "fused MoE expert tensors", "target_modules"),
+        (
+            {"target_parameters": ["experts.gate_up_proj"], "use_dora": True},
+            "cannot be combined with use_dora",
+            "PEFT refuses both",
+        ),
         ({"trainable_token_indices": [1, 2]}, "single embedding rows", "modules_to_save"),
         ({"alora_invocation_tokens": [5]}, "per token", "unmerged"),
     ],

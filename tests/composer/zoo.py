@@ -128,6 +128,28 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+# Mixture-of-experts architectures whose experts transformers 5 fuses into 3-D parameters
+# (PEFT adapts them through target_parameters); not in ARCHS, whose kinds assume linear MLPs.
+MOE_ARCHS: dict[str, Arch] = {
+    "qwen3_moe": Arch(
+        "qwen3_moe",
+        "Qwen3MoeConfig",
+        _COMMON
+        | {
+            "intermediate_size": 96,
+            "moe_intermediate_size": 48,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "tie_word_embeddings": False,
+        },
+        "embed_tokens",
+        "lm_head",
+    ),
+}
+
+
 def make_base(arch: Arch, path: Path, seed: int = 0) -> Path:
     """Save a float32 base model of ``arch`` at ``path`` (weights only from the config and
     a seed; un-prefixed archs get their keys without ``base_model_prefix``)."""

@@ -148,3 +148,51 @@ def test_uploads_are_checked_against_the_recorded_shapes_when_the_base_directory
     refused = upload(client, wrong_rank, metadata=brick_metadata("wrong"))
     assert refused.status_code == 422
     assert any("lora_A has shape [8, 32], expected [4, 32]" in p for p in refused.json()["errors"])
+
+
+def test_instruction_search_finds_the_bricks_of_a_fingerprint_twin(
+    client: Any, llama_base: Path, llama_base_single: Path, gpt2_base: Path, loras: dict[str, Path]
+) -> None:
+    register_base(client, llama_base, name="tiny-llama")
+    register_base(client, llama_base_single, name="llama-twin")
+    register_base(client, gpt2_base, name="tiny-gpt2")
+    # One brick registered against each twin: each is found, and composed, on the other.
+    assert upload(client, loras["r4"], metadata=brick_metadata("sentiment", base_model="tiny-llama")).status_code == 201
+    summary = brick_metadata(
+        "summarize",
+        base_model="llama-twin",
+        description="summarize a long news article in two sentences",
+        examples=["The council met on Tuesday to discuss the new budget for the city's parks."],
+        tags=["summarization"],
+    )
+    assert upload(client, loras["r8"], metadata=summary).status_code == 201
+
+    def found(base_model: str, query: str, **options: Any) -> list[str]:
+        request = {"query": query, "base_model": base_model, "k": 5, **options}
+        response = client.post("/v1/search", json=request)
+        assert response.status_code == 200, response.text
+        return [hit["brick"]["name"] for hit in response.json()["hits"]]
+
+    # The plain filter is by registered name; `compatible` widens it to the fingerprint.
+    assert found("llama-twin", "classify the sentiment of a review") == ["summarize"]
+    compatible = found("llama-twin", "classify the sentiment of a review", compatible=True)
+    assert sorted(compatible) == ["sentiment", "summarize"]
+    assert sorted(found("tiny-llama", "summarize this article", compatible=True)) == ["sentiment", "summarize"]
+    assert found("tiny-gpt2", "classify the sentiment of a review", compatible=True) == []
+
+    for base_model, instruction, brick in (
+        ("llama-twin", "classify the sentiment of this product review", "sentiment"),
+        ("tiny-llama", "summarize this long news article in two sentences", "summarize"),
+    ):
+        request = {"base_model": base_model, "instruction": instruction, "k": 1}
+        response = client.post("/v1/compositions", json=request)
+        assert response.status_code == 202, response.text
+        recipe = response.json()["recipe"]
+        assert recipe["base_model"]["name"] == base_model
+        assert [b["name"] for b in recipe["bricks"]] == [brick]
+        assert wait_ready(client, response.json()["id"])["status"] == "ready"
+
+    # A base of another fingerprint still finds none of them to compose.
+    refused = client.post("/v1/compositions", json={"base_model": "tiny-gpt2", "instruction": "classify sentiment"})
+    assert refused.status_code == 422, refused.text
+    assert "no brick of base model 'tiny-gpt2' matches the instruction" in refused.json()["detail"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.composer.helpers import quiet
-from tests.composer.zoo import ARCHS, load_adapter_model, load_model, make_adapter, make_base, peft_reference
+from tests.composer.zoo import ARCHS, MOE_ARCHS, load_adapter_model, load_model, make_adapter, make_base, peft_reference
 from tests.conftest import brick_metadata, register_base, upload, wait_ready
 
 WEIGHTS = (0.7, 0.3)
@@ -35,6 +35,12 @@ CASES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {
         {"r": 2, "lora_alpha": 6, "target_modules": ["embed_tokens"]},
     ),
     # GPT-2 checkpoints are stored without "transformer." (as on the Hub); Conv1D layers.
+    # PEFT 0.21's all-linear on transformers 5's fused experts: target_parameters (gate_up_proj,
+    # down_proj, the router) besides attention modules.
+    ("qwen3_moe", "target_parameters"): (
+        {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        {"r": 2, "lora_alpha": 6, "target_modules": ["v_proj"], "target_parameters": ["experts.down_proj"]},
+    ),
     ("gpt2", "unprefixed"): (
         {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True},
         {"r": 2, "lora_alpha": 4, "use_rslora": True, "target_modules": ["c_attn"], "fan_in_fan_out": True},
@@ -50,7 +56,7 @@ def peft_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], 
     built = {}
     for (arch, kind), configs in CASES.items():
         if arch not in bases:
-            bases[arch] = make_base(ARCHS[arch], root / arch)
+            bases[arch] = make_base(ARCHS.get(arch) or MOE_ARCHS[arch], root / arch)
         adapters = [
             # task_type tells AutoPeftModelForCausalLM which model class to load
             make_adapter(bases[arch], root / f"{arch}-{kind}-{i}", seed=200 + i, task_type="CAUSAL_LM", **config)
@@ -126,6 +132,13 @@ def test_bricks_of_each_kind_register_and_compose_over_http_like_peft(
             loaded = loaded.merge_and_unload()
     torch.testing.assert_close(_logits(loaded), expected, atol=5e-4 if rank else 2e-4, rtol=1e-4)
     torch.testing.assert_close(_logits(load_adapter_model(base, adapter)), _logits(loaded), atol=1e-4, rtol=1e-4)
+    if kind == "target_parameters":
+        # A truncated adapter cannot keep ParamWrapper factors exact: refused, one line per brick.
+        request = {"base_model": base_name, "bricks": [{"name": n} for n in names], "output": "adapter", "rank": 4}
+        refused = client.post("/v1/compositions", json=request)
+        assert refused.status_code == 422, refused.text
+        lines = [e for e in refused.json()["errors"] if "adapts raw parameters (target_parameters" in e]
+        assert len(lines) == 2 and all("compose output='full'" in e for e in lines), refused.json()
 
 
 def test_legacy_per_expert_mixtral_adapters_register_and_compose_over_http(client: Any, tmp_path: Path) -> None:

@@ -78,7 +78,11 @@ def _refusal(client: Any, adapter: Path, base_model: str = "tiny-llama") -> list
         ({"peft_type": "PROMPT_TUNING"}, "virtual tokens", "use it unmerged with PEFT"),
         ({"bias": "all"}, "trains the base model's biases", "retrain with bias='none'"),
         ({"lora_bias": True}, "trained bias", "retrain with lora_bias=False"),
-        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "fused MoE expert tensors", "target_modules"),
+        (
+            {"target_parameters": ["mlp.experts.gate_up_proj"]},
+            "select no parameter of the base model",
+            "target_modules",
+        ),
         ({"trainable_token_indices": [1, 2]}, "single embedding rows", "modules_to_save"),
         ({"alora_invocation_tokens": [5]}, "per token", "unmerged"),
         ({"layer_replication": [[0, 2]]}, "layer layout", "merge_and_unload"),

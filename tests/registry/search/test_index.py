@@ -93,8 +93,12 @@ def test_filters_by_base_model_tag_and_latest_version(store: Store) -> None:
     index = InMemoryIndex(store.db)
     query = unit(1, 1, 1, 1)
     assert len(search(index, query).features) == 3  # a, b, c@2
-    other = search(index, query, SearchFilters(base_model_id=store.base_model_id("other")))
+    other = search(index, query, SearchFilters(base_model_ids=(store.base_model_id("other"),)))
     assert owners(other) == [np.round(unit(0, 1, 0, 0), 3).tolist()]
+    # Several base models (one and its fingerprint twins): the bricks of each of them.
+    both = (store.base_model_id("other"), store.base_model_id("base"))
+    assert len(search(index, query, SearchFilters(base_model_ids=both)).features) == 3
+    assert search(index, query, SearchFilters(base_model_ids=())).features == []
     vision = search(index, query, SearchFilters(tags=("vision",)))
     assert owners(vision) == [np.round(unit(0, 0, 0, 1), 3).tolist()]  # the latest version only
     every = search(index, query, SearchFilters(tags=("vision",), all_versions=True))
