@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from registry import domain
+from registry.db.blob_lock import lock_blob_collection
 from registry.db.models import (
     CompositionBrickRow,
     CompositionLeaseRow,
@@ -33,7 +35,9 @@ from registry.db.models import (
     as_utc,
     utcnow,
 )
+from registry.db.names import refuse_case_twin
 from registry.db.session import Database
+from registry.errors import ServiceUnavailable
 
 __all__ = ["CompositionStore"]
 
@@ -67,13 +71,25 @@ class CompositionStore:
         output: str,
         method: str,
         actor: str | None,
+        blobs_present: Callable[[], bool] | None = None,
     ) -> tuple[domain.Composition, bool]:
-        """Queue a composition unless it exists; a failed one is queued again.
+        """Queue a composition unless it exists; a failed one is queued again. A recipe that
+        names blobs of its own (a discovery's probe sets) passes ``blobs_present``: checked
+        under the blob-collection lock, like `finish`.
 
         Returns:
             (the composition, whether this call queued it).
+
+        Raises:
+            ServiceUnavailable: ``blobs_present`` answered False (collected meanwhile).
         """
         with self.db.session(write=True) as session:
+            if blobs_present is not None:
+                lock_blob_collection(session)
+                if not blobs_present():
+                    raise ServiceUnavailable(
+                        "the job's stored inputs were collected while it was queued; request again"
+                    )
             insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
             now = utcnow()
             created = (
@@ -180,11 +196,27 @@ class CompositionStore:
         size_bytes: int,
         message: str,
         files: list[dict[str, Any]] | None = None,
+        blobs_present: Callable[[], bool] | None = None,
     ) -> bool:
         """Mark a build ready; False when it was cancelled (or taken over) meanwhile. ``files``
         is its manifest when published to the blob store (recorded in the same transaction, so
-        a ready composition always has it)."""
+        a ready composition always has it).
+
+        The manifest's blobs may have been deduplicated onto old orphans: the row is written
+        under the lock ``fsck --repair`` deletes under (`lock_blob_collection`), after
+        ``blobs_present`` confirms the bytes are still there.
+
+        Raises:
+            ServiceUnavailable: ``blobs_present`` answered False (a concurrent ``fsck --repair``
+                collected some of the bytes): nothing was recorded, publish again.
+        """
         with self.db.session(write=True) as session:
+            if files is not None:
+                lock_blob_collection(session)
+                if blobs_present is not None and not blobs_present():
+                    raise ServiceUnavailable(
+                        "a published file's bytes were collected while the composition was being finished"
+                    )
             now = utcnow()
             return bool(
                 _changed(
@@ -424,6 +456,9 @@ class CompositionStore:
         with self.db.session(write=True) as session:
             row = session.get(CompositionNameRow, name)
             if row is None:
+                refuse_case_twin(
+                    session, CompositionNameRow.name, CompositionNameRow.name_folded, name, what="composition name"
+                )
                 session.add(CompositionNameRow(name=name, composition_id=composition_id, created_by=actor))
             else:
                 row.composition_id, row.created_by, row.created_at = composition_id, actor, utcnow()

@@ -4,10 +4,14 @@ references and its deletions. Registration over HTTP, both databases."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import brick_metadata, random_adapter, register_base, upload
 
@@ -76,3 +80,50 @@ def test_registration_whose_bytes_were_collected_records_nothing(
     response = upload(client, config=config, weights=weights, metadata=brick_metadata("late"))
     assert response.status_code == 503, response.text
     assert client.get("/v1/bricks/late/versions/2").status_code == 404
+
+
+@pytest.mark.parametrize("storage", ["s3"], indirect=True)
+def test_composition_published_onto_an_old_orphan_during_fsck_keeps_its_bytes(
+    registry: Any, llama_base: Path, admin_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A composition's outputs deduplicate onto blobs an earlier build left unreferenced
+    (its record forgotten); the rebuild is published and marked ready while fsck runs,
+    between its listing and its deletions. Object storage keeps no age refresh on a
+    deduplicated commit, so only the re-check inside the deletion's transaction, which must
+    see ``compositions.files``, keeps the bytes."""
+    import registry.fsck as fsck_module
+    from registry.compositions import worker_name
+
+    registry.add_base_model({"name": "tiny-llama", "path": str(llama_base)})
+    config, weights = random_adapter(21)
+    registry.register_brick(brick_metadata("a"), config, io.BytesIO(weights))
+    request = {"base_model": "tiny-llama", "bricks": [{"name": "a"}], "output": "adapter"}
+
+    def build() -> Any:
+        composition, _ = registry.compositions.request(request)
+        claimed = registry.compositions.store.claim(composition.id, worker_name(0))
+        return registry.compositions.build_claimed(claimed, worker_name(0))
+
+    first = build()
+    assert first.status == "ready", first.error
+    files = {f.path: f for f in registry.compositions.published(first.id) or []}
+    assert registry.compositions.store.delete_ready(first.id)  # its blobs are orphans now
+    monkeypatch.setattr(fsck_module, "_now", lambda: time.time() + 7200)  # ...and old
+
+    rebuilt: list[Any] = []
+    report = registry.fsck(repair=True, grace_s=3600, after_listing=lambda: rebuilt.append(build()))
+    assert rebuilt[0].status == "ready" and rebuilt[0].id == first.id, rebuilt[0].error
+    assert files["adapter_model.safetensors"].sha256 in report.orphaned  # listed before the rebuild...
+    assert not any(f.sha256 in removed for f in files.values() for removed in report.removed)  # ...kept
+    for file in files.values():
+        assert registry.blobs.exists(file.sha256), file.path
+    from fastapi.testclient import TestClient
+
+    from registry.api import create_app
+
+    with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {admin_token}"}) as http:
+        response = http.get(f"/v1/compositions/{first.id}/files/adapter_model.safetensors")
+        assert response.status_code == 200, response.text
+        assert hashlib.sha256(response.content).hexdigest() == files["adapter_model.safetensors"].sha256
+    monkeypatch.undo()
+    assert registry.fsck(verify=True).healthy
