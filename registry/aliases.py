@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from registry import domain
 from registry.db.models import BrickAliasRow, utcnow
+from registry.db.names import refuse_case_twin
 from registry.db.session import Database
 from registry.errors import BrickNotFound, InvalidInput
 from registry.inputs import NAME_PATTERN
@@ -63,6 +64,14 @@ class BrickAliasStore:
         with self.db.session(write=True) as session:
             row = session.get(BrickAliasRow, (name, alias))
             if row is None:
+                refuse_case_twin(
+                    session,
+                    BrickAliasRow.alias,
+                    BrickAliasRow.alias_folded,
+                    alias,
+                    what=f"alias of brick {name!r}",
+                    scope=BrickAliasRow.name == name,
+                )
                 row = BrickAliasRow(name=name, alias=alias, version=version, created_by=actor, created_at=utcnow())
                 session.add(row)
             else:

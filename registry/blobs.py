@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from registry.errors import PayloadTooLarge
 
-__all__ = ["BlobInfo", "BlobStore", "LocalBlobStore", "StagedBlob", "StaleUpload"]
+__all__ = ["BlobInfo", "BlobStore", "LocalBlobStore", "StagedBlob", "StagingFile", "StaleUpload"]
 
 _CHUNK = 1024 * 1024
 
@@ -58,10 +58,65 @@ class StaleUpload:
     initiated: float  # seconds since the epoch
 
 
+class StagingFile(io.RawIOBase):
+    """A staging file written a chunk at a time (an upload's body streaming in), hashed and
+    bounded as it is written; `finish` hands it over as a `StagedBlob`. Closed unfinished
+    (an error, a client gone), it removes itself."""
+
+    def __init__(self, staging_dir: Path, *, max_bytes: int, what: str) -> None:
+        fd, name = tempfile.mkstemp(dir=staging_dir, prefix="stage-")
+        self.path = Path(name)
+        self._out = os.fdopen(fd, "wb")
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._max_bytes = max_bytes
+        self._what = what
+        self._finished = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        """Append ``data``, refusing more than ``max_bytes`` in all.
+
+        Raises:
+            PayloadTooLarge: the limit is passed (the file is then removed).
+        """
+        chunk = bytes(data)
+        self._size += len(chunk)
+        if self._size > self._max_bytes:
+            self.close()
+            raise PayloadTooLarge(
+                f"{self._what} is larger than the limit of {self._max_bytes} bytes",
+                extra={"limit_bytes": self._max_bytes},
+            )
+        self._digest.update(chunk)
+        self._out.write(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """No-op for a writer (multipart parsers rewind a finished part); the position is the end."""
+        return self._size
+
+    def finish(self) -> StagedBlob:
+        """The staged bytes (the file is closed, and kept for `BlobStore.commit`)."""
+        self._out.close()
+        self._finished = True
+        super().close()
+        return StagedBlob(path=self.path, sha256=self._digest.hexdigest(), size=self._size)
+
+    def close(self) -> None:
+        if not self._finished:
+            self._out.close()
+            self.path.unlink(missing_ok=True)
+        super().close()
+
+
 class BlobStore(Protocol):
     """What the service needs from a blob store."""
 
     def stage(self, source: BinaryIO, *, max_bytes: int, what: str) -> StagedBlob: ...
+    def staging_file(self, *, max_bytes: int, what: str) -> StagingFile: ...
     def stage_bytes(self, data: bytes) -> StagedBlob: ...
     def commit(self, staged: StagedBlob) -> bool: ...
     def discard(self, staged: StagedBlob) -> None: ...
@@ -94,25 +149,19 @@ class LocalBlobStore:
         Raises:
             PayloadTooLarge: ``source`` holds more than ``max_bytes`` (nothing is left behind).
         """
-        digest = hashlib.sha256()
-        size = 0
-        fd, name = tempfile.mkstemp(dir=self._staging, prefix="stage-")
-        path = Path(name)
+        staging = self.staging_file(max_bytes=max_bytes, what=what)
         try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := source.read(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise PayloadTooLarge(
-                            f"{what} is larger than the limit of {max_bytes} bytes",
-                            extra={"limit_bytes": max_bytes},
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
+            while chunk := source.read(_CHUNK):
+                staging.write(chunk)
         except BaseException:
-            path.unlink(missing_ok=True)
+            staging.close()
             raise
-        return StagedBlob(path=path, sha256=digest.hexdigest(), size=size)
+        return staging.finish()
+
+    def staging_file(self, *, max_bytes: int, what: str = "upload") -> StagingFile:
+        """A new staging file to write a stream into (`StagingFile`): an upload goes from the
+        request body straight here, with no copy of its own."""
+        return StagingFile(self._staging, max_bytes=max_bytes, what=what)
 
     def stage_bytes(self, data: bytes) -> StagedBlob:
         """Stage an in-memory byte string."""

@@ -26,6 +26,7 @@ from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from registry import domain
+from registry.db.blob_lock import lock_blob_collection
 from registry.db.models import (
     CompositionBrickRow,
     CompositionLeaseRow,
@@ -34,10 +35,10 @@ from registry.db.models import (
     as_utc,
     utcnow,
 )
+from registry.db.names import refuse_case_twin
 from registry.db.queue import claim_oldest
 from registry.db.session import Database
 from registry.errors import ServiceUnavailable
-from registry.store import lock_blob_collection
 
 __all__ = ["CompositionStore"]
 
@@ -71,13 +72,25 @@ class CompositionStore:
         output: str,
         method: str,
         actor: str | None,
+        blobs_present: Callable[[], bool] | None = None,
     ) -> tuple[domain.Composition, bool]:
-        """Queue a composition unless it exists; a failed one is queued again.
+        """Queue a composition unless it exists; a failed one is queued again. A recipe that
+        names blobs of its own (a discovery's probe sets) passes ``blobs_present``: checked
+        under the blob-collection lock, like `finish`.
 
         Returns:
             (the composition, whether this call queued it).
+
+        Raises:
+            ServiceUnavailable: ``blobs_present`` answered False (collected meanwhile).
         """
         with self.db.session(write=True) as session:
+            if blobs_present is not None:
+                lock_blob_collection(session)
+                if not blobs_present():
+                    raise ServiceUnavailable(
+                        "the job's stored inputs were collected while it was queued; request again"
+                    )
             insert = postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
             now = utcnow()
             created = (
@@ -184,19 +197,22 @@ class CompositionStore:
     ) -> bool:
         """Mark a build ready; False when it was cancelled (or taken over) meanwhile. ``files``
         is its manifest when published to the blob store (recorded in the same transaction, so
-        a ready composition always has it). ``blobs_present`` is asked under the blob
-        collection lock (`registry.store.lock_blob_collection`), as a brick registration is:
-        a concurrent ``fsck --repair`` either sees the manifest or has removed a blob first.
+        a ready composition always has it).
+
+        The manifest's blobs may have been deduplicated onto old orphans: the row is written
+        under the lock ``fsck --repair`` deletes under (`lock_blob_collection`), after
+        ``blobs_present`` confirms the bytes are still there.
 
         Raises:
-            ServiceUnavailable: ``blobs_present`` answered False; nothing was recorded.
+            ServiceUnavailable: ``blobs_present`` answered False (a concurrent ``fsck --repair``
+                collected some of the bytes): nothing was recorded, publish again.
         """
         with self.db.session(write=True) as session:
             if files is not None:
                 lock_blob_collection(session)
                 if blobs_present is not None and not blobs_present():
                     raise ServiceUnavailable(
-                        "stored files of the composition were collected while it was published; request it again"
+                        "a published file's bytes were collected while the composition was being finished"
                     )
             now = utcnow()
             return bool(
@@ -437,6 +453,9 @@ class CompositionStore:
         with self.db.session(write=True) as session:
             row = session.get(CompositionNameRow, name)
             if row is None:
+                refuse_case_twin(
+                    session, CompositionNameRow.name, CompositionNameRow.name_folded, name, what="composition name"
+                )
                 session.add(CompositionNameRow(name=name, composition_id=composition_id, created_by=actor))
             else:
                 row.composition_id, row.created_by, row.created_at = composition_id, actor, utcnow()

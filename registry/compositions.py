@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -353,6 +353,17 @@ class Compositions:
         if not is_s3_url(path):
             ModelRoots(self.settings).check_model(Path(path))
 
+    def _pinned_base_dir(self, path: str, pins: ExitStack) -> Path:
+        """The directory a build reads its base from: for a local base, the files checked
+        against the model roots, pinned open until ``pins`` closes (registry.model_roots:
+        a symlink swapped after the check cannot redirect the build); for one in object
+        storage, Brickyard's own verified copy."""
+        from registry.s3_bases import is_s3_url
+
+        if is_s3_url(path):
+            return self._base_dir(path)
+        return pins.enter_context(ModelRoots(self.settings).pinned_model(Path(path)))
+
     def _base_dir(self, path: str, *, headers_only: bool = False) -> Path:
         """The local directory of a base model: a local copy of one in object storage, of every
         file for a build, of its config and headers only for planning (an API replica that
@@ -560,13 +571,13 @@ class Compositions:
         recipe: dict[str, Any] = dict(composition.recipe)
         target = self.root / composition.id
         heartbeat = _Heartbeat(self.store, composition.id, worker)
+        pins = ExitStack()
         try:
             base = self.catalog.get_base_model(recipe["base_model"]["name"])
             try:
-                self._check_roots(base.path)
+                base_dir = self._pinned_base_dir(base.path, pins)
             except InvalidInput as exc:
                 raise InvalidRecipe(exc.detail, errors=exc.errors) from None
-            base_dir = self._base_dir(base.path)
             if read_base_model(base_dir).fingerprint() != recipe["base_model"]["fingerprint"]:
                 raise InvalidRecipe(
                     f"the files of base model {base.name!r} at {base.path} changed since it was registered",
@@ -624,26 +635,44 @@ class Compositions:
             if "fit" in recipe:
                 fitted = ", ".join(f"{b['name']}@{b['version']}={b['weight']:.4g}" for b in recipe["bricks"])
                 done = f"fitted weights {fitted} (loss {recipe['fit']['final_loss']:.4g}); {done}"
-            try:
-                finished = self.store.finish(
-                    composition.id,
-                    worker,
-                    result.total_bytes,
-                    done,
-                    files=manifest,
-                    blobs_present=lambda: all(self.blobs.exists(f["sha256"]) for f in manifest or ()),
-                )
-            except ServiceUnavailable as exc:  # fsck collected a blob it had deduplicated onto
-                self.store.fail(composition.id, worker, str(exc), exc.code)
-                self._drop_unready_directory(composition.id)
-                return self._current(composition)
-            if finished:
+            if self._finish(composition.id, worker, result.total_bytes, done, manifest, target):
                 if manifest is not None:
                     shutil.rmtree(target, ignore_errors=True)  # published: the local copy was the build's
                 self.evict_to_budget(keep=composition.id)
             else:  # cancelled (or deleted) while the last bytes were written: keep nothing
                 self._drop_unready_directory(composition.id)
+        finally:
+            pins.close()  # the base's pinned files
         return self._current(composition)
+
+    def _finish(
+        self,
+        composition_id: str,
+        worker: str,
+        size_bytes: int,
+        message: str,
+        manifest: list[dict[str, Any]] | None,
+        target: Path,
+    ) -> bool:
+        """`CompositionStore.finish`, publishing once more when ``fsck --repair`` collected
+        a blob the manifest deduplicated onto (an old orphan) before the row was written."""
+        for attempt in range(2):
+
+            def present(files: list[dict[str, Any]] | None = manifest) -> bool:
+                return all(self.blobs.exists(str(f["sha256"])) for f in files or ())
+
+            try:
+                return self.store.finish(
+                    composition_id, worker, size_bytes, message, files=manifest, blobs_present=present
+                )
+            except ServiceUnavailable:
+                if manifest is None or attempt == 1:
+                    raise
+                log.warning(
+                    "composition %s: published bytes were collected meanwhile; publishing again", composition_id
+                )
+                manifest = manifest_to_json(publish_directory(self.blobs, target))
+        raise AssertionError("unreachable")
 
     # -- management: list, cancel, delete, names (issue #21) ------------------------------
 

@@ -22,6 +22,7 @@ BrickyardError                      500 internal
 │   ├── BaseModelExists             409 base-model-exists
 │   ├── BaseModelInUse              409 base-model-in-use
 │   ├── BrickExists                 409 brick-exists
+│   ├── NameTaken                   409 name-taken             (the same name in another case)
 │   └── VersionExists               409 version-exists
 ├── RangeNotSatisfiable             416 range-not-satisfiable
 ├── ServiceUnavailable              503 service-unavailable
@@ -56,6 +57,7 @@ __all__ = [
     "InvalidBaseModel",
     "InvalidInput",
     "InvalidRecipe",
+    "NameTaken",
     "NotFound",
     "PayloadTooLarge",
     "RangeNotSatisfiable",
@@ -195,6 +197,13 @@ class BrickExists(Conflict):
     """The same weights with the same config are already registered (``extra`` names the existing brick)."""
 
     code, title = "brick-exists", "Brick already registered"
+
+
+class NameTaken(Conflict):
+    """A name that differs from an existing one only in letter case (``Fine`` next to
+    ``fine``): names are unique case-insensitively; ``extra["existing"]`` is the one kept."""
+
+    code, title = "name-taken", "Name taken in another letter case"
 
 
 class VersionExists(Conflict):

@@ -13,7 +13,12 @@ otherwise read any file the server can: its admin token, its database, ``/etc/sh
 - only regular files pass (FIFOs, devices and sockets are refused before anything opens
   them); configs and tokenizer files have a size bound;
 - errors say the same thing for a path that does not exist and one that is not allowed, and
-  name only what the caller gave.
+  name only what the caller gave;
+- a build reads the files it checked, not what the paths point at later: `pinned_model`
+  opens every checked file once, confirms where each open descriptor really is (the
+  kernel's own path of the open file, ``/proc/self/fd``) and that it is a regular file, and
+  hands the composer a private directory whose entries lead to those descriptors. Swapping
+  a symlink (or a directory on the way) after the check cannot redirect the build.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from composer import HF_MODEL_FILES, read_bounded
 from registry.errors import InvalidBaseModel
@@ -106,6 +114,48 @@ class ModelRoots:
                 problems.append(f"{name}: {problem}")
         if problems:
             raise InvalidBaseModel(f"cannot read base model at {str(directory)[:200]!r}", errors=problems)
+
+    @contextmanager
+    def pinned_model(self, directory: Path) -> Iterator[Path]:
+        """Check a model directory (`check_model`) and yield a private directory holding its
+        checked files as they were when opened: each entry leads to a descriptor opened here,
+        so nothing that changes the original paths later reaches the reader. Closed (and
+        removed) on exit.
+
+        Raises:
+            InvalidBaseModel: what `check_model` raises, or a file that, once opened, is
+                outside the roots or not a regular file (swapped after the check).
+        """
+        self.check_model(directory)
+        resolved = self.directory(directory)
+        names = {"config.json", INDEX_FILE, SINGLE_FILE, *HF_MODEL_FILES, *self._indexed_shards(resolved)}
+        descriptors: list[int] = []
+        try:
+            with tempfile.TemporaryDirectory(prefix="brickyard-base-") as view:
+                for name in sorted(names):
+                    path = resolved / name
+                    if not os.path.lexists(path):
+                        continue
+                    try:
+                        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    except OSError:
+                        self._changed(resolved, name)
+                    descriptors.append(fd)
+                    really = Path(os.readlink(f"/proc/self/fd/{fd}"))
+                    if not stat.S_ISREG(os.fstat(fd).st_mode) or not self.allows(really):
+                        self._changed(resolved, name)
+                    os.symlink(f"/proc/{os.getpid()}/fd/{fd}", Path(view) / name)
+                yield Path(view)
+        finally:
+            for fd in descriptors:
+                os.close(fd)
+
+    @staticmethod
+    def _changed(directory: Path, name: str) -> NoReturn:
+        raise InvalidBaseModel(
+            f"cannot read base model at {str(directory)[:200]!r}",
+            errors=[f"{name}: changed while it was being opened (outside the model roots or not a regular file now)"],
+        )
 
     def _indexed_shards(self, directory: Path) -> set[str]:
         if self._file_problem(directory, INDEX_FILE, weights=False) is not None:

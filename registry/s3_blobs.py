@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ParamSpec, TypeVar, cast
 
-from registry.blobs import BlobInfo, BlobStore, LocalBlobStore, StagedBlob, StaleUpload
+from registry.blobs import BlobInfo, BlobStore, LocalBlobStore, StagedBlob, StagingFile, StaleUpload
 from registry.errors import BrickyardError, ServiceUnavailable, StorageCorrupt
 
 if TYPE_CHECKING:
@@ -251,6 +251,10 @@ class S3BlobStore:
     def stage_bytes(self, data: bytes) -> StagedBlob:
         """Stage an in-memory byte string."""
         return self.cache.stage_bytes(data)
+
+    def staging_file(self, *, max_bytes: int, what: str = "upload") -> StagingFile:
+        """A local staging file to write a stream into (committed with `commit`)."""
+        return self.cache.staging_file(max_bytes=max_bytes, what=what)
 
     def discard(self, staged: StagedBlob) -> None:
         """Remove a staged blob that will not be committed."""

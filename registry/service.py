@@ -23,8 +23,8 @@ from composer import find_linear_modules, read_base_model
 from registry import domain
 from registry.aliases import BrickAliasStore, check_alias, parse_version_or_alias
 from registry.auth import TokenStore
-from registry.blob_check import VerifiedBlobs
-from registry.blobs import BlobStore, LocalBlobStore
+from registry.blob_check import StreamedBlobCheck, VerifiedBlobs
+from registry.blobs import BlobStore, LocalBlobStore, StagedBlob
 from registry.composer_errors import composer_errors
 from registry.compositions import Compositions
 from registry.db.events import Event
@@ -102,6 +102,8 @@ class Registry:
         self.tokens = TokenStore(store.db)
         self._hit_bricks = BrickCache(store, size=_BRICK_CACHE_SIZE)
         self._verified_blobs = VerifiedBlobs(blobs) if isinstance(blobs, LocalBlobStore) else None
+        # Every download route checks the bytes it serves with this (registry.blob_check).
+        self.download_check: VerifiedBlobs | StreamedBlobCheck = self._verified_blobs or StreamedBlobCheck(blobs)
 
     @property
     def embedder(self) -> Embedder:
@@ -361,7 +363,7 @@ class Registry:
         self,
         metadata: BrickMetadata | Mapping[str, Any] | str | bytes,
         config: bytes | BinaryIO,
-        weights: BinaryIO,
+        weights: BinaryIO | StagedBlob,
         *,
         actor: str | None = None,
     ) -> domain.Brick:
@@ -370,7 +372,9 @@ class Registry:
         Args:
             metadata: name, base_model, description, examples, tags, version, license, metrics.
             config: the adapter config (bytes or a binary file).
-            weights: the ``adapter_model.safetensors`` stream (read once, never buffered whole).
+            weights: the ``adapter_model.safetensors`` stream (read once, never buffered whole),
+                or those bytes already staged in the blob store (an upload streamed there,
+                registry.api.uploads): this call then owns them (commits or discards them).
             actor: who registers it (token name), recorded on the brick.
 
         Raises:
@@ -383,17 +387,26 @@ class Registry:
         limits = self.settings.limits
         problems: list[str] = []
         meta: BrickMetadata | None = None
-        if isinstance(metadata, (str, bytes)) and len(metadata) > limits.max_metadata_bytes:
-            raise PayloadTooLarge(
-                f"metadata is larger than the limit of {limits.max_metadata_bytes} bytes",
-                extra={"limit_bytes": limits.max_metadata_bytes},
-            )
         try:
-            meta = metadata if isinstance(metadata, BrickMetadata) else _parse_metadata(metadata)
-        except InvalidInput as exc:
-            problems.extend(exc.errors or [exc.detail])
-        config_bytes = _read_bounded(config, limits.max_config_bytes, CONFIG_FILENAME)
-        staged = self.blobs.stage(weights, max_bytes=limits.max_adapter_bytes, what=WEIGHTS_FILENAME)
+            if isinstance(metadata, (str, bytes)) and len(metadata) > limits.max_metadata_bytes:
+                raise PayloadTooLarge(
+                    f"metadata is larger than the limit of {limits.max_metadata_bytes} bytes",
+                    extra={"limit_bytes": limits.max_metadata_bytes},
+                )
+            try:
+                meta = metadata if isinstance(metadata, BrickMetadata) else _parse_metadata(metadata)
+            except InvalidInput as exc:
+                problems.extend(exc.errors or [exc.detail])
+            config_bytes = _read_bounded(config, limits.max_config_bytes, CONFIG_FILENAME)
+        except BaseException:
+            if isinstance(weights, StagedBlob):
+                self.blobs.discard(weights)
+            raise
+        staged = (
+            weights
+            if isinstance(weights, StagedBlob)
+            else self.blobs.stage(weights, max_bytes=limits.max_adapter_bytes, what=WEIGHTS_FILENAME)
+        )
         try:
             base: domain.BaseModel | None = None
             base_name = meta.base_model if meta is not None else _claimed_base_model(metadata)

@@ -101,6 +101,12 @@ class LimitSettings(BaseModel):
     max_config_bytes: int = Field(1 * _MiB, gt=0, description="largest adapter_config.json")
     max_header_bytes: int = Field(16 * _MiB, gt=0, description="largest safetensors JSON header")
     max_metadata_bytes: int = Field(256 * 1024, gt=0, description="largest metadata form field")
+    max_concurrent_upload_bytes: int = Field(
+        8 * 1024 * _MiB,
+        gt=0,
+        description="bytes of uploads (multipart bodies) a server takes in at once; a new upload past it is a 503 "
+        "with Retry-After, one larger than it alone a 413 (BRICKYARD_LIMITS__MAX_CONCURRENT_UPLOAD_BYTES)",
+    )
     fs_deadline_s: float = Field(
         300.0,
         gt=0,

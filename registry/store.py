@@ -9,13 +9,15 @@ import json
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import Select, Text, and_, cast, exists, func, select, text, update
+from sqlalchemy import Select, and_, exists, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from registry import domain
+from registry.db.blob_lock import blob_referenced, lock_blob_collection
 from registry.db.events import Event, list_events, record_event
 from registry.db.models import BaseModelRow, BrickNameRow, BrickRow, BrickTagRow, CompositionRow, as_utc, utcnow
+from registry.db.names import refuse_case_twin
 from registry.db.session import Database
 from registry.errors import (
     BaseModelExists,
@@ -25,6 +27,7 @@ from registry.errors import (
     BrickNotFound,
     Conflict,
     InvalidInput,
+    NameTaken,
     ServiceUnavailable,
     VersionExists,
 )
@@ -58,6 +61,7 @@ class Store:
         row = BaseModelRow.from_draft(draft, created_by=actor)
         try:
             with self.db.session(write=True) as session:
+                refuse_case_twin(session, BaseModelRow.name, BaseModelRow.name_folded, draft.name, what="base model")
                 session.add(row)
                 session.flush()
                 record_event(session, actor, "base_model.register", f"base_model:{draft.name}", {"path": draft.path})
@@ -246,7 +250,7 @@ class Store:
                 session.refresh(row)
                 return row.to_domain()
         except Conflict as exc:
-            if isinstance(exc, (BrickExists, VersionExists)):
+            if isinstance(exc, (BrickExists, NameTaken, VersionExists)):
                 raise
             existing = self.find_brick_by_sha256(draft.sha256, draft.config_sha256)
             if existing is not None:
@@ -422,19 +426,13 @@ class Store:
 
     def delete_blob_if_unreferenced(self, digest: str, delete: Callable[[], bool]) -> bool:
         """Run ``delete`` (which may still decline, e.g. the blob is young again) only while
-        no brick row and no published composition references ``digest``, holding the lock
-        registrations and publications take before recording a row: either commits first
-        (and its row is seen here) or finds its bytes gone and records nothing. Returns
-        whether it was deleted."""
+        no row references ``digest`` (a brick, a published composition's file, a job's
+        recipe: `blob_referenced`), holding the lock every writer of such a row takes: a
+        writer either commits first (and its row is seen here) or finds its bytes gone and
+        records nothing. Returns whether it was deleted."""
         with self.db.session(write=True) as session:
             lock_blob_collection(session, exclusive=True)
-            used = session.scalar(
-                select(exists().where((BrickRow.sha256 == digest) | (BrickRow.config_sha256 == digest)))
-            )
-            # A manifest is a JSON list of {path, sha256, size}; a 64-hex digest in its text
-            # is a reference (no other field holds 64 hex characters).
-            published = session.scalar(select(exists().where(cast(CompositionRow.files, Text).contains(digest))))
-            if used or published:
+            if blob_referenced(session, digest):
                 return False
             return delete()
 
@@ -442,21 +440,6 @@ class Store:
         """Number of brick versions."""
         with self.db.session() as session:
             return session.scalar(select(func.count()).select_from(BrickRow)) or 0
-
-
-# pg_advisory_xact_lock key shared by registrations and blob collection ("brick" in ASCII).
-_BLOB_LOCK_KEY = 0x627269636B
-
-
-def lock_blob_collection(session: Session, *, exclusive: bool = False) -> None:
-    """Serialise rows that reference blobs (bricks, published compositions) being recorded
-    with unreferenced blobs being deleted. SQLite's
-    write transactions (BEGIN IMMEDIATE) are serialised already; PostgreSQL takes a
-    transaction-scoped advisory lock, shared by registrations (which then do not wait for
-    each other) and exclusive for a deletion."""
-    if session.get_bind().dialect.name == "postgresql":
-        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-        session.execute(text(f"SELECT {function}(:key)"), {"key": _BLOB_LOCK_KEY})
 
 
 _IN_USE_SHOWN = 20
@@ -483,6 +466,8 @@ def _allocate_version(session: Session, name: str, requested: int | None) -> int
     session.execute(
         insert(BrickNameRow).values(name=name, last_version=0, created_at=utcnow()).on_conflict_do_nothing()
     )
+    # After the insert: a concurrent twin's insert has committed by now (or this one won).
+    refuse_case_twin(session, BrickNameRow.name, BrickNameRow.name_folded, name, what="brick")
     if requested is None:
         result = session.execute(
             update(BrickNameRow)

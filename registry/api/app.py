@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from registry.api.guard import AuthGuard
-from registry.api.limits import BodyLimitMiddleware
+from registry.api.limits import BodyLimitMiddleware, UploadBudget, UploadBudgetMiddleware
 from registry.api.offload import BlockingLane
 from registry.api.problems import PROBLEM_RESPONSES, document_problems, install_problem_handlers
 from registry.api.routes import (
@@ -113,6 +113,8 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         BodyLimitMiddleware,
         max_bytes=limits.max_adapter_bytes + limits.max_config_bytes + limits.max_metadata_bytes + _MULTIPART_SLACK,
     )
+    app.state.upload_budget = UploadBudget(limits.max_concurrent_upload_bytes)
+    app.add_middleware(UploadBudgetMiddleware, budget=app.state.upload_budget)
     app.add_middleware(AuthGuard, registry_of=lambda: app.state.registry)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts refusals too
     install_problem_handlers(app)

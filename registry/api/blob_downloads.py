@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from registry.api.files import file_response
+from registry.blob_check import StreamedBlobCheck, VerifiedBlobs
 from registry.blobs import BlobStore, LocalBlobStore
 from registry.errors import InvalidInput, RangeNotSatisfiable
 
@@ -42,15 +43,24 @@ def blob_response(
     filename: str,
     etag: str,
     redirect: bool = False,
+    check: StreamedBlobCheck | None = None,
+    what: str | None = None,
 ) -> Response:
     """The blob ``sha256`` of ``size`` bytes as a download: a 307 to a presigned URL when
     ``redirect`` is set and the store signs URLs, else streamed (206 for one ``Range``).
+    With ``check``, the bytes are verified server-side (`registry.blob_check`); a presigned
+    redirect is checked for presence and size only (the client then reads the object store,
+    which verifies its own checksums).
 
     Raises:
         InvalidInput: a malformed ``Range`` header.
         RangeNotSatisfiable: the range lies outside the blob.
+        StorageCorrupt: the object is missing, of another size, or (a range) another sha256.
     """
+    what = what or filename
     if redirect and (url := blobs.presigned_url(sha256, filename=filename)) is not None:
+        if check is not None:
+            check.before_response(sha256, size, what=what, whole=True)
         return RedirectResponse(url, status_code=307)
     headers = {
         "ETag": f'"{etag}"',
@@ -66,11 +76,15 @@ def blob_response(
             (start, end), status = ranges[0], 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     headers["Content-Length"] = str(end - start)
+    whole = start == 0 and end == size
+    if check is not None:
+        check.before_response(sha256, size, what=what, whole=whole or request.method == "HEAD")
     if request.method == "HEAD" or end == start:
         return Response(status_code=status, headers=headers, media_type=media_type)
-    return StreamingResponse(
-        _stream(blobs, sha256, start, end), status_code=status, headers=headers, media_type=media_type
-    )
+    body = _stream(blobs, sha256, start, end)
+    if check is not None and whole:
+        body = check.stream(body, sha256, size, what=what)
+    return StreamingResponse(body, status_code=status, headers=headers, media_type=media_type)
 
 
 def stored_file_response(
@@ -83,12 +97,18 @@ def stored_file_response(
     filename: str,
     etag: str,
     redirect: bool = False,
+    check: VerifiedBlobs | StreamedBlobCheck | None = None,
+    what: str | None = None,
 ) -> Response:
     """The blob ``sha256`` as a download from whichever store holds it: a local directory's
     file is served by `file_response` (sendfile, several ranges as multipart), any other
-    store's by `blob_response` (streamed, or a presigned redirect when ``redirect``)."""
+    store's by `blob_response` (streamed, or a presigned redirect when ``redirect``).
+    ``check`` (the registry's ``download_check``) verifies the bytes server-side, naming
+    ``what`` (default: ``filename``) in the error and the log line."""
+    what = what or filename
     if isinstance(blobs, LocalBlobStore):
-        return file_response(request, blobs.local_path(sha256), media_type=media_type, filename=filename, etag=etag)
+        path = check.path(sha256, size, what=what) if isinstance(check, VerifiedBlobs) else blobs.local_path(sha256)
+        return file_response(request, path, media_type=media_type, filename=filename, etag=etag)
     return blob_response(
         request,
         blobs,
@@ -98,6 +118,8 @@ def stored_file_response(
         filename=filename,
         etag=etag,
         redirect=redirect,
+        check=check if isinstance(check, StreamedBlobCheck) else None,
+        what=what,
     )
 
 

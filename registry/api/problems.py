@@ -47,6 +47,7 @@ _HTTP_CODES = {
     415: ("unsupported-media-type", "Unsupported media type"),
     416: ("range-not-satisfiable", "Range not satisfiable"),
     422: ("invalid-input", "Invalid input"),
+    503: ("service-unavailable", "Service unavailable"),
 }
 
 

@@ -29,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_colu
 from sqlalchemy.types import TypeEngine
 
 from registry import domain
+from registry.db.names import folded_default
 
 __all__ = [
     "ApiTokenRow",
@@ -81,6 +82,8 @@ class BaseModelRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # registry.db.names: unique case-insensitively (migration 0012).
+    name_folded: Mapped[str] = mapped_column(String(100), unique=True, default=folded_default("name"))
     path: Mapped[str] = mapped_column(Text)
     description: Mapped[str] = mapped_column(Text, default="")
     architecture: Mapped[str] = mapped_column(String(200))
@@ -139,6 +142,7 @@ class BrickNameRow(Base):
     __tablename__ = "brick_names"
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name_folded: Mapped[str] = mapped_column(String(100), unique=True, default=folded_default("name"))
     # 64-bit: an explicit version may be as large as 2^63 - 1 (int4 on PostgreSQL before 0006).
     last_version: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -447,6 +451,7 @@ class CompositionNameRow(Base):
     __tablename__ = "composition_names"
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name_folded: Mapped[str] = mapped_column(String(100), unique=True, default=folded_default("name"))
     composition_id: Mapped[str] = mapped_column(ForeignKey("compositions.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(100))
@@ -467,9 +472,11 @@ class BrickAliasRow(Base):
     (name, alias); setting it again moves it."""
 
     __tablename__ = "brick_aliases"
+    __table_args__ = (UniqueConstraint("name", "alias_folded", name="uq_brick_aliases_name_alias_folded"),)
 
     name: Mapped[str] = mapped_column(String(100), ForeignKey("brick_names.name"), primary_key=True)
     alias: Mapped[str] = mapped_column(String(100), primary_key=True)
+    alias_folded: Mapped[str] = mapped_column(String(100), default=folded_default("alias"))
     version: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(100))

@@ -132,7 +132,13 @@ class EmergentBricks:
         store = self.compositions.store
         while True:
             job, _ = store.create(
-                job_id, recipe, base_model_id=base_id, output="emergent", method=f"emergent:{chosen.name}", actor=actor
+                job_id,
+                recipe,
+                base_model_id=base_id,
+                output="emergent",
+                method=f"emergent:{chosen.name}",
+                actor=actor,
+                blobs_present=lambda: self.blobs.exists(staged.sha256),
             )
             if job.status != READY or self._result_path(job_id).is_file():
                 break

@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
+from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import FileResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from registry.api.blob_downloads import stored_file_response
 from registry.api.deps import ReadActor, RegistryDep, WriteActor
 from registry.api.files import FILE_RESPONSES
 from registry.api.params import CursorQuery, FilenamePath, LimitQuery, NamePath, NameQuery, TagQuery, VersionRefPath
 from registry.api.schemas import BrickFileOut, BrickOut, EventOut, Page
+from registry.api.uploads import receive_brick_upload
 from registry.inputs import BrickPatchIn
 from registry.service import Registry
 
@@ -25,19 +27,49 @@ def _version(registry: Registry, name: str, ref: str) -> int:
     return version if version is not None else registry.get_brick(name).version
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
-def register_brick(
-    registry: RegistryDep,
-    actor: WriteActor,
-    metadata: Annotated[
-        str,
-        Form(description="JSON: name, base_model, description, examples, tags, and optional version, license, metrics"),
-    ],
-    adapter_config: Annotated[UploadFile, File(description="adapter_config.json (PEFT LoRA)")],
-    adapter_weights: Annotated[UploadFile, File(description="adapter_model.safetensors")],
-) -> BrickOut:
-    """Register a LoRA brick. Everything is validated before anything is stored."""
-    brick = registry.register_brick(metadata, adapter_config.file, adapter_weights.file, actor=actor.name)
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["metadata", "adapter_config", "adapter_weights"],
+                    "properties": {
+                        "metadata": {
+                            "type": "string",
+                            "description": "JSON: name, base_model, description, examples, tags, and optional "
+                            "version, license, metrics",
+                        },
+                        "adapter_config": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "adapter_config.json (PEFT LoRA)",
+                        },
+                        "adapter_weights": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "adapter_model.safetensors",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=_UPLOAD_BODY)
+async def register_brick(request: Request, registry: RegistryDep, actor: WriteActor) -> BrickOut:
+    """Register a LoRA brick. Everything is validated before anything is stored; the weights
+    are written once, from the request body into the blob store (registry.api.uploads)."""
+    upload = await receive_brick_upload(request, registry.blobs, registry.settings.limits)
+    try:
+        brick = await run_in_threadpool(
+            registry.register_brick, upload.metadata, upload.config, upload.weights, actor=actor.name
+        )
+    finally:
+        await upload.close()
     return BrickOut.of(brick)
 
 
@@ -146,6 +178,8 @@ def get_brick_file(
         filename=file.filename,
         etag=file.sha256,
         redirect=True,
+        check=registry.download_check,
+        what=f"{name}@{version}/{file.filename}",
     )
 
 

@@ -135,6 +135,8 @@ def get_composition_file(
                 filename=path.rsplit("/", 1)[-1],
                 etag=f"{composition_id}:{path}",
                 redirect=True,
+                check=registry.download_check,
+                what=f"composition {composition_id[:16]}/{path}",
             )
         else:
             local = registry.compositions.file(composition_id, path)

@@ -155,6 +155,8 @@ def _file_body(request: Request, file: HubFile, hub: Hub) -> Response:
             filename=file.path.rsplit("/", 1)[-1],
             etag=file.sha256,
             redirect=True,
+            check=hub.registry.download_check,
+            what=file.path,
         )
     if file.local is not None:
         response: FileResponse = file_response(

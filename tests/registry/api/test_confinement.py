@@ -200,3 +200,77 @@ def test_admin_token_file_is_owner_only(tmp_path: Path, database_url: str) -> No
     finally:
         registry.close()
     assert settings.admin_token_file.stat().st_mode & 0o777 == 0o600
+
+
+def _full_composition_with_license(client: Any, registry: Any, llama_base: Path, tmp_path: Path) -> tuple[Path, Path]:
+    secret = registry.settings.admin_token_file
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("by_admin_secret\n")
+    base = _copy_base(llama_base, tmp_path / "swapped")
+    (base / "LICENSE").write_text("MIT")
+    return base, secret
+
+
+def _swap_to_secret(base: Path, secret: Path) -> None:
+    (base / "LICENSE").unlink()
+    (base / "LICENSE").symlink_to(secret)
+
+
+def _compose_full(client: Any, llama_base: Path, loras: dict[str, Path], base: Path) -> dict[str, Any]:
+    register_base(client, base, aliases=[str(llama_base)])
+    assert upload(client, loras["r4"], metadata=brick_metadata("sentiment")).status_code == 201
+    response = client.post(
+        "/v1/compositions", json={"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}], "output": "full"}
+    )
+    assert response.status_code in (200, 201, 202), response.text
+    return wait_ready(client, response.json()["id"])
+
+
+def test_a_symlink_swapped_while_the_build_reads_the_base_is_not_followed(
+    client: Any, registry: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The build's files were checked and pinned open; a swap during the build (the hook:
+    just before the composer starts) changes nothing it reads."""
+    import composer
+
+    base, secret = _full_composition_with_license(client, registry, llama_base, tmp_path)
+    real_compose = composer.compose
+
+    def swap_then_compose(*args: Any, **kwargs: Any) -> Any:
+        _swap_to_secret(base, secret)
+        return real_compose(*args, **kwargs)
+
+    monkeypatch.setattr(composer, "compose", swap_then_compose)
+    done = _compose_full(client, llama_base, loras, base)
+    assert done["status"] == "ready", done
+    license_file = client.get(f"/v1/compositions/{done['id']}/files/LICENSE")
+    assert license_file.status_code == 200
+    assert license_file.text == "MIT"  # the file as checked, not the swapped link's target
+    assert (base / "LICENSE").is_symlink()  # the swap did happen
+
+
+def test_a_symlink_swapped_between_the_check_and_the_open_is_refused(
+    client: Any, registry: Any, llama_base: Path, loras: dict[str, Path], tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The swap lands right after the build's model-roots check (the hook: a wrapper of
+    the check, active inside the build only): the opened file is outside the roots, and
+    the build fails naming it, without reading it."""
+    import inspect
+
+    from registry.model_roots import ModelRoots
+
+    base, secret = _full_composition_with_license(client, registry, llama_base, tmp_path)
+    real_check = ModelRoots.check_model
+
+    def check_then_swap(self: Any, directory: Path, shards: Any = ()) -> None:
+        real_check(self, directory, shards)
+        if not (base / "LICENSE").is_symlink() and any(f.function == "build_claimed" for f in inspect.stack()):
+            _swap_to_secret(base, secret)
+
+    monkeypatch.setattr(ModelRoots, "check_model", check_then_swap)
+    done = _compose_full(client, llama_base, loras, base)
+    assert (base / "LICENSE").is_symlink()  # the swap did happen, after the check
+    assert done["status"] == "failed", done
+    assert done["error_code"] == "invalid-recipe"
+    assert "LICENSE: changed while it was being opened" in done["error"]
+    assert "by_admin_secret" not in json.dumps(done) and str(secret) not in json.dumps(done)

@@ -99,3 +99,43 @@ def test_0005_moves_document_frequencies_into_their_table_and_back(empty_databas
         assert bytes(back[2]) == word.tobytes()
     finally:
         engine.dispose()
+
+
+def test_0012_backfills_folded_names_and_stops_on_names_that_differ_only_in_case(empty_database_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from registry.db.migrate import alembic_config
+
+    engine = make_engine(empty_database_url)
+    insert = text("INSERT INTO brick_names (name, last_version, created_at) VALUES (:n, 0, CURRENT_TIMESTAMP)")
+    try:
+        upgrade(engine, "0011")
+        with engine.begin() as connection:
+            for name in ("Fine", "fine", "Other"):
+                connection.execute(insert, {"n": name})
+        with pytest.raises(RuntimeError) as caught:
+            upgrade(engine, "0012")
+        assert "brick_names: Fine, fine" in str(caught.value) and "Other" not in str(caught.value)
+        assert current_revision(engine) == "0011"  # nothing changed
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM brick_names WHERE name = 'fine'"))
+        upgrade(engine, "0012")
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT name, name_folded FROM brick_names ORDER BY name")).all()
+        assert [tuple(r) for r in rows] == [("Fine", "fine"), ("Other", "other")]
+        with pytest.raises(Exception, match=r"(?i)unique"), engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO brick_names (name, name_folded, last_version, created_at) "
+                    "VALUES ('FINE', 'fine', 0, CURRENT_TIMESTAMP)"
+                )
+            )
+        command.downgrade(alembic_config(engine), "0011")
+        with engine.connect() as connection:
+            assert [r[0] for r in connection.execute(text("SELECT name FROM brick_names ORDER BY name"))] == [
+                "Fine",
+                "Other",
+            ]
+    finally:
+        engine.dispose()
