@@ -635,7 +635,13 @@ class Compositions:
             if "fit" in recipe:
                 fitted = ", ".join(f"{b['name']}@{b['version']}={b['weight']:.4g}" for b in recipe["bricks"])
                 done = f"fitted weights {fitted} (loss {recipe['fit']['final_loss']:.4g}); {done}"
-            if self._finish(composition.id, worker, result.total_bytes, done, manifest, target):
+            try:
+                finished = self._finish(composition.id, worker, result.total_bytes, done, manifest, target)
+            except ServiceUnavailable as exc:  # fsck collected a published blob twice: fail, keep nothing
+                self.store.fail(composition.id, worker, str(exc), exc.code)
+                self._drop_unready_directory(composition.id)
+                return self._current(composition)
+            if finished:
                 if manifest is not None:
                     shutil.rmtree(target, ignore_errors=True)  # published: the local copy was the build's
                 self.evict_to_budget(keep=composition.id)
