@@ -176,44 +176,42 @@ def start_vllm(
     # Its own session: stopping it stops its engine-core processes too (`stop_process`).
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
+    wait_up(process, f"{url}/health", 900, f"vLLM (see {work / 'vllm.log'})")
+    return process, url
+
+
+def wait_up(process: subprocess.Popen[bytes], probe: str, seconds: float, what: str) -> None:
+    """Wait until ``probe`` answers 200; stop ``process`` and exit if it dies or stalls."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             stop_process(process)  # what it started may outlive it
-            raise SystemExit(f"vLLM exited with {process.returncode}: see {work / 'vllm.log'}")
+            raise SystemExit(f"{what} exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
+            if httpx.get(probe, timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.3)
     stop_process(process)
-    raise SystemExit(f"vLLM did not start in 900 s: see {work / 'vllm.log'}")
+    raise SystemExit(f"{what} did not start in {seconds:.0f} s")
 
 
-def start_gateway(work: Path, vllm_url: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``brickyard serve`` on the benchmark's registry with ``serve.engine = vllm``."""
+def start_gateway(work: Path, vllm_url: str | None) -> tuple[subprocess.Popen[bytes], str]:
+    """``brickyard serve`` on the benchmark's registry, in its own process as deployed: with
+    ``serve.engine = vllm`` forwarding to ``vllm_url``, or the embedded engine when None."""
     port = free_port()
-    env = {**os.environ, "BRICKYARD_HOME": str(work / "home"), "BRICKYARD_SERVE__ENGINE": "vllm",
-           "BRICKYARD_SERVE__VLLM_URL": vllm_url, "BRICKYARD_MODEL_ROOTS": json.dumps([str(work)])}  # fmt: skip
+    engine = {"BRICKYARD_SERVE__ENGINE": "vllm", "BRICKYARD_SERVE__VLLM_URL": vllm_url} if vllm_url else {}
+    env = {**os.environ, "BRICKYARD_HOME": str(work / "home"), "BRICKYARD_MODEL_ROOTS": json.dumps([str(work)]),
+           **engine}  # fmt: skip
     log = (work / "gateway.log").open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "warning"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the gateway exited with {process.returncode}: see {work / 'gateway.log'}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop_process(process)
-    raise SystemExit(f"the gateway did not start in 300 s: see {work / 'gateway.log'}")
+    wait_up(process, f"{url}/readyz", 300, f"the gateway (see {work / 'gateway.log'})")
+    return process, url
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -298,6 +296,11 @@ def main() -> int:
 
         threads = engine_threads(registry.settings.serve.threads)
         plain = PlainGenerate(base, adapters["french"], args.tokens, threads)
+        # The embedded engine behind a gateway in its own process, as deployed (in this process
+        # the server thread would share the GIL with the client, as for (b) below).
+        embedded_process, embedded_url = start_gateway(work, None)
+        stop.append(lambda: stop_process(embedded_process))
+        http = httpx.Client(base_url=embedded_url, timeout=600, headers=headers)
         whole(http, "french@1", args.tokens)  # the child loads the base and the adapter
         plain.rate()
         e_rate, f_rate = alternate(
@@ -313,6 +316,8 @@ def main() -> int:
             (f"(f) transformers + PEFT generate: tokens/s ({threads} torch threads)", f"{f:.1f}"),
             ("(e) embedded via gateway, 8 clients: tokens/s total (FIFO)", f"{statistics.median(e8):.1f}"),
         ]  # fmt: skip
+        http.close()
+        stop_process(embedded_process)  # its engine would share the cores with vLLM
 
         if args.vllm_python is not None:
             process, vllm_url = start_vllm(args.vllm_python, base, work, url, token)

@@ -12,10 +12,10 @@ import hashlib
 import json
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from composer.errors import InvalidBaseModel, InvalidTensorFile
 from composer.files import read_bounded
@@ -206,12 +206,31 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
     return data
 
 
+V = TypeVar("V")
 _LINEAR_CACHE: dict[str, dict[str, LinearModule]] = {}
 # transformers' lazy module fails ("has no attribute 'AutoConfig'") when several threads
 # import from it at once: code that may be a process's first user of transformers holds this
 # lock (building a linear-module map here, loading an embedding model in the registry).
 TRANSFORMERS_LOCK = threading.RLock()
-_LINEAR_CACHE_LIMIT = 64
+_CACHE_LIMIT = 64  # architectures remembered per map (oldest forgotten first)
+
+
+def memo_by_fingerprint(
+    cache: dict[str, dict[str, V]], layout: BaseModelLayout, build: Callable[[BaseModelLayout], dict[str, V]]
+) -> dict[str, V]:
+    """``build(layout)`` remembered in ``cache`` by the layout's fingerprint (built once under
+    `TRANSFORMERS_LOCK`, at most 64 architectures kept); a copy the caller may change."""
+    key = layout.fingerprint()
+    cached = cache.get(key)
+    if cached is None:
+        with TRANSFORMERS_LOCK:
+            cached = cache.get(key)
+            if cached is None:
+                cached = build(layout)
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.pop(next(iter(cache)))
+                cache[key] = cached
+    return dict(cached)
 
 
 def find_linear_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
@@ -239,17 +258,7 @@ def find_mergeable_modules(layout: BaseModelLayout) -> dict[str, LinearModule]:
     Raises:
         InvalidBaseModel: when transformers does not know the architecture.
     """
-    key = layout.fingerprint()
-    cached = _LINEAR_CACHE.get(key)
-    if cached is None:
-        with TRANSFORMERS_LOCK:
-            cached = _LINEAR_CACHE.get(key)
-            if cached is None:
-                cached = _build_linear_modules(layout)
-                if len(_LINEAR_CACHE) >= _LINEAR_CACHE_LIMIT:
-                    _LINEAR_CACHE.pop(next(iter(_LINEAR_CACHE)))
-                _LINEAR_CACHE[key] = cached
-    return dict(cached)
+    return memo_by_fingerprint(_LINEAR_CACHE, layout, _build_linear_modules)
 
 
 def meta_model(layout: BaseModelLayout) -> Any:

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from composer.basemodel import TRANSFORMERS_LOCK, BaseModelLayout, meta_model
+from composer.basemodel import BaseModelLayout, memo_by_fingerprint, meta_model
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -151,7 +151,6 @@ def fused_factors(per_expert: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, 
 
 
 _CACHE: dict[str, dict[str, RawParameter]] = {}
-_CACHE_LIMIT = 64
 
 
 def find_raw_parameters(layout: BaseModelLayout) -> dict[str, RawParameter]:
@@ -163,17 +162,7 @@ def find_raw_parameters(layout: BaseModelLayout) -> dict[str, RawParameter]:
     Raises:
         InvalidBaseModel: when transformers does not know the architecture.
     """
-    key = layout.fingerprint()
-    cached = _CACHE.get(key)
-    if cached is None:
-        with TRANSFORMERS_LOCK:
-            cached = _CACHE.get(key)
-            if cached is None:
-                cached = _build(layout)
-                if len(_CACHE) >= _CACHE_LIMIT:
-                    _CACHE.pop(next(iter(_CACHE)))
-                _CACHE[key] = cached
-    return dict(cached)
+    return memo_by_fingerprint(_CACHE, layout, _build)
 
 
 def _build(layout: BaseModelLayout) -> dict[str, RawParameter]:

@@ -49,6 +49,7 @@ class _Base:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.adapters: OrderedDict[str, str] = OrderedDict()
+        self.active: str | None = None  # the adapter set_adapter last made active
 
     def use(self, key: str | None, path: str | None, limit: int) -> Any:
         """Make ``key`` the active adapter (loading it, evicting the least recently used);
@@ -59,6 +60,8 @@ class _Base:
             return self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
         if key in self.adapters:
             self.adapters.move_to_end(key)
+            if key == self.active:  # set_adapter walks every module: not again per request
+                return contextlib.nullcontext()
         elif isinstance(self.model, PeftModel):
             self.model.load_adapter(str(path), adapter_name=key)
             self.adapters[key] = str(path)
@@ -66,11 +69,11 @@ class _Base:
             peft_model: Any = PeftModel.from_pretrained(self.model, str(path), adapter_name=key)
             self.model = peft_model.eval()
             self.adapters[key] = str(path)
-        self.model.set_adapter(key)
-        while len(self.adapters) > limit:
+        while len(self.adapters) > limit:  # the least recently used: never ``key``, just moved last
             old, _ = self.adapters.popitem(last=False)
             self.model.delete_adapter(old)
         self.model.set_adapter(key)
+        self.active = key
         return contextlib.nullcontext()
 
     def forget(self, keys: list[str]) -> None:
@@ -78,6 +81,8 @@ class _Base:
         for key in keys:
             if self.adapters.pop(key, None) is not None:
                 self.model.delete_adapter(key)
+                if key == self.active:
+                    self.active = None
 
 
 class _Worker:
@@ -174,7 +179,8 @@ class _Worker:
                     pad_token_id=eos if isinstance(eos, int) else None,
                     **sampling,
                 )
-            context = base.use(job.get("adapter_key"), adapter, self.limit)  # a context manager is one-shot
+            if index + 1 < int(job.get("n", 1)):  # a context manager is one-shot
+                context = base.use(job.get("adapter_key"), adapter, self.limit)
             reason = "cancelled" if streamer.cancelled else streamer.reason(max_tokens, eos)
             self.send({"id": rid, "event": "done", "index": index, "finish_reason": reason,
                        "tokens": len(streamer.generated)})  # fmt: skip
