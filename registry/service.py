@@ -490,6 +490,10 @@ class Registry:
             return
         raise VersionExists(f"{name}@{version} already exists", extra={"name": name, "version": version})
 
+    def brick_generation(self) -> int:
+        """Raised by every brick register, metadata change and delete (`Store.brick_generation`)."""
+        return self.store.brick_generation()
+
     def get_brick(self, name: str, version: int | None = None) -> domain.Brick:
         """A brick version; the latest when ``version`` is None (`BrickNotFound` otherwise)."""
         return self.store.get_brick(name, version)

@@ -35,6 +35,7 @@ from registry.search.index_rows import (
     EmbeddedTexts,
     bump_generation,
     check_index_model,
+    read_generation,
     read_index_model,
     rebuild_index,
     remove_brick_index,
@@ -88,6 +89,12 @@ class Store:
             if row is None:
                 raise BaseModelNotFound(f"no base model named {name!r} is registered", extra={"name": name})
             return row.to_domain()
+
+    def brick_generation(self) -> int:
+        """A counter every brick write (register, metadata change, delete) raises, in any
+        process: a copy of a brick read at this generation is current while it stays."""
+        with self.db.session() as session:
+            return read_generation(session)
 
     def base_model_id(self, name: str) -> int:
         """The row id of base model ``name`` (`BaseModelNotFound` otherwise)."""

@@ -193,6 +193,7 @@ class EmbeddedEngine:
             "seed": generation.seed,
             "stop": generation.stop,
             "n": generation.n,
+            "stream": generation.stream,
         }
         finished = 0
         try:

@@ -13,6 +13,11 @@ depends on the base's fingerprint, the (immutable) brick versions, the weights a
 options. So the router remembers, per such plan, the composition that serves it (`_Plans`): a
 repeated plan costs a file check, and is verified again through the compositions at most
 every ``_PLAN_RECHECK_S`` (which also keeps its LRU-eviction clock fresh).
+
+A ``<brick>@<version>`` is remembered the same way (`_Bricks`): the version and its base are
+read again only when the catalog's brick generation moved (every brick register, metadata
+change and delete raises it, in any process), so a repeated request costs one counter read
+instead of two rows and a directory check.
 """
 
 from __future__ import annotations
@@ -122,6 +127,37 @@ class _Plans:
             self._entries.clear()
 
 
+class _Bricks:
+    """``(name, version)`` -> (brick, base model), valid at one brick generation."""
+
+    def __init__(self, entries: int = _PLAN_ENTRIES) -> None:
+        self._entries: dict[tuple[str, int], tuple[domain.Brick, domain.BaseModel]] = {}
+        self._generation = -1
+        self._limit = entries
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int], generation: int) -> tuple[domain.Brick, domain.BaseModel] | None:
+        """The entry of ``key`` if it was read at ``generation``."""
+        with self._lock:
+            if generation != self._generation:
+                return None
+            return self._entries.get(key)
+
+    def put(self, key: tuple[str, int], value: tuple[domain.Brick, domain.BaseModel], generation: int) -> None:
+        """Remember ``value``, read after ``generation`` was: a newer generation drops the rest."""
+        with self._lock:
+            if generation != self._generation or len(self._entries) >= self._limit:
+                self._entries.clear()
+                self._generation = generation
+            self._entries[key] = value
+
+    def clear(self) -> None:
+        """Forget every brick (a brick was deleted)."""
+        with self._lock:
+            self._entries.clear()
+            self._generation = -1
+
+
 class Router:
     """Resolves ``model`` strings against the registry.
 
@@ -137,10 +173,12 @@ class Router:
         self.wake_builds = wake_builds
         self._links = registry.settings.serve_dir / "bricks"
         self._plans = _Plans()
+        self._bricks = _Bricks()
 
     def forget(self) -> None:
-        """Drop the cached plans (after a deletion: the next request re-verifies)."""
+        """Drop the cached plans and bricks (after a deletion: the next request re-verifies)."""
         self._plans.clear()
+        self._bricks.clear()
 
     def route(self, model: str, query: str | None, options: RoutingOptions) -> Target:
         """The target of a request.
@@ -169,14 +207,24 @@ class Router:
 
     def _brick(self, ref: ModelRef, model: str) -> Target:
         assert ref.name is not None
-        try:
-            brick = self.registry.get_brick(ref.name, ref.version)
-        except BrickNotFound:
-            raise BrickNotFound(
-                f"no model {model!r}: not a base model, brick or composition",
-                errors=["model: see GET /v1/models"],
-            ) from None
-        base = self.registry.get_base_model(brick.base_model)
+        # Only a pinned version is remembered: a plain name may become a base model's (base
+        # registrations do not move the brick generation).
+        key = (ref.name, ref.version) if ref.version is not None else None
+        generation = self.registry.brick_generation() if key is not None else -1
+        found = self._bricks.get(key, generation) if key is not None else None
+        if found is not None:
+            brick, base = found
+        else:
+            try:
+                brick = self.registry.get_brick(ref.name, ref.version)
+            except BrickNotFound:
+                raise BrickNotFound(
+                    f"no model {model!r}: not a base model, brick or composition",
+                    errors=["model: see GET /v1/models"],
+                ) from None
+            base = self.registry.get_base_model(brick.base_model)
+            if key is not None:
+                self._bricks.put(key, (brick, base), generation)
         used = {
             "model": model,
             "base_model": base.name,

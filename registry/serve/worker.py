@@ -11,6 +11,10 @@ Protocol (one JSON object per line). In: ``{"op": "generate", "id", ...}``, ``{"
 with the request id: ``start`` (prompt tokens), ``token`` (choice index, text), ``done`` (index,
 finish reason, tokens), ``error`` (status, code, message), ``status``. A cancel stops the
 generation at the next token. End of input: the server went away, the child exits.
+
+A request with ``"stream": false`` gets its text in one ``token`` line per choice, just before
+``done``: a line per token costs the server a pipe read, a JSON parse and an event-loop wake-up
+for nothing its client sees, and without stop strings the text is decoded once, at the end.
 """
 
 from __future__ import annotations
@@ -163,7 +167,9 @@ class _Worker:
         for index in range(int(job.get("n", 1))):
             if job.get("seed") is not None:
                 torch.manual_seed(int(job["seed"]) + index)
-            streamer = _Streamer(self, rid, index, base.tokenizer, list(job.get("stop") or []))
+            streamer = _Streamer(
+                self, rid, index, base.tokenizer, list(job.get("stop") or []), stream=bool(job.get("stream", True))
+            )
             sampling: dict[str, Any] = {"do_sample": False}
             if float(job.get("temperature", 1.0)) > 0:
                 sampling = {"do_sample": True, "temperature": float(job["temperature"]), "top_p": float(job["top_p"]),
@@ -210,10 +216,14 @@ class _Worker:
 class _Streamer:
     """transformers' streamer interface: sends each new piece of text; stops on a stop string or a cancel."""
 
-    def __init__(self, worker: _Worker, rid: int, index: int, tokenizer: Any, stops: list[str]) -> None:
+    def __init__(
+        self, worker: _Worker, rid: int, index: int, tokenizer: Any, stops: list[str], *, stream: bool = True
+    ) -> None:
         self.worker, self.rid, self.index, self.tokenizer, self.stops = worker, rid, index, tokenizer, stops
+        self.stream = stream  # False: the text is sent once, by end()
         self.generated: list[int] = []
         self.text = ""
+        self.sent = 0  # how much of ``text`` was sent
         self.prompt_seen = False
         self.stopped = False
         self.cancelled = False
@@ -225,7 +235,8 @@ class _Streamer:
         if self.stopped:
             return
         self.generated.extend(int(t) for t in value.reshape(-1).tolist())
-        self._emit(final=False)
+        if self.stream or self.stops:  # stop strings are looked for as the text grows
+            self._emit(final=False)
 
     def _emit(self, *, final: bool) -> None:
         text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
@@ -235,8 +246,13 @@ class _Streamer:
             at = text.find(stop)
             if at >= 0:
                 text, self.stopped = text[:at], True
-        new = text[len(self.text) :]
         self.text = text
+        if self.stream:
+            self._send()
+
+    def _send(self) -> None:
+        new = self.text[self.sent :]
+        self.sent = len(self.text)
         if new:
             self.worker.send({"id": self.rid, "event": "token", "index": self.index, "text": new})
 
@@ -244,6 +260,7 @@ class _Streamer:
         """transformers calls this when generation ends: send what was held back."""
         if self.prompt_seen and not self.stopped:
             self._emit(final=True)
+        self._send()
 
     def criterion(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch

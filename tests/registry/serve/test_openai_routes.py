@@ -271,6 +271,35 @@ def test_deleted_brick_is_refused(served: Served) -> None:
     assert complete(served, "sql@1").choices[0].text == reference(served.base, served.adapters["sql"])
 
 
+def test_a_remembered_brick_deleted_behind_the_gateway_is_refused(served: Served, tmp_path: Path) -> None:
+    """The router remembers ``name@version``; a deletion by another process (straight on the
+    catalog, no gateway hook) must still be refused on the very next request."""
+    from composer.testing import make_lora
+
+    adapter = make_lora(served.base, tmp_path / "fleeting", r=4, alpha=8, target_modules=("q_proj",), seed=77)
+    meta = brick_metadata("fleeting", base_model="tiny", description="a brick deleted behind the gateway",
+                          examples=[], tags=[])  # fmt: skip
+    assert upload(served.http, adapter, metadata=meta).status_code == 201
+    expected = reference(served.base, adapter)
+    for _ in range(2):  # the second request is answered from the router's memory
+        assert complete(served, "fleeting@1").choices[0].text == expected
+    served.app.state.gateway.registry.delete_brick("fleeting", 1, actor="another process")
+    with pytest.raises(openai.NotFoundError):
+        complete(served, "fleeting@1")
+
+
+def test_a_stop_string_ends_the_whole_answer(served: Served) -> None:
+    """A whole (non-streamed) answer is sent by the child in one piece: its stop strings are
+    still found as the text grows, and it ends where the first one starts."""
+    text = reference(served.base, served.adapters["french"])
+    assert len(text) >= 4, text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    answer = complete(served, "french@1", stop=[stop]).choices[0]
+    assert answer.text == text[: text.find(stop)]
+    assert answer.finish_reason == "stop"
+    assert complete(served, "french@1").choices[0].text == text
+
+
 def test_models_lists_bases_bricks_and_auto(served: Served) -> None:
     ids = {m.id for m in served.client.models.list()}
     assert {"tiny", "auto", "auto:tiny", "french", "french@1", "sql@1"} <= ids

@@ -4,12 +4,13 @@ default: pure parts, no server."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from registry.serve import routing
 from registry.serve.embedded import engine_threads
-from registry.serve.routing import _Plan, _Plans
+from registry.serve.routing import _Bricks, _Plan, _Plans
 
 
 def _plan(directory: Path, checked_at: float, *, local: bool = True) -> _Plan:
@@ -72,3 +73,24 @@ def test_engine_threads_leave_a_core_to_the_server(
     monkeypatch.setattr("registry.serve.embedded.os.sched_getaffinity", lambda pid: cores, raising=False)
     assert engine_threads(None) == expected
     assert engine_threads(3) == 3
+
+
+def test_a_remembered_brick_is_answered_only_at_its_generation() -> None:
+    bricks = _Bricks()
+    entry: Any = ("brick", "base")  # the cache only keeps them
+    bricks.put(("french", 1), entry, 7)
+    assert bricks.get(("french", 1), 7) == entry
+    assert bricks.get(("french", 2), 7) is None
+    assert bricks.get(("french", 1), 8) is None  # a brick was registered, changed or deleted
+    bricks.put(("legal", 1), entry, 8)  # read at the new generation: the older entries go
+    assert bricks.get(("french", 1), 7) is None and bricks.get(("legal", 1), 8) == entry
+    bricks.clear()  # a deletion through the gateway
+    assert bricks.get(("legal", 1), 8) is None
+
+
+def test_remembered_bricks_are_bounded() -> None:
+    bricks = _Bricks(entries=2)
+    for version in (1, 2, 3):
+        bricks.put(("french", version), ("brick", version), 1)  # type: ignore[arg-type]
+    assert bricks.get(("french", 3), 1) == ("brick", 3)
+    assert sum(bricks.get(("french", v), 1) is not None for v in (1, 2, 3)) <= 2
