@@ -73,6 +73,20 @@ def test_returns_domain_objects(store: Store) -> None:
     assert store.get_brick("b") == brick
 
 
+def test_every_brick_write_raises_the_brick_generation(store: Store) -> None:
+    """What the serving router's brick memory is keyed on (`registry.serve.routing`)."""
+    store.add_base_model(base_draft())
+    seen = [store.brick_generation()]
+    store.add_brick(brick_draft("b", "1"))
+    seen.append(store.brick_generation())
+    store.update_brick("b", 1, domain.BrickPatch(tags=("u",)))
+    seen.append(store.brick_generation())
+    store.delete_brick("b", 1)
+    seen.append(store.brick_generation())
+    assert seen == sorted(set(seen)), seen  # strictly rising
+    assert store.brick_generation() == seen[-1]  # reading changes nothing
+
+
 def test_base_model_errors(store: Store) -> None:
     store.add_base_model(base_draft())
     with pytest.raises(BaseModelExists):
