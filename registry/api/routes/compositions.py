@@ -20,6 +20,7 @@ from registry.api.files import (
 )
 from registry.api.params import CursorQuery, LimitQuery, NameQuery, RelativePath
 from registry.api.schemas import CompositionFileOut, CompositionOut, Page
+from registry.domain import Composition
 from registry.inputs import ComposeRequest
 
 router = APIRouter(prefix="/v1/compositions", tags=["compositions"])
@@ -50,14 +51,21 @@ def request_composition(
     recipe is already built. A failed build is retried.
     """
     composition, ready = registry.compositions.request(body, actor=actor.name)
+    return queued(composition, ready, request, response)
+
+
+def queued(job: Composition, ready: bool, request: Request, response: Response) -> CompositionOut:
+    """The answer to a request for work on the composition workers (a build, a discovery):
+    200 when it is already done, else 202 with this server's workers woken; its Location
+    is the composition to poll."""
     if ready:
         response.status_code = status.HTTP_200_OK
     else:
         wake = getattr(request.app.state, "workers", None)
         if wake is not None:
             wake.wake()
-    response.headers["Location"] = f"/v1/compositions/{composition.id}"
-    return CompositionOut.of(composition)
+    response.headers["Location"] = f"/v1/compositions/{job.id}"
+    return CompositionOut.of(job)
 
 
 @router.get("/{composition_id}")

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response, status
 
 from registry.api.deps import RegistryDep, WriteActor
 from registry.api.params import NamePath
+from registry.api.routes.compositions import queued
 from registry.api.schemas import CompositionOut
 from registry.emergent import DiscoveryRequest
 
@@ -32,11 +33,4 @@ def discover_emergent_bricks(
     carries its verification table.
     """
     job, ready = registry.emergent.request_discovery(name, body, actor=actor.name)
-    if ready:
-        response.status_code = status.HTTP_200_OK
-    else:
-        wake = getattr(request.app.state, "workers", None)
-        if wake is not None:
-            wake.wake()
-    response.headers["Location"] = f"/v1/compositions/{job.id}"
-    return CompositionOut.of(job)
+    return queued(job, ready, request, response)
