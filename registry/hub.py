@@ -49,11 +49,11 @@ from registry.errors import (
     InvalidInput,
     NotFound,
 )
-from registry.model_roots import ModelRoots
+from registry.storage.model_roots import ModelRoots
 
 if TYPE_CHECKING:
-    from registry.composition_outputs import PublishedFile
     from registry.service import Registry
+    from registry.storage.composition_outputs import PublishedFile
 
 __all__ = [
     "BASE_MODELS",
@@ -560,7 +560,7 @@ class Hub:
         except BaseModelNotFound:
             raise RepoNotFound(f"no base model named {name[:100]!r}", extra={"repo_id": repo_id[:200]}) from None
         listing = _base_listing(base)
-        from registry.s3_bases import base_model_dir, is_s3_url
+        from registry.storage.s3_bases import base_model_dir, is_s3_url
 
         # Only what a Hugging Face model carries (HF_MODEL_FILES) and its safetensors weights,
         # each inside the model roots and a regular file: never whatever else lies there. A base
