@@ -28,9 +28,9 @@ def test_every_package_and_module_is_in_the_layout() -> None:
                 continue
             if path.suffix == ".py" and not _named(layout, path.name):
                 missing.append(f"{package}/{path.name}")
-            if path.is_dir() and (path / "__init__.py").is_file():
-                if not _named(layout, f"{path.name}/"):
-                    missing.append(f"{package}/{path.name}/")
+            package_dir = path.is_dir() and (path / "__init__.py").is_file()
+            if package_dir and not _named(layout, f"{path.name}/"):
+                missing.append(f"{package}/{path.name}/")
     for package in ("registry/storage", "registry/builds", "registry/cli"):
         for path in sorted((ROOT / package).glob("*.py")):
             if not path.name.startswith("_") and not _named(layout, path.name):
