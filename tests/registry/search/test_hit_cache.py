@@ -15,7 +15,7 @@ from registry.db.session import Database
 from registry.search.hit_cache import BrickCache
 from registry.search.index_rows import read_generation
 from registry.storage.store import Store
-from tests.registry.test_store import base_draft, brick_draft
+from tests.registry.storage.test_store import base_draft, brick_draft
 
 
 class SpyStore(Store):
