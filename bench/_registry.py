@@ -21,7 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench"
-# Base models may be registered only from the model roots (registry/model_roots.py); the
+# Base models may be registered only from the model roots (registry/storage/model_roots.py); the
 # benchmarks build theirs in .bench/ and scratch directories: make those the roots of every
 # Settings and server the benchmarks start, unless the caller chose roots.
 os.environ.setdefault("BRICKYARD_MODEL_ROOTS", json.dumps([str(CACHE), tempfile.gettempdir()]))

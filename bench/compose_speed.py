@@ -28,7 +28,7 @@ The synthetic base (bf16, ~200 MB shards) and bricks are cached under ``.bench/`
                                                   # or --s3-endpoint URL for MinIO/S3)
 
 With ``--object-store``: (d) ``brickyard -> S3``: the same merge, then every output file
-published to an S3 blob store (`registry.composition_outputs.publish_directory`: staging,
+published to an S3 blob store (`registry.storage.composition_outputs.publish_directory`: staging,
 sha256, verified conditional upload), against (e) ``upload``: a plain ``upload_file`` of the
 same output files with the same boto3 client and transfer settings (the floor there), each
 into a fresh bucket; reported beside the local-disk numbers. Publishing alone against the
@@ -174,8 +174,8 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             compose(base, sources, out, output="adapter", rank=job["rank"])
     elif kind == "brickyard-s3":
         from composer import BrickSource, compose
-        from registry.composition_outputs import publish_directory
-        from registry.s3_blobs import S3BlobStore, make_s3_client
+        from registry.storage.composition_outputs import publish_directory
+        from registry.storage.s3_blobs import S3BlobStore, make_s3_client
 
         imports = time.perf_counter() - started
         sources = [
@@ -192,8 +192,8 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     elif kind == "upload":
         from boto3.s3.transfer import TransferConfig
 
-        from registry.s3_blobs import make_s3_client
         from registry.settings import BlobSettings
+        from registry.storage.s3_blobs import make_s3_client
 
         imports = time.perf_counter() - started
         defaults = BlobSettings()  # the store's transfer settings
@@ -468,7 +468,7 @@ def _object_store(
         server.start()
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-    from registry.s3_blobs import make_s3_client
+    from registry.storage.s3_blobs import make_s3_client
 
     client = make_s3_client(endpoint_url=endpoint, region="us-east-1")
     names = (f"bench-{os.getpid()}-{i}" for i in itertools.count())

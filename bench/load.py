@@ -236,10 +236,10 @@ def verify(url: str, token: str, recorder: Recorder) -> tuple[int, int]:
 
 
 _CATEGORIES = (
-    ("composition builds (build process)", ("registry/jobs.py", "(composer/")),
+    ("composition builds (build process)", ("registry/builds/jobs.py", "(composer/")),
     ("embedding brick texts (embedding process)", ("registry/search/embed_process.py",)),
     ("embedding texts (MiniLM forward)", ("registry/embed.py",)),
-    ("adapter validation (upload)", ("registry/spec.py", "registry/blobs.py")),
+    ("adapter validation (upload)", ("registry/spec.py", "registry/storage/blobs.py")),
     ("ranking + candidate generation", ("registry/retrieve.py", "registry/index.py", "registry/lexical.py")),
     ("database (SQLAlchemy + driver)", ("sqlalchemy/", "psycopg/")),
     ("HTTP, validation, serialisation", ("starlette/", "fastapi/", "uvicorn/", "pydantic", "h11/", "anyio/")),
@@ -352,7 +352,7 @@ def _cpu_seconds(server: Any) -> dict[str, float]:
         return float(times.user + times.system)
 
     children = server.children(recursive=True)
-    builders = [c for c in children if "registry.jobs" in " ".join(c.cmdline())]
+    builders = [c for c in children if "registry.builds.jobs" in " ".join(c.cmdline())]
     embedders = [c for c in children if "registry.search.embed_process" in " ".join(c.cmdline())]
     api = [server, *(c for c in children if c not in builders and c not in embedders)]
     database = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]

@@ -1,14 +1,14 @@
 """Benchmark: Brickyard on S3-compatible object storage, each claim against its peer in the
 same run, with the same boto3 client and transfer settings.
 
-1. Publishing a composition's output (`registry.composition_outputs.publish_directory`:
+1. Publishing a composition's output (`registry.storage.composition_outputs.publish_directory`:
    stage + sha256, conditional upload with SHA-256 checksums the server checks, a HEAD that
    compares size, metadata and checksum) against (peer) a plain ``upload_file`` of the same
    files. The runs alternate, each into a fresh bucket; best and median are reported.
 2. Registering a base model from an ``s3://`` prefix: what registration reads
-   (`registry.s3_bases.base_model_headers` + `composer.read_base_model`: config, index and
+   (`registry.storage.s3_bases.base_model_headers` + `composer.read_base_model`: config, index and
    two ranged GETs per shard) against (peer) downloading the whole model
-   (`registry.s3_bases.base_model_dir`, what a build does once per machine). Bytes and
+   (`registry.storage.s3_bases.base_model_dir`, what a build does once per machine). Bytes and
    requests are counted with botocore's events, so they do not depend on the machine.
 
 The output and the base model are a synthetic Llama (random bf16 weights, cached in .bench/).
@@ -129,9 +129,9 @@ def _empty(client: Any, bucket: str) -> None:
 def _publish_vs_upload(args: argparse.Namespace, endpoint: str, model: Path, total: int) -> None:
     from boto3.s3.transfer import TransferConfig
 
-    from registry.composition_outputs import publish_directory
-    from registry.s3_blobs import S3BlobStore, make_s3_client
     from registry.settings import BlobSettings
+    from registry.storage.composition_outputs import publish_directory
+    from registry.storage.s3_blobs import S3BlobStore, make_s3_client
 
     defaults = BlobSettings()  # the store's transfer settings, given to the plain upload too
     transfer = TransferConfig(
@@ -195,8 +195,8 @@ def _publish_vs_upload(args: argparse.Namespace, endpoint: str, model: Path, tot
 
 def _registration_vs_download(endpoint: str, model: Path, total: int) -> None:
     from composer import read_base_model
-    from registry import s3_bases, s3_blobs
     from registry.settings import Settings
+    from registry.storage import s3_bases, s3_blobs
 
     client = s3_blobs.make_s3_client(endpoint_url=endpoint, region="us-east-1")
     bucket = f"bench-base-{os.getpid()}"

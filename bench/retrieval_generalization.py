@@ -46,7 +46,7 @@ and reported on the evaluation tasks, then the other way round.
 Goal, on the unseen tasks: top-1 >= best plain baseline + 0.05 for each kind, and top-3 >=
 0.90 for paraphrases. The table says per cell whether it is met. Also printed: the cosine
 gap between the right task's definition and the best one of another cluster (what the
-instruction weights' temperature and floor rest on, `registry.instruction_weights`) and
+instruction weights' temperature and floor rest on, `registry.builds.instruction_weights`) and
 the registration throughput of this run.
 
     python bench/retrieval_generalization.py [--dev PATH] [--backend sqlite|postgresql]

@@ -255,7 +255,7 @@ def main() -> int:
             home=work / "home",
             compose=ComposeSettings(isolation="thread"),
             embedding={"isolation": "thread"},
-            model_roots=[work],  # base models register only from the model roots (registry/model_roots.py)
+            model_roots=[work],  # base models register only from the model roots (registry/storage/model_roots.py)
             serve=serve,
         )
 

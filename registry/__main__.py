@@ -1,5 +1,5 @@
 """``python -m registry`` runs the ``brickyard`` command line."""
 
-from registry.cli import main
+from registry.cli.app import main
 
 main()

@@ -579,7 +579,7 @@ class LocalClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         import threading
 
-        from registry.compositions import worker_name
+        from registry.builds.compositions import worker_name
 
         compositions = self.registry.compositions
         worker = worker_name(0) + ":local"

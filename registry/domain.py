@@ -84,7 +84,7 @@ class Brick:
     kind: str = "lora"
     emergent: Mapping[str, object] | None = None
     """An emergent brick's provenance (`registry.emergent.bricks`); None for a LoRA."""
-    # The quality check: base vs brick on the registration's evals (see registry.quality).
+    # The quality check: base vs brick on the registration's evals (see registry.builds.quality).
     quality: Mapping[str, object] | None = None
     quality_status: str | None = None
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from registry.blobs import BlobStore
-    from registry.compositions import Compositions
-    from registry.store import Store
+    from registry.builds.compositions import Compositions
+    from registry.storage.blobs import BlobStore
+    from registry.storage.store import Store
 
 __all__ = ["FsckReport", "fsck"]
 

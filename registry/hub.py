@@ -33,8 +33,9 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,11 +49,11 @@ from registry.errors import (
     InvalidInput,
     NotFound,
 )
-from registry.model_roots import ModelRoots
+from registry.storage.model_roots import ModelRoots
 
 if TYPE_CHECKING:
-    from registry.composition_outputs import PublishedFile
     from registry.service import Registry
+    from registry.storage.composition_outputs import PublishedFile
 
 __all__ = [
     "BASE_MODELS",
@@ -114,11 +115,27 @@ class HubFile:
     local: Path | None = None
     content: bytes | None = None
     stored: bool = False
+    git_sha1: str | None = None  # git's blob id of the content (None for LFS files: not needed)
 
     @property
     def lfs(self) -> bool:
         """Whether the Hub would store it with LFS (weights)."""
         return self.path.endswith(_LFS_SUFFIXES)
+
+    @property
+    def lfs_pointer(self) -> bytes:
+        """The git-lfs pointer file the Hub's git repository would hold for this file."""
+        return lfs_pointer(self.sha256, self.size)
+
+    @property
+    def blob_id(self) -> str:
+        """The git blob id the Hub lists (``blobId``, tree ``oid``): of the LFS pointer for
+        weights, of the content for every other file."""
+        if self.lfs:
+            return git_blob_id(self.lfs_pointer)
+        if self.git_sha1 is None:
+            raise ValueError(f"{self.path}: no git blob id computed")
+        return self.git_sha1
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,18 @@ def parse_repo_id(repo_id: str) -> tuple[str, str]:
             f"no repository {repo_id[:200]!r}; repositories are bricks/<name>, compositions/<id> and base-models/<name>"
         )
     return namespace, name
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """A git-lfs pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md)."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def git_blob_id(data: bytes) -> str:
+    """git's object id of a blob: sha1 over ``blob <size>\\0`` and the bytes."""
+    digest = hashlib.sha1(b"blob %d\0" % len(data), usedforsecurity=False)
+    digest.update(data)
+    return digest.hexdigest()
 
 
 def commit_id(repo_id: str, files: Iterable[HubFile]) -> str:
@@ -303,44 +332,65 @@ def _unique(items: Iterable[str]) -> list[str]:
 
 
 class _Digests:
-    """sha256 of files on disk, remembered by (path, inode, size, mtime): a composition's or
-    a base model's weights are hashed once per process, not on every request."""
+    """sha256 and git blob id of files on disk, remembered by (path, inode, size, mtime): a
+    composition's or a base model's weights are hashed once per process, not on every request.
+    Blobs of the blob store are remembered by their sha256 (content-addressed: never stale)."""
 
     def __init__(self, size: int = 4096) -> None:
-        self._known: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
+        self._known: OrderedDict[tuple[str, int, int, int], tuple[str, str]] = OrderedDict()
+        self._blobs: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
 
-    def sha256(self, path: Path) -> tuple[str, int]:
+    def digests(self, path: Path) -> tuple[str, str, int]:
+        """``(sha256, git blob id, size)`` of a file, read once for both."""
         stat = path.stat()
         key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
         with self._lock:
             known = self._known.get(key)
             if known is not None:
                 self._known.move_to_end(key)
-                return known, stat.st_size
-        digest = hashlib.sha256()
+                return known[0], known[1], stat.st_size
+        sha256 = hashlib.sha256()
+        git = hashlib.sha1(b"blob %d\0" % stat.st_size, usedforsecurity=False)
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        value = digest.hexdigest()
+                sha256.update(chunk)
+                git.update(chunk)
+        value = (sha256.hexdigest(), git.hexdigest())
         with self._lock:
             self._known[key] = value
             while len(self._known) > self._size:
                 self._known.popitem(last=False)
-        return value, stat.st_size
+        return value[0], value[1], stat.st_size
+
+    def blob_git_id(self, sha256: str, read: Callable[[], bytes]) -> str:
+        """The git blob id of the stored blob ``sha256``; ``read`` gives its bytes (once)."""
+        with self._lock:
+            known = self._blobs.get(sha256)
+            if known is not None:
+                self._blobs.move_to_end(sha256)
+                return known
+        value = git_blob_id(read())
+        with self._lock:
+            self._blobs[sha256] = value
+            while len(self._blobs) > self._size:
+                self._blobs.popitem(last=False)
+        return value
 
 
 _DIGESTS = _Digests()
 
 
 def _disk_file(relative: str, path: Path) -> HubFile:
-    sha256, size = _DIGESTS.sha256(path)
-    return HubFile(relative, size, sha256, local=path)
+    sha256, git_sha1, size = _DIGESTS.digests(path)
+    return HubFile(relative, size, sha256, local=path, git_sha1=git_sha1)
 
 
 def _made_file(relative: str, content: bytes) -> HubFile:
-    return HubFile(relative, len(content), hashlib.sha256(content).hexdigest(), content=content)
+    return HubFile(
+        relative, len(content), hashlib.sha256(content).hexdigest(), content=content, git_sha1=git_blob_id(content)
+    )
 
 
 # -- the service ------------------------------------------------------------------------
@@ -491,9 +541,17 @@ class Hub:
             else:
                 if stored.path == "config.json":
                     config = json.loads(data)
-                files.append(HubFile(stored.path, stored.size, stored.sha256, stored=True))
+                file = HubFile(stored.path, stored.size, stored.sha256, stored=True)
+                if not file.lfs:  # small files (config, tokenizer): the Hub lists their git blob id
+                    read = partial(self._read, composition_id, stored.path)
+                    file = replace(file, git_sha1=_DIGESTS.blob_git_id(stored.sha256, read))
+                files.append(file)
         files.append(_made_file(CARD_FILE, model_card(listing.card, body or f"# {listing.description}")))
         return Snapshot(listing, commit_id(repo_id, files), tuple(files), config)
+
+    def _read(self, composition_id: str, path: str) -> bytes:
+        with self.registry.compositions.open_file(composition_id, path) as handle:
+            return handle.read()
 
     def _base_snapshot(self, name: str) -> Snapshot:
         repo_id = f"{BASE_MODELS}/{name}"
@@ -502,7 +560,7 @@ class Hub:
         except BaseModelNotFound:
             raise RepoNotFound(f"no base model named {name[:100]!r}", extra={"repo_id": repo_id[:200]}) from None
         listing = _base_listing(base)
-        from registry.s3_bases import base_model_dir, is_s3_url
+        from registry.storage.s3_bases import base_model_dir, is_s3_url
 
         # Only what a Hugging Face model carries (HF_MODEL_FILES) and its safetensors weights,
         # each inside the model roots and a regular file: never whatever else lies there. A base

@@ -21,12 +21,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from composer import find_linear_modules, read_base_model
 from registry import domain
-from registry.aliases import BrickAliasStore, check_alias, parse_version_or_alias
 from registry.auth import TokenStore
-from registry.blob_check import StreamedBlobCheck, VerifiedBlobs
-from registry.blobs import BlobStore, LocalBlobStore, StagedBlob
+from registry.builds.compositions import Compositions
 from registry.composer_errors import composer_errors
-from registry.compositions import Compositions
 from registry.db.events import Event
 from registry.db.migrate import ensure_schema
 from registry.db.session import Database
@@ -52,7 +49,6 @@ from registry.inputs import (
     SearchRequest,
     parse_json_model,
 )
-from registry.model_roots import ModelRoots
 from registry.search.embed import Embedder, shared_embedder
 from registry.search.hit_cache import BrickCache
 from registry.search.index import SearchFilters, SearchIndex, make_index
@@ -60,7 +56,11 @@ from registry.search.index_rows import EmbeddedTexts
 from registry.search.ranking import rank_bricks
 from registry.settings import Settings
 from registry.spec import inspect_adapter
-from registry.store import Store
+from registry.storage.aliases import BrickAliasStore, check_alias, parse_version_or_alias
+from registry.storage.blob_check import StreamedBlobCheck, VerifiedBlobs
+from registry.storage.blobs import BlobStore, LocalBlobStore, StagedBlob
+from registry.storage.model_roots import ModelRoots
+from registry.storage.store import Store
 
 if TYPE_CHECKING:
     from registry.search.embed_process import ProcessEmbedder
@@ -102,7 +102,7 @@ class Registry:
         self.tokens = TokenStore(store.db)
         self._hit_bricks = BrickCache(store, size=_BRICK_CACHE_SIZE)
         self._verified_blobs = VerifiedBlobs(blobs) if isinstance(blobs, LocalBlobStore) else None
-        # Every download route checks the bytes it serves with this (registry.blob_check).
+        # Every download route checks the bytes it serves with this (registry.storage.blob_check).
         self.download_check: VerifiedBlobs | StreamedBlobCheck = self._verified_blobs or StreamedBlobCheck(blobs)
 
     @property
@@ -176,7 +176,7 @@ class Registry:
         except BaseException:
             db.dispose()
             raise
-        from registry.s3_blobs import make_blob_store
+        from registry.storage.s3_blobs import make_blob_store
 
         return cls(settings, Store(db), make_blob_store(settings))
 
@@ -245,7 +245,7 @@ class Registry:
     ) -> domain.BaseModel:
         """Register a base model from a local directory or an ``s3://`` prefix; only the config,
         the shard index and the safetensors headers are read (from object storage by ranged
-        GETs, `registry.s3_bases.base_model_headers`), never the weights.
+        GETs, `registry.storage.s3_bases.base_model_headers`), never the weights.
 
         Raises:
             InvalidInput: invalid name or fields.
@@ -254,11 +254,11 @@ class Registry:
         """
         if not isinstance(request, BaseModelCreate):
             request = parse_json_model(BaseModelCreate, dict(request), what="base model")
-        from registry.s3_bases import base_model_headers, is_s3_url
+        from registry.storage.s3_bases import base_model_headers, is_s3_url
 
         source = request.path
         if not is_s3_url(request.path):
-            # Confined to the model roots, every file checked before it is opened (registry.model_roots).
+            # Confined to the model roots, every file checked before it is opened (registry.storage.model_roots).
             roots = ModelRoots(self.settings)
             resolved = roots.directory(request.path)
             roots.check_model(resolved)
@@ -666,8 +666,8 @@ class Registry:
         for file in self.brick_files(name, version):
             if file.filename == filename:
                 if self._verified_blobs is not None:
-                    # Never serve bytes other than the registered ones (registry.blob_check); an
-                    # object store checks its objects' checksums itself (registry.s3_blobs).
+                    # Never serve bytes other than the registered ones (registry.storage.blob_check); an
+                    # object store checks its objects' checksums itself (registry.storage.s3_blobs).
                     self._verified_blobs.path(file.sha256, file.size_bytes, what=f"{name}@{version}/{filename}")
                 return file
         raise FileNotFound(

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from registry.cli import app
+from registry.cli.app import app
 from registry.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

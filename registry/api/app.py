@@ -30,7 +30,7 @@ from registry.api.routes import (
     tokens,
 )
 from registry.api.warm_up import EmbedderWarmUp
-from registry.jobs import WorkerPool
+from registry.builds.jobs import WorkerPool
 from registry.service import Registry
 from registry.settings import Settings
 from registry.web import mount_web

@@ -17,9 +17,9 @@ from fastapi import Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from registry.api.files import file_response
-from registry.blob_check import StreamedBlobCheck, VerifiedBlobs
-from registry.blobs import BlobStore, LocalBlobStore
 from registry.errors import InvalidInput, RangeNotSatisfiable
+from registry.storage.blob_check import StreamedBlobCheck, VerifiedBlobs
+from registry.storage.blobs import BlobStore, LocalBlobStore
 
 __all__ = ["RangedBlobs", "blob_response", "stored_file_response"]
 
@@ -48,7 +48,7 @@ def blob_response(
 ) -> Response:
     """The blob ``sha256`` of ``size`` bytes as a download: a 307 to a presigned URL when
     ``redirect`` is set and the store signs URLs, else streamed (206 for one ``Range``).
-    With ``check``, the bytes are verified server-side (`registry.blob_check`); a presigned
+    With ``check``, the bytes are verified server-side (`registry.storage.blob_check`); a presigned
     redirect is checked for presence and size only (the client then reads the object store,
     which verifies its own checksums).
 

@@ -96,12 +96,12 @@ class Metrics:
             self.search_stages.labels(stage).observe(ms / 1000)
 
     def observe_build(self, composition_id: str, seconds: float, status: str, detail: str = "") -> None:
-        """Record one finished build (`registry.jobs.WorkerPool`'s ``on_build`` hook)."""
+        """Record one finished build (`registry.builds.jobs.WorkerPool`'s ``on_build`` hook)."""
         self.builds.labels(status).inc()
         self.build_seconds.observe(seconds)
 
     def observe_eviction(self, composition_id: str, size: int) -> None:
-        """Record one evicted composition (a `registry.compositions.Compositions` eviction listener)."""
+        """Record one evicted composition (a `registry.builds.compositions.Compositions` eviction listener)."""
         self.evictions.inc()
         self.evicted_bytes.inc(size)
 
@@ -122,7 +122,7 @@ class _StateCollector(Collector):
         registry: Registry | None = self.registry_of()
         if registry is None:
             return
-        from registry.composition_store import STATUSES
+        from registry.storage.composition_store import STATUSES
 
         counts = registry.compositions.store.count_by_status()
         by_status = GaugeMetricFamily("brickyard_compositions", "Compositions by status", labels=["status"])

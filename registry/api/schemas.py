@@ -67,34 +67,10 @@ class BrickOut(BaseModel):
 
     @classmethod
     def of(cls, brick: domain.Brick) -> BrickOut:
-        """From the domain object."""
-        return cls(
-            name=brick.name,
-            version=brick.version,
-            base_model=brick.base_model,
-            description=brick.description,
-            examples=list(brick.examples),
-            tags=list(brick.tags),
-            sha256=brick.sha256,
-            config_sha256=brick.config_sha256,
-            rank=brick.rank,
-            lora_alpha=brick.lora_alpha,
-            use_rslora=brick.use_rslora,
-            target_modules=list(brick.target_modules),
-            module_count=len(brick.modules),
-            rank_pattern=dict(brick.rank_pattern),
-            alpha_pattern=dict(brick.alpha_pattern),
-            size_bytes=brick.size_bytes,
-            license=brick.license,
-            metrics=dict(brick.metrics),
-            created_at=brick.created_at,
-            updated_at=brick.updated_at,
-            created_by=brick.created_by,
-            kind=brick.kind,
-            emergent=dict(brick.emergent) if brick.emergent is not None else None,
-            quality=dict(brick.quality) if brick.quality is not None else None,
-            quality_status=brick.quality_status,
-        )
+        """From the domain object: every field of the same name (pydantic makes the lists and
+        dicts), plus the module count; the fields are listed once, above."""
+        fields = {name: getattr(brick, name) for name in cls.model_fields if name != "module_count"}
+        return cls(**fields, module_count=len(brick.modules))
 
 
 class BaseModelOut(BaseModel):

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from registry.errors import InvalidInput, PayloadTooLarge
 
 if TYPE_CHECKING:
-    from registry.blobs import BlobStore, StagedBlob, StagingFile
     from registry.settings import LimitSettings
+    from registry.storage.blobs import BlobStore, StagedBlob, StagingFile
 
 __all__ = ["BrickUpload", "receive_brick_upload"]
 
@@ -119,7 +119,7 @@ async def receive_brick_upload(request: Request, blobs: BlobStore, limits: Limit
 
 
 def _finish(file: Any) -> StagedBlob:
-    from registry.blobs import StagingFile
+    from registry.storage.blobs import StagingFile
 
     if not isinstance(file, StagingFile):  # pragma: no cover - the parser always stages this part
         raise InvalidInput("the upload is incomplete", errors=[f"{WEIGHTS}: a file part is required"])

@@ -407,7 +407,7 @@ class CompositionRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_accessed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    # Published to the blob store: [{path, sha256, size}] (registry.composition_outputs); NULL
+    # Published to the blob store: [{path, sha256, size}] (registry.storage.composition_outputs); NULL
     # while the files are in the local compositions directory.
     files: Mapped[list[Any] | None] = mapped_column(JSON)
 

@@ -26,19 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry import domain
+from registry.builds.compositions import canonical_json, recipe_id
 from registry.composer_errors import composer_errors
-from registry.composition_store import READY
-from registry.compositions import canonical_json, recipe_id
 from registry.emergent.discovery import FunctionProbe, discover, probe_hash
 from registry.emergent.requests import DiscoveryRequest
 from registry.errors import BrickExists, BrickNotFound, InvalidInput, InvalidRecipe, StorageCorrupt
 from registry.inputs import parse_json_model
+from registry.storage.composition_store import READY
 
 if TYPE_CHECKING:
-    from registry.blobs import BlobStore
-    from registry.compositions import Compositions
+    from registry.builds.compositions import Compositions
     from registry.search.index_rows import EmbeddedTexts
-    from registry.store import Store
+    from registry.storage.blobs import BlobStore
+    from registry.storage.store import Store
 
 __all__ = ["DISCOVERY_JOB", "NEURONS_FILENAME", "EmergentBricks"]
 

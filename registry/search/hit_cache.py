@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from registry import domain
-from registry.store import Store
+from registry.storage.store import Store
 
 __all__ = ["BrickCache"]
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry import domain
-from registry.composition_store import FAILED, READY
+from registry.builds.instruction_weights import instruction_weights
 from registry.errors import (
     BaseModelNotFound,
     BrickNotFound,
@@ -43,9 +43,9 @@ from registry.errors import (
     ServiceUnavailable,
 )
 from registry.inputs import SearchRequest
-from registry.instruction_weights import instruction_weights
 from registry.serve.modelref import ModelRef, parse_model
 from registry.serve.protocol import RoutingOptions
+from registry.storage.composition_store import FAILED, READY
 
 if TYPE_CHECKING:
     from registry.service import Registry
@@ -257,7 +257,7 @@ class Router:
         if not hits:
             note = f"no brick of {base.name!r} scored above {min_score:g}: the base model answered"
             return Target(base, None, {**used, "note": note})
-        # The compositions' documented rule (registry.instruction_weights): a temperature on the
+        # The compositions' documented rule (registry.builds.instruction_weights): a temperature on the
         # similarities; bricks far behind the best one are dropped.
         weighted = [
             (h, w) for h, w in zip(hits, instruction_weights([h.similarity for h in hits]), strict=True) if w > 0
@@ -302,7 +302,7 @@ class Router:
         if self.wake_builds is not None:
             self.wake_builds()
             return
-        from registry.compositions import worker_name
+        from registry.builds.compositions import worker_name
 
         worker = f"{worker_name(0)}:serve"
         claimed = self.registry.compositions.store.claim(composition_id, worker)

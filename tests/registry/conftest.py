@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from registry.s3_blobs import make_s3_client
+from registry.storage.s3_blobs import make_s3_client
 
 _buckets = itertools.count()
 

@@ -98,7 +98,7 @@ def test_orphans_and_leftovers_are_collected_after_the_grace_period(
 def test_composition_directories(registry: Any, llama_base: Path, storage: str) -> None:
     import shutil
 
-    from registry.compositions import worker_name
+    from registry.builds.compositions import worker_name
 
     registry.add_base_model({"name": "tiny-llama", "path": str(llama_base)})
     _register(registry, "a", 1)
@@ -124,7 +124,7 @@ def test_composition_directories(registry: Any, llama_base: Path, storage: str) 
 
 
 def test_fsck_cli_exit_code(monkeypatch: Any, registry: Any, settings: Any, llama_base: Path) -> None:
-    from registry.cli import app
+    from registry.cli.app import app
 
     registry.add_base_model({"name": "tiny-llama", "path": str(llama_base)})
     brick = _register(registry, "a", 1)

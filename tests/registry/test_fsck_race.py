@@ -92,7 +92,7 @@ def test_composition_published_onto_an_old_orphan_during_fsck_keeps_its_bytes(
     deduplicated commit, so only the re-check inside the deletion's transaction, which must
     see ``compositions.files``, keeps the bytes."""
     import registry.fsck as fsck_module
-    from registry.compositions import worker_name
+    from registry.builds.compositions import worker_name
 
     registry.add_base_model({"name": "tiny-llama", "path": str(llama_base)})
     config, weights = random_adapter(21)
@@ -130,7 +130,7 @@ def test_composition_published_onto_an_old_orphan_during_fsck_keeps_its_bytes(
 
 
 def _publishing_registry_build(registry: Any, composition_id: str) -> Any:
-    from registry.compositions import worker_name
+    from registry.builds.compositions import worker_name
 
     claimed = registry.compositions.store.claim(composition_id, worker_name(0))
     assert claimed is not None
@@ -146,7 +146,7 @@ def test_composition_whose_blob_was_collected_before_it_was_recorded_is_not_read
     a missing file."""
     import io
 
-    from registry import compositions as compositions_module
+    from registry.builds import compositions as compositions_module
 
     registry.add_base_model({"name": "tiny-llama", "path": str(llama_base)})
     config, weights = random_adapter(22)

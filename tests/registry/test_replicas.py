@@ -161,8 +161,8 @@ def test_register_on_one_compose_on_the_other_build_in_the_worker(
 
 _SLOW_WORKER = """
 import pathlib, sys, time
-from registry import s3_blobs
-from registry.cli import app
+from registry.storage import s3_blobs
+from registry.cli.app import app
 
 marker = pathlib.Path(sys.argv[1])
 commit = s3_blobs.S3BlobStore.commit

@@ -31,8 +31,7 @@ import os, pathlib, time
 
 _barrier = os.environ.get("BRICKYARD_TEST_BUILD_BARRIER")
 if _barrier:
-    from registry import compositions
-
+    from registry.builds import compositions
     _build = compositions.Compositions.build_claimed
 
     def _build_together(self, composition, worker):

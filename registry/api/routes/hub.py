@@ -10,7 +10,9 @@ GET|HEAD  /{ns}/{name}/resolve/{rev}/{path}             a file: X-Repo-Commit, E
 
 Errors are the usual problem details; a 404 also carries the Hub's ``X-Error-Code``
 (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) and ``X-Error-Message``,
-which ``huggingface_hub`` turns into its typed exceptions.
+which ``huggingface_hub`` turns into its typed exceptions. A 401 without a token carries
+``RepoNotFound`` as the Hub's does for a private repository; with a bad token, the Hub's
+"Invalid credentials" message.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from fastapi.routing import APIRoute
 from registry.api.blob_downloads import stored_file_response
 from registry.api.deps import ReadActor, RegistryDep
 from registry.api.files import file_response
-from registry.errors import BrickyardError, InvalidInput, RangeNotSatisfiable
-from registry.hub import Hub, HubFile, Listing, Snapshot
+from registry.errors import BrickyardError, InvalidInput, RangeNotSatisfiable, Unauthorized
+from registry.hub import Hub, HubFile, Listing, RepoNotFound, Snapshot
 
 __all__ = ["router"]
+
+_BAD_CREDENTIALS = "Invalid credentials in Authorization header"  # the Hub's words, which its client matches
 
 
 class _HubRoute(APIRoute):
@@ -48,9 +52,19 @@ class _HubRoute(APIRoute):
                 if inspect.isawaitable(response):
                     response = await response
                 code = getattr(exc, "hub_code", None)
+                message = _header_text(exc.detail)
+                if isinstance(exc, Unauthorized):
+                    # As the Hub answers a private repository: without a token, 401 with
+                    # RepoNotFound (huggingface_hub raises RepositoryNotFoundError, whose
+                    # message says to authenticate); with a bad token, its exact message, which
+                    # the client keeps as a plain HTTP error instead of "not found".
+                    if request.headers.get("authorization"):
+                        message = _BAD_CREDENTIALS
+                    else:
+                        code = RepoNotFound.hub_code
                 if code is not None:
                     response.headers["X-Error-Code"] = code
-                response.headers["X-Error-Message"] = _header_text(exc.detail)
+                response.headers["X-Error-Message"] = message
                 return response  # type: ignore[no-any-return]
 
         return route
@@ -247,9 +261,9 @@ def _info_json(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def _sibling_json(file: HubFile) -> dict[str, Any]:
-    sibling: dict[str, Any] = {"rfilename": file.path, "size": file.size, "blobId": file.sha256[:40]}
+    sibling: dict[str, Any] = {"rfilename": file.path, "size": file.size, "blobId": file.blob_id}
     if file.lfs:
-        sibling["lfs"] = {"size": file.size, "sha256": file.sha256, "pointerSize": 134}
+        sibling["lfs"] = {"size": file.size, "sha256": file.sha256, "pointerSize": len(file.lfs_pointer)}
     return sibling
 
 
@@ -263,9 +277,9 @@ def _tree_json(snapshot: Snapshot, under: str) -> list[dict[str, Any]]:
         parts = file.path[len(prefix) :].split("/")[:-1]
         for depth in range(1, len(parts) + 1):
             folders.add(prefix + "/".join(parts[:depth]))
-        entry: dict[str, Any] = {"type": "file", "path": file.path, "size": file.size, "oid": file.sha256[:40]}
+        entry: dict[str, Any] = {"type": "file", "path": file.path, "size": file.size, "oid": file.blob_id}
         if file.lfs:
-            entry["lfs"] = {"oid": file.sha256, "size": file.size, "pointerSize": 134}
+            entry["lfs"] = {"oid": file.sha256, "size": file.size, "pointerSize": len(file.lfs_pointer)}
         entries.append(entry)
     if under and not entries:
         snapshot.file(under)  # raises EntryNotFound

@@ -178,7 +178,7 @@ def test_history_shows_who_registered_changed_and_deleted(
 def test_token_cli(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
     from typer.testing import CliRunner
 
-    from registry.cli import app
+    from registry.cli.app import app
     from registry.service import Registry
 
     monkeypatch.setenv("BRICKYARD_HOME", str(settings.home))

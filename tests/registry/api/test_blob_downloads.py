@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from registry.api.blob_downloads import blob_response
 from registry.api.problems import install_problem_handlers
-from registry.s3_blobs import S3BlobStore, make_s3_client
+from registry.storage.s3_blobs import S3BlobStore, make_s3_client
 
 DATA = bytes(range(256)) * 20  # 5120 bytes
 

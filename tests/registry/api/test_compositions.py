@@ -269,7 +269,7 @@ def test_merge_methods_are_listed_with_parameters(client: Any) -> None:
 
 
 def test_files_of_an_unfinished_composition_are_409(composable: Any, registry: Any) -> None:
-    from registry.compositions import recipe_id
+    from registry.builds.compositions import recipe_id
 
     recipe, base_id = registry.compositions.resolve({"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}]})
     composition_id = recipe_id(recipe)
@@ -327,7 +327,7 @@ def test_a_build_process_that_dies_fails_its_build_and_is_replaced(
         builders: list[Any] = []
         while not builders:
             assert time.monotonic() < deadline
-            builders = [p for p in server.children() if "registry.jobs" in " ".join(p.cmdline())]
+            builders = [p for p in server.children() if "registry.builds.jobs" in " ".join(p.cmdline())]
             time.sleep(0.02)
         builders[0].kill()
         failed = wait_ready(http, composition["id"])

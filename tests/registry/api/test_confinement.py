@@ -257,7 +257,7 @@ def test_a_symlink_swapped_between_the_check_and_the_open_is_refused(
     the build fails naming it, without reading it."""
     import inspect
 
-    from registry.model_roots import ModelRoots
+    from registry.storage.model_roots import ModelRoots
 
     base, secret = _full_composition_with_license(client, registry, llama_base, tmp_path)
     real_check = ModelRoots.check_model

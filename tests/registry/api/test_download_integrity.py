@@ -80,7 +80,7 @@ def test_a_verified_blob_altered_later_is_caught(brick: Any, registry: Any) -> N
 def test_brick_pull_of_a_corrupt_blob_exits_non_zero(brick: Any, registry: Any, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from registry.cli import app
+    from registry.cli.app import app
     from registry.client import RemoteClient
 
     client, weights, sha256 = brick

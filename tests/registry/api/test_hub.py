@@ -210,6 +210,45 @@ def test_model_info_snapshot_download_and_the_client_cache(bricks: HubServer, hf
     assert len(bricks.gets("/resolve/")) == downloads  # served from the client's cache: no body transferred
 
 
+def _git_object_id(data: bytes) -> str:
+    """What git itself says the blob's id is."""
+    import subprocess
+
+    return (
+        subprocess.run(["git", "hash-object", "--stdin"], input=data, capture_output=True, check=True)
+        .stdout.decode()
+        .strip()
+    )
+
+
+def test_listed_blob_ids_are_git_object_ids(bricks: HubServer, hf: Path) -> None:
+    """``blobId``/``oid`` as the Hub lists them: git's blob id of the file, and for weights
+    (LFS) of the git-lfs pointer file, whose size is ``pointerSize``."""
+    from huggingface_hub import snapshot_download
+
+    with bricks.http() as http:
+        for repo in ("bricks/sentiment", "base-models/tiny-llama"):
+            folder = Path(snapshot_download(repo, cache_dir=hf))
+            info = http.get(f"/api/models/{repo}").json()
+            tree = {entry["path"]: entry for entry in http.get(f"/api/models/{repo}/tree/main").json()}
+            assert {s["rfilename"] for s in info["siblings"]} == set(tree)
+            lfs_files = 0
+            for sibling in info["siblings"]:
+                data = (folder / sibling["rfilename"]).read_bytes()
+                if "lfs" in sibling:
+                    lfs_files += 1
+                    pointer = (
+                        "version https://git-lfs.github.com/spec/v1\n"
+                        f"oid sha256:{hashlib.sha256(data).hexdigest()}\nsize {len(data)}\n"
+                    ).encode()
+                    assert sibling["lfs"]["pointerSize"] == len(pointer)
+                    expected = _git_object_id(pointer)
+                else:
+                    expected = _git_object_id(data)
+                assert sibling["blobId"] == expected == tree[sibling["rfilename"]]["oid"], (repo, sibling)
+            assert lfs_files >= 1 and len(info["siblings"]) > lfs_files
+
+
 def test_hf_hub_download_resumes_with_range_and_then_uses_its_cache(
     bricks: HubServer, hf: Path, loras: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -312,17 +351,24 @@ def test_closed_reads_refuse_without_a_token_and_accept_hf_token(
     bricks: HubServer, hf: Path, registry: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     monkeypatch.setattr(registry.settings.auth, "open_reads", False)
     api = HfApi(endpoint=bricks.url)
-    with pytest.raises(HfHubHTTPError) as refused:
+    # No token: what the Hub answers for a private repository (401, "not found ... make sure
+    # you are authenticated"), so the client raises its usual typed error.
+    with pytest.raises(RepositoryNotFoundError, match="authenticated") as refused:
         api.model_info("bricks/sentiment")
     assert refused.value.response.status_code == 401
-    assert "needs a token with scope 'read'" in str(refused.value)
-    with pytest.raises(HfHubHTTPError) as refused:
+    assert "needs a token with scope 'read'" in refused.value.response.json()["detail"]
+    with pytest.raises(RepositoryNotFoundError) as refused:
         hf_hub_download("bricks/sentiment", "adapter_config.json", cache_dir=hf)
     assert refused.value.response.status_code == 401
+    # A token that is not valid: a plain HTTP error, not "not found".
+    with pytest.raises(HfHubHTTPError) as refused:
+        HfApi(endpoint=bricks.url, token="by_not-a-token").model_info("bricks/sentiment")
+    assert refused.value.response.status_code == 401
+    assert not isinstance(refused.value, RepositoryNotFoundError)
     token, _ = registry.tokens.create("reader", "read", actor="tests")
     monkeypatch.setenv("HF_TOKEN", token)
     assert HfApi(endpoint=bricks.url).model_info("bricks/sentiment").sha is not None

@@ -77,3 +77,23 @@ def test_presigned_redirects_for_bricks_compositions_and_the_hub(
     assert fetched.status_code == 206 and fetched.content == composed.content[:8]
     hub = client.get(f"/compositions/{body['id']}/resolve/main/{WEIGHTS}")
     assert hub.status_code == 200 and hub.content == composed.content
+
+
+def test_hub_lists_git_blob_ids_of_published_files(client: Any, llama_base: Path, loras: dict[str, Path]) -> None:
+    """A full composition's small files (config, tokenizer) live in the bucket: the Hub
+    listing names them by git's blob id of their bytes, as the Hub does."""
+    import subprocess
+
+    register_base(client, llama_base)
+    assert upload(client, loras["r4"]).status_code == 201
+    body = client.post(
+        "/v1/compositions", json={"base_model": "tiny-llama", "bricks": [{"name": "sentiment"}], "output": "full"}
+    ).json()
+    assert wait_ready(client, body["id"])["status"] == "ready"
+    tree = client.get(f"/api/models/compositions/{body['id']}/tree/main").json()
+    small = [entry for entry in tree if entry["type"] == "file" and "lfs" not in entry]
+    assert any(entry["path"] == "config.json" for entry in small)
+    for entry in small:
+        data = client.get(f"/compositions/{body['id']}/resolve/main/{entry['path']}").content
+        git = subprocess.run(["git", "hash-object", "--stdin"], input=data, capture_output=True, check=True)
+        assert entry["oid"] == git.stdout.decode().strip(), entry["path"]

@@ -122,8 +122,8 @@ def test_setting_hides_bricks_not_beating_their_base(
 ) -> None:
     from sqlalchemy import select
 
+    from registry.builds.quality import QualityJobs
     from registry.db.models import BrickRow
-    from registry.quality import QualityJobs
 
     register_base(client, llama_base)
     for name, path in (("sentiment", loras["r4"]), ("sentiment-two", loras["r8"])):

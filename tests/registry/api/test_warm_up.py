@@ -46,7 +46,7 @@ class _GatedEmbedder:
 def _app_with(settings: Any, embedder: Any) -> Iterator[TestClient]:
     from registry.api import create_app
     from registry.service import Registry
-    from registry.store import Store
+    from registry.storage.store import Store
 
     opened = Registry.open(settings)
     registry = Registry(settings, Store(opened.store.db), opened.blobs, embedder=embedder)

@@ -228,7 +228,7 @@ def test_in_thread_mode_the_registry_uses_its_own_embedder(registry: Any) -> Non
 
 def test_an_embedder_given_to_the_registry_serves_brick_texts_too(settings: Any) -> None:
     from registry.service import Registry
-    from registry.store import Store
+    from registry.storage.store import Store
 
     given = OnnxEmbedder(MODEL, settings.embedding_cache_dir)
     process_settings = _process_mode(settings)

@@ -14,8 +14,8 @@ from registry.db.models import BrickRow
 from registry.db.session import Database
 from registry.search.hit_cache import BrickCache
 from registry.search.index_rows import read_generation
-from registry.store import Store
-from tests.registry.test_store import base_draft, brick_draft
+from registry.storage.store import Store
+from tests.registry.storage.test_store import base_draft, brick_draft
 
 
 class SpyStore(Store):

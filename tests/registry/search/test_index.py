@@ -13,8 +13,8 @@ import pytest
 from registry.db.session import Database
 from registry.search.index import InMemoryIndex, SearchFilters
 from registry.search.index_rows import EmbeddedTexts
-from registry.store import Store
-from tests.registry.test_store import base_draft, brick_draft
+from registry.storage.store import Store
+from tests.registry.storage.test_store import base_draft, brick_draft
 
 DIM = 4
 

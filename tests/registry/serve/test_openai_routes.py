@@ -176,10 +176,10 @@ def test_auto_routes_to_the_matching_brick_and_caches_the_recipe(served: Served)
     used = answer.brickyard  # type: ignore[attr-defined]
     assert used["bricks"][0]["name"] == "french", used
     assert all(b["score"] >= 5.0 for b in used["bricks"])
-    # The compositions' rule (registry.instruction_weights, tested on its own) on the same hits.
+    # The compositions' rule (registry.builds.instruction_weights, tested on its own) on the same hits.
+    from registry.builds.instruction_weights import instruction_weights
     from registry.domain import SearchHit
     from registry.inputs import SearchRequest
-    from registry.instruction_weights import instruction_weights
 
     hits: list[SearchHit] = served.app.state.registry.search(
         SearchRequest(query=question, base_model="tiny", k=2, min_score=5.0, kind="lora")

@@ -186,7 +186,7 @@ def test_compose_by_instruction(web_server: WebServer, open_page: Any) -> None:
     expect(page.locator("#composition-status")).to_have_text(re.compile(r"^ready · 100%"), timeout=60_000)
     bricks = page.locator("section[aria-labelledby=recipe-title] ul li").all_inner_texts()
     # The page shows the recipe the API resolved: k=2 asked, a brick far behind the best
-    # one dropped by the similarity floor (registry.instruction_weights).
+    # one dropped by the similarity floor (registry.builds.instruction_weights).
     composition_id = page.url.rsplit("#/compositions/", 1)[1]
     with web_server.http() as http:
         recipe = http.get(f"/v1/compositions/{composition_id}").json()["recipe"]

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from registry.cli_support import (
+from registry.cli.support import (
     Column,
     JsonOption,
     UrlOption,
@@ -98,7 +98,7 @@ def _fail(exc: BrickyardError) -> NoReturn:
 
 def _parse_ref(ref: str) -> tuple[str, int | str | None]:
     """``name``, ``name@version`` or ``name@alias`` (``latest`` and ``main``: the newest)."""
-    from registry.aliases import parse_version_or_alias
+    from registry.storage.aliases import parse_version_or_alias
 
     name, sep, version = ref.partition("@")
     if sep and not version:
@@ -310,7 +310,7 @@ def brick_push(
     card: dict[str, Any] = {}
     readme = adapter_dir / "README.md"
     if readme.is_file():
-        from registry.model_card import card_metadata
+        from registry.cli.model_card import card_metadata
 
         card, notes = card_metadata(readme.read_text(errors="replace"))
         for note in notes:
@@ -724,7 +724,7 @@ def compose(
     request: dict[str, Any] = {}
     expected_id = None
     if recipe is not None:
-        from registry.recipe_files import load_recipe_file
+        from registry.cli.recipe_files import load_recipe_file
 
         loaded = load_recipe_file(recipe)
         request, expected_id = loaded.request, loaded.expected_id
@@ -813,10 +813,10 @@ def _report_truncation(out: Path) -> None:
 
 def _print_instruction_plan(instruction: str, base: str, k: int, url: str | None) -> None:
     """The bricks an instruction finds and the weights a composition would give them
-    (`registry.instruction_weights`), without building anything."""
+    (`registry.builds.instruction_weights`), without building anything."""
     from rich.table import Table
 
-    from registry.instruction_weights import instruction_weights
+    from registry.builds.instruction_weights import instruction_weights
 
     with _client(url) as client:
         hits = client.search(instruction, base_model=base, k=k)
@@ -1047,7 +1047,7 @@ def worker(
     import signal
     import threading
 
-    from registry.jobs import WorkerPool
+    from registry.builds.jobs import WorkerPool
     from registry.service import Registry
     from registry.settings import Settings
 
@@ -1074,7 +1074,7 @@ def worker(
 
 
 def _mount_management() -> None:
-    from registry.cli_manage import alias_app, composition_app
+    from registry.cli.manage import alias_app, composition_app
 
     app.add_typer(composition_app, name="composition")
     brick_app.add_typer(alias_app, name="alias")

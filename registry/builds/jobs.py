@@ -2,7 +2,7 @@
 
 `WorkerPool` runs N threads that claim queued compositions from the database. With
 ``isolation="process"`` (the default) each thread hands its builds to its own long-lived
-child process, ``python -m registry.jobs serve``, started at idle priority (``SCHED_IDLE``,
+child process, ``python -m registry.builds.jobs serve``, started at idle priority (``SCHED_IDLE``,
 so that searches keep their latency while a model is merged) and killed with the server (``PR_SET_PDEATHSIG``).
 The child imports torch and the composer once and builds one composition per line it
 reads on stdin, reporting progress through the database; if it dies, the build is marked
@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from registry.compositions import Compositions, worker_alive, worker_name
+from registry.builds.compositions import Compositions, worker_alive, worker_name
+from registry.builds.quality import QualityJobs
 from registry.errors import BrickyardError
 from registry.priority import lower_to_background
-from registry.quality import QualityJobs
 
 if TYPE_CHECKING:
     from registry.settings import Settings
@@ -162,7 +162,7 @@ class _Child:
         self.log_path = logs / f"build-worker-{index}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "registry.jobs", "serve"],
+            [sys.executable, "-m", "registry.builds.jobs", "serve"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -230,14 +230,14 @@ def _child_setup() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: ``python -m registry.jobs serve``. Reads the settings (JSON) as
+    """Child entry point: ``python -m registry.builds.jobs serve``. Reads the settings (JSON) as
     the first line of stdin, then ``<composition id> <worker>`` lines; builds each and
     answers ``done <composition id>`` (outcomes are recorded in the database), after an
     ``evicted <id> <bytes>`` line per composition the build evicted."""
     args = argv if argv is not None else sys.argv[1:]
     if args != ["serve"]:
         print(
-            "usage: python -m registry.jobs serve   (settings JSON, then '<id> <worker>' lines, on stdin)",
+            "usage: python -m registry.builds.jobs serve   (settings JSON, then '<id> <worker>' lines, on stdin)",
             file=sys.stderr,
         )
         return 2

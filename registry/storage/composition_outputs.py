@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from registry.blobs import BlobStore
+    from registry.storage.blobs import BlobStore
 
 __all__ = ["PublishedFile", "manifest_from_json", "manifest_to_json", "publish_directory"]
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, NoReturn, Protocol
 from registry.errors import StorageCorrupt
 
 if TYPE_CHECKING:
-    from registry.blobs import BlobInfo
+    from registry.storage.blobs import BlobInfo
 
 __all__ = ["StreamedBlobCheck", "VerifiedBlobs", "sha256_of"]
 

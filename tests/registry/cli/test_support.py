@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from registry.cli_support import Column, fit_widths
+from registry.cli.recipe_files import load_recipe_file, request_from_document
+from registry.cli.support import Column, fit_widths
 from registry.errors import InvalidInput
-from registry.recipe_files import load_recipe_file, request_from_document
 
 COLUMNS = [Column("brick", key=True), Column("base"), Column("tags"), Column("description", flex=True)]
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from registry.instruction_weights import instruction_weights
+from registry.builds.instruction_weights import instruction_weights
 
 
 def test_a_cosine_gap_of_one_temperature_is_a_factor_e() -> None:

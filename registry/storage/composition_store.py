@@ -297,7 +297,7 @@ class CompositionStore:
             session.delete(row)
             return True
 
-    # -- published outputs (registry.composition_outputs) -----------------------------------
+    # -- published outputs (registry.storage.composition_outputs) -----------------------------------
 
     def published_files(self, composition_id: str) -> list[dict[str, Any]] | None:
         """The manifest of a composition published to the blob store (None otherwise)."""

@@ -1,4 +1,4 @@
-"""Base models registered from an ``s3://`` prefix (registry.s3_bases), on both backends:
+"""Base models registered from an ``s3://`` prefix (registry.storage.s3_bases), on both backends:
 registered as from a directory by reading only config, index and headers (ranged GETs),
 composed from the local copy made by the first build, refused when changed."""
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from registry.compositions import worker_name
-from registry.s3_bases import base_model_dir, base_model_headers
+from registry.builds.compositions import worker_name
+from registry.storage.s3_bases import base_model_dir, base_model_headers
 from tests.conftest import brick_metadata, random_adapter
 
 pytestmark = pytest.mark.parametrize("storage", ["s3"], indirect=True)
@@ -101,9 +101,9 @@ class _RequestLog:
 
 @pytest.fixture
 def request_log(bucket: str, monkeypatch: pytest.MonkeyPatch) -> _RequestLog:
-    """Records the requests of every client `registry.s3_bases` makes (the registry's blob
+    """Records the requests of every client `registry.storage.s3_bases` makes (the registry's blob
     store keeps its own client: brick reads are not counted)."""
-    from registry import s3_blobs
+    from registry.storage import s3_blobs
 
     log = _RequestLog(bucket)
     make = s3_blobs.make_s3_client

@@ -1,6 +1,6 @@
 """``brickyard composition ...`` and ``brickyard brick alias ...``: managing compositions
 (list, show, rm, cancel, name) and brick version aliases, over the local registry or a
-server. Mounted on the root command by `registry.cli`."""
+server. Mounted on the root command by `registry.cli.app`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from registry.cli_support import Column, JsonOption, UrlOption, open_client, print_json, print_record, print_rows
+from registry.cli.support import Column, JsonOption, UrlOption, open_client, print_json, print_record, print_rows
 
 __all__ = ["alias_app", "composition_app", "composition_rows"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.jobs import WorkerPool
+from registry.builds.jobs import WorkerPool
 from registry.settings import Settings
 
 
@@ -52,9 +52,9 @@ class _Compositions:
     def __init__(self, tmp_path: Path) -> None:
         from types import SimpleNamespace
 
-        from registry.blobs import LocalBlobStore
         from registry.db.migrate import ensure_schema
         from registry.db.session import Database
+        from registry.storage.blobs import LocalBlobStore
 
         db = Database.from_url(f"sqlite:///{tmp_path / 'registry.db'}")
         ensure_schema(db.engine, auto_upgrade=True)
@@ -97,7 +97,7 @@ def test_each_queued_composition_is_built_once(tmp_path: Path) -> None:
 
 
 def test_wake_claims_before_the_next_poll(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr("registry.jobs._POLL_S", 60.0)  # only a wake can make it look again in time
+    monkeypatch.setattr("registry.builds.jobs._POLL_S", 60.0)  # only a wake can make it look again in time
     compositions = _Compositions(tmp_path)
     compositions.expected = 1
     pool = WorkerPool(compositions, _settings(tmp_path, workers=1))  # type: ignore[arg-type]

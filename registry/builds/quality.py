@@ -29,8 +29,8 @@ from registry.db.queue import claim_oldest
 from registry.search.index_rows import bump_generation
 
 if TYPE_CHECKING:
-    from registry.blobs import BlobStore
     from registry.db.session import Database
+    from registry.storage.blobs import BlobStore
 
 __all__ = ["QUEUED", "QualityJob", "QualityJobs", "quality_document"]
 

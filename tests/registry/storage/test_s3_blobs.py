@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from registry.blobs import LocalBlobStore
 from registry.errors import PayloadTooLarge, ServiceUnavailable, StorageCorrupt
-from registry.s3_blobs import S3BlobStore, make_blob_store, make_s3_client, parse_s3_url
 from registry.settings import Settings
+from registry.storage.blobs import LocalBlobStore
+from registry.storage.s3_blobs import S3BlobStore, make_blob_store, make_s3_client, parse_s3_url
 
 _MiB = 1024 * 1024
 
@@ -437,7 +437,7 @@ _CRASHING_UPLOAD = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from registry.s3_blobs import S3BlobStore, make_s3_client
+    from registry.storage.s3_blobs import S3BlobStore, make_s3_client
 
     endpoint, bucket, cache = sys.argv[1:4]
     client = make_s3_client(endpoint_url=endpoint, region="us-east-1")

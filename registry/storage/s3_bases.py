@@ -97,7 +97,7 @@ def base_model_files(path: str, settings: Settings) -> frozenset[str]:
     """
     if not is_s3_url(path):
         return frozenset(p.name for p in Path(path).expanduser().iterdir() if p.is_file())
-    from registry.s3_blobs import _storage_errors, make_s3_client, parse_s3_url
+    from registry.storage.s3_blobs import _storage_errors, make_s3_client, parse_s3_url
 
     bucket, prefix = parse_s3_url(path)
     client = make_s3_client(endpoint_url=settings.blobs.endpoint_url, region=settings.blobs.region)
@@ -110,7 +110,7 @@ def _read_by_registration(relative: str) -> bool:
 
 
 def _view(path: str, settings: Settings, kind: str, fetch: _Fetch, wanted: Callable[[str], bool]) -> Path:
-    from registry.s3_blobs import _storage_errors, make_s3_client, parse_s3_url
+    from registry.storage.s3_blobs import _storage_errors, make_s3_client, parse_s3_url
 
     bucket, prefix = parse_s3_url(path)
     target = settings.home / "cache" / kind / hashlib.sha256(path.encode()).hexdigest()[:24]

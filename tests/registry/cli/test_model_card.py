@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from registry.model_card import card_metadata
+from registry.cli.model_card import card_metadata
 
 CARD = """---
 license: apache-2.0

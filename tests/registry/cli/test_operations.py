@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from registry.cli import app
+from registry.cli.app import app
 
 
 def _run(*args: str) -> Any:

@@ -1,4 +1,4 @@
-"""Composition outputs published to object storage (registry.composition_outputs), on both
+"""Composition outputs published to object storage (registry.storage.composition_outputs), on both
 backends: ready only once every file is a verified blob, served from the manifest, a
 failed upload leaves nothing ready, eviction deletes unused blobs, fsck sees lost files."""
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from registry.compositions import worker_name
+from registry.builds.compositions import worker_name
 from tests.conftest import brick_metadata, random_adapter
 
 pytestmark = pytest.mark.parametrize("storage", ["s3"], indirect=True)

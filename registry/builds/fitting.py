@@ -52,7 +52,7 @@ def require_tokenizer(files: Collection[str], base_name: str, where: str) -> Non
     """Fitting reads text: refuse (before queuing) a base model without a tokenizer.
 
     Args:
-        files: names of the files at the top of the base model (`registry.s3_bases.base_model_files`:
+        files: names of the files at the top of the base model (`registry.storage.s3_bases.base_model_files`:
             a directory's entries, or one listing of an ``s3://`` prefix, nothing downloaded).
         base_name: the base model's name, for the message.
         where: its path or URL, for the message.

@@ -1,6 +1,6 @@
 """Content-addressed blobs in S3-compatible object storage (AWS S3, MinIO, Ceph, moto).
 
-The same contract as `registry.blobs.LocalBlobStore`, with the bytes in a bucket:
+The same contract as `registry.storage.blobs.LocalBlobStore`, with the bytes in a bucket:
 
 * keys are ``<prefix>sha256/<ab>/<digest>``, so a key always names complete bytes that hash
   to it;
@@ -35,8 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ParamSpec, TypeVar, cast
 
-from registry.blobs import BlobInfo, BlobStore, LocalBlobStore, StagedBlob, StagingFile, StaleUpload
 from registry.errors import BrickyardError, ServiceUnavailable, StorageCorrupt
+from registry.storage.blobs import BlobInfo, BlobStore, LocalBlobStore, StagedBlob, StagingFile, StaleUpload
 
 if TYPE_CHECKING:
     from registry.settings import Settings

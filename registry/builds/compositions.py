@@ -9,7 +9,7 @@ requests, however phrased, share one build and one cached result.
 
 With an instruction instead of named bricks, the top-``k`` compatible bricks from search
 are used; unless ``weights`` are given, they get weights from their cosine similarity to
-the instruction (`registry.instruction_weights`: a softmax with a temperature, and a floor
+the instruction (`registry.builds.instruction_weights`: a softmax with a temperature, and a floor
 below which a brick is dropped), summing to 1: a convex combination of the deltas, so the
 merged delta stays on the scale of one brick. The recipe records the chosen bricks and
 weights, so a client shows them before the build's result is used.
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from registry import domain
+from registry.builds.fitting import FIT_FRACTION, fit_recipe, fit_section, require_tokenizer
+from registry.builds.instruction_weights import instruction_weights
 from registry.composer_errors import composer_errors
-from registry.composition_outputs import PublishedFile, manifest_from_json, manifest_to_json, publish_directory
-from registry.composition_store import CANCELLED, FAILED, QUEUED, READY, RUNNING, STATUSES, CompositionStore
 from registry.errors import (
     BaseModelNotFound,
     BrickNotFound,
@@ -44,16 +44,16 @@ from registry.errors import (
     ServiceUnavailable,
     StorageCorrupt,
 )
-from registry.fitting import FIT_FRACTION, fit_recipe, fit_section, require_tokenizer
 from registry.inputs import ComposeRequest, SearchRequest, parse_json_model
-from registry.instruction_weights import instruction_weights
-from registry.model_roots import ModelRoots
+from registry.storage.composition_outputs import PublishedFile, manifest_from_json, manifest_to_json, publish_directory
+from registry.storage.composition_store import CANCELLED, FAILED, QUEUED, READY, RUNNING, STATUSES, CompositionStore
+from registry.storage.model_roots import ModelRoots
 from registry.suggest import did_you_mean
 
 if TYPE_CHECKING:
-    from registry.blobs import BlobStore
     from registry.settings import Settings
-    from registry.store import Store
+    from registry.storage.blobs import BlobStore
+    from registry.storage.store import Store
 
 __all__ = ["Compositions", "recipe_id"]
 
@@ -95,7 +95,7 @@ class Compositions:
         self.store = CompositionStore(catalog.db)
         self.root = settings.compositions_dir
         self.root.mkdir(parents=True, exist_ok=True)
-        # With object storage, outputs are published there (registry.composition_outputs) and
+        # With object storage, outputs are published there (registry.storage.composition_outputs) and
         # the local directory only holds builds in progress.
         self.publishes = settings.blobs.url is not None
         # Other jobs sharing the queue and its workers: recipe["job"] -> runner (e.g. emergent discovery).
@@ -303,7 +303,7 @@ class Compositions:
     def _chosen_by_instruction(
         self, request: ComposeRequest, base: domain.BaseModel
     ) -> list[tuple[domain.Brick, float]]:
-        """The bricks an instruction finds and their weights (`registry.instruction_weights`:
+        """The bricks an instruction finds and their weights (`registry.builds.instruction_weights`:
         a temperature on the similarities, bricks far behind the best dropped)."""
         assert request.instruction is not None
         hits = self._candidates(request.instruction, base.name, request.k)
@@ -346,19 +346,19 @@ class Compositions:
         return sources
 
     def _check_roots(self, path: str) -> None:
-        """A local base model must lie inside the model roots (registry.model_roots); one in
+        """A local base model must lie inside the model roots (registry.storage.model_roots); one in
         object storage is read through Brickyard's own verified copy."""
-        from registry.s3_bases import is_s3_url
+        from registry.storage.s3_bases import is_s3_url
 
         if not is_s3_url(path):
             ModelRoots(self.settings).check_model(Path(path))
 
     def _pinned_base_dir(self, path: str, pins: ExitStack) -> Path:
         """The directory a build reads its base from: for a local base, the files checked
-        against the model roots, pinned open until ``pins`` closes (registry.model_roots:
+        against the model roots, pinned open until ``pins`` closes (registry.storage.model_roots:
         a symlink swapped after the check cannot redirect the build); for one in object
         storage, Brickyard's own verified copy."""
-        from registry.s3_bases import is_s3_url
+        from registry.storage.s3_bases import is_s3_url
 
         if is_s3_url(path):
             return self._base_dir(path)
@@ -368,7 +368,7 @@ class Compositions:
         """The local directory of a base model: a local copy of one in object storage, of every
         file for a build, of its config and headers only for planning (an API replica that
         only plans never downloads the weights)."""
-        from registry.s3_bases import base_model_dir, base_model_headers
+        from registry.storage.s3_bases import base_model_dir, base_model_headers
 
         try:
             return (base_model_headers if headers_only else base_model_dir)(path, self.settings)
@@ -377,7 +377,7 @@ class Compositions:
 
     def _base_files(self, path: str) -> frozenset[str]:
         """Names of a base model's top-level files (one listing for one in object storage)."""
-        from registry.s3_bases import base_model_files
+        from registry.storage.s3_bases import base_model_files
 
         try:
             return base_model_files(path, self.settings)
@@ -836,7 +836,7 @@ class Compositions:
     def _fit(
         self, composition_id: str, recipe: dict[str, Any], base_path: Path, progress: Callable[[float, str], None]
     ) -> dict[str, Any]:
-        """The recipe with fitted weights (see `registry.fitting`)."""
+        """The recipe with fitted weights (see `registry.builds.fitting`)."""
         import tempfile
 
         sources = self._brick_sources(recipe)

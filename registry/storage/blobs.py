@@ -5,7 +5,7 @@ a size limit), then *committed*: fsync'd and renamed to ``sha256/<ab>/<digest>``
 under ``sha256/`` therefore always holds complete, verified bytes; a crash leaves at worst
 a file under ``tmp/`` that `LocalBlobStore.sweep_staging` removes.
 
-`BlobStore` is the interface the service uses; `registry.s3_blobs.S3BlobStore` implements
+`BlobStore` is the interface the service uses; `registry.storage.s3_blobs.S3BlobStore` implements
 it on S3-compatible object storage (staging to a local temporary file, committing with a
 conditional PUT). Callers never assume the bytes are a local file: they `open` a byte range,
 ask for `local_path` (a verified local copy, fetched when needed) or a `presigned_url`.

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from registry.cli import app
+from registry.cli.app import app
 
 LONG_NAME = "translate-emails-ro-en"
 LONG_DESCRIPTION = "Translate customer emails from Romanian to English, keeping the tone, names and formatting intact"
@@ -272,7 +272,7 @@ def test_compose_against_a_server_without_workers_hints_and_times_out(
 ) -> None:
     """Issue #21 item 7: a composition a server leaves queued (no worker running) says why it
     waits instead of sitting at 'queued' silently, and --timeout ends the wait (exit 2)."""
-    import registry.cli as cli_module
+    import registry.cli.app as cli_module
 
     client.app.state.workers.stop()  # this server builds nothing: the composition stays queued
     monkeypatch.setattr(cli_module, "_NO_WORKER_HINT_S", 0.0)  # hint at the first queued state

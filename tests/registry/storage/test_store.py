@@ -11,7 +11,7 @@ import pytest
 from registry import domain
 from registry.db.session import Database
 from registry.errors import BaseModelExists, BaseModelNotFound, BrickExists, BrickNotFound, VersionExists
-from registry.store import Store
+from registry.storage.store import Store
 
 
 def base_draft(name: str = "base") -> domain.BaseModelDraft:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from registry.cli import app
+from registry.cli.app import app
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_remote_client_against_the_app(client: Any, llama_base: Path, loras: dic
 
 def test_cli_startup_imports_no_ml_libraries() -> None:
     code = (
-        "import sys; import registry.cli, registry.client; "
+        "import sys; import registry.cli.app, registry.client; "
         "heavy = {'torch', 'transformers', 'peft', 'sentence_transformers', 'fastapi', 'sqlalchemy'}; "
         "heavy &= set(sys.modules); "
         "print(sorted(heavy))"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.blobs import LocalBlobStore
 from registry.errors import PayloadTooLarge
+from registry.storage.blobs import LocalBlobStore
 
 
 def test_stage_commit_open(tmp_path: Path) -> None:
