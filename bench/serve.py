@@ -13,13 +13,20 @@ rank-8 all-projection bricks, in one run against ``create_app`` served by uvicor
   process with as many torch threads as the embedded engine's child.
 
 The embedded part runs first, then vLLM starts (its processes would otherwise share the cores
-with it). Peers are measured in alternation ((a) then (b), (e) then (f), ``--runs`` times each), so both
+with it). Peers are measured in alternation ((e) then (f), (a) then (b), ``--runs`` times each), so both
 see the same machine load. Time to first token (TTFT): a streamed request, client side, to the
 first chunk with text. Tokens/s: a whole request's ``usage.completion_tokens`` over its wall
 time (for (f): new tokens over ``generate``'s time); 8 clients: all tokens over the wall time
 of 8 concurrent requests. Every answer is greedy and the same length for every peer.
 
-    python bench/serve.py [--tokens 32] [--runs 10] [--vllm-python PATH]
+(a) against (b) is the comparison a busy machine spoils (on 2 cores vLLM saturates both, and
+other work moves single numbers by +-30%), so it is made in paired rounds (`Paired`): each
+round measures (a) and (b) back to back in ABBA order, and the table gives the median of the
+per-round ratios with their spread (lowest .. highest), the 1-minute load average seen during
+the rounds (min / median / max), and the gateway process's own CPU seconds per 1000 tokens of
+(b), which load does not move much. ``--py-spy PREFIX`` records the gateway during (b)'s rounds.
+
+    python bench/serve.py [--tokens 32] [--runs 10] [--rounds 8] [--vllm-python PATH] [--only-vllm]
 """
 
 from __future__ import annotations
@@ -87,11 +94,26 @@ def whole(http: httpx.Client, model: str, tokens: int) -> tuple[int, float]:
     return int(response.json()["usage"]["completion_tokens"]), time.perf_counter() - started
 
 
-def eight_clients(http: httpx.Client, models: list[str], tokens: int) -> tuple[int, float]:
-    """(completion tokens, wall seconds) of 8 concurrent whole completions."""
+def streamed(http: httpx.Client, model: str, tokens: int) -> tuple[int, float]:
+    """(chunks with text, seconds) of a streamed completion read to its end (vLLM sends a
+    token per chunk; asked directly or through the gateway, the same count)."""
+    started = time.perf_counter()
+    count = 0
+    with http.stream("POST", "/v1/completions", json=_body(model, tokens, stream=True)) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                count += 1
+    return count, time.perf_counter() - started
+
+
+def eight_clients(
+    http: httpx.Client, models: list[str], tokens: int, one: Callable[..., tuple[int, float]] = whole
+) -> tuple[int, float]:
+    """(completion tokens, wall seconds) of 8 concurrent completions (``one``: `whole`, `streamed`)."""
     started = time.perf_counter()
     with ThreadPoolExecutor(len(models)) as pool:
-        results = list(pool.map(lambda m: whole(http, m, tokens), models))
+        results = list(pool.map(lambda m: one(http, m, tokens), models))
     return sum(r[0] for r in results), time.perf_counter() - started
 
 
@@ -310,9 +332,9 @@ def start_gateway(work: Path, vllm_url: str | None) -> tuple[subprocess.Popen[by
     return process, url
 
 
-def py_spy(pid: int, prefix: Path, clients: int) -> subprocess.Popen[bytes]:
+def py_spy(pid: int, prefix: Path, clients: str) -> subprocess.Popen[bytes]:
     """``py-spy record`` of ``pid`` until stopped, into ``<prefix>-<clients>.svg`` (a flame graph)."""
-    out = prefix.with_name(f"{prefix.name}-{clients}.svg")
+    out = prefix.with_name(f"{prefix.name}-{clients.replace(' ', '-')}.svg")
     command = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", "200",
                "--output", str(out), "--nonblocking"]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -450,8 +472,9 @@ def main() -> int:
                 ("(b) vLLM via gateway, 1 client: TTFT p50", f"{b_p50:.1f} ms (+{b_p50 - a_p50:.1f} ms; goal <= +10)"),
             ]  # fmt: skip
             for clients, measure, rounds in (
-                (1, lambda http: whole(http, "french@1", args.tokens), args.runs),
-                (8, lambda http: eight_clients(http, EIGHT, args.tokens), args.rounds),
+                ("1", lambda http: whole(http, "french@1", args.tokens), args.runs),
+                ("8", lambda http: eight_clients(http, EIGHT, args.tokens), args.rounds),
+                ("8 streaming", lambda http: eight_clients(http, EIGHT, args.tokens, streamed), args.rounds),
             ):
                 cpu = CpuMeter(gateway_process.pid)
                 recording = py_spy(gateway_process.pid, args.py_spy, clients) if args.py_spy else None
