@@ -81,8 +81,6 @@ class VllmEngine:
             body["n"] = generation.n
         if generation.stream:
             body["stream"] = True
-            if not generation.relay:  # relayed chunks go to the client as they are: no extra usage chunk
-                body["stream_options"] = {"include_usage": True}
         if generation.seed is not None:
             body["seed"] = generation.seed
         if generation.stop:
@@ -95,6 +93,11 @@ class VllmEngine:
                 body["prompt"] = render_plain_chat(generation.messages)
         else:
             body["prompt"] = generation.prompt
+        # Relayed only when vLLM answers in the client's format: a chat rendered as a plain
+        # prompt comes back as completion chunks, which become events the gateway writes.
+        relay = generation.relay and (generation.messages is None or path == "/v1/chat/completions")
+        if generation.stream and not relay:  # relayed chunks go out as they are: no usage chunk
+            body["stream_options"] = {"include_usage": True}
         if not generation.stream:
             whole = (await self._request("POST", path, json=body)).json()
             yield Started(int((whole.get("usage") or {}).get("prompt_tokens") or 0))
@@ -112,14 +115,14 @@ class VllmEngine:
             async with self._http.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
                     raise _vllm_error(response.status_code, (await response.aread()).decode(errors="replace"))
-                if generation.relay:
-                    relay = ChunkRelay(str(target.used.get("model") or model))
+                if relay:
+                    relayed = ChunkRelay(str(target.used.get("model") or model))
                     # Read to the end (past ``[DONE]``): a response left unread closes its
                     # connection, and the next request would pay for a new one.
                     async for received in response.aiter_raw():
-                        events = relay.feed(received)
+                        events = relayed.feed(received)
                         if events:
-                            yield Relayed(events, relay.response_id or "")
+                            yield Relayed(events, relayed.response_id or "")
                     return
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):

@@ -134,6 +134,12 @@ def test_a_stream_relays_vllms_chunks_with_the_requested_model(tmp_path: Path, l
                 assert response.status_code == 200
                 assert json.loads(response.headers["X-Brickyard-Used"])["base_model"] == "tiny"
                 lines = [line for line in response.iter_lines() if line]
+            # The tiny base has no chat template: vLLM gets the chat as a plain prompt and answers
+            # with completion chunks, which must not be relayed to a chat client as they are.
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+            with client.stream("POST", "/v1/chat/completions", json=chat) as response:
+                assert response.status_code == 200
+                chat_lines = [line for line in response.iter_lines() if line]
     finally:
         registry.close()
     assert sent[0]["stream"] is True and sent[0]["model"] == served and "stream_options" not in sent[0]
@@ -143,3 +149,10 @@ def test_a_stream_relays_vllms_chunks_with_the_requested_model(tmp_path: Path, l
     assert {c["model"] for c in chunks} == {"tiny"} and {c["id"] for c in chunks} == {"cmpl-7"}
     assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(texts)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sent[1]["prompt"] and "messages" not in sent[1] and sent[1]["stream_options"] == {"include_usage": True}
+    chat_chunks = [json.loads(line.removeprefix("data: ")) for line in chat_lines[:-1]]
+    assert chat_lines[-1] == "data: [DONE]"
+    assert {c["object"] for c in chat_chunks} == {"chat.completion.chunk"} and {c["model"] for c in chat_chunks} == {
+        "tiny"
+    }
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chat_chunks) == "".join(texts)
