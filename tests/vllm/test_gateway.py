@@ -112,7 +112,7 @@ def test_auto_routing_and_a_composition_through_vllm(stack: Stack, tmp_path: Pat
     options = {"bricks": ["c1", "c2"], "k": 2, "min_score": -1e9}
     question = "test brick c1"
     answer = through_gateway(stack, f"auto:{BASE}", prompt=question, extra_body={"brickyard": options})
-    used = answer.brickyard  # type: ignore[attr-defined]
+    used = answer.brickyard
     assert sorted(b["name"] for b in used["bricks"]) == ["c1", "c2"] and used["recipe_id"]
     directory = _composition_dir(stack, used["recipe_id"])
     text = answer.choices[0].text
