@@ -13,13 +13,20 @@ rank-8 all-projection bricks, in one run against ``create_app`` served by uvicor
   process with as many torch threads as the embedded engine's child.
 
 The embedded part runs first, then vLLM starts (its processes would otherwise share the cores
-with it). Peers are measured in alternation ((a) then (b), (e) then (f), ``--runs`` times each), so both
+with it). Peers are measured in alternation ((e) then (f), (a) then (b), ``--runs`` times each), so both
 see the same machine load. Time to first token (TTFT): a streamed request, client side, to the
 first chunk with text. Tokens/s: a whole request's ``usage.completion_tokens`` over its wall
 time (for (f): new tokens over ``generate``'s time); 8 clients: all tokens over the wall time
 of 8 concurrent requests. Every answer is greedy and the same length for every peer.
 
-    python bench/serve.py [--tokens 32] [--runs 10] [--vllm-python PATH]
+(a) against (b) is the comparison a busy machine spoils (on 2 cores vLLM saturates both, and
+other work moves single numbers by +-30%), so it is made in paired rounds (`Paired`): each
+round measures (a) and (b) back to back in ABBA order, and the table gives the median of the
+per-round ratios with their spread (lowest .. highest), the 1-minute load average seen during
+the rounds (min / median / max), and the gateway process's own CPU seconds per 1000 tokens of
+(b), which load does not move much. ``--py-spy PREFIX`` records the gateway during (b)'s rounds.
+
+    python bench/serve.py [--tokens 32] [--runs 10] [--rounds 8] [--vllm-python PATH] [--only-vllm]
 """
 
 from __future__ import annotations
@@ -87,12 +94,32 @@ def whole(http: httpx.Client, model: str, tokens: int) -> tuple[int, float]:
     return int(response.json()["usage"]["completion_tokens"]), time.perf_counter() - started
 
 
-def eight_clients(http: httpx.Client, models: list[str], tokens: int) -> float:
-    """Tokens/s of 8 concurrent whole completions."""
+def streamed(http: httpx.Client, model: str, tokens: int) -> tuple[int, float]:
+    """(chunks with text, seconds) of a streamed completion read to its end (vLLM sends a
+    token per chunk; asked directly or through the gateway, the same count)."""
+    started = time.perf_counter()
+    count = 0
+    with http.stream("POST", "/v1/completions", json=_body(model, tokens, stream=True)) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                count += 1
+    return count, time.perf_counter() - started
+
+
+def eight_clients(
+    http: httpx.Client, models: list[str], tokens: int, one: Callable[..., tuple[int, float]] = whole
+) -> tuple[int, float]:
+    """(completion tokens, wall seconds) of 8 concurrent completions (``one``: `whole`, `streamed`)."""
     started = time.perf_counter()
     with ThreadPoolExecutor(len(models)) as pool:
-        results = list(pool.map(lambda m: whole(http, m, tokens), models))
-    return sum(r[0] for r in results) / (time.perf_counter() - started)
+        results = list(pool.map(lambda m: one(http, m, tokens), models))
+    return sum(r[0] for r in results), time.perf_counter() - started
+
+
+def rate(result: tuple[int, float]) -> float:
+    """Tokens/s of a (tokens, seconds) result."""
+    return result[0] / result[1]
 
 
 class PlainGenerate:
@@ -149,6 +176,97 @@ def alternate(runs: int, *measures: Callable[[], float]) -> list[list[float]]:
         for values, measure in zip(out, measures, strict=True):
             values.append(measure())
     return out
+
+
+class Paired:
+    """Interleaved rounds of two peers measured the same way: per round, one (a) and one (b),
+    in ABBA order (a round's second measure never always falls to the same peer), and the ratio
+    b/a of that round. Reported: the median ratio and its spread (lowest .. highest round), so a
+    noisy machine shows as a wide spread instead of a misleading single number."""
+
+    def __init__(self) -> None:
+        self.a: list[float] = []
+        self.b: list[float] = []
+
+    def run(self, rounds: int, a: Callable[[], float], b: Callable[[], float]) -> Paired:
+        """``rounds`` rounds of ``a`` and ``b``; returns self."""
+        for i in range(rounds):
+            if i % 2 == 0:
+                ra, rb = a(), b()
+            else:
+                rb, ra = b(), a()
+            self.a.append(ra)
+            self.b.append(rb)
+        return self
+
+    @property
+    def ratios(self) -> list[float]:
+        """b/a per round."""
+        return [rb / ra for ra, rb in zip(self.a, self.b, strict=True)]
+
+    def summary(self) -> str:
+        """``median ratio (spread lo..hi over N rounds)``."""
+        r = self.ratios
+        return f"{statistics.median(r):.1%} of (a) (rounds {min(r):.0%}..{max(r):.0%}, n={len(r)})"
+
+
+class LoadSampler:
+    """The 1-minute load average, sampled every second in a thread while a section runs."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(1.0)
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str:
+        """``min / median / max`` of the samples."""
+        s = self.samples or [os.getloadavg()[0]]
+        return f"{min(s):.1f} / {statistics.median(s):.1f} / {max(s):.1f}"
+
+
+class CpuMeter:
+    """CPU seconds (user + system) a process spends during the measures wrapped by `measure`,
+    and the tokens those measures produced: the gateway's cost per token."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def _cpu(self) -> float:
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+    def measure(self, run: Callable[[], tuple[int, float]]) -> Callable[[], float]:
+        """``run`` returns (tokens, seconds); the wrapped measure returns tokens/s and counts."""
+
+        def measured() -> float:
+            before = self._cpu()
+            tokens, seconds = run()
+            self.seconds += self._cpu() - before
+            self.tokens += tokens
+            return tokens / seconds
+
+        return measured
+
+    def per_thousand_tokens(self) -> float:
+        """CPU seconds per 1000 tokens."""
+        return 1000 * self.seconds / max(self.tokens, 1)
 
 
 def start_vllm(
@@ -214,6 +332,14 @@ def start_gateway(work: Path, vllm_url: str | None) -> tuple[subprocess.Popen[by
     return process, url
 
 
+def py_spy(pid: int, prefix: Path, clients: str) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``pid`` until stopped, into ``<prefix>-<clients>.svg`` (a flame graph)."""
+    out = prefix.with_name(f"{prefix.name}-{clients.replace(' ', '-')}.svg")
+    command = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", "200",
+               "--output", str(out), "--nonblocking"]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     """Stop a server started in its own session and what it started, politely first."""
     with contextlib.suppress(ProcessLookupError):
@@ -231,7 +357,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved (a)/(b) rounds of 8 clients")
     parser.add_argument("--vllm-python", type=Path, default=None, help="the vLLM virtualenv's python: adds (a), (b)")
+    parser.add_argument("--only-vllm", action="store_true", help="skip (c)-(f): only (a) and (b)")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        help="record the gateway with py-spy during (b)'s rounds: PREFIX-<clients>.svg",
+    )
     args = parser.parse_args()
 
     from composer.testing import LLAMA_PROJECTIONS, make_base_model, make_lora
@@ -272,52 +406,51 @@ def main() -> int:
             meta = brick_metadata(name, base_model="bench", description=description, examples=[], tags=[])
             assert upload(http, adapters[name], metadata=meta).status_code == 201
 
-        router = Router(registry, wake_builds=None)
-        options = RoutingOptions(k=2, min_score=-1e9)
-        query = "translate this English sentence into French"
-        started = time.perf_counter()
-        router.route("auto:bench", query, options)
-        rows.append(
-            ("(d) auto, new recipe: search + compose + build", f"{(time.perf_counter() - started) * 1000:.0f} ms")
-        )
-        router.route("auto:bench", query, options)  # embedder warm
-        decisions, searches = [], []
-        request = {"query": query, "base_model": "bench", "k": 2, "min_score": -1e9, "kind": "lora"}
-        for _ in range(max(args.runs, 30)):
+        if not args.only_vllm:
+            router = Router(registry, wake_builds=None)
+            options = RoutingOptions(k=2, min_score=-1e9)
+            query = "translate this English sentence into French"
             started = time.perf_counter()
             router.route("auto:bench", query, options)
-            decisions.append((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            registry.search(request)
-            searches.append((time.perf_counter() - started) * 1000)
-        rows.append(("(c) auto, cached recipe: routing decision p50 / p95",
-                     f"{pct(decisions, 0.5):.1f} / {pct(decisions, 0.95):.1f} ms (goal p50 <= 15)"))  # fmt: skip
-        rows.append(("    of which the search alone: p50", f"{pct(searches, 0.5):.1f} ms"))
+            rows.append(
+                ("(d) auto, new recipe: search + compose + build", f"{(time.perf_counter() - started) * 1000:.0f} ms")
+            )
+            router.route("auto:bench", query, options)  # embedder warm
+            decisions, searches = [], []
+            request = {"query": query, "base_model": "bench", "k": 2, "min_score": -1e9, "kind": "lora"}
+            for _ in range(max(args.runs, 30)):
+                started = time.perf_counter()
+                router.route("auto:bench", query, options)
+                decisions.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                registry.search(request)
+                searches.append((time.perf_counter() - started) * 1000)
+            rows.append(("(c) auto, cached recipe: routing decision p50 / p95",
+                         f"{pct(decisions, 0.5):.1f} / {pct(decisions, 0.95):.1f} ms (goal p50 <= 15)"))  # fmt: skip
+            rows.append(("    of which the search alone: p50", f"{pct(searches, 0.5):.1f} ms"))
 
-        threads = engine_threads(registry.settings.serve.threads)
-        plain = PlainGenerate(base, adapters["french"], args.tokens, threads)
-        # The embedded engine behind a gateway in its own process, as deployed (in this process
-        # the server thread would share the GIL with the client, as for (b) below).
-        embedded_process, embedded_url = start_gateway(work, None)
-        stop.append(lambda: stop_process(embedded_process))
-        http = httpx.Client(base_url=embedded_url, timeout=600, headers=headers)
-        whole(http, "french@1", args.tokens)  # the child loads the base and the adapter
-        plain.rate()
-        e_rate, f_rate = alternate(
-            args.runs, lambda: (lambda r: r[0] / r[1])(whole(http, "french@1", args.tokens)), plain.rate
-        )
-        e_ttft = [ttft(http, "french@1", args.tokens) * 1000 for _ in range(args.runs)]
-        e8 = [eight_clients(http, EIGHT, args.tokens) for _ in range(max(3, args.runs // 3))]
-        e, f = statistics.median(e_rate), statistics.median(f_rate)
-        rows += [
-            ("(e) embedded via gateway, 1 client: TTFT p50", f"{pct(e_ttft, 0.5):.1f} ms"),
-            (f"(e) embedded via gateway, 1 client: tokens/s ({threads} torch threads)",
-             f"{e:.1f} ({e / f:.0%} of (f); goal >= 90%)"),
-            (f"(f) transformers + PEFT generate: tokens/s ({threads} torch threads)", f"{f:.1f}"),
-            ("(e) embedded via gateway, 8 clients: tokens/s total (FIFO)", f"{statistics.median(e8):.1f}"),
-        ]  # fmt: skip
-        http.close()
-        stop_process(embedded_process)  # its engine would share the cores with vLLM
+            threads = engine_threads(registry.settings.serve.threads)
+            plain = PlainGenerate(base, adapters["french"], args.tokens, threads)
+            # The embedded engine behind a gateway in its own process, as deployed (in this process
+            # the server thread would share the GIL with the client, as for (b) below).
+            embedded_process, embedded_url = start_gateway(work, None)
+            stop.append(lambda: stop_process(embedded_process))
+            http = httpx.Client(base_url=embedded_url, timeout=600, headers=headers)
+            whole(http, "french@1", args.tokens)  # the child loads the base and the adapter
+            plain.rate()
+            e_rate, f_rate = alternate(args.runs, lambda: rate(whole(http, "french@1", args.tokens)), plain.rate)
+            e_ttft = [ttft(http, "french@1", args.tokens) * 1000 for _ in range(args.runs)]
+            e8 = [rate(eight_clients(http, EIGHT, args.tokens)) for _ in range(max(3, args.runs // 3))]
+            e, f = statistics.median(e_rate), statistics.median(f_rate)
+            rows += [
+                ("(e) embedded via gateway, 1 client: TTFT p50", f"{pct(e_ttft, 0.5):.1f} ms"),
+                (f"(e) embedded via gateway, 1 client: tokens/s ({threads} torch threads)",
+                 f"{e:.1f} ({e / f:.0%} of (f); goal >= 90%)"),
+                (f"(f) transformers + PEFT generate: tokens/s ({threads} torch threads)", f"{f:.1f}"),
+                ("(e) embedded via gateway, 8 clients: tokens/s total (FIFO)", f"{statistics.median(e8):.1f}"),
+            ]  # fmt: skip
+            http.close()
+            stop_process(embedded_process)  # its engine would share the cores with vLLM
 
         if args.vllm_python is not None:
             process, vllm_url = start_vllm(args.vllm_python, base, work, url, token)
@@ -333,27 +466,35 @@ def main() -> int:
             a_ttft, b_ttft = alternate(
                 args.runs, lambda: ttft(direct, "french@1", args.tokens), lambda: ttft(gateway, "french@1", args.tokens)
             )
-            a_rate, b_rate = alternate(
-                args.runs,
-                lambda: (lambda r: r[0] / r[1])(whole(direct, "french@1", args.tokens)),
-                lambda: (lambda r: r[0] / r[1])(whole(gateway, "french@1", args.tokens)),
-            )
-            a8, b8 = alternate(
-                max(3, args.runs // 3),
-                lambda: eight_clients(direct, EIGHT, args.tokens),
-                lambda: eight_clients(gateway, EIGHT, args.tokens),
-            )
             a_p50, b_p50 = pct(a_ttft, 0.5) * 1000, pct(b_ttft, 0.5) * 1000
-            ar, br = statistics.median(a_rate), statistics.median(b_rate)
-            a8m, b8m = statistics.median(a8), statistics.median(b8)
             rows += [
                 ("(a) vLLM direct, 1 client: TTFT p50", f"{a_p50:.1f} ms"),
                 ("(b) vLLM via gateway, 1 client: TTFT p50", f"{b_p50:.1f} ms (+{b_p50 - a_p50:.1f} ms; goal <= +10)"),
-                ("(a) vLLM direct, 1 client: tokens/s", f"{ar:.1f}"),
-                ("(b) vLLM via gateway, 1 client: tokens/s", f"{br:.1f} ({br / ar:.0%} of (a); goal >= 95%)"),
-                ("(a) vLLM direct, 8 clients: tokens/s", f"{a8m:.1f}"),
-                ("(b) vLLM via gateway, 8 clients: tokens/s", f"{b8m:.1f} ({b8m / a8m:.0%} of (a); goal >= 95%)"),
             ]  # fmt: skip
+            for clients, measure, rounds in (
+                ("1", lambda http: whole(http, "french@1", args.tokens), args.runs),
+                ("8", lambda http: eight_clients(http, EIGHT, args.tokens), args.rounds),
+                ("8 streaming", lambda http: eight_clients(http, EIGHT, args.tokens, streamed), args.rounds),
+            ):
+                cpu = CpuMeter(gateway_process.pid)
+                recording = py_spy(gateway_process.pid, args.py_spy, clients) if args.py_spy else None
+                with LoadSampler() as load:
+                    pair = Paired().run(
+                        rounds,
+                        lambda m=measure: rate(m(direct)),  # type: ignore[misc]
+                        cpu.measure(lambda m=measure: m(gateway)),  # type: ignore[misc]
+                    )
+                if recording is not None:  # py-spy writes its file on SIGINT (Ctrl-C)
+                    recording.send_signal(signal.SIGINT)
+                    recording.wait(120)
+                rows += [
+                    (f"(a) vLLM direct, {clients} client(s): tokens/s median", f"{statistics.median(pair.a):.1f}"),
+                    (f"(b) vLLM via gateway, {clients} client(s): tokens/s median",
+                     f"{statistics.median(pair.b):.1f}"),
+                    (f"    (b)/(a) per round, {clients} client(s) (goal >= 95%)", pair.summary()),
+                    (f"    gateway CPU per 1000 tokens, {clients} client(s)", f"{cpu.per_thousand_tokens():.3f} s"),
+                    (f"    load average min / median / max, {clients} client(s)", load.summary()),
+                ]  # fmt: skip
             direct.close()
             gateway.close()
 

@@ -43,6 +43,8 @@ class AuthGuard:
         try:
             if registry.settings.auth.enabled and not _has_authorization(scope):
                 actor = ANONYMOUS  # nothing to look up: no thread hop for anonymous reads
+            elif (known := self._remembered(registry, scope)) is not None:
+                actor = known  # a token found valid with no commit since: no query, no thread hop
             else:
                 actor = await anyio.to_thread.run_sync(self._actor, registry, scope)
             path = scope["path"].rstrip("/")
@@ -68,6 +70,16 @@ class AuthGuard:
         await self.app(scope, receive, send)
 
     @staticmethod
+    def _remembered(registry: Any, scope: Scope) -> Actor | None:
+        if not registry.settings.auth.enabled:
+            return None
+        kind, _, token = _authorization(scope).partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            return None
+        remembered: Actor | None = registry.tokens.remembered(token.strip())
+        return remembered
+
+    @staticmethod
     def _actor(registry: Any, scope: Scope) -> Actor:
         if not registry.settings.auth.enabled:
             return _UNAUTHENTICATED
@@ -85,6 +97,13 @@ class AuthGuard:
             raise Unauthorized("malformed Authorization header; send 'Authorization: Bearer <token>'")
         actor: Actor = registry.tokens.authenticate(token.strip())
         return actor
+
+
+def _authorization(scope: Scope) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == b"authorization":
+            return str(value.decode("latin-1"))
+    return ""
 
 
 def _has_authorization(scope: Scope) -> bool:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from registry.serve.routing import Target
 
-__all__ = ["Done", "Engine", "Generation", "Piece", "Started"]
+__all__ = ["Done", "Engine", "Generation", "Piece", "Relayed", "Started"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class Generation:
     stop: list[str]
     n: int
     stream: bool = False
+    # The caller takes `Relayed` events in place of `Piece`s and `Done`s (the gateway's
+    # streamed responses): an engine that already speaks OpenAI's chunk format may pass its
+    # bytes through instead of having every chunk parsed and written again.
+    relay: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,17 @@ class Done:
     tokens: int
 
 
-Event = Started | Piece | Done
+@dataclass(frozen=True)
+class Relayed:
+    """Whole server-sent events in OpenAI's chunk format (``data: {...}\n\n`` each), for the
+    client as they are: ``model`` already reads as the client asked, no ``data: [DONE]``.
+    ``response_id``: the ``id`` those chunks carry (the gateway's own first chunk uses it)."""
+
+    data: bytes
+    response_id: str
+
+
+Event = Started | Piece | Done | Relayed
 
 
 class Engine(Protocol):

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from registry.errors import InvalidInput
 from registry.inputs import validation_errors
-from registry.serve.engine import Done, Engine, Generation, Piece, Started
+from registry.serve.engine import Done, Engine, Generation, Piece, Relayed, Started
 from registry.serve.protocol import ChatRequest, CompletionRequest
 from registry.serve.routing import Router, Target
 
@@ -103,6 +103,7 @@ class Gateway:
             stop=request.stops,
             n=request.n,
             stream=request.stream,
+            relay=request.stream,
         )
 
     async def complete(self, request: Request, generation: Generation) -> dict[str, Any]:
@@ -167,6 +168,8 @@ class Gateway:
             "created": int(time.time()),
             "model": request.model,
         }
+        if isinstance(first, Relayed) and first.response_id:
+            head["id"] = first.response_id  # the relayed chunks' id: one id for the whole stream
 
         def chunk(index: int, text: str | None, reason: str | None, **extra: Any) -> bytes:
             if chat:
@@ -190,7 +193,9 @@ class Gateway:
                         event = await events.__anext__()
                     except StopAsyncIteration:
                         break
-                if isinstance(event, Piece):
+                if isinstance(event, Relayed):
+                    yield event.data
+                elif isinstance(event, Piece):
                     yield chunk(event.index, event.text, None)
                 elif isinstance(event, Done) and event.finish_reason != "cancelled":
                     yield chunk(event.index, None, event.finish_reason)

@@ -4,9 +4,10 @@ and Brickyard's LoRA resolver plugin (``serving/vllm_plugin``).
 The ``model`` sent is what the resolver accepts, already resolved here: ``name@version`` for a
 brick (never a plain name: vLLM remembers a resolved name for as long as it runs, so a plain
 name would keep its first version), a composition id, or vLLM's own served base name for the
-base alone. A streamed request is streamed from vLLM (``stream_options.include_usage``), a
-whole one asked whole (vLLM's streamed text of a token-id prompt starts with the prompt's
-text); either way vLLM's answer becomes the same events as the embedded engine's.
+base alone. A streamed request is streamed from vLLM, a whole one asked whole (vLLM's
+streamed text of a token-id prompt starts with the prompt's text); either way vLLM's answer
+becomes the same events as the embedded engine's, except that a gateway's stream
+(``Generation.relay``) gets vLLM's chunks as bytes (`registry.serve.sse_relay`).
 Chat requests go to vLLM's chat route when the base's tokenizer has a chat template, and as
 the plain rendering of `registry.serve.chat` to its completions route otherwise (vLLM refuses
 chat without a template). vLLM unreachable or failing: `ServiceUnavailable` (503, Retry-After).
@@ -24,7 +25,8 @@ import httpx
 
 from registry.errors import BrickyardError, RequestRefused, ServiceUnavailable
 from registry.serve.chat import has_chat_template, render_plain_chat
-from registry.serve.engine import Done, Event, Generation, Piece, Started
+from registry.serve.engine import Done, Event, Generation, Piece, Relayed, Started
+from registry.serve.sse_relay import ChunkRelay
 
 __all__ = ["VllmEngine"]
 
@@ -79,7 +81,6 @@ class VllmEngine:
             body["n"] = generation.n
         if generation.stream:
             body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
         if generation.seed is not None:
             body["seed"] = generation.seed
         if generation.stop:
@@ -92,6 +93,11 @@ class VllmEngine:
                 body["prompt"] = render_plain_chat(generation.messages)
         else:
             body["prompt"] = generation.prompt
+        # Relayed only when vLLM answers in the client's format: a chat rendered as a plain
+        # prompt comes back as completion chunks, which become events the gateway writes.
+        relay = generation.relay and (generation.messages is None or path == "/v1/chat/completions")
+        if generation.stream and not relay:  # relayed chunks go out as they are: no usage chunk
+            body["stream_options"] = {"include_usage": True}
         if not generation.stream:
             whole = (await self._request("POST", path, json=body)).json()
             yield Started(int((whole.get("usage") or {}).get("prompt_tokens") or 0))
@@ -109,12 +115,21 @@ class VllmEngine:
             async with self._http.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
                     raise _vllm_error(response.status_code, (await response.aread()).decode(errors="replace"))
+                if relay:
+                    relayed = ChunkRelay(str(target.used.get("model") or model))
+                    # Read to the end (past ``[DONE]``): a response left unread closes its
+                    # connection, and the next request would pay for a new one.
+                    async for received in response.aiter_raw():
+                        events = relayed.feed(received)
+                        if events:
+                            yield Relayed(events, relayed.response_id or "")
+                    return
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        break
+                        continue  # read to the end, as above: the connection goes back to the pool
                     chunk = json.loads(data)
                     usage = chunk.get("usage")
                     if usage:

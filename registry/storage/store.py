@@ -50,6 +50,7 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._generation_seen: tuple[int, int] | None = None  # (change marker, brick generation)
 
     # -- base models -------------------------------------------------------------------
 
@@ -92,9 +93,20 @@ class Store:
 
     def brick_generation(self) -> int:
         """A counter every brick write (register, metadata change, delete) raises, in any
-        process: a copy of a brick read at this generation is current while it stays."""
+        process: a copy of a brick read at this generation is current while it stays.
+
+        Read on every served request of a pinned brick: while the database's change marker
+        stays (`Database.change_marker`, no commit anywhere) the last value is still current.
+        """
+        marker = self.db.change_marker()
+        seen = self._generation_seen
+        if marker is not None and seen is not None and seen[0] == marker:
+            return seen[1]
         with self.db.session() as session:
-            return read_generation(session)
+            generation = read_generation(session)  # read after the marker: at least as new
+        if marker is not None:
+            self._generation_seen = (marker, generation)
+        return generation
 
     def base_model_id(self, name: str) -> int:
         """The row id of base model ``name`` (`BaseModelNotFound` otherwise)."""

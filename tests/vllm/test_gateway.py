@@ -93,14 +93,26 @@ def test_streaming_through_the_gateway(stack: Stack) -> None:
     with gateway(stack).completions.create(
         model="c0", prompt=text, max_tokens=NEW_TOKENS, temperature=0, stream=True
     ) as stream:
-        assert "".join(chunk.choices[0].text for chunk in stream) == whole
+        chunks = list(stream)
+    assert "".join(chunk.choices[0].text for chunk in chunks) == whole
+    # vLLM's chunks are relayed as bytes: still the model asked for, one id, ``brickyard`` first.
+    assert {chunk.model for chunk in chunks} == {"c0"} and len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].brickyard["bricks"][0]["name"] == "c0"  # type: ignore[attr-defined]
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # A chat on this base (no chat template) reaches vLLM as a plain prompt: chat chunks still.
+    with gateway(stack).chat.completions.create(
+        model="c0", messages=[{"role": "user", "content": text}], max_tokens=NEW_TOKENS, temperature=0, stream=True
+    ) as chat:
+        pieces = list(chat)
+    assert {piece.object for piece in pieces} == {"chat.completion.chunk"} and {p.model for p in pieces} == {"c0"}
+    assert "".join(piece.choices[0].delta.content or "" for piece in pieces)
 
 
 def test_auto_routing_and_a_composition_through_vllm(stack: Stack, tmp_path: Path) -> None:
     options = {"bricks": ["c1", "c2"], "k": 2, "min_score": -1e9}
     question = "test brick c1"
     answer = through_gateway(stack, f"auto:{BASE}", prompt=question, extra_body={"brickyard": options})
-    used = answer.brickyard  # type: ignore[attr-defined]
+    used = answer.brickyard
     assert sorted(b["name"] for b in used["bricks"]) == ["c1", "c2"] and used["recipe_id"]
     directory = _composition_dir(stack, used["recipe_id"])
     text = answer.choices[0].text

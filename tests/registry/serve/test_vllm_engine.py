@@ -81,3 +81,78 @@ def test_forget_unloads_every_name_and_tolerates_absent_adapters_and_a_down_serv
     with caplog.at_level("WARNING", logger="brickyard.serve"):
         asyncio.run(run(httpx.MockTransport(down), ["gone@2"]))  # no exception: the deletion stands
     assert "could not unload adapter 'gone@2'" in caplog.text
+
+
+def test_a_stream_relays_vllms_chunks_with_the_requested_model(tmp_path: Path, llama_base: Path) -> None:
+    """Streamed answers pass vLLM's chunks through as bytes (`registry.serve.sse_relay`): the
+    client still gets OpenAI's chunks with the model it asked for, one id, ``brickyard`` first."""
+    import json
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from registry.api import create_app
+    from registry.serve.vllm import VllmEngine
+    from registry.service import Registry
+    from registry.settings import ComposeSettings, Settings
+
+    served = "/models/the-base"
+    texts = ["Hello", " wor", "ld"]
+    upstream = b"".join(
+        b"data: " + json.dumps({"id": "cmpl-7", "object": "text_completion", "created": 1, "model": served,
+                                "choices": [{"index": 0, "text": t, "logprobs": None,
+                                             "finish_reason": "length" if i == 2 else None}]},
+                               separators=(",", ":")).encode() + b"\n\n"
+        for i, t in enumerate(texts)
+    ) + b"data: [DONE]\n\n"  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def pieces() -> Any:  # as the network delivers it: cut anywhere
+        for start in range(0, len(upstream), 5):
+            yield upstream[start : start + 5]
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": served, "parent": None}]})
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=pieces())
+
+    settings = Settings(
+        home=tmp_path / "home",
+        compose=ComposeSettings(isolation="thread", workers=0),
+        embedding={"isolation": "thread"},
+        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid"},
+    )
+    registry = Registry.open(settings)
+    try:
+        token, _ = registry.tokens.create("t", "admin", actor="tests")
+        with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
+            register_base(client, llama_base, name="tiny")
+            client.app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))  # type: ignore[attr-defined]
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                assert json.loads(response.headers["X-Brickyard-Used"])["base_model"] == "tiny"
+                lines = [line for line in response.iter_lines() if line]
+            # The tiny base has no chat template: vLLM gets the chat as a plain prompt and answers
+            # with completion chunks, which must not be relayed to a chat client as they are.
+            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+            with client.stream("POST", "/v1/chat/completions", json=chat) as response:
+                assert response.status_code == 200
+                chat_lines = [line for line in response.iter_lines() if line]
+    finally:
+        registry.close()
+    assert sent[0]["stream"] is True and sent[0]["model"] == served and "stream_options" not in sent[0]
+    assert lines[-1] == "data: [DONE]" and lines.count("data: [DONE]") == 1
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["brickyard"]["base_model"] == "tiny" and chunks[0]["choices"][0]["text"] == ""
+    assert {c["model"] for c in chunks} == {"tiny"} and {c["id"] for c in chunks} == {"cmpl-7"}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(texts)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sent[1]["prompt"] and "messages" not in sent[1] and sent[1]["stream_options"] == {"include_usage": True}
+    chat_chunks = [json.loads(line.removeprefix("data: ")) for line in chat_lines[:-1]]
+    assert chat_lines[-1] == "data: [DONE]"
+    assert {c["object"] for c in chat_chunks} == {"chat.completion.chunk"} and {c["model"] for c in chat_chunks} == {
+        "tiny"
+    }
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chat_chunks) == "".join(texts)

@@ -87,6 +87,23 @@ def test_every_brick_write_raises_the_brick_generation(store: Store) -> None:
     assert store.brick_generation() == seen[-1]  # reading changes nothing
 
 
+def test_a_brick_write_by_another_process_raises_the_remembered_generation(store: Store, database_url: str) -> None:
+    """The generation is remembered between commits (SQLite's change marker): a write through
+    another engine (another server process) must still be seen on the next read."""
+    store.add_base_model(base_draft())
+    before = store.brick_generation()
+    assert store.brick_generation() == before
+    other = Database.from_url(database_url)
+    try:
+        Store(other).add_brick(brick_draft("b", "1"))
+        assert store.brick_generation() > before
+        after = store.brick_generation()
+        Store(other).delete_brick("b", 1)
+        assert store.brick_generation() > after
+    finally:
+        other.dispose()
+
+
 def test_base_model_errors(store: Store) -> None:
     store.add_base_model(base_draft())
     with pytest.raises(BaseModelExists):
