@@ -339,14 +339,19 @@ def test_a_stop_does_not_wait_for_the_deferred_copies(tmp_path: Path, monkeypatc
         _shard(src / "b.safetensors", {"untouched": (1024, 1024)}, seed=2),  # 1024 pieces
     ]
     copies: list[int] = []
+    copying = threading.Event()
     real_copy_at = io._ShardWriter.copy_at
 
     def slow_copy_at(self: io._ShardWriter, offset: int, length: int, buffer: memoryview | None) -> None:
         copies.append(offset)
+        copying.set()
         time.sleep(0.002)  # ~2 s for all of them
         real_copy_at(self, offset, length, buffer)
 
     def progress(written: int, name: str) -> None:
+        # Stop once the deferred copies are under way (on a loaded machine the first
+        # progress call can come before the copying thread has started).
+        copying.wait(timeout=60)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(io._ShardWriter, "copy_at", slow_copy_at)
