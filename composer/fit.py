@@ -54,8 +54,9 @@ def examples_hash(examples: Sequence[Example]) -> str:
 class FitResult:
     """What `fit_weights` found.
 
-    ``losses[k]`` is the objective (cross-entropy + L1) before step k; the last entry is the
-    objective after the last step, so ``len(losses) == steps + 1``. ``initial_loss`` and
+    ``losses`` is the objective (cross-entropy + L1) along the fit. Adam: before each step,
+    then after the last (``steps + 1`` values). Gauss-Newton: at ``init``, at the best
+    starting point, then after each step taken (fewer when it converges). ``initial_loss`` and
     ``final_loss`` are the cross-entropy alone, at the initial and the fitted weights.
     """
 
@@ -394,7 +395,8 @@ def _gauss_newton(
     cross-entropy plus the L1 term's slope, scores three damped steps (clamped to ``bounds``)
     exactly in one pass, keeps the best if it lowers the objective, and updates the derivative
     with Broyden's secant formula from what it just scored (no new probes). Stops after
-    ``steps`` steps or when a step gains less than ``tolerance``. Returns what `_adam` returns.
+    ``steps`` steps, when the model forecasts or a step gains less than ``tolerance``, or
+    after two steps in a row that found nothing better. Returns what `_adam` returns.
     """
     import torch
 
@@ -415,16 +417,25 @@ def _gauss_newton(
     losses = [float(values[0])]
     best = int(torch.argmin(values))
     weights, logits, current = starts[best], scored[best].double(), float(values[best])
+    losses.append(current)
     # Probe inward at the upper bound, so that no probe leaves the box.
     probe = torch.where(weights + _PROBE > high, -_PROBE, _PROBE)
     jacobian = (mixture.answer_logits(weights + torch.diag(probe), ids, labels).double() - logits) / probe[
         :, None, None
     ]
-    damping = 1.0
+    damping, rejected = 1.0, 0
     for step in range(steps):
         gradient, curvature = gradient_and_curvature(logits, jacobian, targets)
         gradient = gradient + l1 / count * torch.sign(weights)
-        candidates = (weights + damped_steps(gradient, curvature, [d * damping for d in _DAMPINGS])).clamp(low, high)
+        moves = damped_steps(gradient, curvature, [d * damping for d in _DAMPINGS])
+        # The model's own forecast for its best (undamped) step: below the tolerance, the fit
+        # has converged and scoring the candidates would only confirm it.
+        forecast = -float(gradient @ moves[0] + 0.5 * moves[0] @ curvature @ moves[0])
+        if forecast < tolerance:
+            if progress is not None:
+                progress(1.0, f"fitting weights: converged after {step} steps, objective {current:.4f}")
+            break
+        candidates = (weights + moves).clamp(low, high)
         scored = mixture.answer_logits(candidates, ids, labels).double()
         values = objective(candidates, scored)
         for candidate, candidate_logits in zip(candidates, scored, strict=True):
@@ -433,13 +444,14 @@ def _gauss_newton(
         gain = current - float(values[best])
         if gain > 0:
             weights, logits, current = candidates[best], scored[best], float(values[best])
-            damping = max(damping * (0.3 if best == 0 else 1.0), 1e-3)
+            damping, rejected = max(damping * (0.3 if best == 0 else 1.0), 1e-3), 0
         else:
-            damping *= 10.0  # no candidate helped: the model is trusted over too wide a range
+            # No candidate helped: the model is trusted over too wide a range.
+            damping, rejected = damping * 10.0, rejected + 1
         losses.append(current)
         if progress is not None:
             progress((step + 1) / steps, f"fitting weights: step {step + 1}/{steps}, objective {current:.4f}")
-        if 0 < gain < tolerance or (gain <= 0 and damping > 1e4):
+        if 0 < gain < tolerance or rejected == 2:
             if progress is not None and step + 1 < steps:
                 progress(1.0, f"fitting weights: converged after {step + 1} steps, objective {current:.4f}")
             break
@@ -464,7 +476,7 @@ def fit_weights(
     progress: ProgressCallback | None = None,
     method: FitMethod = "gauss-newton",
     tolerance: float = 1e-2,
-    spread: int = 8,
+    spread: int = 4,
 ) -> FitResult:
     """Fit one weight per brick to ``examples`` on the unmerged bricks.
 
@@ -499,8 +511,9 @@ def fit_weights(
         tolerance: Gauss-Newton stops when a step lowers the objective by less.
 
     Returns:
-        `FitResult` with the final weights, the objective per step (Gauss-Newton: up to
-        ``steps + 1`` values, fewer when it converges) and the examples' hash;
+        `FitResult` with the final weights, the objective per step (Gauss-Newton: at
+        ``init``, at the best starting point, then after each step: up to ``steps + 2``
+        values, fewer when it converges) and the examples' hash;
         ``seconds`` counts loading only when this call loaded the model.
 
     Raises:

@@ -44,7 +44,7 @@ LEARNING_RATE = 0.1
 # The optimiser of new recipes and its settings (composer's defaults), fixed for the same reason.
 METHOD = "gauss-newton"
 TOLERANCE = 1e-2
-SPREAD = 8
+SPREAD = 4
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

@@ -19,8 +19,8 @@ def _recipe(section: dict) -> dict:  # type: ignore[type-arg]
 
 def test_new_sections_name_the_method_and_its_settings() -> None:
     section = fit_section(FitRequest(examples=[IOPair(input=i, output=o) for i, o in EXAMPLES], steps=5))
-    assert (section["method"], section["tolerance"], section["spread"]) == ("gauss-newton", 0.01, 8)
-    assert (METHOD, TOLERANCE, SPREAD) == ("gauss-newton", 0.01, 8)
+    assert (section["method"], section["tolerance"], section["spread"]) == ("gauss-newton", 0.01, 4)
+    assert (METHOD, TOLERANCE, SPREAD) == ("gauss-newton", 0.01, 4)
 
 
 @pytest.mark.parametrize("method", [None, "gauss-newton"], ids=["before-the-field", "gauss-newton"])
