@@ -162,3 +162,20 @@ def test_fit_refuses_bad_parameters(tmp_path) -> None:  # type: ignore[no-untype
     with pytest.raises(InvalidParams) as raised:
         fit_weights(tmp_path, [tmp_path], [("a", "b")], method="newton", tolerance=-1.0, spread=-1)  # type: ignore[arg-type]
     assert len(raised.value.problems) == 3
+
+
+@pytest.mark.slow
+def test_gauss_newton_too_big_for_memory_is_adam(small_testbed: TestBed, monkeypatch: pytest.MonkeyPatch) -> None:
+    import composer.fit
+
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    examples = _mixture_examples(small_testbed)
+    template = format_prompt("{input}")
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    adam = fit_weights(mixture, bricks, examples, steps=3, prompt_template=template, method="adam")
+    newton = fit_weights(mixture, bricks, examples, steps=3, prompt_template=template)
+    monkeypatch.setattr(composer.fit, "_GAUSS_NEWTON_MAX_ELEMENTS", 1000)
+    limited = fit_weights(mixture, bricks, examples, steps=3, prompt_template=template)
+    assert limited.weights == adam.weights and limited.losses == adam.losses
+    assert newton.weights != adam.weights
+    mixture.detach()
