@@ -262,7 +262,8 @@ def _delta_hook(entries: list[tuple[int, torch.Tensor, torch.Tensor, float]], st
             per_copy = points[:, brick_of_rank] * scaling  # (copies, sum r)
             # Rows are copy-major whether the input is (batch, seq, in) or flattened to (tokens, in).
             shape = (points.shape[0],) + (1,) * (middle.dim() - 1) + (per_copy.shape[1],)
-            middle = (middle.unflatten(0, (points.shape[0], -1)) * per_copy.view(shape)).flatten(0, 1)
+            copies = middle.unflatten(0, (points.shape[0], -1))  # type: ignore[no-untyped-call]
+            middle = (copies * per_copy.view(shape)).flatten(0, 1)
         return output + middle @ b_all.T
 
     return hook
@@ -373,7 +374,8 @@ def _starts(start: torch.Tensor, bounds: tuple[float, float], seed: int, spread:
 
     count = start.numel()
     low, high = bounds
-    sobol = torch.quasirandom.SobolEngine(count, scramble=True, seed=seed).draw(spread, dtype=torch.float64)
+    engine = torch.quasirandom.SobolEngine(count, scramble=True, seed=seed)  # type: ignore[no-untyped-call]
+    sobol = engine.draw(spread, dtype=torch.float64)
     spread_points = 0.6 * (low + (high - low) * sobol)
     structured = [start[None], torch.eye(count, dtype=start.dtype), torch.ones(1, count, dtype=start.dtype)]
     return torch.cat([*structured, spread_points]).clamp(low, high)
