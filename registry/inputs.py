@@ -321,15 +321,15 @@ def parse_json_model(model: type[M], raw: str | bytes | dict[str, Any], *, what:
 
 
 class FitRequest(BaseModel):
-    """Fit the bricks' weights to a few examples before merging (gradient descent on one scalar
+    """Fit the bricks' weights to a few examples before merging (Gauss-Newton on one scalar
     per brick; see `composer.fit_weights`). Starts from uniform weights ``1 / n``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     examples: list[IOPair] = Field(min_length=1, max_length=MAX_FIT_EXAMPLES)
-    steps: int = Field(40, ge=1, le=500, description="optimiser steps")
+    steps: int = Field(40, ge=1, le=500, description="at most this many optimiser steps")
     l1: float = Field(0.05, ge=0.0, le=10.0, allow_inf_nan=False, description="weight of the L1 term on |w|")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="mini-batch order (with more than 32 examples)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="the spread of starting points the fit scores first")
     prompt: PromptTemplate = Field("{input}", description="how an input becomes the model's prompt")
 
 

@@ -9,7 +9,9 @@ start from uniform weights ``1 / n`` (LoraHub's start), which is what the recipe
 before the build.
 
 The fit runs in the build job (`fit_recipe`), before the merge, reporting progress like a
-build; the composer does the math (`composer.fit_weights`).
+build; the composer does the math (`composer.fit_weights`). New recipes name the optimiser
+(``method``: Gauss-Newton, with its ``tolerance`` and ``spread``); a recipe written before
+that field existed has none and is fitted with Adam, as it was then, so it builds the same.
 """
 
 from __future__ import annotations
@@ -23,12 +25,26 @@ from typing import Any
 from registry.errors import InvalidRecipe
 from registry.inputs import FitRequest
 
-__all__ = ["FIT_FRACTION", "LEARNING_RATE", "fit_recipe", "fit_section", "require_tokenizer"]
+__all__ = [
+    "FIT_FRACTION",
+    "LEARNING_RATE",
+    "METHOD",
+    "SPREAD",
+    "TOLERANCE",
+    "fit_recipe",
+    "fit_section",
+    "require_tokenizer",
+]
 
 # The fit's share of a build's progress bar; the merge takes the rest.
 FIT_FRACTION = 0.5
 # Adam's step on the weights (composer's default): fixed, so that it is part of the recipe schema.
+# Only recipes without ``method`` (written before Gauss-Newton) use it.
 LEARNING_RATE = 0.1
+# The optimiser of new recipes and its settings (composer's defaults), fixed for the same reason.
+METHOD = "gauss-newton"
+TOLERANCE = 1e-2
+SPREAD = 4
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -43,6 +59,9 @@ def fit_section(fit: FitRequest) -> dict[str, Any]:
         "steps": fit.steps,
         "l1": float(fit.l1),
         "lr": LEARNING_RATE,
+        "method": METHOD,
+        "tolerance": TOLERANCE,
+        "spread": SPREAD,
         "seed": fit.seed,
         "prompt": fit.prompt,
     }
@@ -105,6 +124,10 @@ def fit_recipe(
         steps=fit["steps"],
         lr=fit["lr"],
         l1=fit["l1"],
+        # Recipes from before the field were fitted with Adam: they must rebuild the same.
+        method=fit.get("method", "adam"),
+        tolerance=fit.get("tolerance", TOLERANCE),
+        spread=fit.get("spread", SPREAD),
         init=[brick["weight"] for brick in recipe["bricks"]],
         seed=fit["seed"],
         prompt_template=fit["prompt"],

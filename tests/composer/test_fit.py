@@ -1,5 +1,6 @@
 """Few-shot weight fitting on the trained test bed: it lowers the loss from uniform weights,
-is deterministic, and its unmerged forward is the linear merge's forward."""
+is deterministic, its unmerged forward is the linear merge's forward, and scoring several
+weight vectors in one pass equals scoring them one at a time."""
 
 from __future__ import annotations
 
@@ -26,7 +27,65 @@ def _mixture_examples(bed: TestBed, per_task: int = 3) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_fit_lowers_loss_from_uniform_and_is_deterministic(small_testbed: TestBed) -> None:
+def test_gauss_newton_fit_lowers_loss_from_uniform_and_is_deterministic(small_testbed: TestBed) -> None:
+    import torch
+
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    examples = _mixture_examples(small_testbed)
+    template = format_prompt("{input}")
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    fractions: list[float] = []
+    first = fit_weights(
+        mixture, bricks, examples, steps=8, prompt_template=template, progress=lambda f, _m: fractions.append(f)
+    )
+    second = fit_weights(mixture, bricks, examples, steps=8, prompt_template=template)
+    other_seed = fit_weights(mixture, bricks, examples, steps=8, seed=1, prompt_template=template)
+    assert first.final_loss < first.initial_loss
+    assert first.weights == second.weights
+    assert first.losses == second.losses
+    assert 2 <= len(first.losses) <= 10  # at init, at the best start, then one per step
+    # Only improvements are taken: after the starting points, the objective never rises.
+    assert all(later <= earlier for earlier, later in zip(first.losses[1:], first.losses[2:], strict=False))
+    assert first.losses[-1] < first.losses[0]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert first.examples_hash == examples_hash(examples)
+    assert all(-1.5 <= w <= 1.5 for w in first.weights + other_seed.weights)
+    # The fit's own scoring (batched copies) agrees with the model's loss at the fitted weights,
+    # and the L1 term is LoraHub's (0.05 * mean |w|).
+    mixture.set_weights(first.weights)
+    ids, labels = mixture.batch(examples, prompt_template=template)
+    with torch.no_grad():
+        direct = float(mixture.loss(ids, labels))
+    assert first.final_loss == pytest.approx(direct, abs=1e-5)
+    assert first.losses[-1] == pytest.approx(direct + 0.05 * sum(abs(w) for w in first.weights) / 3, abs=1e-5)
+    mixture.detach()
+
+
+@pytest.mark.slow
+def test_batched_weight_vectors_equal_one_forward_each(small_testbed: TestBed) -> None:
+    import torch
+
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    examples = _mixture_examples(small_testbed)
+    ids, labels = mixture.batch(examples, prompt_template=format_prompt("{input}"))
+    points = torch.tensor([[0.2, -0.7, 1.1], [1.0, 0.0, 0.0], [-1.5, 0.4, 0.3]])
+    together = mixture.answer_logits(points, ids, labels, max_rows=2 * ids.shape[0])  # two chunks
+    targets = mixture.answer_targets(labels)
+    assert together.shape[:2] == (3, int((labels != -100).sum()))
+    for point, logits in zip(points, together, strict=True):
+        mixture.set_weights(point.tolist())
+        with torch.no_grad():
+            alone = mixture.model(input_ids=ids).logits[:, :-1][labels[:, 1:] != -100]
+            loss = float(mixture.loss(ids, labels))
+        assert torch.allclose(logits, alone, atol=1e-5)
+        assert torch.nn.functional.cross_entropy(logits, targets).item() == pytest.approx(loss, abs=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-2)
+    mixture.detach()
+
+
+@pytest.mark.slow
+def test_adam_fit_lowers_loss_from_uniform_and_is_deterministic(small_testbed: TestBed) -> None:
     bricks = [task.brick_dir for task in small_testbed.tasks.values()]
     examples = _mixture_examples(small_testbed)
     steps: list[float] = []
@@ -37,8 +96,11 @@ def test_fit_lowers_loss_from_uniform_and_is_deterministic(small_testbed: TestBe
         steps=8,
         prompt_template=format_prompt("{input}"),
         progress=lambda fraction, _message: steps.append(fraction),
+        method="adam",
     )
-    second = fit_weights(small_testbed.base_dir, bricks, examples, steps=8, prompt_template=format_prompt("{input}"))
+    second = fit_weights(
+        small_testbed.base_dir, bricks, examples, steps=8, prompt_template=format_prompt("{input}"), method="adam"
+    )
     assert first.final_loss < first.initial_loss
     assert first.weights == second.weights
     assert first.losses == second.losses
@@ -97,3 +159,23 @@ def test_fit_refuses_bad_parameters(tmp_path) -> None:  # type: ignore[no-untype
     with pytest.raises(InvalidParams) as raised:
         fit_weights(tmp_path, [tmp_path], [], steps=0)
     assert len(raised.value.problems) == 2
+    with pytest.raises(InvalidParams) as raised:
+        fit_weights(tmp_path, [tmp_path], [("a", "b")], method="newton", tolerance=-1.0, spread=-1)  # type: ignore[arg-type]
+    assert len(raised.value.problems) == 3
+
+
+@pytest.mark.slow
+def test_gauss_newton_too_big_for_memory_is_adam(small_testbed: TestBed, monkeypatch: pytest.MonkeyPatch) -> None:
+    import composer.fit
+
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    examples = _mixture_examples(small_testbed)
+    template = format_prompt("{input}")
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    adam = fit_weights(mixture, bricks, examples, steps=3, prompt_template=template, method="adam")
+    newton = fit_weights(mixture, bricks, examples, steps=3, prompt_template=template)
+    monkeypatch.setattr(composer.fit, "_GAUSS_NEWTON_MAX_ELEMENTS", 1000)
+    limited = fit_weights(mixture, bricks, examples, steps=3, prompt_template=template)
+    assert limited.weights == adam.weights and limited.losses == adam.losses
+    assert newton.weights != adam.weights
+    mixture.detach()

@@ -1,0 +1,105 @@
+"""The pure math of few-shot weight fitting: Gauss-Newton steps of a cross-entropy in a few weights.
+
+The model is linearised in the weights: the answer logits at ``w + d`` are ``z + J d`` (``z``
+the logits at ``w``, ``J`` their derivative in each weight). Cross-entropy is convex in the
+logits, so its curvature in ``d`` is the Gauss-Newton matrix ``J^T (diag p - p p^T) J``
+(positive semi-definite, no second derivative of the network needed). With K weights (a
+handful of bricks) every quantity here is a K-vector or a K x K matrix: the steps cost nothing
+next to one forward pass of the model, which `composer.fit` spends on the logits.
+
+No model and no I/O here: tensors in, tensors out (float64 for the K x K algebra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["broyden_update", "cross_entropy", "damped_steps", "gradient_and_curvature"]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens, one value per leading index.
+
+    Args:
+        logits: ``(..., n, V)`` logits of the ``n`` answer tokens.
+        targets: ``(n,)`` the answer tokens.
+    """
+    import torch
+
+    logits = logits.double()
+    picked = logits.gather(-1, targets.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return (torch.logsumexp(logits, dim=-1) - picked).mean(dim=-1)
+
+
+def gradient_and_curvature(
+    logits: torch.Tensor, jacobian: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient and Gauss-Newton matrix of the mean cross-entropy in the weights.
+
+    Args:
+        logits: ``(n, V)`` answer logits at the current weights.
+        jacobian: ``(K, n, V)`` derivative of those logits in each of the K weights.
+        targets: ``(n,)`` the answer tokens.
+
+    Returns:
+        ``(g, H)``: ``(K,)`` and ``(K, K)``, float64; ``H`` is symmetric positive semi-definite.
+    """
+    import torch
+
+    p = torch.softmax(logits.double(), dim=-1)
+    jac = jacobian.double()
+    n = logits.shape[0]
+    residual = p.clone()
+    residual[torch.arange(n), targets] -= 1.0
+    gradient = torch.einsum("knv,nv->k", jac, residual) / n
+    mean_direction = torch.einsum("knv,nv->kn", jac, p)  # J_t^T p_t per token
+    curvature = torch.einsum("knv,nv,lnv->kl", jac, p, jac) / n - mean_direction @ mean_direction.T / n
+    return gradient, (curvature + curvature.T) / 2
+
+
+def damped_steps(gradient: torch.Tensor, curvature: torch.Tensor, dampings: Sequence[float]) -> torch.Tensor:
+    """Levenberg-Marquardt steps ``-(H + lambda s I)^-1 g`` for each damping ``lambda``.
+
+    ``s`` is the mean eigenvalue of ``H`` (its trace / K), so the dampings are relative: 0 is the
+    full Gauss-Newton step, large values shrink it towards the (scaled) gradient step.
+
+    Returns:
+        ``(len(dampings), K)`` float64.
+    """
+    import torch
+
+    k = gradient.shape[0]
+    scale = float(torch.trace(curvature)) / k
+    scale = scale if scale > 0 else 1.0
+    eye = torch.eye(k, dtype=torch.float64)
+    # A floor of 1e-9 s keeps a singular H (a brick that changes no answer token) solvable.
+    return torch.stack(
+        [-torch.linalg.solve(curvature + max(damping, 1e-9) * scale * eye, gradient) for damping in dampings]
+    )
+
+
+def broyden_update(jacobian: torch.Tensor, step: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """Broyden's rank-one secant update of the logits' derivative after a scored step.
+
+    The updated ``J'`` maps ``step`` onto the observed ``change`` of the logits exactly and
+    agrees with ``J`` on every direction orthogonal to ``step``.
+
+    Args:
+        jacobian: ``(K, n, V)``.
+        step: ``(K,)`` the weights moved by.
+        change: ``(n, V)`` the logits changed by.
+
+    Returns:
+        ``(K, n, V)``; ``jacobian`` itself when the step is (numerically) zero.
+    """
+    import torch
+
+    norm = float(step @ step)
+    if norm < 1e-12:
+        return jacobian
+    miss = change - torch.einsum("k,knv->nv", step, jacobian)
+    return jacobian + step[:, None, None] * miss[None] / norm
