@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.fitting import LEARNING_RATE, METHOD, SPREAD, TOLERANCE, fit_recipe, fit_section
+from registry.builds.fitting import LEARNING_RATE, METHOD, SPREAD, TOLERANCE, fit_recipe, fit_section
 from registry.inputs import FitRequest, IOPair
 
 EXAMPLES = [("the battery lasts", "positive"), ("broke after a day", "negative")]
