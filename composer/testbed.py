@@ -744,7 +744,7 @@ def load_testbed(root: Path) -> TestBed:
             brick_dir=root / record["brick"],
             base_accuracy=record["base_accuracy"],
             brick_accuracy=record["brick_accuracy"],
-            brick_steps=record["brick_steps"],
+            brick_steps=record.get("brick_steps", 0),  # builds before early stopping lack it
         )
         for record in manifest["tasks"]
     }
@@ -755,7 +755,7 @@ def load_testbed(root: Path) -> TestBed:
         variant=manifest["variant"],
         seed=manifest["seed"],
         code_version=manifest["code_version"],
-        build_seconds=facts.get("build_seconds", 0.0),
+        build_seconds=facts.get("build_seconds", manifest.get("build_seconds", 0.0)),  # older builds
         tasks=tasks,
     )
 
