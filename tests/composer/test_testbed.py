@@ -87,7 +87,7 @@ def test_code_version_ignores_docs_and_the_other_variants_recipe(tmp_path: Path)
     assert retuned != source
     retuned_full, retuned_small = _code_versions_of(retuned, tmp_path)
     assert retuned_full == full and retuned_small != small
-    rule = "_CHECK_EVERY, _VALIDATION_SIZE, _STOP_ACCURACY = 50,"
+    rule = "_CHECK_EVERY, _VALIDATION_SIZE, _STOP_ACCURACY, _PATIENCE = 50,"
     recoded = source.replace(rule, rule.replace("50", "51"), 1)
     assert recoded != source
     recoded_full, recoded_small = _code_versions_of(recoded, tmp_path)
