@@ -607,6 +607,13 @@ def _brick_record(seed: int, variant: str, task: str, base_dir: str, brick_dir: 
     # trained; "auto" would look the name up as a model (a Hub request, a warning offline).
     model.peft_config["default"].base_model_name_or_path = base_name(variant, seed)
     model.save_pretrained(brick_dir, save_embedding_layers=False)
+    # Same bytes in every process: PEFT keeps target_modules as a set (its JSON order follows the
+    # process's string hashing), and its model card names the staging directory of the base.
+    config_file = Path(brick_dir) / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["target_modules"] = sorted(saved["target_modules"])
+    config_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
+    (Path(brick_dir) / "README.md").unlink(missing_ok=True)
     examples_rng = _task_rng(seed, task, "examples")
     return {
         "name": task,
