@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install browser demo test lint typecheck bench fuzz clean vllm-env test-vllm
+.PHONY: install browser demo test lint typecheck bench fuzz clean vllm-env test-vllm testbed-weights
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/brickyard demo --workdir .demo
+
+# Rebuild the full test bed the repository ships (composer/testbed_weights/full-seed0, with its
+# files.sha256) after a change to composer/testbed.py: its code version names the build.
+testbed-weights: install
+	$(BIN)/python -m composer.testbed ship --seed 0
 
 lint: install
 	$(BIN)/ruff check registry composer serving tests bench migrations

@@ -1,22 +1,38 @@
 """The trained test bed: the small build reaches the accuracies the module documents, read back
-from the saved files, and its tokenizer is the encoding the training used."""
+from the saved files, and is reproduced byte for byte; its tokenizer is the encoding the training
+used; a shipped build is installed instead of training when it is of this code version and every
+file is the one its hash list names, and refused otherwise."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
+import composer.testbed
 from composer.testbed import (
     BASE_MAX_ACCURACY,
     BRICK_MIN_ACCURACY,
     TASKS,
+    VARIANTS,
     TestBed,
     base_name,
+    build_testbed,
+    code_version,
     encode_example,
     ensure_testbed,
     exact_match,
+    file_hashes,
     format_prompt,
+    load_testbed,
+    read_hashes,
+    shipped_root,
+    write_hash_list,
 )
 
 pytestmark = pytest.mark.slow
@@ -39,27 +55,139 @@ def test_task_answers_follow_their_rule() -> None:
         assert answer == ("odd" if int(text[-1]) in (1, 3, 5, 7, 9) else "even")
 
 
-def test_small_build_reaches_documented_accuracies(small_testbed: TestBed) -> None:
+def _code_versions_of(source: str, tmp_path: Path) -> tuple[str, str]:
+    """(full, small) code versions of a copy of the module with ``source`` as its text."""
+    import importlib.util
+
+    path = tmp_path / f"testbed_{len(list(tmp_path.iterdir()))}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(module)
+        return module.code_version("full"), module.code_version("small")
+    finally:
+        del sys.modules[path.stem]
+
+
+def test_code_version_ignores_docs_and_the_other_variants_recipe(tmp_path: Path) -> None:
+    """Docs and comments can change without retraining, and tuning the small variant leaves a
+    shipped full build valid; code and the variant's own recipe cannot."""
+    source = Path(composer.testbed.__file__).read_text()
+    full, small = _code_versions_of(source, tmp_path)
+    assert (full, small) == (code_version("full"), code_version("small"))
+    documented = source.replace('"""The trained test bed', '"""Reworded: the trained test bed', 1)
+    documented = documented.replace("# Early stop:", "# Reworded comment. Early stop:", 1)
+    assert documented != source
+    assert _code_versions_of(documented, tmp_path) == (full, small)
+    small_recipe = source[source.index('"small": _Recipe(') :]
+    retuned = source.replace(small_recipe, small_recipe.replace("base_steps=300", "base_steps=301", 1), 1)
+    assert retuned != source
+    retuned_full, retuned_small = _code_versions_of(retuned, tmp_path)
+    assert retuned_full == full and retuned_small != small
+    rule = "_CHECK_EVERY, _VALIDATION_SIZE, _STOP_ACCURACY, _PATIENCE = 50,"
+    recoded = source.replace(rule, rule.replace("50", "51"), 1)
+    assert recoded != source
+    recoded_full, recoded_small = _code_versions_of(recoded, tmp_path)
+    assert recoded_full != full and recoded_small != small
+
+
+def _assert_reaches_documented_accuracies(bed: TestBed) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    assert small_testbed.tasks
-    for task in small_testbed.tasks.values():
-        base = AutoModelForCausalLM.from_pretrained(small_testbed.base_dir)
+    assert set(bed.tasks) == set(VARIANTS[bed.variant].tasks)
+    for task in bed.tasks.values():
+        base = AutoModelForCausalLM.from_pretrained(bed.base_dir)
         base_accuracy = exact_match(base, task.eval_set)
         brick_accuracy = exact_match(PeftModel.from_pretrained(base, task.brick_dir), task.eval_set)
         # measured again from the saved files, not taken from the manifest
         assert base_accuracy == task.base_accuracy, task.name
         assert brick_accuracy == task.brick_accuracy, task.name
-        assert brick_accuracy >= BRICK_MIN_ACCURACY[small_testbed.variant], task.name
+        assert brick_accuracy >= BRICK_MIN_ACCURACY[bed.variant], task.name
         assert base_accuracy <= BASE_MAX_ACCURACY, task.name
+        assert 0 < task.brick_steps <= VARIANTS[bed.variant].plan(task.name).max_steps, task.name
 
 
-def test_eval_sets_are_distinct_inputs_of_their_task(small_testbed: TestBed) -> None:
-    for task in small_testbed.tasks.values():
-        inputs = [text for text, _ in task.eval_set]
-        assert len(set(inputs)) == len(inputs)
-        assert task.examples and task.description
+def test_small_build_reaches_documented_accuracies(small_testbed: TestBed) -> None:
+    _assert_reaches_documented_accuracies(small_testbed)
+
+
+def test_small_build_is_reproduced_byte_for_byte(small_testbed: TestBed, tmp_path: Path) -> None:
+    """The same seed gives the same files, whether the bricks train in worker processes or in
+    this one (the session's build used the default workers)."""
+    again = build_testbed(tmp_path / "again", seed=small_testbed.seed, variant="small", workers=1)
+    hashes = file_hashes(again.root)
+    assert hashes == file_hashes(small_testbed.root)
+    assert any(name.endswith("adapter_model.safetensors") for name in hashes)
+    assert "base/model.safetensors" in hashes
+
+
+# -- shipped builds (a copy of the session's small build, shipped the way `ship_testbed` does) --
+
+
+def _ship_as(bed: TestBed, shipped: Path) -> Path:
+    """A copy of ``bed`` laid out and hashed the way `ship_testbed` ships a build."""
+    target = shipped / f"{bed.variant}-seed{bed.seed}"
+    shutil.copytree(bed.root, target)
+    (target / "files.sha256").unlink(missing_ok=True)
+    write_hash_list(target)
+    return target
+
+
+def test_ensure_testbed_installs_a_shipped_build_without_training(
+    small_testbed: TestBed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = _ship_as(small_testbed, tmp_path / "shipped")
+    monkeypatch.setattr(composer.testbed, "SHIPPED", tmp_path / "shipped")
+
+    def no_training(*_args: object, **_kwargs: object) -> TestBed:
+        raise AssertionError("ensure_testbed trained although a build is shipped")
+
+    monkeypatch.setattr(composer.testbed, "build_testbed", no_training)
+    assert shipped_root("small", 0) == shipped
+    bed = ensure_testbed(tmp_path / "cache", seed=0, variant="small")
+    assert bed.root.parent == tmp_path / "cache"
+    assert file_hashes(bed.root) == read_hashes(shipped) == file_hashes(small_testbed.root)
+    assert ensure_testbed(tmp_path / "cache", seed=0, variant="small").root == bed.root
+
+
+def test_a_changed_shipped_file_is_refused(
+    small_testbed: TestBed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = _ship_as(small_testbed, tmp_path / "shipped")
+    monkeypatch.setattr(composer.testbed, "SHIPPED", tmp_path / "shipped")
+    weights = shipped / "bricks" / "parity" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape("bricks/parity/adapter_model.safetensors")):
+        ensure_testbed(tmp_path / "cache", seed=0, variant="small")
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-installed
+
+
+def test_a_shipped_build_of_other_code_is_not_used(
+    small_testbed: TestBed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build shipped by another code version is stale: ensure_testbed trains instead."""
+    shipped = _ship_as(small_testbed, tmp_path / "shipped")
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    manifest["code_version"] = "0" * 12
+    (shipped / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(composer.testbed, "SHIPPED", tmp_path / "shipped")
+    trained: list[str] = []
+
+    def recorded(out_dir: Path, **kwargs: object) -> TestBed:
+        trained.append(str(kwargs["variant"]))
+        shutil.copytree(small_testbed.root, out_dir)
+        return load_testbed(out_dir)
+
+    monkeypatch.setattr(composer.testbed, "build_testbed", recorded)
+    bed = ensure_testbed(tmp_path / "cache", seed=0, variant="small")
+    assert trained == ["small"]
+    assert bed.code_version == code_version("small")
 
 
 def test_saved_tokenizer_gives_the_training_ids(small_testbed: TestBed) -> None:
