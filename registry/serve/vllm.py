@@ -181,6 +181,14 @@ def _vllm_error(status: int, text: str) -> BrickyardError:
         message = str(json.loads(text)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         message = text[:500]
+    if status == 404:
+        # Only models the registry knows are sent, so vLLM not finding one means its resolver
+        # could not fetch it (Brickyard unreachable from vLLM, a refused token, another base):
+        # a server-side failure, not the client's request.
+        return ServiceUnavailable(
+            f"vLLM could not load the model: {message} (its Brickyard resolver found nothing; "
+            "the vLLM server's log says why)"
+        )
     if 400 <= status < 500:
         return RequestRefused(f"vLLM refused the request: {message}", extra={"engine_status": status})
     return ServiceUnavailable(f"the vLLM server failed ({status}): {message}")

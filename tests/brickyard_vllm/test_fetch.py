@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from brickyard_vllm.fetch import AdapterRefused, AdapterSource
@@ -130,3 +131,58 @@ def test_an_adapter_composition_is_fetched_and_a_full_one_refused(
     assert wait_ready(client, full_id)["status"] == "ready"
     with pytest.raises(AdapterRefused, match="not an adapter"):
         source.fetch(str(llama_base), CompositionRef(full_id))
+
+
+class _Flaky(httpx.BaseTransport):
+    """The test's app (through its client) behind a network that fails the first ``failures``
+    requests whose path contains ``where``: with ``status``, or with no connection when None."""
+
+    def __init__(self, app: Any, where: str, failures: int, status: int | None) -> None:
+        self.app, self.where, self.left, self.status = app, where, failures, status
+        self.failed: list[str] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.left and self.where in request.url.path:
+            self.left -= 1
+            self.failed.append(request.url.path)
+            if self.status is None:
+                raise httpx.ConnectError("connection refused", request=request)
+            return httpx.Response(self.status, json={"title": "busy"}, request=request)
+        answer = self.app.request(request.method, request.url.raw_path.decode(), content=request.read())
+        return httpx.Response(answer.status_code, headers=answer.headers.raw, content=answer.content, request=request)
+
+
+def _flaky_source(tmp_path: Path, flaky: _Flaky, pauses: list[float]) -> AdapterSource:
+    http = httpx.Client(base_url="http://brickyard", transport=flaky)
+    return AdapterSource(http, tmp_path / "cache", sleep=pauses.append)
+
+
+@pytest.mark.parametrize(
+    ("where", "status"),
+    [("/v1/bricks/sentiment", 503), ("/files/adapter_model.safetensors", None), ("/v1/base-models/", 502)],
+)
+def test_transient_failures_are_tried_again(
+    client: Any, sentiment: Path, llama_base: Path, tmp_path: Path, where: str, status: int | None
+) -> None:
+    flaky, pauses = _Flaky(client, where, 2, status), []
+    fetched = _flaky_source(tmp_path, flaky, pauses).fetch(str(llama_base), BrickRef("sentiment", 1))
+    assert fetched is not None and len(flaky.failed) == 2 and pauses == [0.5, 1.0]
+    _same_files(fetched.path, sentiment)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [fetched.key]
+
+
+def test_a_failure_that_lasts_is_raised_and_leaves_nothing(
+    client: Any, sentiment: Path, llama_base: Path, tmp_path: Path
+) -> None:
+    flaky, pauses = _Flaky(client, "/files/adapter_model.safetensors", 3, 503), []
+    with pytest.raises(httpx.HTTPStatusError):
+        _flaky_source(tmp_path, flaky, pauses).fetch(str(llama_base), BrickRef("sentiment", 1))
+    assert len(flaky.failed) == 3 and pauses == [0.5, 1.0]
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_refusal_is_not_tried_again(client: Any, sentiment: Path, llama_base: Path, tmp_path: Path) -> None:
+    flaky, pauses = _Flaky(client, "/v1/bricks/sentiment", 1, 403), []
+    with pytest.raises(httpx.HTTPStatusError):
+        _flaky_source(tmp_path, flaky, pauses).fetch(str(llama_base), BrickRef("sentiment", 1))
+    assert pauses == []

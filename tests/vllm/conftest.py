@@ -32,6 +32,8 @@ OTHER_BASE = "other-llama"
 BRICKS = ("alpha", "beta", "c0", "c1", "c2", "c3", "c4", "c5")
 VLLM_START_TIMEOUT_S = 420.0
 TIMINGS: dict[str, float] = {}  # printed at the end of the run
+SERVER_LOGS: list[Path] = []  # the servers' logs: their ends are attached to a failed test's report
+LOG_LINES_ON_FAILURE = 60
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -47,6 +49,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print how long the servers took to start (``make test-vllm`` reports it)."""
     for what, seconds in TIMINGS.items():
         terminalreporter.write_line(f"{what}: {seconds:.1f} s")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report ends with the last lines of both servers' logs: what vLLM's
+    resolver and Brickyard said is often the only account of why a request was refused."""
+    report = yield
+    if report.failed:
+        for log in SERVER_LOGS:
+            if log.is_file():
+                tail = log.read_text(errors="replace").splitlines()[-LOG_LINES_ON_FAILURE:]
+                report.sections.append((f"{log.name} (last {LOG_LINES_ON_FAILURE} lines)", "\n".join(tail)))
+    return report
 
 
 def _free_port() -> int:
@@ -90,6 +105,17 @@ class Stack:
     adapters: dict[str, Path]
     brickyard_url: str = ""  # its OpenAI routes forward to vllm_url (serve.engine = vllm)
     admin_token: str = ""
+    _openai: Any = None
+
+    def openai(self) -> Any:
+        """An ``openai.OpenAI`` client of Brickyard's OpenAI routes (admin token, no retries);
+        one per session, closed with the stack."""
+        if self._openai is None:
+            import openai
+
+            base_url = f"{self.brickyard_url}/v1"
+            self._openai = openai.OpenAI(base_url=base_url, api_key=self.admin_token, max_retries=0, timeout=300)
+        return self._openai
 
     def complete(self, model: str, prompt: list[int] = PROMPT, max_tokens: int = NEW_TOKENS) -> httpx.Response:
         """POST /v1/completions to vLLM, greedy, EOS ignored (so the reference can run the full length)."""
@@ -188,14 +214,16 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
     }
     env.pop("BRICKYARD_DATABASE_URL", None)
     brickyard_log = work / "brickyard.log"
+    SERVER_LOGS[:] = [brickyard_log, work / "vllm.log"]
     with brickyard_log.open("ab") as out:
         brickyard = subprocess.Popen(
-            [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "warning"],
+            [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "info"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     vllm: subprocess.Popen[bytes] | None = None
+    stack_made: Stack | None = None
     http: httpx.Client | None = None
     try:
         url = f"http://127.0.0.1:{port}"
@@ -208,6 +236,7 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
         created = http.post("/v1/tokens", json={"name": "vllm", "scope": "read"})
         assert created.status_code == 201, created.text
         stack = Stack(http, "", work / "vllm.log", models["base"], models, brickyard_url=url, admin_token=admin)
+        stack_made = stack
         for name in BRICKS:
             stack.register_brick(name, models[name])
 
@@ -244,6 +273,8 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
         TIMINGS["vLLM server start (to /health)"] = time.monotonic() - started
         yield stack
     finally:
+        if stack_made is not None and stack_made._openai is not None:
+            stack_made._openai.close()
         if vllm is not None:
             _stop(vllm)
         _stop(brickyard)

@@ -23,7 +23,8 @@ PROMPT = "the quick brown fox"
 
 
 def gateway(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.brickyard_url}/v1", api_key=stack.admin_token, max_retries=0, timeout=300)
+    client: openai.OpenAI = stack.openai()
+    return client
 
 
 def through_gateway(stack: Stack, model: str, **extra: Any) -> Any:

@@ -8,18 +8,24 @@ base model, not an adapter, not built, a file that does not match its checksum).
 Cache layout: ``<root>/<adapter key>/<files>``; a download goes to ``<root>/.tmp-*`` and is
 renamed into place only when every file checked out, so a reader never sees half an adapter
 and concurrent downloads of one adapter race harmlessly (the first rename wins).
+
+Every request is retried (twice, after 0.5 s and 1 s) when the server cannot be reached or
+answers 502/503/504: vLLM turns a resolver's None into "model does not exist", which a
+Brickyard restart or a moment of "database busy" should not cause.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -28,6 +34,13 @@ from brickyard_vllm.refs import BrickRef, CompositionRef, Reference, adapter_key
 __all__ = ["AdapterRefused", "AdapterSource", "FetchedAdapter", "local_fingerprint"]
 
 _CHUNK = 1 << 20
+_TRANSIENT_STATUS = frozenset({502, 503, 504})
+_BACKOFF_S = (0.5, 1.0)  # pauses before the second and third attempt
+
+# Under "vllm.": vLLM configures handlers for its own logger tree only.
+log = logging.getLogger("vllm.brickyard.fetch")
+
+_T = TypeVar("_T")
 
 
 class AdapterRefused(Exception):
@@ -66,12 +79,21 @@ class AdapterSource:
     """Brickyard's REST API as a source of verified adapter directories."""
 
     def __init__(
-        self, http: httpx.Client, cache_dir: Path, fingerprint: Callable[[str], str] = local_fingerprint
+        self,
+        http: httpx.Client,
+        cache_dir: Path,
+        fingerprint: Callable[[str], str] = local_fingerprint,
+        *,
+        backoff_s: Sequence[float] = _BACKOFF_S,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """``http`` has the server's base URL and token; ``fingerprint`` maps vLLM's base to its fingerprint."""
+        """``http`` has the server's base URL and token; ``fingerprint`` maps vLLM's base to its
+        fingerprint; a failed request is tried again after each pause of ``backoff_s``."""
         self.http = http
         self.cache_dir = cache_dir
         self.fingerprint = fingerprint
+        self.backoff_s = tuple(backoff_s)
+        self.sleep = sleep
 
     def fetch(self, base_model: str, ref: Reference) -> FetchedAdapter | None:
         """The local directory of ``ref`` for vLLM serving ``base_model`` (its ``--model`` path).
@@ -82,7 +104,8 @@ class AdapterSource:
         Raises:
             AdapterRefused: another base model (by fingerprint), a composition that is not a
                 ready adapter, a file whose size or sha256 differs from the listing.
-            httpx.HTTPError: the server could not be reached or answered an unexpected error.
+            httpx.HTTPError: the server could not be reached or answered an unexpected error
+                (after the retries for unreachable and 502/503/504).
         """
         if isinstance(ref, BrickRef):
             return self._fetch_brick(base_model, ref)
@@ -144,11 +167,31 @@ class AdapterSource:
             )
 
     def _get_json(self, url: str) -> Any:
-        response = self.http.get(url)
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        return response.json()
+        def get() -> httpx.Response:
+            response = self.http.get(url)
+            if response.status_code != 404:
+                response.raise_for_status()
+            return response
+
+        response = self._retrying(url, get)
+        return None if response.status_code == 404 else response.json()
+
+    def _retrying(self, url: str, attempt: Callable[[], _T]) -> _T:
+        """``attempt()``, tried again after each pause while the failure is transient."""
+        for pause in (*self.backoff_s, None):
+            try:
+                return attempt()
+            except httpx.HTTPStatusError as exc:
+                if pause is None or exc.response.status_code not in _TRANSIENT_STATUS:
+                    raise
+                reason = f"HTTP {exc.response.status_code}"
+            except httpx.TransportError as exc:
+                if pause is None:
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+            log.warning("Brickyard %s failed (%s); trying again in %.1f s", url, reason, pause)
+            self.sleep(pause)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _materialise(self, label: str, key: str, prefix: str, files: list[_RemoteFile]) -> FetchedAdapter:
         final = self.cache_dir / key
@@ -157,7 +200,8 @@ class AdapterSource:
             staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=self.cache_dir))
             try:
                 for file in files:
-                    self._download(label, f"{prefix}/{file.path}", staging / _safe_relative(file.path), file)
+                    url, target = f"{prefix}/{file.path}", staging / _safe_relative(file.path)
+                    self._retrying(url, partial(self._download, label, url, target, file))
                 try:
                     staging.rename(final)
                 except OSError:

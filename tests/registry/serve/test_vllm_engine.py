@@ -42,6 +42,42 @@ def test_vllm_down_is_503_with_retry_after(tmp_path: Path, llama_base: Path) -> 
         registry.close()
 
 
+def test_a_model_vllm_cannot_resolve_is_a_server_failure_not_the_clients(tmp_path: Path, llama_base: Path) -> None:
+    """vLLM answers 404 when its resolver fetched nothing for a brick the registry knows: 503."""
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from registry.api import create_app
+    from registry.serve.vllm import VllmEngine
+    from registry.service import Registry
+    from registry.settings import ComposeSettings, Settings
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "/models/base", "parent": None}]})
+        error = {"message": "The model `tiny` does not exist.", "type": "NotFoundError", "code": 404}
+        return httpx.Response(404, json={"error": error})
+
+    settings = Settings(
+        home=tmp_path / "home",
+        compose=ComposeSettings(isolation="thread", workers=0),
+        embedding={"isolation": "thread"},
+        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid"},
+    )
+    registry = Registry.open(settings)
+    try:
+        token, _ = registry.tokens.create("t", "admin", actor="tests")
+        with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
+            client.app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))  # type: ignore[attr-defined]
+            register_base(client, llama_base, name="tiny")
+            response: Any = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+            assert response.status_code == 503, response.text
+            error = response.json()["error"]
+            assert error["type"] == "server_error" and "resolver found nothing" in error["message"]
+    finally:
+        registry.close()
+
+
 def test_forget_unloads_every_name_and_tolerates_absent_adapters_and_a_down_server(
     caplog: Any,
 ) -> None:
