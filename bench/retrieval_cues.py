@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import json
 import os
 import pickle
 import sys
@@ -44,12 +45,27 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._registry import CACHE, load_tasks, migrated_database, random_adapter, scratch_home, tiny_base
-from bench.retrieval_generalization import DEFAULT_DEV, EXAMPLES, KINDS, MARGIN, build_queries, load_dev
+from bench.retrieval_generalization import DEFAULT_DEV, EXAMPLES, KINDS, MARGIN, Query, build_queries, load_dev
 
 CACHE_FILE = CACHE / "retrieval_cues.pkl"
+DEFAULT_FRESH = DEFAULT_DEV.parent / "natural_instructions_dev_b16.jsonl"
+FRESH_QUERIES = Path(__file__).resolve().parent / "data" / "dev_b_queries.jsonl"
+PARTS = ("dev", "eval", "fresh")
+CACHE_VERSION = 2  # bump when collect() records something new
 
 
-def collect(dev_path: Path) -> dict:
+def fresh_queries(fresh: list[dict]) -> list[Query]:
+    """Paraphrase, goal and held-out input queries of the fresh tasks (``unseen`` is True)."""
+    queries = [
+        Query(q["task_id"], q["kind"], q["query"], True)
+        for q in map(json.loads, FRESH_QUERIES.read_text().splitlines())
+    ]
+    for t in fresh:
+        queries += [Query(t["task_id"], "input", i["input"], True) for i in t["instances"][EXAMPLES:]]
+    return queries
+
+
+def collect(dev_path: Path, fresh_path: Path) -> dict:
     """Register every task as a brick and record, per query and brick (in task order), the
     shipped ranking's branch scores, plus the query and brick vectors."""
     from dataclasses import replace
@@ -59,9 +75,12 @@ def collect(dev_path: Path) -> dict:
     from registry.service import Registry
     from registry.settings import Settings
 
-    known, dev = load_tasks(), load_dev(dev_path)
-    tasks = known + dev
+    known, dev, fresh = load_tasks(), load_dev(dev_path), load_dev(fresh_path)
+    tasks = known + dev + fresh
     queries = build_queries(known, dev)
+    parts = ["dev" if q.unseen else "eval" for q in queries]
+    queries += fresh_queries(fresh)
+    parts += ["fresh"] * (len(queries) - len(parts))
     with scratch_home("brickyard-cues-") as home, migrated_database("sqlite", home) as url:
         registry = Registry.open(Settings(home=home, database_url=url))
         try:
@@ -133,19 +152,20 @@ def collect(dev_path: Path) -> dict:
         ex=ex,
         task_ids=[t["task_id"] for t in tasks],
         clusters=[t["cluster"] for t in tasks],
-        queries=[(q.task_id, q.kind, q.unseen) for q in queries],
+        queries=[(q.task_id, q.kind, part) for q, part in zip(queries, parts, strict=True)],
         model=registry.embedder.name,
     )
     return out
 
 
-def load(dev_path: Path, refresh: bool) -> dict:
+def load(dev_path: Path, fresh_path: Path, refresh: bool) -> dict:
     """The cached per-query numbers (collected when absent or ``refresh``)."""
-    if refresh or not CACHE_FILE.exists():
+    data = pickle.loads(CACHE_FILE.read_bytes()) if CACHE_FILE.exists() and not refresh else {}
+    if data.get("version") != CACHE_VERSION:
         CACHE.mkdir(exist_ok=True)
-        data = collect(dev_path)
+        data = {**collect(dev_path, fresh_path), "version": CACHE_VERSION}
         CACHE_FILE.write_bytes(pickle.dumps(data))
-    return pickle.loads(CACHE_FILE.read_bytes())
+    return data
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -254,7 +274,7 @@ def with_input_view(data: dict, w: float) -> np.ndarray:
 FAMILIES: dict[str, tuple[Callable[..., np.ndarray], list[tuple]]] = {
     "1 soft cue (g0, s)": (
         soft_cue,
-        [(g0, s) for g0 in (-0.05, -0.02, 0.0, 0.02, 0.05) for s in (0.01, 0.02, 0.05, 0.1, 0.2)],
+        [(g0, s) for g0 in (-0.1, -0.08, -0.06, -0.04, -0.02, 0.0, 0.02, 0.05) for s in (0.01, 0.02, 0.05, 0.1, 0.2)],
     ),
     "2 cross-check (s, c)": (cross_check, [(s, c) for s in (0.02, 0.05, 0.1) for c in (0.0, 0.25, 0.5, 1.0, 2.0)]),
     "3 hubness (k, c)": (hubness, [(k, c) for k in (1, 5, 10) for c in (0.0, 0.25, 0.5, 1.0)]),
@@ -289,35 +309,38 @@ JOINT_GRID = list(
 
 
 class Scorer:
-    """Top-1 / top-3 of score matrices per task set (unseen = dev) and query kind."""
+    """Top-1 / top-3 of score matrices per part (dev, eval, fresh) and query kind."""
 
     def __init__(self, data: dict) -> None:
         ids = data["task_ids"]
         self.truth = np.array([ids.index(t) for t, _, _ in data["queries"]])
         self.kind = np.array([k for _, k, _ in data["queries"]])
-        self.unseen = np.array([u for _, _, u in data["queries"]])
+        self.part = np.array([p for _, _, p in data["queries"]])
         self.cluster = np.array([data["clusters"][i] for i in self.truth])
 
-    def rates(self, scores: np.ndarray, unseen: bool, kind: str) -> tuple[float, float]:
-        """(top-1, top-3) over one set's queries of one kind."""
-        rows = (self.unseen == unseen) & (self.kind == kind)
+    def rows(self, part: str, kind: str) -> np.ndarray:
+        """Mask of one part's queries of one kind."""
+        return (self.part == part) & (self.kind == kind)
+
+    def rates(self, scores: np.ndarray, part: str, kind: str) -> tuple[float, float]:
+        """(top-1, top-3) over one part's queries of one kind."""
+        rows = self.rows(part, kind)
         order = np.argsort(-scores[rows], axis=1, kind="stable")[:, :3]
         truth = self.truth[rows][:, None]
         return float((order[:, :1] == truth).mean()), float((order == truth).any(axis=1).mean())
 
-    def top1_hits(self, scores: np.ndarray, unseen: bool, kind: str) -> np.ndarray:
-        """Per query of one set and kind: whether the right brick is ranked first."""
-        rows = (self.unseen == unseen) & (self.kind == kind)
+    def top1_hits(self, scores: np.ndarray, part: str, kind: str) -> np.ndarray:
+        """Per query of one part and kind: whether the right brick is ranked first."""
+        rows = self.rows(part, kind)
         return np.argmax(scores[rows], axis=1) == self.truth[rows]
 
     def interval(
-        self, scores: np.ndarray, baseline: np.ndarray, unseen: bool, kind: str, rounds: int = 2000
+        self, scores: np.ndarray, baseline: np.ndarray, part: str, kind: str, rounds: int = 2000
     ) -> tuple[float, float]:
         """95% interval of top-1(scores) - top-1(baseline), resampling whole task clusters
         (near-twin tasks move together; seeded, so the numbers repeat)."""
-        rows = (self.unseen == unseen) & (self.kind == kind)
-        diff = self.top1_hits(scores, unseen, kind).astype(float) - self.top1_hits(baseline, unseen, kind)
-        clusters = self.cluster[rows]
+        diff = self.top1_hits(scores, part, kind).astype(float) - self.top1_hits(baseline, part, kind)
+        clusters = self.cluster[self.rows(part, kind)]
         names = np.unique(clusters)
         sums = np.array([diff[clusters == c].sum() for c in names])
         counts = np.array([(clusters == c).sum() for c in names])
@@ -326,9 +349,12 @@ class Scorer:
         low, high = np.percentile(draws, [2.5, 97.5])
         return float(low), float(high)
 
-    def fit_score(self, scores: np.ndarray, unseen: bool) -> float:
-        """What a fit maximises: mean top-1 over the three kinds of one set."""
-        return float(np.mean([self.rates(scores, unseen, k)[0] for k in KINDS]))
+    def fit_score(self, scores: np.ndarray, parts: tuple[str, ...]) -> float:
+        """What a fit maximises: mean top-1 over the three kinds of the given parts."""
+        return float(np.mean([self.rates(scores, p, k)[0] for p in parts for k in KINDS]))
+
+
+FITS = ((("dev",), ("eval", "fresh")), (("eval",), ("dev", "fresh")), (("dev", "eval"), ("fresh",)))
 
 
 def main() -> None:
@@ -337,9 +363,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dev", type=Path, default=Path(os.environ.get("BRICKYARD_DEV_SET", DEFAULT_DEV)))
+    parser.add_argument("--fresh", type=Path, default=DEFAULT_FRESH)
     parser.add_argument("--refresh", action="store_true")
     args = parser.parse_args()
-    data = load(args.dev, args.refresh)
+    data = load(args.dev, args.fresh, args.refresh)
     scorer = Scorer(data)
     console = Console(width=200)
     plain = baseline_scores(data)
@@ -348,76 +375,83 @@ def main() -> None:
     for i, top3 in enumerate(data["shipped_top3"]):
         for rank, task in enumerate(top3):
             search[i, ids.index(task)] = 3 - rank
-    best_plain = {(u, k): max(scorer.rates(s, u, k)[0] for s in plain.values()) for u in (True, False) for k in KINDS}
+    best_plain = {(p, k): max(scorer.rates(s, p, k)[0] for s in plain.values()) for p in PARTS for k in KINDS}
 
-    def cells(scores: np.ndarray) -> list[str]:
-        return [f"{t1:.3f} / {t3:.3f}" for u in (True, False) for k in KINDS for t1, t3 in [scorer.rates(scores, u, k)]]
-
-    def verdict(scores: np.ndarray, unseen: bool) -> str:
-        parts = []
+    def verdict(scores: np.ndarray, part: str) -> str:
+        cells = []
         for kind in KINDS:
-            top1, top3 = scorer.rates(scores, unseen, kind)
-            best = max(plain.values(), key=lambda b, kind=kind: scorer.rates(b, unseen, kind)[0])
-            low, high = scorer.interval(scores, best, unseen, kind)
-            ok = top1 >= best_plain[(unseen, kind)] + MARGIN - 1e-9 and (kind != "paraphrase" or top3 >= 0.90)
-            gain = top1 - best_plain[(unseen, kind)]
-            parts.append(f"{kind} {gain:+.3f} [{low:+.3f}, {high:+.3f}] {'met' if ok else 'NOT met'}")
-        return ", ".join(parts)
+            top1, top3 = scorer.rates(scores, part, kind)
+            best = max(plain.values(), key=lambda b, kind=kind: scorer.rates(b, part, kind)[0])
+            low, high = scorer.interval(scores, best, part, kind)
+            ok = top1 >= best_plain[(part, kind)] + MARGIN - 1e-9 and (kind != "paraphrase" or top3 >= 0.90)
+            gain = top1 - best_plain[(part, kind)]
+            cells.append(f"{kind} {gain:+.3f} [{low:+.3f}, {high:+.3f}] {'met' if ok else 'NOT met'}")
+        return ", ".join(cells)
 
-    table = Table(
-        title=f"top-1 / top-3 per set and query kind, all {len(ids)} bricks registered together [{data['model']}]"
+    rows: list[tuple[str, np.ndarray]] = [*plain.items()]
+    rows.append(
+        ("(not plain) definition-with-input view alone", data["q"] @ unit(data["desc_with_input"].mean(axis=1)).T)
     )
-    table.add_column("method (fitted on -> reported on)")
-    for unseen in (True, False):
-        for kind in KINDS:
-            n = int(((scorer.unseen == unseen) & (scorer.kind == kind)).sum())
-            table.add_column(f"{'dev' if unseen else 'eval'} {kind} (n={n})", justify="right")
-    for name, scores in plain.items():
-        table.add_row(name, *cells(scores))
-    table.add_row(
-        "(not plain) definition-with-input view alone", *cells(data["q"] @ unit(data["desc_with_input"].mean(axis=1)).T)
-    )
-    table.add_row("Brickyard /search (shipped)", *cells(search))
-    table.add_row("shipped, no candidate cut", *cells(shipped(data)))
-    verdicts = [
-        ("Brickyard /search on dev", verdict(search, True)),
-        ("Brickyard /search on eval", verdict(search, False)),
-    ]
+    rows += [("Brickyard /search (shipped)", search), ("shipped, no candidate cut", shipped(data))]
+    verdicts = [(f"Brickyard /search on {part}", verdict(search, part)) for part in PARTS]
     every = [*plain.values(), search]
     for family, (build, grid) in FAMILIES.items():
         scored = {point: build(data, *point) for point in grid}
         every += scored.values()
-        for fit_unseen in (True, False):
+        for fit, reports in FITS:
             # ties go to the smallest constants: the end nearest the shipped ranking
-            point = max(grid, key=lambda p: (scorer.fit_score(scored[p], fit_unseen), -sum(map(abs, p))))
-            fit, report = ("dev", "eval") if fit_unseen else ("eval", "dev")
-            table.add_row(f"{family} = {point} ({fit} -> {report})", *cells(scored[point]))
-            verdicts.append((f"{family} fitted on {fit}, on {report}", verdict(scored[point], not fit_unseen)))
+            point = max(grid, key=lambda p: (scorer.fit_score(scored[p], fit), -sum(map(abs, p))))
+            rows.append((f"{family} = {point} (fit {'+'.join(fit)})", scored[point]))
+            for part in reports:
+                verdicts.append((f"{family} fitted on {'+'.join(fit)}, on {part}", verdict(scored[point], part)))
+    table = Table(
+        title=f"top-1 / top-3 per part and query kind, all {len(ids)} bricks registered together [{data['model']}]"
+    )
+    table.add_column("method (fitted on)")
+    for part in PARTS:
+        for kind in KINDS:
+            table.add_column(f"{part} {kind[:5]} n={int(scorer.rows(part, kind).sum())}", justify="right")
+    for label, scores in rows:
+        table.add_row(
+            label, *(f"{t1:.3f}/{t3:.3f}" for p in PARTS for k in KINDS for t1, t3 in [scorer.rates(scores, p, k)])
+        )
     console.print(table)
+    # The gate's offset alone (width as shipped): where an ambiguous query goes decides most
+    # goal-style misses of the fresh set.
+    from registry.search.ranking import RANKING
+
+    sweep = Table(title=f"gate offset g0 (shipped {RANKING.g0}, width {RANKING.s}): top-1 per part and kind")
+    sweep.add_column("g0")
+    for part in PARTS:
+        for kind in KINDS:
+            sweep.add_column(f"{part} {kind[:5]}", justify="right")
+    sweep.add_row("best plain", *(f"{best_plain[(p, k)]:.3f}" for p in PARTS for k in KINDS))
+    for g0 in (-0.1, -0.08, -0.06, -0.04, -0.02, 0.0, 0.02, 0.05):
+        scores = soft_cue(data, g0, RANKING.s)
+        sweep.add_row(f"{g0:+.2f}", *(f"{scorer.rates(scores, p, k)[0]:.3f}" for p in PARTS for k in KINDS))
+    console.print(sweep)
     # A query no method and no grid point ranks first bounds what any mix of these signals can reach.
     anyone = np.any([np.argmax(scores, axis=1) == scorer.truth for scores in every], axis=0)
-    for unseen in (True, False):
-        for kind in KINDS:
-            rows = (scorer.unseen == unseen) & (scorer.kind == kind)
-            console.print(
-                f"{'dev' if unseen else 'eval'} {kind}: ranked first by at least one method or grid point: "
-                f"{anyone[rows].mean():.3f} (best plain + {MARGIN}: {best_plain[(unseen, kind)] + MARGIN:.3f})"
+    for part in PARTS:
+        console.print(
+            f"{part}: ranked first by at least one method or grid point: "
+            + ", ".join(
+                f"{k} {anyone[scorer.rows(part, k)].mean():.3f} (goal {best_plain[(part, k)] + MARGIN:.3f})"
+                for k in KINDS
             )
-    # Fitted on both sets at once: if no point meets the goal in-sample, no held-out fit can.
+        )
+    # Fitted on all parts at once: if no point meets the goal in-sample, no held-out fit can.
     slack = []
     for point in JOINT_GRID:
         scores = joint(data, *point)
-        gains = [scorer.rates(scores, u, k)[0] - best_plain[(u, k)] - MARGIN for u in (True, False) for k in KINDS]
+        gains = [scorer.rates(scores, p, k)[0] - best_plain[(p, k)] - MARGIN for p in PARTS for k in KINDS]
         slack.append((min(gains), point, gains))
     slack.sort(key=lambda r: -r[0])
     met = sum(r[0] >= -1e-9 for r in slack)
     console.print(
         f"in-sample ceiling: {met} of {len(JOINT_GRID)} points of (w, g0, s, c_exmax, beta) meet the top-1 goal on "
-        f"every kind of both sets; the closest, {slack[0][1]}, has margins over best plain + {MARGIN} of "
-        + ", ".join(
-            f"{'dev' if u else 'eval'} {k} {g:+.3f}"
-            for (u, k), g in zip(itertools.product((True, False), KINDS), slack[0][2], strict=True)
-        )
+        f"every kind of every part; the closest, {slack[0][1]}, has margins over best plain + {MARGIN} of "
+        + ", ".join(f"{p} {k} {g:+.3f}" for (p, k), g in zip(itertools.product(PARTS, KINDS), slack[0][2], strict=True))
     )
     console.print(
         f"goal: top-1 >= best plain baseline + {MARGIN} per kind, paraphrase top-3 >= 0.90; in brackets the "
