@@ -7,6 +7,13 @@ the JSON may be trimmed to its ``Definition`` and first ``Instances``) into a di
 
     python bench/build_dev_set.py DIR [--out ../shared-extra/natural_instructions_dev60.jsonl]
 
+The fresh set of ``bench/retrieval_cues.py`` (16 tasks whose queries were written after every
+ranking idea there was designed) is built the same way from the tasks named in
+``bench/data/dev_b_queries.jsonl`` (first 10 instances; ids numbered by position):
+
+    python bench/build_dev_set.py DIR --queries bench/data/dev_b_queries.jsonl \
+        --out ../shared-extra/natural_instructions_dev_b16.jsonl
+
 Each task becomes one line in the format of ``../shared/eval/natural_instructions_60.jsonl``:
 ``task_id``, ``source_path``, ``source_commit``, ``definition``, ``category``, ``cluster`` (from
 the queries file: near-duplicate groups, shared with the known 60 where the task is of the
@@ -61,9 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tasks_dir", type=Path, help="directory of upstream task JSON files")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--queries", type=Path, default=QUERIES, help="the queries file naming the tasks")
     args = parser.parse_args()
     clusters = {}
-    for line in QUERIES.read_text().splitlines():
+    for line in args.queries.read_text().splitlines():
         query = json.loads(line)
         clusters[query["task_id"]] = query["cluster"]
     missing = [t for t in clusters if not (args.tasks_dir / f"{t}.json").exists()]
