@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
     import torch
 
 __all__ = [
@@ -651,14 +653,41 @@ def _train_bricks(
 
     if workers == 1 or len(jobs) == 1:
         return [report(_brick_record(*job)) for job in jobs]
+    with _brick_pool(min(workers, len(jobs))) as pool:
+        futures = [pool.submit(_brick_record, *job) for job in jobs]
+        return [report(future.result()) for future in futures]
+
+
+def _brick_pool(workers: int) -> ProcessPoolExecutor:
+    """The worker processes bricks train in, each ended by the kernel when this process ends."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn: a forked child would inherit this process's torch thread pools and locks.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        futures = [pool.submit(_brick_record, *job) for job in jobs]
-        return [report(future.result()) for future in futures]
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),)
+    )
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _end_with_parent(parent: int) -> None:
+    """Initializer of a brick worker: SIGKILL it when its parent, the build's process, ends.
+
+    A build killed mid-way (a test's timeout, the OOM killer, ``kill``) otherwise left its
+    workers training bricks for minutes into a staging directory nobody would publish, on
+    the cores the next build needs. Linux only (``PR_SET_PDEATHSIG``), as for the
+    composition workers of the registry.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the kernel was told to watch it
+        os._exit(1)
 
 
 def build_testbed(
