@@ -120,6 +120,13 @@ def test_small_build_reaches_documented_accuracies(small_testbed: TestBed) -> No
     _assert_reaches_documented_accuracies(small_testbed)
 
 
+@pytest.mark.timeout(2400)  # a build each, like the session's (see conftest)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_small_builds_of_other_seeds_reach_documented_accuracies(seed: int, testbed_cache: Path) -> None:
+    """The recipe is not tuned to seed 0: other seeds' data, bases and bricks reach the bar too."""
+    _assert_reaches_documented_accuracies(ensure_testbed(testbed_cache, seed=seed, variant="small"))
+
+
 def test_small_build_is_reproduced_byte_for_byte(small_testbed: TestBed, tmp_path: Path) -> None:
     """The same seed gives the same files, whether the bricks train in worker processes or in
     this one (the session's build used the default workers)."""
