@@ -23,7 +23,9 @@ CLI: ``python -m composer.testbed build --out DIR --seed 0 [--small]``;
 ``python -m composer.testbed ship --seed 0 [--small]`` (``make testbed-weights``).
 
 torch, transformers and peft are imported when a build or an evaluation runs; bricks train in up
-to 2 worker processes (``$BRICKYARD_TESTBED_WORKERS``), one torch thread each.
+to 2 worker processes (``$BRICKYARD_TESTBED_WORKERS``), one torch thread each, ended by the kernel
+when the build's process ends (Linux). Every brick follows one plan (3e-3, batches of 64, early
+stop); the small variant's bricks reach 0.97-1.00 at seeds 0-2 (README, "The trained test bed").
 """
 
 from __future__ import annotations
