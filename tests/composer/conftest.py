@@ -25,10 +25,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(marker)
-        # The first test that asks for the trained test bed pays for training it (50-200 s of
-        # CPU in all, bricks in 2 worker processes of one thread; 5-11 min at load average 7-9
-        # on 2 cores), and the reproduction test trains it once more: room beyond the suite's
-        # 300 s per-test timeout (for hangs).
+        # The first test that asks for the trained test bed pays for training it (42-46 s of
+        # CPU in all, bricks in 2 worker processes of one thread; the previous recipe's 95 s took
+        # 5-11 min at load average 7-9 on 2 cores), and the reproduction test trains it once
+        # more: room beyond the suite's 300 s per-test timeout (for hangs).
         if "small_testbed" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(2400))
 
