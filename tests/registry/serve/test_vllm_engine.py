@@ -259,3 +259,58 @@ def test_each_chunk_from_vllm_reaches_the_client_before_vllm_sends_the_next(
         registry.close()
     assert vllm_waited == [True], "the client got vLLM's first chunk only after vLLM had sent the rest"
     assert texts == ["Hello", " world"]
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "rewrite"])
+def test_text_with_unicode_line_separators_streams_whole(tmp_path: Path, llama_base: Path, relay: bool) -> None:
+    """vLLM's JSON leaves U+2028, U+2029 and U+0085 unescaped inside text; they are line breaks
+    to Python's ``str.splitlines`` (and httpx's ``aiter_lines``), not to server-sent events, so
+    a chunk carrying one still reaches the client whole."""
+    import json
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from registry.api import create_app
+    from registry.serve.vllm import VllmEngine
+    from registry.service import Registry
+    from registry.settings import ComposeSettings, Settings
+
+    texts = ["one\u2028two", "\u0085", "three\u2029"]
+
+    def event(i: int, text: str) -> bytes:
+        chunk = {"id": "cmpl-5", "object": "text_completion", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "text": text, "logprobs": None,
+                              "finish_reason": "length" if i == len(texts) - 1 else None}]}  # fmt: skip
+        return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+    async def stream() -> Any:
+        yield b"".join(event(i, t) for i, t in enumerate(texts)) + b"data: [DONE]\n\n"
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "parent": None}]})
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stream())
+
+    settings = Settings(
+        home=tmp_path / "home",
+        compose=ComposeSettings(isolation="thread", workers=0),
+        embedding={"isolation": "thread"},
+        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid", "relay": relay},
+    )
+    registry = Registry.open(settings)
+    try:
+        token, _ = registry.tokens.create("t", "admin", actor="tests")
+        with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
+            register_base(client, llama_base, name="tiny")
+            client.app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))  # type: ignore[attr-defined]
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                # Events as a server-sent events client reads them: cut at "\n" alone.
+                events = [e for e in response.read().split(b"\n\n") if e.startswith(b"data: {")]
+    finally:
+        registry.close()
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(texts)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
