@@ -4,7 +4,10 @@ rank-8 all-projection bricks, in one run against ``create_app`` served by uvicor
 - (a) vLLM asked directly for a brick it has loaded (``--vllm-python``: the vLLM virtualenv's
   interpreter, as ``make vllm-env`` builds it; vLLM runs with Brickyard's resolver plugin);
 - (b) the same brick through Brickyard's gateway (``brickyard serve`` in its own process on the
-  same registry with ``serve.engine = vllm``, forwarding to that vLLM);
+  same registry with ``serve.engine = vllm``, forwarding to that vLLM), and (b') a second
+  gateway with ``serve.relay`` off (streams parsed and written again chunk by chunk): TTFT of
+  (a), (b), (b') in turn, and 8 streaming clients on (b) and (b') in paired rounds with each
+  gateway's CPU per 1000 tokens;
 - (c) the routing decision of ``auto`` with a cached recipe (search + plan, in-process
   ``Router.route``), p50/p95;
 - (d) ``auto`` with a new recipe (search + compose + build), once;
@@ -315,14 +318,19 @@ def wait_up(process: subprocess.Popen[bytes], probe: str, seconds: float, what: 
     raise SystemExit(f"{what} did not start in {seconds:.0f} s")
 
 
-def start_gateway(work: Path, vllm_url: str | None) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(work: Path, vllm_url: str | None, *, relay: bool = True) -> tuple[subprocess.Popen[bytes], str]:
     """``brickyard serve`` on the benchmark's registry, in its own process as deployed: with
-    ``serve.engine = vllm`` forwarding to ``vllm_url``, or the embedded engine when None."""
+    ``serve.engine = vllm`` forwarding to ``vllm_url`` (``relay``: ``serve.relay``), or the
+    embedded engine when None."""
     port = free_port()
-    engine = {"BRICKYARD_SERVE__ENGINE": "vllm", "BRICKYARD_SERVE__VLLM_URL": vllm_url} if vllm_url else {}
+    engine = (
+        {"BRICKYARD_SERVE__ENGINE": "vllm", "BRICKYARD_SERVE__VLLM_URL": vllm_url,
+         "BRICKYARD_SERVE__RELAY": "true" if relay else "false"}
+        if vllm_url else {}
+    )  # fmt: skip
     env = {**os.environ, "BRICKYARD_HOME": str(work / "home"), "BRICKYARD_MODEL_ROOTS": json.dumps([str(work)]),
            **engine}  # fmt: skip
-    log = (work / "gateway.log").open("ab")
+    log = (work / ("gateway.log" if relay else "gateway-rewrite.log")).open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "registry", "serve", "--port", str(port), "--log-level", "warning"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -459,17 +467,35 @@ def main() -> int:
             # the 8 client threads, which vLLM asked directly does not).
             gateway_process, gateway_url = start_gateway(work, vllm_url)
             stop.append(lambda: stop_process(gateway_process))
+            # (b') the same gateway with ``serve.relay`` off (streams parsed and written again chunk
+            # by chunk), so the relay's TTFT and CPU are compared in the same run.
+            rewrite_process, rewrite_url = start_gateway(work, vllm_url, relay=False)
+            stop.append(lambda: stop_process(rewrite_process))
             direct = httpx.Client(base_url=vllm_url, timeout=600)
             gateway = httpx.Client(base_url=gateway_url, timeout=600, headers=headers)
+            rewrite = httpx.Client(base_url=rewrite_url, timeout=600, headers=headers)
             for model in ("french@1", "legal@1", "sql@1"):  # resolved and loaded by vLLM: preloaded
-                assert whole(direct, model, 4)[0] > 0 and whole(gateway, model, 4)[0] > 0
-            a_ttft, b_ttft = alternate(
-                args.runs, lambda: ttft(direct, "french@1", args.tokens), lambda: ttft(gateway, "french@1", args.tokens)
+                for client in (direct, gateway, rewrite):
+                    assert whole(client, model, 4)[0] > 0
+            a_ttft, b_ttft, r_ttft = (
+                [seconds * 1000 for seconds in values]
+                for values in alternate(
+                    args.runs,
+                    lambda: ttft(direct, "french@1", args.tokens),
+                    lambda: ttft(gateway, "french@1", args.tokens),
+                    lambda: ttft(rewrite, "french@1", args.tokens),
+                )
             )
-            a_p50, b_p50 = pct(a_ttft, 0.5) * 1000, pct(b_ttft, 0.5) * 1000
+            a_p50 = pct(a_ttft, 0.5)
+
+            def over_direct(values: list[float]) -> str:
+                p50 = pct(values, 0.5)
+                return f"{p50:.1f} ms (+{p50 - a_p50:.1f} ms; goal <= +10), p90 {pct(values, 0.9):.1f} ms"
+
             rows += [
-                ("(a) vLLM direct, 1 client: TTFT p50", f"{a_p50:.1f} ms"),
-                ("(b) vLLM via gateway, 1 client: TTFT p50", f"{b_p50:.1f} ms (+{b_p50 - a_p50:.1f} ms; goal <= +10)"),
+                ("(a) vLLM direct, 1 client: TTFT p50", f"{a_p50:.1f} ms, p90 {pct(a_ttft, 0.9):.1f} ms"),
+                ("(b) vLLM via gateway, 1 client: TTFT p50", over_direct(b_ttft)),
+                ("(b') via gateway, relay off, 1 client: TTFT p50", over_direct(r_ttft)),
             ]  # fmt: skip
             for clients, measure, rounds in (
                 ("1", lambda http: whole(http, "french@1", args.tokens), args.runs),
@@ -495,8 +521,24 @@ def main() -> int:
                     (f"    gateway CPU per 1000 tokens, {clients} client(s)", f"{cpu.per_thousand_tokens():.3f} s"),
                     (f"    load average min / median / max, {clients} client(s)", load.summary()),
                 ]  # fmt: skip
+            # The relay against re-writing every chunk: 8 streaming clients on both gateways in
+            # paired rounds, each gateway's CPU per 1000 streamed tokens.
+            relay_cpu, rewrite_cpu = CpuMeter(gateway_process.pid), CpuMeter(rewrite_process.pid)
+            with LoadSampler() as load:
+                pair = Paired().run(
+                    args.rounds,
+                    rewrite_cpu.measure(lambda: eight_clients(rewrite, EIGHT, args.tokens, streamed)),
+                    relay_cpu.measure(lambda: eight_clients(gateway, EIGHT, args.tokens, streamed)),
+                )
+            rows += [
+                ("(b) relay / (b') relay off, 8 streaming clients: tokens/s", pair.summary().replace("(a)", "(b')")),
+                ("    gateway CPU per 1000 tokens, relay / relay off",
+                 f"{relay_cpu.per_thousand_tokens():.3f} s / {rewrite_cpu.per_thousand_tokens():.3f} s"),
+                ("    load average min / median / max", load.summary()),
+            ]  # fmt: skip
             direct.close()
             gateway.close()
+            rewrite.close()
 
     finally:
         for action in reversed(stop):

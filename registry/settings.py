@@ -225,6 +225,10 @@ class ServeSettings(BaseModel):
     min_score: float = Field(8.0, allow_inf_nan=False, description="auto: bricks scoring below this are not used")
     timeout_s: float = Field(300.0, gt=0, description="an engine silent this long fails the request (503)")
     compose_timeout_s: float = Field(300.0, gt=0, description="auto: longest wait for a new recipe's build")
+    relay: bool = Field(
+        True,
+        description="vllm: pass vLLM's streamed chunks to the client as bytes (false: parse and write each again)",
+    )
 
 
 class Settings(BaseSettings):

@@ -103,12 +103,7 @@ class Gateway:
             stop=request.stops,
             n=request.n,
             stream=request.stream,
-            # Off: relaying vLLM's stream as bytes (`registry.serve.sse_relay`) saved about a
-            # third of the gateway's CPU per streamed token, but in bench/serve.py's TTFT runs
-            # 2 requests of 3 reached the client only when vLLM had finished (first text at
-            # 183-224 ms instead of 29-38 ms); until that is understood, streams are re-written
-            # chunk by chunk as before.
-            relay=False,
+            relay=self.registry.settings.serve.relay,
         )
 
     async def complete(self, request: Request, generation: Generation) -> dict[str, Any]:

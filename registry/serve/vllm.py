@@ -124,11 +124,11 @@ class VllmEngine:
                         if events:
                             yield Relayed(events, relayed.response_id or "")
                     return
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                async for line in _event_lines(response):
+                    if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         continue  # read to the end, as above: the connection goes back to the pool
                     chunk = json.loads(data)
                     usage = chunk.get("usage")
@@ -174,6 +174,19 @@ class VllmEngine:
     async def aclose(self) -> None:
         """Close the HTTP client."""
         await self._http.aclose()
+
+
+async def _event_lines(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The lines of a server-sent event stream, cut at ``\n`` alone: httpx's ``aiter_lines``
+    also cuts at U+2028, U+2029 and U+0085, which vLLM's JSON leaves unescaped inside text, and
+    a chunk cut there is no JSON."""
+    rest = b""
+    async for data in response.aiter_bytes():
+        *lines, rest = (rest + data).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r")
+    if rest:
+        yield rest
 
 
 def _vllm_error(status: int, text: str) -> BrickyardError:

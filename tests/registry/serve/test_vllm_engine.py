@@ -1,11 +1,18 @@
-"""The vLLM engine when vLLM is down: 503 with Retry-After in OpenAI's shape, nothing else
-(the engine against a real vLLM is tested in tests/vllm by `make test-vllm`)."""
+"""The vLLM engine against fake vLLMs: down (503 with Retry-After in OpenAI's shape), unloading
+adapters, streams relayed or re-written, and each streamed chunk passed on as it arrives (the
+engine against a real vLLM is tested in tests/vllm by `make test-vllm`)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import register_base
 
@@ -121,8 +128,8 @@ def test_forget_unloads_every_name_and_tolerates_absent_adapters_and_a_down_serv
 
 def test_a_stream_from_vllm_reaches_the_client_with_the_requested_model(tmp_path: Path, llama_base: Path) -> None:
     """A stream vLLM delivers cut anywhere reaches the client as OpenAI's chunks with the model
-    it asked for, one id, ``brickyard`` first (re-written chunk by chunk: the byte relay,
-    `registry.serve.sse_relay`, is switched off in the gateway)."""
+    it asked for, one id, ``brickyard`` first (relayed as bytes, `registry.serve.sse_relay`; a
+    chat vLLM answers with completion chunks is re-written chunk by chunk)."""
     import json
 
     import httpx
@@ -193,3 +200,153 @@ def test_a_stream_from_vllm_reaches_the_client_with_the_requested_model(tmp_path
         "tiny"
     }
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chat_chunks) == "".join(texts)
+
+
+@contextlib.contextmanager
+def _served(app: Any) -> Iterator[str]:
+    """``app`` on uvicorn in a thread (a real HTTP server: the test client of Starlette hands over
+    a streamed body only once the app has finished it); yields its URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "rewrite"])
+def test_each_chunk_from_vllm_reaches_the_client_before_vllm_sends_the_next(
+    tmp_path: Path, llama_base: Path, relay: bool
+) -> None:
+    """Streams go to the client as vLLM sends them: the fake vLLM sends its first event and then
+    waits until the client has read that event's text before it sends the rest. Anything on the
+    way that holds a chunk back until more arrives (the gateway, the relay's event cutting, the
+    HTTP layer) keeps the first text from the client, vLLM's wait runs out and the test fails."""
+    import json
+
+    import anyio
+    import httpx
+
+    from registry.api import create_app
+    from registry.serve.vllm import VllmEngine
+    from registry.service import Registry
+    from registry.settings import ComposeSettings, Settings
+
+    served = "/models/the-base"
+
+    def event(text: str, finish: str | None = None) -> bytes:
+        chunk = {"id": "cmpl-9", "object": "text_completion", "created": 1, "model": served,
+                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+    client_has_first = threading.Event()
+    vllm_waited: list[bool] = []
+
+    async def stream() -> Any:
+        yield event("Hello")
+        # Generous: on a loaded machine the first chunk may take seconds; a gateway that holds
+        # it back never delivers it, so the wait only ends when this runs out.
+        vllm_waited.append(await anyio.to_thread.run_sync(client_has_first.wait, 60.0))
+        yield event(" world", "length") + b"data: [DONE]\n\n"
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": served, "parent": None}]})
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stream())
+
+    settings = Settings(
+        home=tmp_path / "home",
+        compose=ComposeSettings(isolation="thread", workers=0),
+        embedding={"isolation": "thread"},
+        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid", "relay": relay},
+    )
+    registry = Registry.open(settings)
+    texts: list[str] = []
+    try:
+        token, _ = registry.tokens.create("t", "admin", actor="tests")
+        app = create_app(registry=registry)
+        with (
+            _served(app) as url,
+            httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as http,
+        ):
+            register_base(http, llama_base, name="tiny")
+            app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        text = json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+                        if text:
+                            texts.append(text)
+                            client_has_first.set()
+    finally:
+        registry.close()
+    assert vllm_waited == [True], "the client got vLLM's first chunk only after vLLM had sent the rest"
+    assert texts == ["Hello", " world"]
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "rewrite"])
+def test_text_with_unicode_line_separators_streams_whole(tmp_path: Path, llama_base: Path, relay: bool) -> None:
+    """vLLM's JSON leaves U+2028, U+2029 and U+0085 unescaped inside text; they are line breaks
+    to Python's ``str.splitlines`` (and httpx's ``aiter_lines``), not to server-sent events, so
+    a chunk carrying one still reaches the client whole."""
+    import json
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from registry.api import create_app
+    from registry.serve.vllm import VllmEngine
+    from registry.service import Registry
+    from registry.settings import ComposeSettings, Settings
+
+    texts = ["one\u2028two", "\u0085", "three\u2029"]
+
+    def event(i: int, text: str) -> bytes:
+        chunk = {"id": "cmpl-5", "object": "text_completion", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "text": text, "logprobs": None,
+                              "finish_reason": "length" if i == len(texts) - 1 else None}]}  # fmt: skip
+        return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+    async def stream() -> Any:
+        yield b"".join(event(i, t) for i, t in enumerate(texts)) + b"data: [DONE]\n\n"
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "parent": None}]})
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stream())
+
+    settings = Settings(
+        home=tmp_path / "home",
+        compose=ComposeSettings(isolation="thread", workers=0),
+        embedding={"isolation": "thread"},
+        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid", "relay": relay},
+    )
+    registry = Registry.open(settings)
+    try:
+        token, _ = registry.tokens.create("t", "admin", actor="tests")
+        with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
+            register_base(client, llama_base, name="tiny")
+            client.app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))  # type: ignore[attr-defined]
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                # Events as a server-sent events client reads them: cut at "\n" alone.
+                events = [e for e in response.read().split(b"\n\n") if e.startswith(b"data: {")]
+    finally:
+        registry.close()
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(texts)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
