@@ -9,6 +9,7 @@ isolated and see exactly what the migrations create.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -487,3 +488,33 @@ def live_server(settings: Any, tmp_path: Path) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: Any, *, log_level: str = "warning", start_timeout_s: float = 60, stop_timeout_s: float = 30
+) -> Iterator[str]:
+    """``app`` on a uvicorn server in a thread of this process, on a free loopback port (a real
+    HTTP server: Starlette's test client hands over a streamed body only once the app has
+    finished it, and other HTTP clients need a socket); yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(stop_timeout_s)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import brick_metadata, register_base, upload, wait_ready
+from tests.conftest import brick_metadata, register_base, serve_in_thread, upload, wait_ready
 
 HUB_ERROR_HEADER = "x-error-code"
 
@@ -87,29 +84,13 @@ class _Recorder:
 @pytest.fixture
 def hub_server(registry: Any, admin_token: str) -> Iterator[HubServer]:
     """The application on a uvicorn server in a thread of this process (port chosen free)."""
-    import uvicorn
-
     from registry.api import create_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = HubServer(url=f"http://127.0.0.1:{port}", token=admin_token)
-    config = uvicorn.Config(
-        _Recorder(create_app(registry=registry), server), host="127.0.0.1", port=port, log_level="critical"
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
+    server = HubServer(url="", token=admin_token)
+    app = _Recorder(create_app(registry=registry), server)
+    with serve_in_thread(app, log_level="critical", start_timeout_s=30, stop_timeout_s=15) as url:
+        server.url = url
         yield server
-    finally:
-        uv.should_exit = True
-        thread.join(15)
 
 
 @pytest.fixture

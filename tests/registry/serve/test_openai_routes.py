@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import brick_metadata, register_base, upload
+from tests.conftest import brick_metadata, register_base, serve_in_thread, upload
 
 PROMPT = "the quick brown fox"
 TOKENS = 8
@@ -52,8 +51,6 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    import uvicorn
-
     from composer.testing import make_base_model, make_lora
     from registry.api import create_app
     from registry.service import Registry
@@ -74,30 +71,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     registry = Registry.open(settings)
     token, _ = registry.tokens.create("test-admin", "admin", actor="tests")
     app = create_app(registry=registry)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    served = Served(url, app, token, base, adapters)
-    http = served.http
-    register_base(http, base, name="tiny")
-    for name, description in {**DESCRIPTIONS, "doomed": "a brick deleted by a test"}.items():
-        meta = brick_metadata(name, base_model="tiny", description=description, examples=[], tags=[])
-        response = upload(http, adapters[name], metadata=meta)
-        assert response.status_code == 201, response.text
     try:
-        yield served
+        with serve_in_thread(app) as url:
+            served = Served(url, app, token, base, adapters)
+            with served.http as http:
+                register_base(http, base, name="tiny")
+                for name, description in {**DESCRIPTIONS, "doomed": "a brick deleted by a test"}.items():
+                    meta = brick_metadata(name, base_model="tiny", description=description, examples=[], tags=[])
+                    response = upload(http, adapters[name], metadata=meta)
+                    assert response.status_code == 201, response.text
+                yield served
     finally:
-        server.should_exit = True
-        thread.join(30)
-        http.close()
         registry.close()
 
 

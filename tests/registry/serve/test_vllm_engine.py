@@ -7,82 +7,103 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.conftest import register_base
+from tests.conftest import register_base, serve_in_thread
+
+
+def _settings(tmp_path: Path, vllm_url: str = "http://vllm.invalid", **serve: Any) -> Any:
+    """Settings of a registry whose OpenAI routes forward to vLLM at ``vllm_url``."""
+    from registry.settings import ComposeSettings, Settings
+
+    return Settings(
+        home=tmp_path / "home",
+        compose=ComposeSettings(isolation="thread", workers=0),
+        embedding={"isolation": "thread"},
+        serve={"engine": "vllm", "vllm_url": vllm_url, **serve},
+    )
+
+
+@contextlib.contextmanager
+def _app(settings: Any) -> Iterator[tuple[Any, str]]:
+    """The application on a registry opened with ``settings``, and an admin token."""
+    from registry.api import create_app
+    from registry.service import Registry
+
+    registry = Registry.open(settings)
+    try:
+        token, _ = registry.tokens.create("t", "admin", actor="tests")
+        yield create_app(registry=registry), token
+    finally:
+        registry.close()
+
+
+def _fake_vllm(served: str, answer: Callable[[httpx.Request], httpx.Response]) -> httpx.MockTransport:
+    """A vLLM serving the base ``served`` (``/v1/models``) that answers other requests with ``answer``."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": served, "parent": None}]})
+        return answer(request)
+
+    return httpx.MockTransport(handle)
+
+
+def _use_vllm(app: Any, settings: Any, transport: httpx.MockTransport) -> None:
+    from registry.serve.vllm import VllmEngine
+
+    app.state.gateway.engine = VllmEngine(settings.serve, transport=transport)
+
+
+@contextlib.contextmanager
+def _gateway(tmp_path: Path, llama_base: Path, vllm: httpx.MockTransport, **serve: Any) -> Iterator[Any]:
+    """A test client of the OpenAI routes forwarding to the fake ``vllm``, base ``tiny`` registered."""
+    from fastapi.testclient import TestClient
+
+    settings = _settings(tmp_path, **serve)
+    with _app(settings) as (app, token), TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
+        _use_vllm(app, settings, vllm)
+        register_base(client, llama_base, name="tiny")
+        yield client
 
 
 def test_vllm_down_is_503_with_retry_after(tmp_path: Path, llama_base: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from registry.api import create_app
-    from registry.service import Registry
-    from registry.settings import ComposeSettings, Settings
-
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = Settings(
-        home=tmp_path / "home",
-        compose=ComposeSettings(isolation="thread", workers=0),
-        embedding={"isolation": "thread"},
-        serve={"engine": "vllm", "vllm_url": f"http://127.0.0.1:{port}"},
-    )
-    registry = Registry.open(settings)
-    try:
-        token, _ = registry.tokens.create("t", "admin", actor="tests")
-        with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
-            register_base(client, llama_base, name="tiny")
-            response: Any = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
-            assert response.status_code == 503, response.text
-            assert response.headers["Retry-After"]
-            error = response.json()["error"]
-            assert error["type"] == "server_error" and "not reachable" in error["message"]
-            unknown = client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
-            assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "brick_not_found"
-    finally:
-        registry.close()
+    with (
+        _app(_settings(tmp_path, f"http://127.0.0.1:{port}")) as (app, token),
+        TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client,
+    ):
+        register_base(client, llama_base, name="tiny")
+        response: Any = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"]
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "not reachable" in error["message"]
+        unknown = client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "brick_not_found"
 
 
 def test_a_model_vllm_cannot_resolve_is_a_server_failure_not_the_clients(tmp_path: Path, llama_base: Path) -> None:
     """vLLM answers 404 when its resolver fetched nothing for a brick the registry knows: 503."""
-    import httpx
-    from fastapi.testclient import TestClient
 
-    from registry.api import create_app
-    from registry.serve.vllm import VllmEngine
-    from registry.service import Registry
-    from registry.settings import ComposeSettings, Settings
-
-    def vllm(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": [{"id": "/models/base", "parent": None}]})
+    def not_found(request: httpx.Request) -> httpx.Response:
         error = {"message": "The model `tiny` does not exist.", "type": "NotFoundError", "code": 404}
         return httpx.Response(404, json={"error": error})
 
-    settings = Settings(
-        home=tmp_path / "home",
-        compose=ComposeSettings(isolation="thread", workers=0),
-        embedding={"isolation": "thread"},
-        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid"},
-    )
-    registry = Registry.open(settings)
-    try:
-        token, _ = registry.tokens.create("t", "admin", actor="tests")
-        with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
-            client.app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))  # type: ignore[attr-defined]
-            register_base(client, llama_base, name="tiny")
-            response: Any = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
-            assert response.status_code == 503, response.text
-            error = response.json()["error"]
-            assert error["type"] == "server_error" and "resolver found nothing" in error["message"]
-    finally:
-        registry.close()
+    with _gateway(tmp_path, llama_base, _fake_vllm("/models/base", not_found)) as client:
+        response: Any = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "resolver found nothing" in error["message"]
 
 
 def test_forget_unloads_every_name_and_tolerates_absent_adapters_and_a_down_server(
@@ -90,8 +111,6 @@ def test_forget_unloads_every_name_and_tolerates_absent_adapters_and_a_down_serv
 ) -> None:
     import asyncio
     import json
-
-    import httpx
 
     from registry.serve.vllm import VllmEngine
     from registry.settings import ServeSettings
@@ -132,14 +151,6 @@ def test_a_stream_from_vllm_reaches_the_client_with_the_requested_model(tmp_path
     chat vLLM answers with completion chunks is re-written chunk by chunk)."""
     import json
 
-    import httpx
-    from fastapi.testclient import TestClient
-
-    from registry.api import create_app
-    from registry.serve.vllm import VllmEngine
-    from registry.service import Registry
-    from registry.settings import ComposeSettings, Settings
-
     served = "/models/the-base"
     texts = ["Hello", " wor", "ld"]
     upstream = b"".join(
@@ -155,37 +166,22 @@ def test_a_stream_from_vllm_reaches_the_client_with_the_requested_model(tmp_path
         for start in range(0, len(upstream), 5):
             yield upstream[start : start + 5]
 
-    def vllm(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": [{"id": served, "parent": None}]})
+    def stream(request: httpx.Request) -> httpx.Response:
         sent.append(json.loads(request.content))
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=pieces())
 
-    settings = Settings(
-        home=tmp_path / "home",
-        compose=ComposeSettings(isolation="thread", workers=0),
-        embedding={"isolation": "thread"},
-        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid"},
-    )
-    registry = Registry.open(settings)
-    try:
-        token, _ = registry.tokens.create("t", "admin", actor="tests")
-        with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
-            register_base(client, llama_base, name="tiny")
-            client.app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))  # type: ignore[attr-defined]
-            body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
-            with client.stream("POST", "/v1/completions", json=body) as response:
-                assert response.status_code == 200
-                assert json.loads(response.headers["X-Brickyard-Used"])["base_model"] == "tiny"
-                lines = [line for line in response.iter_lines() if line]
-            # The tiny base has no chat template: vLLM gets the chat as a plain prompt and answers
-            # with completion chunks, which must not be relayed to a chat client as they are.
-            chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
-            with client.stream("POST", "/v1/chat/completions", json=chat) as response:
-                assert response.status_code == 200
-                chat_lines = [line for line in response.iter_lines() if line]
-    finally:
-        registry.close()
+    with _gateway(tmp_path, llama_base, _fake_vllm(served, stream)) as client:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            assert json.loads(response.headers["X-Brickyard-Used"])["base_model"] == "tiny"
+            lines = [line for line in response.iter_lines() if line]
+        # The tiny base has no chat template: vLLM gets the chat as a plain prompt and answers
+        # with completion chunks, which must not be relayed to a chat client as they are.
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json=chat) as response:
+            assert response.status_code == 200
+            chat_lines = [line for line in response.iter_lines() if line]
     assert sent[0]["stream"] is True and sent[0]["model"] == served
     assert lines[-1] == "data: [DONE]" and lines.count("data: [DONE]") == 1
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
@@ -202,29 +198,6 @@ def test_a_stream_from_vllm_reaches_the_client_with_the_requested_model(tmp_path
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chat_chunks) == "".join(texts)
 
 
-@contextlib.contextmanager
-def _served(app: Any) -> Iterator[str]:
-    """``app`` on uvicorn in a thread (a real HTTP server: the test client of Starlette hands over
-    a streamed body only once the app has finished it); yields its URL."""
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.mark.parametrize("relay", [True, False], ids=["relay", "rewrite"])
 def test_each_chunk_from_vllm_reaches_the_client_before_vllm_sends_the_next(
     tmp_path: Path, llama_base: Path, relay: bool
@@ -236,12 +209,6 @@ def test_each_chunk_from_vllm_reaches_the_client_before_vllm_sends_the_next(
     import json
 
     import anyio
-    import httpx
-
-    from registry.api import create_app
-    from registry.serve.vllm import VllmEngine
-    from registry.service import Registry
-    from registry.settings import ComposeSettings, Settings
 
     served = "/models/the-base"
 
@@ -260,39 +227,27 @@ def test_each_chunk_from_vllm_reaches_the_client_before_vllm_sends_the_next(
         vllm_waited.append(await anyio.to_thread.run_sync(client_has_first.wait, 60.0))
         yield event(" world", "length") + b"data: [DONE]\n\n"
 
-    def vllm(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": [{"id": served, "parent": None}]})
+    def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stream())
 
-    settings = Settings(
-        home=tmp_path / "home",
-        compose=ComposeSettings(isolation="thread", workers=0),
-        embedding={"isolation": "thread"},
-        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid", "relay": relay},
-    )
-    registry = Registry.open(settings)
+    settings = _settings(tmp_path, relay=relay)
     texts: list[str] = []
-    try:
-        token, _ = registry.tokens.create("t", "admin", actor="tests")
-        app = create_app(registry=registry)
-        with (
-            _served(app) as url,
-            httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as http,
-        ):
-            register_base(http, llama_base, name="tiny")
-            app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))
-            body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": True}
-            with http.stream("POST", "/v1/completions", json=body) as response:
-                assert response.status_code == 200
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
-                        text = json.loads(line.removeprefix("data: "))["choices"][0]["text"]
-                        if text:
-                            texts.append(text)
-                            client_has_first.set()
-    finally:
-        registry.close()
+    with (
+        _app(settings) as (app, token),
+        serve_in_thread(app) as url,
+        httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as http,
+    ):
+        register_base(http, llama_base, name="tiny")
+        _use_vllm(app, settings, _fake_vllm(served, answer))
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    text = json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+                    if text:
+                        texts.append(text)
+                        client_has_first.set()
     assert vllm_waited == [True], "the client got vLLM's first chunk only after vLLM had sent the rest"
     assert texts == ["Hello", " world"]
 
@@ -303,14 +258,6 @@ def test_text_with_unicode_line_separators_streams_whole(tmp_path: Path, llama_b
     to Python's ``str.splitlines`` (and httpx's ``aiter_lines``), not to server-sent events, so
     a chunk carrying one still reaches the client whole."""
     import json
-
-    import httpx
-    from fastapi.testclient import TestClient
-
-    from registry.api import create_app
-    from registry.serve.vllm import VllmEngine
-    from registry.service import Registry
-    from registry.settings import ComposeSettings, Settings
 
     texts = ["one\u2028two", "\u0085", "three\u2029"]
 
@@ -323,30 +270,15 @@ def test_text_with_unicode_line_separators_streams_whole(tmp_path: Path, llama_b
     async def stream() -> Any:
         yield b"".join(event(i, t) for i, t in enumerate(texts)) + b"data: [DONE]\n\n"
 
-    def vllm(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": [{"id": "m", "parent": None}]})
+    def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stream())
 
-    settings = Settings(
-        home=tmp_path / "home",
-        compose=ComposeSettings(isolation="thread", workers=0),
-        embedding={"isolation": "thread"},
-        serve={"engine": "vllm", "vllm_url": "http://vllm.invalid", "relay": relay},
-    )
-    registry = Registry.open(settings)
-    try:
-        token, _ = registry.tokens.create("t", "admin", actor="tests")
-        with TestClient(create_app(registry=registry), headers={"Authorization": f"Bearer {token}"}) as client:
-            register_base(client, llama_base, name="tiny")
-            client.app.state.gateway.engine = VllmEngine(settings.serve, transport=httpx.MockTransport(vllm))  # type: ignore[attr-defined]
-            body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
-            with client.stream("POST", "/v1/completions", json=body) as response:
-                assert response.status_code == 200
-                # Events as a server-sent events client reads them: cut at "\n" alone.
-                events = [e for e in response.read().split(b"\n\n") if e.startswith(b"data: {")]
-    finally:
-        registry.close()
+    with _gateway(tmp_path, llama_base, _fake_vllm("m", answer), relay=relay) as client:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            # Events as a server-sent events client reads them: cut at "\n" alone.
+            events = [e for e in response.read().split(b"\n\n") if e.startswith(b"data: {")]
     chunks = [json.loads(e.removeprefix(b"data: ")) for e in events]
     assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(texts)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
