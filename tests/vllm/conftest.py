@@ -117,6 +117,11 @@ class Stack:
             self._openai = openai.OpenAI(base_url=base_url, api_key=self.admin_token, max_retries=0, timeout=300)
         return self._openai
 
+    def close(self) -> None:
+        """Close the OpenAI client, if one was made."""
+        if self._openai is not None:
+            self._openai.close()
+
     def complete(self, model: str, prompt: list[int] = PROMPT, max_tokens: int = NEW_TOKENS) -> httpx.Response:
         """POST /v1/completions to vLLM, greedy, EOS ignored (so the reference can run the full length)."""
         body = {
@@ -223,7 +228,7 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
             stderr=subprocess.STDOUT,
         )
     vllm: subprocess.Popen[bytes] | None = None
-    stack_made: Stack | None = None
+    stack: Stack | None = None
     http: httpx.Client | None = None
     try:
         url = f"http://127.0.0.1:{port}"
@@ -236,7 +241,6 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
         created = http.post("/v1/tokens", json={"name": "vllm", "scope": "read"})
         assert created.status_code == 201, created.text
         stack = Stack(http, "", work / "vllm.log", models["base"], models, brickyard_url=url, admin_token=admin)
-        stack_made = stack
         for name in BRICKS:
             stack.register_brick(name, models[name])
 
@@ -273,8 +277,8 @@ def stack(vllm_python: Path, models: dict[str, Path], tmp_path_factory: pytest.T
         TIMINGS["vLLM server start (to /health)"] = time.monotonic() - started
         yield stack
     finally:
-        if stack_made is not None and stack_made._openai is not None:
-            stack_made._openai.close()
+        if stack is not None:
+            stack.close()
         if vllm is not None:
             _stop(vllm)
         _stop(brickyard)
