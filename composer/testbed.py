@@ -5,13 +5,14 @@ What a build writes (``build_testbed(out_dir, seed, variant)``)::
 
     out_dir/base/            character-level tokenizer (HF ``PreTrainedTokenizerFast``) and a
                              LlamaForCausalLM (head_dim 64) trained to copy: it knows the prompt
-                             format and the alphabet, not the tasks
+                             format and the alphabet (the full one also its order), not the tasks
     out_dir/bricks/<task>/   a PEFT LoRA adapter trained on that task only (safetensors), stopped
                              early on a validation set disjoint from the eval set
     out_dir/manifest.json    tasks, user-style descriptions, example inputs, held-out eval sets,
                              measured base and brick exact match, the steps each brick took
-    out_dir/build.json       the run's wall and CPU time (apart: the other files are the same
-                             bytes for the same seed and code, `file_hashes`)
+    out_dir/build.json       the run's wall and CPU time, and the seconds of the base and of each
+                             brick (apart: the other files are the same bytes for the same seed
+                             and code, `file_hashes`)
 
 A prompt is ``<s>`` + ``format_prompt(input)``; the answer follows, ended by ``</s>``. Accuracy
 is exact match of the greedy answer. `ensure_testbed` caches builds under a directory keyed by
@@ -25,7 +26,8 @@ CLI: ``python -m composer.testbed build --out DIR --seed 0 [--small]``;
 torch, transformers and peft are imported when a build or an evaluation runs; bricks train in up
 to 2 worker processes (``$BRICKYARD_TESTBED_WORKERS``), one torch thread each, ended by the kernel
 when the build's process ends (Linux). Every brick follows one plan (3e-3, batches of 64, early
-stop); the small variant's bricks reach 0.97-1.00 at seeds 0-2 (README, "The trained test bed").
+stop); the small variant's bricks reach 0.97-1.00 at seeds 0-2, the full variant's 0.97-1.00 at
+seeds 0-2 in 5-6 minutes on 2 shared cores (README, "The trained test bed").
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -227,12 +229,10 @@ class _Recipe:
     eval_size: int
     brick_min_accuracy: float
     brick: _BrickPlan
-    # tasks that need another plan than ``brick`` (measured: see the README's test bed section)
-    brick_overrides: Mapping[str, _BrickPlan] = field(default_factory=dict)
-
-    def plan(self, task: str) -> _BrickPlan:
-        """The brick plan of ``task``."""
-        return self.brick_overrides.get(task, self.brick)
+    # fraction of the base's rows that are stretches of the alphabet or digits in order (`_run`)
+    base_runs: float = 0.0
+    # validation pairs a brick's early stop is decided on (`_train_brick`)
+    validation_size: int = 64
 
 
 # Every brick of the small variant, seeds 0-5 (parity 0-11), reached 0.975-1.00 on its eval set with
@@ -254,9 +254,14 @@ VARIANTS: Mapping[str, _Recipe] = {
         eval_size=100,
         brick_min_accuracy=0.9,
         brick=_BRICK_PLAN,
-        # seed 0: caesar and add were still improving at step 1,000 (0.76, 0.88); given 2,500 steps
-        # caesar reached 0.95 at step 2,150, add its best validation (0.91 on eval) at 1,150.
-        brick_overrides=dict.fromkeys(("caesar", "add"), replace(_BRICK_PLAN, max_steps=2500)),
+        # seed 0, on a base that copies only: caesar took 2,150 steps to 0.95 and add 1,150 to
+        # 0.91 (at most 0.76 and 0.88 within 1,000). A quarter of the base's rows written as
+        # stretches of the alphabet or digits ("FGHIJ", "3456") teach it which letter or digit
+        # comes next, the fact both tasks rest on: on such a base caesar reached validation 1.00
+        # in 300 steps, add 0.98 in 550. Its 64 validation pairs passed caesar at eval 0.91 (its
+        # misses: doubled letters, rare among 64), 200 pairs at eval 0.97 (650 steps).
+        base_runs=0.25,
+        validation_size=200,
     ),
     "small": _Recipe(
         ("sentiment", "maximum", "parity"),
@@ -272,11 +277,11 @@ VARIANTS: Mapping[str, _Recipe] = {
 BRICK_MIN_ACCURACY: Mapping[str, float] = {name: recipe.brick_min_accuracy for name, recipe in VARIANTS.items()}
 _HEAD_DIM, _MAX_POSITIONS = 64, 64
 _BASE_LR, _WARMUP_STEPS = 3e-3, 20
-# Early stop: every _CHECK_EVERY steps, exact match on _VALIDATION_SIZE validation pairs (generated
+# Early stop: every _CHECK_EVERY steps, exact match on the recipe's validation pairs (generated
 # like the eval set, disjoint from it and from the training data); at _STOP_ACCURACY or more the
 # brick is done. _PATIENCE checks in a row without progress halve the rate (`_train_brick`). A brick
 # that never gets there keeps its best-validated weights.
-_CHECK_EVERY, _VALIDATION_SIZE, _STOP_ACCURACY, _PATIENCE = 50, 64, 0.98, 4
+_CHECK_EVERY, _STOP_ACCURACY, _PATIENCE = 50, 0.98, 4
 _EXAMPLES_PER_TASK = 5
 
 
@@ -340,10 +345,10 @@ def _eval_set(seed: int, task: str, size: int) -> list[tuple[str, str]]:
     return _distinct_pairs(seed, task, "eval", size, set())
 
 
-def _validation_set(seed: int, task: str, eval_set: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+def _validation_set(seed: int, task: str, eval_set: Sequence[tuple[str, str]], size: int) -> list[tuple[str, str]]:
     """Pairs that decide when a brick has trained enough: none is an eval input (the eval set
     stays unseen by every choice the build makes), and none is trained on."""
-    return _distinct_pairs(seed, task, "validation", _VALIDATION_SIZE, {text for text, _ in eval_set})
+    return _distinct_pairs(seed, task, "validation", size, {text for text, _ in eval_set})
 
 
 def _stream(seed: int, task: str, held_out: set[str]) -> Iterator[tuple[str, str]]:
@@ -579,6 +584,50 @@ def _llama_config(recipe: _Recipe) -> Any:
     )
 
 
+def _run(rng: random.Random) -> str:
+    """A stretch of the alphabet, capitals or digits in their order (wrapping at the end)."""
+    alphabet = rng.choice((_LOWER, _UPPER, "0123456789"))
+    start, length = rng.randrange(len(alphabet)), rng.randint(4, 9)
+    return "".join(alphabet[(start + offset) % len(alphabet)] for offset in range(length))
+
+
+def _base_texts(seed: int, recipe: _Recipe) -> Iterator[str]:
+    """What the base learns to copy, endlessly: every task's inputs (prompt format and alphabet,
+    no task) and, as ``recipe.base_runs`` of the rows, stretches of the alphabet or the digits in
+    order (`_run`). Never an eval input: the base copies inputs, not answers, so only eval inputs
+    are kept from it."""
+    held_out = {task: {text for text, _ in _eval_set(seed, task, recipe.eval_size)} for task in recipe.tasks}
+    streams = {task: _stream(seed, task, held_out[task]) for task in recipe.tasks}
+    every_held_out = set().union(*held_out.values())
+    rng = random.Random(seed)
+    while True:
+        # rng.random() only with runs on: a recipe without them draws what it always drew.
+        if recipe.base_runs and rng.random() < recipe.base_runs:
+            text = _run(rng)
+            if text not in every_held_out:
+                yield text
+        else:
+            yield next(streams[rng.choice(recipe.tasks)])[0]
+
+
+def _trained_base(seed: int, recipe: _Recipe, say: Progress) -> Any:
+    """The base of a build: a LlamaForCausalLM trained to copy `_base_texts`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    def copy_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        texts = _base_texts(seed, recipe)
+        while True:
+            rows = [encode_example(format_prompt(text), text) for text in (next(texts) for _ in range(recipe.batch))]
+            yield _batch(rows, answer_only=False)
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(_llama_config(recipe))
+    say(f"base: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, {recipe.base_steps} steps")
+    _train_base(base, copy_batches(), recipe.base_steps, _BASE_LR, say)
+    return base
+
+
 def _brick_record(seed: int, variant: str, task: str, base_dir: str, brick_dir: str) -> dict[str, Any]:
     """Train, save and score one brick on the saved base; its manifest record.
 
@@ -589,10 +638,12 @@ def _brick_record(seed: int, variant: str, task: str, base_dir: str, brick_dir: 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    started = time.perf_counter()
     torch.set_num_threads(1)
-    recipe, plan = VARIANTS[variant], VARIANTS[variant].plan(task)
+    recipe = VARIANTS[variant]
+    plan = recipe.brick
     evals = _eval_set(seed, task, recipe.eval_size)
-    validation = _validation_set(seed, task, evals)
+    validation = _validation_set(seed, task, evals, recipe.validation_size)
     stream = _stream(seed, task, {text for text, _ in [*evals, *validation]})
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -627,6 +678,7 @@ def _brick_record(seed: int, variant: str, task: str, base_dir: str, brick_dir: 
         "brick_accuracy": exact_match(model, evals),
         "brick_steps": steps,
         "validation_accuracy": validation_accuracy,
+        "seconds": round(time.perf_counter() - started, 1),  # moved to build.json by build_testbed
     }
 
 
@@ -647,7 +699,8 @@ def _train_bricks(
     def report(record: dict[str, Any]) -> dict[str, Any]:
         say(
             f"brick {record['name']}: {record['brick_steps']} steps, base {record['base_accuracy']:.2f}"
-            f" brick {record['brick_accuracy']:.2f} (validation {record['validation_accuracy']:.2f})"
+            f" brick {record['brick_accuracy']:.2f} (validation {record['validation_accuracy']:.2f}),"
+            f" {record['seconds']:.0f} s"
         )
         return record
 
@@ -715,7 +768,6 @@ def build_testbed(
     import resource
 
     import torch
-    from transformers import LlamaForCausalLM
 
     say = progress or (lambda _line: None)
     recipe = VARIANTS[variant]
@@ -730,29 +782,14 @@ def build_testbed(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see _workers
     try:
-        # The base copies inputs, never answers: only eval inputs are kept from it.
-        held_out = {task: {text for text, _ in _eval_set(seed, task, recipe.eval_size)} for task in recipe.tasks}
-        streams = {task: _stream(seed, task, held_out[task]) for task in recipe.tasks}
-
-        def copy_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            # The base learns to copy every task's inputs: prompt format and alphabet, no task.
-            rng = random.Random(seed)
-            while True:
-                rows = []
-                for _ in range(recipe.batch):
-                    text, _answer = next(streams[rng.choice(recipe.tasks)])
-                    rows.append(encode_example(format_prompt(text), text))
-                yield _batch(rows, answer_only=False)
-
-        torch.manual_seed(seed)
-        base = LlamaForCausalLM(_llama_config(recipe))
-        say(f"base: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, {recipe.base_steps} steps")
-        _train_base(base, copy_batches(), recipe.base_steps, _BASE_LR, say)
+        base = _trained_base(seed, recipe, say)
         base_dir = staging / "base"
         base.save_pretrained(base_dir)
         _save_tokenizer(base_dir)
+        base_seconds = time.perf_counter() - started
         chosen = workers if workers is not None else _workers()
         records = _train_bricks(seed, variant, base_dir, staging / "bricks", chosen, say)
+        brick_seconds = {record["name"]: record.pop("seconds") for record in records}
         manifest = {
             "variant": variant,
             "seed": seed,
@@ -773,6 +810,9 @@ def build_testbed(
             "build_cpu_seconds": round(time.process_time() - cpu_started + children_cpu, 1),
             "workers": chosen,
             "torch_threads": 1,
+            # the phases: the base (trained in this process), each brick in its worker
+            "base_seconds": round(base_seconds, 1),
+            "brick_seconds": brick_seconds,
         }
         (staging / BUILD_FACTS).write_text(json.dumps(facts, indent=1) + "\n")
         staging.rename(out_dir)

@@ -5,6 +5,7 @@ file is the one its hash list names, and refused otherwise."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -60,6 +61,40 @@ def test_task_answers_follow_their_rule() -> None:
         assert answer == ("odd" if int(text[-1]) in (1, 3, 5, 7, 9) else "even")
 
 
+def _in_order(text: str) -> bool:
+    """Whether every character of ``text`` follows the one before it in a-z, A-Z or 0-9 (z to a,
+    Z to A and 9 to 0 wrap around)."""
+    cycles = ("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789")
+    for cycle in cycles:
+        if all(c in cycle for c in text):
+            return all(cycle.index(b) == (cycle.index(a) + 1) % len(cycle) for a, b in itertools.pairwise(text))
+    return False
+
+
+def test_runs_are_stretches_of_an_alphabet_in_order() -> None:
+    rng = random.Random(3)
+    runs = [composer.testbed._run(rng) for _ in range(300)]
+    assert all(4 <= len(run) <= 9 and _in_order(run) for run in runs)
+    assert {run[0].isdigit() for run in runs} == {True, False}
+    assert {run[0].isupper() for run in runs if not run[0].isdigit()} == {True, False}
+    assert any("za" in run or "ZA" in run or "90" in run for run in runs)  # the wrap is taught too
+
+
+@pytest.mark.parametrize("variant", ["full", "small"])
+def test_the_base_copies_its_share_of_runs_and_no_eval_input(variant: str) -> None:
+    """The full base copies task inputs and, as a quarter of its rows, runs of the alphabet (the
+    order caesar and add rest on); the small one task inputs only. Neither sees an eval input."""
+    recipe = VARIANTS[variant]
+    texts = composer.testbed._base_texts(0, recipe)
+    sample = [next(texts) for _ in range(4000)]
+    evals = {text for task in recipe.tasks for text, _ in composer.testbed._eval_set(0, task, recipe.eval_size)}
+    assert not evals & set(sample)
+    # A task input can happen to be in order ("12345" for parity), rarely: none of the small sample.
+    share = sum(len(text) >= 4 and _in_order(text) for text in sample) / len(sample)
+    assert share == pytest.approx(recipe.base_runs, abs=0.03)
+    assert recipe.base_runs == (0.25 if variant == "full" else 0.0)
+
+
 def _code_versions_of(source: str, tmp_path: Path) -> tuple[str, str]:
     """(full, small) code versions of a copy of the module with ``source`` as its text."""
     import importlib.util
@@ -92,7 +127,7 @@ def test_code_version_ignores_docs_and_the_other_variants_recipe(tmp_path: Path)
     assert retuned != source
     retuned_full, retuned_small = _code_versions_of(retuned, tmp_path)
     assert retuned_full == full and retuned_small != small
-    rule = "_CHECK_EVERY, _VALIDATION_SIZE, _STOP_ACCURACY, _PATIENCE = 50,"
+    rule = "_CHECK_EVERY, _STOP_ACCURACY, _PATIENCE = 50,"
     recoded = source.replace(rule, rule.replace("50", "51"), 1)
     assert recoded != source
     recoded_full, recoded_small = _code_versions_of(recoded, tmp_path)
@@ -113,7 +148,7 @@ def _assert_reaches_documented_accuracies(bed: TestBed) -> None:
         assert brick_accuracy == task.brick_accuracy, task.name
         assert brick_accuracy >= BRICK_MIN_ACCURACY[bed.variant], task.name
         assert base_accuracy <= BASE_MAX_ACCURACY, task.name
-        assert 0 < task.brick_steps <= VARIANTS[bed.variant].plan(task.name).max_steps, task.name
+        assert 0 < task.brick_steps <= VARIANTS[bed.variant].brick.max_steps, task.name
 
 
 def test_small_build_reaches_documented_accuracies(small_testbed: TestBed) -> None:
