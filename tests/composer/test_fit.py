@@ -179,3 +179,104 @@ def test_gauss_newton_too_big_for_memory_is_adam(small_testbed: TestBed, monkeyp
     assert limited.weights == adam.weights and limited.losses == adam.losses
     assert newton.weights != adam.weights
     mixture.detach()
+
+
+class _LinearMixture:
+    """A stand-in for `LoraMixture` whose answer logits are linear in the weights (``z + J w``):
+    the cross-entropy is then convex, so its minimum can be found independently. The forward
+    passes numbered in ``sabotaged`` score their first point far worse than it is, the way a
+    step that overshoots is scored (a rejected step)."""
+
+    def __init__(self, sabotaged: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        import torch
+
+        generator = torch.Generator().manual_seed(11)
+        self.base = torch.randn(9, 6, generator=generator, dtype=torch.float64)
+        self.jacobian = 0.5 * torch.randn(3, 9, 6, generator=generator, dtype=torch.float64)
+        self.targets = torch.randint(0, 6, (9,), generator=generator)
+        self.rows = torch.arange(3).repeat_interleave(3)
+        self.weights = torch.zeros(3)
+        self.sabotaged, self.passes = set(sabotaged), 0
+
+    def batch(self, examples, *, prompt_template):  # type: ignore[no-untyped-def]
+        import torch
+
+        return torch.zeros(3, 1), None
+
+    def answer_targets(self, _labels):  # type: ignore[no-untyped-def]
+        return self.targets
+
+    def answer_rows(self, _labels):  # type: ignore[no-untyped-def]
+        return self.rows
+
+    def answer_logits(self, points, _ids, _labels):  # type: ignore[no-untyped-def]
+        import torch
+
+        logits = self.base + torch.einsum("rk,knv->rnv", points.double(), self.jacobian)
+        if self.passes in self.sabotaged:
+            logits[0, torch.arange(9), self.targets] -= 50.0
+        self.passes += 1
+        return logits.float()
+
+    def set_weights(self, values):  # type: ignore[no-untyped-def]
+        import torch
+
+        self.weights = torch.tensor(values)
+
+    def loss(self, weights):  # type: ignore[no-untyped-def]
+        import torch
+
+        logits = self.base + torch.einsum("k,knv->nv", weights, self.jacobian)
+        return torch.nn.functional.cross_entropy(logits, self.targets)
+
+
+def _minimum(mixture: _LinearMixture):  # type: ignore[no-untyped-def]
+    """The convex problem's minimum by L-BFGS on autograd, independent of the fit."""
+    import torch
+
+    weights = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():  # type: ignore[no-untyped-def]
+        optimizer.zero_grad()
+        value = mixture.loss(weights)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return weights.detach()
+
+
+@pytest.mark.parametrize("sabotaged", [set(), {2, 3, 4}], ids=["plain", "three-rejected-steps"])
+def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_it(sabotaged: set[int]) -> None:
+    """The former fit stopped after two rejected steps in a row, and on a small gain, while the
+    gradient was still large; this one stops only when the exact model forecasts nothing left."""
+    import torch
+
+    from composer.fit import _gauss_newton_exact
+
+    mixture = _LinearMixture(sabotaged)
+    best = _minimum(_LinearMixture())
+    assert float(best.abs().max()) < 5.0  # inside the bounds below: the unconstrained minimum
+    weights, losses, initial, final = _gauss_newton_exact(
+        mixture,  # type: ignore[arg-type]
+        [("x", "y")] * 3,
+        steps=40,
+        l1=0.0,
+        bounds=(-5.0, 5.0),
+        tolerance=1e-9,
+        seed=0,
+        spread=0,
+        prompt_template="{input}",
+        progress=None,
+    )
+    reference = _LinearMixture()
+    assert final == pytest.approx(float(reference.loss(best)), abs=1e-5)
+    assert torch.allclose(torch.tensor(weights, dtype=torch.float64), best, atol=1e-3)
+    point = torch.tensor(weights, dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(reference.loss(point), point)
+    assert float(gradient.norm()) < 1e-3
+    assert final < initial
+    unchanged = sum(later == earlier for earlier, later in zip(losses[1:], losses[2:], strict=False))
+    # Every sabotaged pass after the starting ones was a rejected step the fit went on from.
+    assert unchanged == len({p for p in sabotaged if p >= 2})
