@@ -86,6 +86,52 @@ def test_batched_weight_vectors_equal_one_forward_each(small_testbed: TestBed) -
 
 
 @pytest.mark.slow
+def test_answer_logits_skip_the_columns_after_the_last_answer(small_testbed: TestBed) -> None:
+    """Trailing padding (and the final token, which predicts nothing) never reach the model,
+    and cutting them changes no answer logit."""
+    import torch
+
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    ids, labels = mixture.batch(_mixture_examples(small_testbed), prompt_template=format_prompt("{input}"))
+    pad = torch.full((ids.shape[0], 4), int(ids[0, -1]), dtype=ids.dtype)
+    padded_ids, padded_labels = torch.cat([ids, pad], dim=1), torch.cat([labels, torch.full_like(pad, -100)], dim=1)
+    widths: list[int] = []
+    handle = mixture.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    points = torch.tensor([[0.3, 0.9, -0.4], [1.0, 0.0, 0.0]])
+    cut = mixture.answer_logits(points, padded_ids, padded_labels)
+    handle.remove()
+    # The logits at column c predict the token at c + 1: the last labelled column c needs columns 0 .. c - 1.
+    last_labelled = max(max(c for c, label in enumerate(row.tolist()) if label != -100) for row in labels)
+    assert widths == [last_labelled]
+    for point, logits in zip(points, cut, strict=True):
+        mixture.set_weights(point.tolist())
+        with torch.no_grad():
+            full = mixture.model(input_ids=padded_ids).logits[:, :-1][padded_labels[:, 1:] != -100]
+        assert torch.allclose(logits, full, atol=1e-5)
+    mixture.detach()
+
+
+@pytest.mark.slow
+def test_gauss_newton_tokenizes_the_examples_once(small_testbed: TestBed) -> None:
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    calls: list[int] = []
+    batch = mixture.batch
+
+    def counted(examples, *, prompt_template):  # type: ignore[no-untyped-def]
+        calls.append(len(examples))
+        return batch(examples, prompt_template=prompt_template)
+
+    mixture.batch = counted  # type: ignore[method-assign]
+    fit_weights(mixture, bricks, _mixture_examples(small_testbed), prompt_template=format_prompt("{input}"))
+    assert calls == [6]
+    mixture.detach()
+
+
+@pytest.mark.slow
 def test_adam_fit_lowers_loss_from_uniform_and_is_deterministic(small_testbed: TestBed) -> None:
     bricks = [task.brick_dir for task in small_testbed.tasks.values()]
     examples = _mixture_examples(small_testbed)
@@ -261,14 +307,13 @@ def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_i
     assert float(best.abs().max()) < 5.0  # inside the bounds below: the unconstrained minimum
     weights, losses, initial, final = _gauss_newton_exact(
         mixture,  # type: ignore[arg-type]
-        [("x", "y")] * 3,
+        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
         steps=40,
         l1=0.0,
         bounds=(-5.0, 5.0),
         tolerance=1e-9,
         seed=0,
         spread=0,
-        prompt_template="{input}",
         progress=None,
     )
     reference = _LinearMixture()
