@@ -81,6 +81,8 @@ class LoraMixture:
         self.weights = weights
         self._handles = handles
         self._state = state
+        # Whether this model reads examples packed into one row (checked once, `_packs_examples`).
+        self.packed = _packs_examples(model)
 
     @classmethod
     def load(cls, base_dir: Path, brick_dirs: Sequence[Path], *, init: Sequence[float] | None = None) -> LoraMixture:
@@ -211,19 +213,31 @@ class LoraMixture:
         rows, positions = torch.nonzero(targets != -100, as_tuple=True)
         # A causal model's logits at a position ignore every later one: the columns after the
         # last that predicts an answer token (at least the final token) are dropped unread.
-        ids = ids[:, : int(positions.max()) + 1] if positions.numel() else ids
+        needed = [int(positions[rows == row].max()) + 1 for row in range(ids.shape[0])]
+        if self.packed:
+            # Each copy is one row of the examples end to end, positions restarting at 0 per
+            # example (the model masks attention between them): no padding is computed, a
+            # quarter of a copy for a mixture of long and short answers.
+            inputs = torch.cat([ids[row, :width] for row, width in enumerate(needed)])[None]
+            position_ids = torch.cat([torch.arange(width) for width in needed])[None]
+            starts = torch.tensor([0, *needed[:-1]]).cumsum(0)
+            columns, copy_rows = starts[rows] + positions, 1
+        else:
+            inputs, position_ids = ids[:, : max(needed)], None
+            columns, copy_rows = positions, ids.shape[0]
         per_chunk = max(1, max_rows // ids.shape[0])
         chunks = []
         with torch.inference_mode():
             for start in range(0, points.shape[0], per_chunk):
                 chunk = points[start : start + per_chunk].to(torch.float32)
                 self._state.points = chunk
+                extra = {} if position_ids is None else {"position_ids": position_ids.expand(chunk.shape[0], -1)}
                 try:
-                    logits = self.model(input_ids=ids.repeat(chunk.shape[0], 1), use_cache=False).logits
+                    logits = self.model(input_ids=inputs.repeat(chunk.shape[0], 1), use_cache=False, **extra).logits
                 finally:
                     self._state.points = None
-                logits = logits.unflatten(0, (chunk.shape[0], ids.shape[0]))
-                chunks.append(logits[:, rows, positions].float())
+                logits = logits.unflatten(0, (chunk.shape[0], copy_rows))
+                chunks.append((logits[:, 0, columns] if self.packed else logits[:, rows, columns]).float())
         return torch.cat(chunks)
 
     @staticmethod
@@ -239,6 +253,26 @@ class LoraMixture:
 
         rows: torch.Tensor = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)[0]
         return rows
+
+
+def _packs_examples(model: Any) -> bool:
+    """Whether ``model`` gives two sequences packed into one row (positions restarting at 0)
+    the logits it gives them apart, i.e. it masks attention between them (Llama-style models of
+    recent transformers do); checked on two short made-up sequences, without the bricks."""
+    import torch
+
+    vocabulary = int(model.get_output_embeddings().weight.shape[0])
+    first, second = torch.arange(1, 6) % vocabulary, torch.arange(7, 10) % vocabulary
+    try:
+        with torch.inference_mode():
+            apart = [model(input_ids=ids[None], use_cache=False).logits[0] for ids in (first, second)]
+            positions = torch.cat([torch.arange(5), torch.arange(3)])[None]
+            packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False).logits[
+                0
+            ]
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return bool(torch.allclose(packed, torch.cat(apart), atol=1e-4))
 
 
 class _Points:

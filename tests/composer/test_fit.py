@@ -86,31 +86,59 @@ def test_batched_weight_vectors_equal_one_forward_each(small_testbed: TestBed) -
 
 
 @pytest.mark.slow
-def test_answer_logits_skip_the_columns_after_the_last_answer(small_testbed: TestBed) -> None:
-    """Trailing padding (and the final token, which predicts nothing) never reach the model,
-    and cutting them changes no answer logit."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_answer_logits_compute_no_padding_and_nothing_after_the_last_answer(
+    small_testbed: TestBed, packed: bool
+) -> None:
+    """Padding (and each example's final token, which predicts nothing) never reaches the
+    model, packed (the test bed's Llama) or padded, and the answer logits stay those of a plain
+    padded forward."""
     import torch
 
     bricks = [task.brick_dir for task in small_testbed.tasks.values()]
     mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    assert mixture.packed  # the test bed's model masks packed examples apart
+    mixture.packed = packed
     ids, labels = mixture.batch(_mixture_examples(small_testbed), prompt_template=format_prompt("{input}"))
     pad = torch.full((ids.shape[0], 4), int(ids[0, -1]), dtype=ids.dtype)
     padded_ids, padded_labels = torch.cat([ids, pad], dim=1), torch.cat([labels, torch.full_like(pad, -100)], dim=1)
-    widths: list[int] = []
+    shapes: list[tuple[int, int]] = []
     handle = mixture.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        lambda _m, _args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     points = torch.tensor([[0.3, 0.9, -0.4], [1.0, 0.0, 0.0]])
     cut = mixture.answer_logits(points, padded_ids, padded_labels)
     handle.remove()
-    # The logits at column c predict the token at c + 1: the last labelled column c needs columns 0 .. c - 1.
-    last_labelled = max(max(c for c, label in enumerate(row.tolist()) if label != -100) for row in labels)
-    assert widths == [last_labelled]
+    # The logits at column c predict the token at c + 1: a row whose last label is at column c
+    # needs columns 0 .. c - 1.
+    needed = [max(c for c, label in enumerate(row.tolist()) if label != -100) for row in labels]
+    assert shapes == ([(2, sum(needed))] if packed else [(2 * len(needed), max(needed))])
     for point, logits in zip(points, cut, strict=True):
         mixture.set_weights(point.tolist())
         with torch.no_grad():
             full = mixture.model(input_ids=padded_ids).logits[:, :-1][padded_labels[:, 1:] != -100]
         assert torch.allclose(logits, full, atol=1e-5)
+    mixture.detach()
+
+
+@pytest.mark.slow
+def test_a_model_that_ignores_positions_is_not_packed(small_testbed: TestBed) -> None:
+    """Packing is used only where it gives the padded logits: a model that does not restart
+    positions (here, one that drops ``position_ids``) attends across examples and is refused."""
+    from composer.fit import _packs_examples
+
+    mixture = LoraMixture.load(small_testbed.base_dir, [task.brick_dir for task in small_testbed.tasks.values()])
+    model = mixture.model
+
+    class _Unpositioned:
+        def get_output_embeddings(self):  # type: ignore[no-untyped-def]
+            return model.get_output_embeddings()
+
+        def __call__(self, *, input_ids, position_ids=None, use_cache):  # type: ignore[no-untyped-def]
+            return model(input_ids=input_ids, use_cache=use_cache)
+
+    assert _packs_examples(model)
+    assert not _packs_examples(_Unpositioned())
     mixture.detach()
 
 
