@@ -10,7 +10,9 @@ examples: uniform vs our fit (`composer.fit`) vs LoraHub's gradient-free search 
 set, the objective reached on the 5 examples, wall and CPU seconds.
 What each side does, on the same loaded model (`LoraMixture`, so no time counts loading) and
 the same forward (`LoraMixture.answer_logits`: bricks unmerged, all bricks of a module in one
-pair of matmuls, answer-token cross-entropy):
+pair of matmuls, each copy of the examples one packed row where the model allows it,
+answer-token cross-entropy; LoraHub's timed region leaves out tokenizing the examples, done
+once before it, ours includes it):
 - ours (Gauss-Newton, the default, `gauss-newton-exact`): one forward scoring the uniform
   start, each brick alone and all bricks as copies of the batch; for a mixture (different
   bricks best alone on different examples) one forward of those bricks at 1/m each with the
