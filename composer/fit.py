@@ -72,7 +72,9 @@ class LoraMixture:
     """A base model with bricks attached unmerged, one trainable scalar weight per brick.
 
     ``mixture.model`` is an ordinary causal LM whose forward uses the current ``weights``;
-    `loss` is the answer-only cross-entropy on examples. Built by `load`.
+    `loss` is the answer-only cross-entropy on examples. ``packed``: whether `answer_logits`
+    packs the examples into one row per copy (the model masks packed sequences apart; checked
+    when built). Built by `load`.
     """
 
     def __init__(self, model: Any, tokenizer: Any, weights: torch.Tensor, handles: list[Any], state: _Points) -> None:
@@ -195,9 +197,11 @@ class LoraMixture:
         """The logits of the answer tokens at several weight vectors, without gradients.
 
         One forward pass evaluates every point: the batch is repeated once per point and each
-        copy's bricks use that point's weights (chunks of at most ``max_rows`` rows). On a
-        small model much of a pass is fixed cost (small test bed, one thread: about 2.4 ms a
-        pass plus 1.15 ms a copy of 5 examples), so R points cost far less than R passes.
+        copy's bricks use that point's weights (chunks of at most ``max_rows`` examples). With
+        ``packed``, a copy is one row of the examples end to end (no padding computed), else
+        the padded batch; either way without the columns after the last answer token. On a
+        small model much of a pass is fixed cost (small test bed, one thread: about 2 ms a
+        pass plus 1.3 ms a copy of 5 examples), so R points cost far less than R passes.
 
         Args:
             points: ``(R, K)`` weight vectors (K = number of bricks).
@@ -270,7 +274,7 @@ def _packs_examples(model: Any) -> bool:
             packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False).logits[
                 0
             ]
-    except (TypeError, ValueError, RuntimeError):
+    except (AttributeError, TypeError, ValueError, RuntimeError):
         return False
     return bool(torch.allclose(packed, torch.cat(apart), atol=1e-4))
 
