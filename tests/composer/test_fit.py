@@ -323,12 +323,17 @@ def _minimum(mixture: _LinearMixture):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("sabotaged", [set(), {2, 3, 4}], ids=["plain", "three-rejected-steps"])
-def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_it(sabotaged: set[int]) -> None:
+def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_it(
+    sabotaged: set[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The former fit stopped after two rejected steps in a row, and on a small gain, while the
-    gradient was still large; this one stops only when the exact model forecasts nothing left."""
+    gradient was still large; this one stops only when the exact model forecasts nothing left
+    (the relative stop off, so that only ``tolerance`` decides)."""
     import torch
 
     from composer.fit import _gauss_newton_exact
+
+    monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
 
     mixture = _LinearMixture(sabotaged)
     best = _minimum(_LinearMixture())
@@ -354,3 +359,35 @@ def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_i
     unchanged = sum(later == earlier for earlier, later in itertools.pairwise(losses[1:]))
     # Every sabotaged pass after the starting ones was a rejected step the fit went on from.
     assert unchanged == len({p for p in sabotaged if p >= 2})
+
+
+def _exact_fit_of_linear(tolerance: float):  # type: ignore[no-untyped-def]
+    from composer.fit import _gauss_newton_exact
+
+    mixture = _LinearMixture()
+    return _gauss_newton_exact(
+        mixture,  # type: ignore[arg-type]
+        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
+        steps=40,
+        l1=0.0,
+        bounds=(-5.0, 5.0),
+        tolerance=tolerance,
+        seed=0,
+        spread=0,
+        progress=None,
+    )
+
+
+def test_exact_gauss_newton_stops_when_the_forecast_is_a_small_part_of_the_objective(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a tolerance that never stops it, the relative stop still ends the fit: in fewer
+    steps than the fit to the minimum, at an objective near the minimum's."""
+    _weights, relative_losses, _initial, relative_final = _exact_fit_of_linear(1e-9)
+    monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
+    _weights, full_losses, _initial, full_final = _exact_fit_of_linear(1e-9)
+    minimum = float(_LinearMixture().loss(_minimum(_LinearMixture())))
+    assert full_final == pytest.approx(minimum, abs=1e-5)
+    assert len(relative_losses) < len(full_losses)
+    assert minimum <= relative_final <= 1.1 * minimum
+    assert relative_final > full_final  # it did stop short of the minimum
