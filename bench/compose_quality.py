@@ -17,7 +17,8 @@ once before it, ours includes it):
   start, each brick alone and all bricks as copies of the batch; for a mixture (different
   bricks best alone on different examples) one forward of those bricks at 1/m each with the
   K probes of the logits' derivative; then per step one forward scoring one damped step with
-  its K probes, until the undamped step forecasts < 0.01 (at most 40 steps);
+  its K probes (damping from 0.3 at a mixture's start, else from 1), until the step forecasts
+  < 0.01 or < 5 % of the objective (at most 40 steps);
 - the former Gauss-Newton (`gauss-newton`, Broyden-updated derivative, 4 Sobol starts, stops
   on a gain < 0.01), for reference;
 - LoraHub: 40 sequential objective evaluations, one forward each, plus nevergrad's own work;
