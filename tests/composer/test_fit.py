@@ -391,3 +391,62 @@ def test_exact_gauss_newton_stops_when_the_forecast_is_a_small_part_of_the_objec
     assert len(relative_losses) < len(full_losses)
     assert minimum <= relative_final <= 1.1 * minimum
     assert relative_final > full_final  # it did stop short of the minimum
+
+
+class _TwoSkillMixture(_LinearMixture):
+    """Three bricks, each raising its own example's answer and lowering the others': alone each
+    does one example of three, all at 1 they cancel out, so the mixture's union start (each at
+    1/3) is the best starting point; it starts from weights that do every example badly. Every
+    scored point is recorded."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__()
+        self.base = torch.zeros(9, 6, dtype=torch.float64)
+        own = self.rows[None, :] == torch.arange(3)[:, None]  # (brick, token)
+        self.jacobian = torch.zeros(3, 9, 6, dtype=torch.float64)
+        self.jacobian[:, torch.arange(9), self.targets] = torch.where(own, 4.0, -1.5).double()
+        self.weights = -torch.ones(3)
+        self.scored: list[torch.Tensor] = []
+
+    def answer_logits(self, points, ids, labels):  # type: ignore[no-untyped-def]
+        self.scored.append(points.double().clone())
+        return super().answer_logits(points, ids, labels)
+
+
+def test_exact_gauss_newton_takes_a_mixtures_first_step_at_the_mixture_damping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the union start, the first step scored is the Levenberg-Marquardt step at damping
+    0.3 (relative to H's mean eigenvalue), not at the damping 1 every other fit starts from
+    (the relative stop off: this start is near enough to its minimum to stop there)."""
+    import torch
+
+    from composer.fit import _gauss_newton_exact
+    from composer.gauss_newton import damped_steps, gradient_and_curvature
+
+    monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
+    mixture = _TwoSkillMixture()
+    l1 = 1.0
+    _gauss_newton_exact(
+        mixture,  # type: ignore[arg-type]
+        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
+        steps=1,
+        l1=l1,
+        bounds=(-5.0, 5.0),
+        tolerance=0.0,
+        seed=0,
+        spread=0,
+        progress=None,
+    )
+    union = torch.full((3,), 1 / 3, dtype=torch.float64)
+    # Passes: the starting points, the union start with its probes, then the first step.
+    assert torch.allclose(mixture.scored[1][0], union)
+    logits = mixture.base + torch.einsum("k,knv->nv", union, mixture.jacobian)
+    gradient, curvature = gradient_and_curvature(logits, mixture.jacobian, mixture.targets)
+    gradient = gradient + l1 / 3 * torch.sign(union)
+    expected, at_one = union + damped_steps(gradient, curvature, [0.3, 1.0])
+    first_step = mixture.scored[2][0]
+    assert torch.allclose(first_step, expected, atol=1e-3)
+    assert float((first_step - at_one).abs().max()) > 1e-2
