@@ -329,7 +329,9 @@ class FitRequest(BaseModel):
     examples: list[IOPair] = Field(min_length=1, max_length=MAX_FIT_EXAMPLES)
     steps: int = Field(40, ge=1, le=500, description="at most this many optimiser steps")
     l1: float = Field(0.05, ge=0.0, le=10.0, allow_inf_nan=False, description="weight of the L1 term on |w|")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="the spread of starting points the fit scores first")
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="draws the fit's random starting points (recipes with spread > 0)"
+    )
     prompt: PromptTemplate = Field("{input}", description="how an input becomes the model's prompt")
 
 

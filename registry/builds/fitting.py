@@ -11,7 +11,9 @@ before the build.
 The fit runs in the build job (`fit_recipe`), before the merge, reporting progress like a
 build; the composer does the math (`composer.fit_weights`). New recipes name the optimiser
 (``method``: Gauss-Newton, with its ``tolerance`` and ``spread``); a recipe written before
-that field existed has none and is fitted with Adam, as it was then, so it builds the same.
+that field existed has none and is fitted with Adam, as it was then, so it builds the same;
+one that names ``"gauss-newton"`` (the Broyden-updated fit, before ``"gauss-newton-exact"``)
+is fitted by that method, with its recorded settings.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ FIT_FRACTION = 0.5
 # Only recipes without ``method`` (written before Gauss-Newton) use it.
 LEARNING_RATE = 0.1
 # The optimiser of new recipes and its settings (composer's defaults), fixed for the same reason.
-METHOD = "gauss-newton"
+METHOD = "gauss-newton-exact"
 TOLERANCE = 1e-2
-SPREAD = 4
+SPREAD = 0
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

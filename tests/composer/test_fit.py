@@ -5,6 +5,7 @@ weight vectors in one pass equals scoring them one at a time."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import pytest
 
@@ -81,6 +82,80 @@ def test_batched_weight_vectors_equal_one_forward_each(small_testbed: TestBed) -
         assert torch.allclose(logits, alone, atol=1e-5)
         assert torch.nn.functional.cross_entropy(logits, targets).item() == pytest.approx(loss, abs=1e-5)
     assert not torch.allclose(together[0], together[1], atol=1e-2)
+    mixture.detach()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_answer_logits_compute_no_padding_and_nothing_after_the_last_answer(
+    small_testbed: TestBed, packed: bool
+) -> None:
+    """Padding (and each example's final token, which predicts nothing) never reaches the
+    model, packed (the test bed's Llama) or padded, and the answer logits stay those of a plain
+    padded forward."""
+    import torch
+
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    assert mixture.packed  # the test bed's model masks packed examples apart
+    mixture.packed = packed
+    ids, labels = mixture.batch(_mixture_examples(small_testbed), prompt_template=format_prompt("{input}"))
+    pad = torch.full((ids.shape[0], 4), int(ids[0, -1]), dtype=ids.dtype)
+    padded_ids, padded_labels = torch.cat([ids, pad], dim=1), torch.cat([labels, torch.full_like(pad, -100)], dim=1)
+    shapes: list[tuple[int, int]] = []
+    handle = mixture.model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    points = torch.tensor([[0.3, 0.9, -0.4], [1.0, 0.0, 0.0]])
+    cut = mixture.answer_logits(points, padded_ids, padded_labels)
+    handle.remove()
+    # The logits at column c predict the token at c + 1: a row whose last label is at column c
+    # needs columns 0 .. c - 1.
+    needed = [max(c for c, label in enumerate(row.tolist()) if label != -100) for row in labels]
+    assert shapes == ([(2, sum(needed))] if packed else [(2 * len(needed), max(needed))])
+    for point, logits in zip(points, cut, strict=True):
+        mixture.set_weights(point.tolist())
+        with torch.no_grad():
+            full = mixture.model(input_ids=padded_ids).logits[:, :-1][padded_labels[:, 1:] != -100]
+        assert torch.allclose(logits, full, atol=1e-5)
+    mixture.detach()
+
+
+@pytest.mark.slow
+def test_a_model_that_ignores_positions_is_not_packed(small_testbed: TestBed) -> None:
+    """Packing is used only where it gives the padded logits: a model that does not restart
+    positions (here, one that drops ``position_ids``) attends across examples and is refused."""
+    from composer.fit import _packs_examples
+
+    mixture = LoraMixture.load(small_testbed.base_dir, [task.brick_dir for task in small_testbed.tasks.values()])
+    model = mixture.model
+
+    class _Unpositioned:
+        def get_output_embeddings(self):  # type: ignore[no-untyped-def]
+            return model.get_output_embeddings()
+
+        def __call__(self, *, input_ids, position_ids=None, use_cache):  # type: ignore[no-untyped-def]
+            return model(input_ids=input_ids, use_cache=use_cache)
+
+    assert _packs_examples(model)
+    assert not _packs_examples(_Unpositioned())
+    mixture.detach()
+
+
+@pytest.mark.slow
+def test_gauss_newton_tokenizes_the_examples_once(small_testbed: TestBed) -> None:
+    bricks = [task.brick_dir for task in small_testbed.tasks.values()]
+    mixture = LoraMixture.load(small_testbed.base_dir, bricks)
+    calls: list[int] = []
+    batch = mixture.batch
+
+    def counted(examples, *, prompt_template):  # type: ignore[no-untyped-def]
+        calls.append(len(examples))
+        return batch(examples, prompt_template=prompt_template)
+
+    mixture.batch = counted  # type: ignore[method-assign]
+    fit_weights(mixture, bricks, _mixture_examples(small_testbed), prompt_template=format_prompt("{input}"))
+    assert calls == [6]
     mixture.detach()
 
 
@@ -179,3 +254,199 @@ def test_gauss_newton_too_big_for_memory_is_adam(small_testbed: TestBed, monkeyp
     assert limited.weights == adam.weights and limited.losses == adam.losses
     assert newton.weights != adam.weights
     mixture.detach()
+
+
+class _LinearMixture:
+    """A stand-in for `LoraMixture` whose answer logits are linear in the weights (``z + J w``):
+    the cross-entropy is then convex, so its minimum can be found independently. The forward
+    passes numbered in ``sabotaged`` score their first point far worse than it is, the way a
+    step that overshoots is scored (a rejected step)."""
+
+    def __init__(self, sabotaged: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        import torch
+
+        generator = torch.Generator().manual_seed(11)
+        self.base = torch.randn(9, 6, generator=generator, dtype=torch.float64)
+        self.jacobian = 0.5 * torch.randn(3, 9, 6, generator=generator, dtype=torch.float64)
+        self.targets = torch.randint(0, 6, (9,), generator=generator)
+        self.rows = torch.arange(3).repeat_interleave(3)
+        self.weights = torch.zeros(3)
+        self.sabotaged, self.passes = set(sabotaged), 0
+
+    def batch(self, examples, *, prompt_template):  # type: ignore[no-untyped-def]
+        import torch
+
+        return torch.zeros(3, 1), None
+
+    def answer_targets(self, _labels):  # type: ignore[no-untyped-def]
+        return self.targets
+
+    def answer_rows(self, _labels):  # type: ignore[no-untyped-def]
+        return self.rows
+
+    def answer_logits(self, points, _ids, _labels):  # type: ignore[no-untyped-def]
+        import torch
+
+        logits = self.base + torch.einsum("rk,knv->rnv", points.double(), self.jacobian)
+        if self.passes in self.sabotaged:
+            logits[0, torch.arange(9), self.targets] -= 50.0
+        self.passes += 1
+        return logits.float()
+
+    def set_weights(self, values):  # type: ignore[no-untyped-def]
+        import torch
+
+        self.weights = torch.tensor(values)
+
+    def loss(self, weights):  # type: ignore[no-untyped-def]
+        import torch
+
+        logits = self.base + torch.einsum("k,knv->nv", weights, self.jacobian)
+        return torch.nn.functional.cross_entropy(logits, self.targets)
+
+
+def _minimum(mixture: _LinearMixture):  # type: ignore[no-untyped-def]
+    """The convex problem's minimum by L-BFGS on autograd, independent of the fit."""
+    import torch
+
+    weights = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():  # type: ignore[no-untyped-def]
+        optimizer.zero_grad()
+        value = mixture.loss(weights)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return weights.detach()
+
+
+@pytest.mark.parametrize("sabotaged", [set(), {2, 3, 4}], ids=["plain", "three-rejected-steps"])
+def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_it(
+    sabotaged: set[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The former fit stopped after two rejected steps in a row, and on a small gain, while the
+    gradient was still large; this one stops only when the exact model forecasts nothing left
+    (the relative stop off, so that only ``tolerance`` decides)."""
+    import torch
+
+    from composer.fit import _gauss_newton_exact
+
+    monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
+
+    mixture = _LinearMixture(sabotaged)
+    best = _minimum(_LinearMixture())
+    assert float(best.abs().max()) < 5.0  # inside the bounds below: the unconstrained minimum
+    weights, losses, initial, final = _gauss_newton_exact(
+        mixture,  # type: ignore[arg-type]
+        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
+        steps=40,
+        l1=0.0,
+        bounds=(-5.0, 5.0),
+        tolerance=1e-9,
+        seed=0,
+        spread=0,
+        progress=None,
+    )
+    reference = _LinearMixture()
+    assert final == pytest.approx(float(reference.loss(best)), abs=1e-5)
+    assert torch.allclose(torch.tensor(weights, dtype=torch.float64), best, atol=1e-3)
+    point = torch.tensor(weights, dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(reference.loss(point), point)
+    assert float(gradient.norm()) < 1e-3
+    assert final < initial
+    unchanged = sum(later == earlier for earlier, later in itertools.pairwise(losses[1:]))
+    # Every sabotaged pass after the starting ones was a rejected step the fit went on from.
+    assert unchanged == len({p for p in sabotaged if p >= 2})
+
+
+def _exact_fit_of_linear(tolerance: float):  # type: ignore[no-untyped-def]
+    from composer.fit import _gauss_newton_exact
+
+    mixture = _LinearMixture()
+    return _gauss_newton_exact(
+        mixture,  # type: ignore[arg-type]
+        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
+        steps=40,
+        l1=0.0,
+        bounds=(-5.0, 5.0),
+        tolerance=tolerance,
+        seed=0,
+        spread=0,
+        progress=None,
+    )
+
+
+def test_exact_gauss_newton_stops_when_the_forecast_is_a_small_part_of_the_objective(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a tolerance that never stops it, the relative stop still ends the fit: in fewer
+    steps than the fit to the minimum, at an objective near the minimum's."""
+    _weights, relative_losses, _initial, relative_final = _exact_fit_of_linear(1e-9)
+    monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
+    _weights, full_losses, _initial, full_final = _exact_fit_of_linear(1e-9)
+    minimum = float(_LinearMixture().loss(_minimum(_LinearMixture())))
+    assert full_final == pytest.approx(minimum, abs=1e-5)
+    assert len(relative_losses) < len(full_losses)
+    assert minimum <= relative_final <= 1.1 * minimum
+    assert relative_final > full_final  # it did stop short of the minimum
+
+
+class _TwoSkillMixture(_LinearMixture):
+    """Three bricks, each raising its own example's answer and lowering the others': alone each
+    does one example of three, all at 1 they cancel out, so the mixture's union start (each at
+    1/3) is the best starting point; it starts from weights that do every example badly. Every
+    scored point is recorded."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__()
+        self.base = torch.zeros(9, 6, dtype=torch.float64)
+        own = self.rows[None, :] == torch.arange(3)[:, None]  # (brick, token)
+        self.jacobian = torch.zeros(3, 9, 6, dtype=torch.float64)
+        self.jacobian[:, torch.arange(9), self.targets] = torch.where(own, 4.0, -1.5).double()
+        self.weights = -torch.ones(3)
+        self.scored: list[torch.Tensor] = []
+
+    def answer_logits(self, points, ids, labels):  # type: ignore[no-untyped-def]
+        self.scored.append(points.double().clone())
+        return super().answer_logits(points, ids, labels)
+
+
+def test_exact_gauss_newton_takes_a_mixtures_first_step_at_the_mixture_damping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the union start, the first step scored is the Levenberg-Marquardt step at damping
+    0.3 (relative to H's mean eigenvalue), not at the damping 1 every other fit starts from
+    (the relative stop off: this start is near enough to its minimum to stop there)."""
+    import torch
+
+    from composer.fit import _gauss_newton_exact
+    from composer.gauss_newton import damped_steps, gradient_and_curvature
+
+    monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
+    mixture = _TwoSkillMixture()
+    l1 = 1.0
+    _gauss_newton_exact(
+        mixture,  # type: ignore[arg-type]
+        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
+        steps=1,
+        l1=l1,
+        bounds=(-5.0, 5.0),
+        tolerance=0.0,
+        seed=0,
+        spread=0,
+        progress=None,
+    )
+    union = torch.full((3,), 1 / 3, dtype=torch.float64)
+    # Passes: the starting points, the union start with its probes, then the first step.
+    assert torch.allclose(mixture.scored[1][0], union)
+    logits = mixture.base + torch.einsum("k,knv->nv", union, mixture.jacobian)
+    gradient, curvature = gradient_and_curvature(logits, mixture.jacobian, mixture.targets)
+    gradient = gradient + l1 / 3 * torch.sign(union)
+    expected, at_one = union + damped_steps(gradient, curvature, [0.3, 1.0])
+    first_step = mixture.scored[2][0]
+    assert torch.allclose(first_step, expected, atol=1e-3)
+    assert float((first_step - at_one).abs().max()) > 1e-2

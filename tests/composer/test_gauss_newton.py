@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from composer.gauss_newton import broyden_update, cross_entropy, damped_steps, gradient_and_curvature
+from composer.gauss_newton import (
+    broyden_update,
+    cross_entropy,
+    damped_steps,
+    example_losses,
+    forecast_decrease,
+    gradient_and_curvature,
+    union_start,
+)
 
 
 def _linear_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,3 +84,61 @@ def test_broyden_update_matches_the_observed_change_and_nothing_else() -> None:
         torch.einsum("k,knv->nv", orthogonal, updated), torch.einsum("k,knv->nv", orthogonal, jacobian)
     )
     assert broyden_update(jacobian, torch.zeros(3, dtype=torch.float64), change) is jacobian
+
+
+def test_forecast_is_the_decrease_of_the_second_order_expansion() -> None:
+    # For linear logits the Gauss-Newton matrix is the exact Hessian, so the forecast equals
+    # the true decrease up to third-order terms: the error shrinks like the step cubed.
+    logits, jacobian, targets = _linear_problem(3)
+    loss = _loss_at(logits, jacobian, targets)
+    gradient, curvature = gradient_and_curvature(logits, jacobian, targets)
+    direction = torch.tensor([0.4, -0.3, 0.2], dtype=torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    errors = []
+    for size in (1e-1, 1e-2):
+        step = size * direction
+        actual = float(loss(zero) - loss(step))
+        errors.append(abs(forecast_decrease(gradient, curvature, step) - actual))
+    assert errors[1] < errors[0] / 100
+    full = damped_steps(gradient, curvature, [0.0])[0]
+    assert forecast_decrease(gradient, curvature, full) > 0
+
+
+def _examples_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """3 examples of 2, 1 and 3 answer tokens; 3 points; 5 tokens in the vocabulary."""
+    generator = torch.Generator().manual_seed(7)
+    rows = torch.tensor([0, 0, 1, 2, 2, 2])
+    targets = torch.randint(0, 5, (6,), generator=generator)
+    return torch.randn(3, 6, 5, generator=generator, dtype=torch.float64), targets, rows
+
+
+def test_example_losses_are_each_examples_mean_cross_entropy() -> None:
+    logits, targets, rows = _examples_problem()
+    got = example_losses(logits, targets, rows, 3)
+    assert got.shape == (3, 3)
+    for point in range(3):
+        for example in range(3):
+            mine = rows == example
+            expected = torch.nn.functional.cross_entropy(logits[point][mine], targets[mine])
+            assert abs(float(got[point, example] - expected)) < 1e-12
+
+
+def _alone_logits(best_brick_of_example: list[int], targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Logits of 3 bricks alone: on each example, its chosen brick puts 4 on the answer tokens,
+    the others 1, everything else 0."""
+    logits = torch.zeros(3, rows.numel(), 5, dtype=torch.float64)
+    for token, (row, target) in enumerate(zip(rows.tolist(), targets.tolist(), strict=True)):
+        for brick in range(3):
+            logits[brick, token, target] = 4.0 if brick == best_brick_of_example[row] else 1.0
+    return logits
+
+
+def test_union_start_weighs_equally_the_bricks_the_examples_need() -> None:
+    _logits, targets, rows = _examples_problem()
+    start = union_start(_alone_logits([2, 0, 2], targets, rows), targets, rows, 3)
+    assert start is not None
+    assert start.tolist() == [0.5, 0.0, 0.5]
+    every = union_start(_alone_logits([0, 1, 2], targets, rows), targets, rows, 3)
+    assert every is not None and torch.allclose(every, torch.full((3,), 1 / 3, dtype=torch.float64))
+    # One brick best on every example: no mixture start (that brick alone is already a start).
+    assert union_start(_alone_logits([1, 1, 1], targets, rows), targets, rows, 3) is None

@@ -19,11 +19,17 @@ def _recipe(section: dict) -> dict:  # type: ignore[type-arg]
 
 def test_new_sections_name_the_method_and_its_settings() -> None:
     section = fit_section(FitRequest(examples=[IOPair(input=i, output=o) for i, o in EXAMPLES], steps=5))
-    assert (section["method"], section["tolerance"], section["spread"]) == ("gauss-newton", 0.01, 4)
-    assert (METHOD, TOLERANCE, SPREAD) == ("gauss-newton", 0.01, 4)
+    assert (section["method"], section["tolerance"], section["spread"]) == ("gauss-newton-exact", 0.01, 0)
+    assert (METHOD, TOLERANCE, SPREAD) == ("gauss-newton-exact", 0.01, 0)
 
 
-@pytest.mark.parametrize("method", [None, "gauss-newton"], ids=["before-the-field", "gauss-newton"])
+# A recipe written with the Broyden-updated Gauss-Newton fit recorded its settings (spread 4).
+OLD_SETTINGS = {"gauss-newton": {"method": "gauss-newton", "tolerance": 0.01, "spread": 4}}
+
+
+@pytest.mark.parametrize(
+    "method", [None, "gauss-newton", "gauss-newton-exact"], ids=["before-the-field", "broyden", "exact"]
+)
 def test_fit_recipe_uses_the_recipes_method(
     method: str | None, llama_base: Path, loras: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -34,6 +40,7 @@ def test_fit_recipe_uses_the_recipes_method(
     if method is None:
         for key in ("method", "tolerance", "spread"):
             del section[key]
+    section.update(OLD_SETTINGS.get(method or "", {}))
     built = fit_recipe(
         _recipe(section),
         llama_base,
@@ -42,9 +49,18 @@ def test_fit_recipe_uses_the_recipes_method(
         scratch=tmp_path,
     )
     direct = {
-        name: fit_weights(llama_base, bricks, EXAMPLES, steps=4, lr=LEARNING_RATE, init=[0.5, 0.5], method=name)
-        for name in ("adam", "gauss-newton")
+        name: fit_weights(
+            llama_base,
+            bricks,
+            EXAMPLES,
+            steps=4,
+            lr=LEARNING_RATE,
+            init=[0.5, 0.5],
+            method=name,  # type: ignore[arg-type]
+            spread=OLD_SETTINGS.get(name, {}).get("spread", 0),
+        )
+        for name in ("adam", "gauss-newton", "gauss-newton-exact")
     }
     expected = direct[method or "adam"]
     assert built["fit"]["weights"] == pytest.approx(list(expected.weights), abs=1e-6)
-    assert direct["adam"].weights != direct["gauss-newton"].weights
+    assert len({direct[name].weights for name in direct}) == 3
