@@ -446,6 +446,57 @@ def _starts(start: torch.Tensor, bounds: tuple[float, float], seed: int, spread:
     return torch.cat([*structured, spread_points]).clamp(low, high)
 
 
+def _penalised(points: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, l1: float) -> torch.Tensor:
+    """LoraHub's objective at each point: the answers' mean cross-entropy plus ``l1 * mean(|w|)``."""
+    from composer.gauss_newton import cross_entropy
+
+    return cross_entropy(logits, targets) + l1 * points.abs().mean(dim=-1)
+
+
+def _probes(point: torch.Tensor, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K points around ``point`` whose logits give the derivative by forward differences,
+    and their step sizes: inward at the upper bound, so that no probe leaves the box."""
+    import torch
+
+    sizes = torch.where(point + _PROBE > high, -_PROBE, _PROBE)
+    return point + torch.diag(sizes), sizes
+
+
+def _derivative(
+    mixture: LoraMixture, batch: tuple[Any, Any], point: torch.Tensor, logits: torch.Tensor, high: float
+) -> torch.Tensor:
+    """``(K, n, V)`` derivative of the answer logits in each weight at ``point`` (whose logits
+    are ``logits``), by forward differences: its K probes (`_probes`) in one forward."""
+    ids, labels = batch
+    around, sizes = _probes(point, high)
+    return (mixture.answer_logits(around, ids, labels).double() - logits) / sizes[:, None, None]
+
+
+def _scored_starts(
+    mixture: LoraMixture, batch: tuple[Any, Any], l1: float, bounds: tuple[float, float], seed: int, spread: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The starting points of a Gauss-Newton fit (`_starts`, row 0 the mixture's own weights),
+    scored in one forward: ``(points, their answer logits in float64, their objective)``."""
+    import torch
+
+    ids, labels = batch
+    starts = _starts(mixture.weights.detach().to(torch.float64), bounds, seed, spread)
+    scored = mixture.answer_logits(starts, ids, labels).double()
+    return starts, scored, _penalised(starts, scored, mixture.answer_targets(labels), l1)
+
+
+def _fitted(
+    mixture: LoraMixture, weights: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[tuple[float, ...], float]:
+    """Set the fitted ``weights`` on the mixture: (those weights as floats, their cross-entropy)."""
+    import torch
+
+    from composer.gauss_newton import cross_entropy
+
+    mixture.set_weights(weights.tolist())
+    return tuple(float(w) for w in weights.to(torch.float32)), float(cross_entropy(logits, targets))
+
+
 def _gauss_newton_broyden(
     mixture: LoraMixture,
     batch: tuple[Any, Any],
@@ -478,29 +529,25 @@ def _gauss_newton_broyden(
     """
     import torch
 
-    from composer.gauss_newton import broyden_update, cross_entropy, damped_steps, gradient_and_curvature
+    from composer.gauss_newton import (
+        broyden_update,
+        cross_entropy,
+        damped_steps,
+        forecast_decrease,
+        gradient_and_curvature,
+    )
 
     ids, labels = batch
     targets = mixture.answer_targets(labels)
     low, high = bounds
     count = mixture.weights.numel()
-
-    def objective(points: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits, targets) + l1 * points.abs().mean(dim=-1)
-
-    starts = _starts(mixture.weights.detach().to(torch.float64), bounds, seed, spread)
-    scored = mixture.answer_logits(starts, ids, labels)
-    values = objective(starts, scored)
+    starts, scored, values = _scored_starts(mixture, batch, l1, bounds, seed, spread)
     initial_loss = float(cross_entropy(scored[0], targets))
     losses = [float(values[0])]
     best = int(torch.argmin(values))
-    weights, logits, current = starts[best], scored[best].double(), float(values[best])
+    weights, logits, current = starts[best], scored[best], float(values[best])
     losses.append(current)
-    # Probe inward at the upper bound, so that no probe leaves the box.
-    probe = torch.where(weights + _PROBE > high, -_PROBE, _PROBE)
-    jacobian = (mixture.answer_logits(weights + torch.diag(probe), ids, labels).double() - logits) / probe[
-        :, None, None
-    ]
+    jacobian = _derivative(mixture, batch, weights, logits, high)
     damping, rejected = 1.0, 0
     for step in range(steps):
         gradient, curvature = gradient_and_curvature(logits, jacobian, targets)
@@ -508,14 +555,14 @@ def _gauss_newton_broyden(
         moves = damped_steps(gradient, curvature, [d * damping for d in _DAMPINGS])
         # The model's own forecast for its best (undamped) step: below the tolerance, the fit
         # has converged and scoring the candidates would only confirm it.
-        forecast = -float(gradient @ moves[0] + 0.5 * moves[0] @ curvature @ moves[0])
+        forecast = forecast_decrease(gradient, curvature, moves[0])
         if forecast < tolerance:
             if progress is not None:
                 progress(1.0, f"fitting weights: converged after {step} steps, objective {current:.4f}")
             break
         candidates = (weights + moves).clamp(low, high)
         scored = mixture.answer_logits(candidates, ids, labels).double()
-        values = objective(candidates, scored)
+        values = _penalised(candidates, scored, targets, l1)
         for candidate, candidate_logits in zip(candidates, scored, strict=True):
             jacobian = broyden_update(jacobian, candidate - weights, candidate_logits - logits)
         best = int(torch.argmin(values))
@@ -533,9 +580,8 @@ def _gauss_newton_broyden(
             if progress is not None and step + 1 < steps:
                 progress(1.0, f"fitting weights: converged after {step + 1} steps, objective {current:.4f}")
             break
-    mixture.set_weights(weights.tolist())
-    final_loss = float(cross_entropy(logits, targets))
-    return tuple(float(w) for w in weights.to(torch.float32)), tuple(losses), initial_loss, final_loss
+    fitted, final_loss = _fitted(mixture, weights, logits, targets)
+    return fitted, tuple(losses), initial_loss, final_loss
 
 
 def _gauss_newton_exact(
@@ -585,22 +631,12 @@ def _gauss_newton_exact(
     low, high = bounds
     count = mixture.weights.numel()
 
-    def objective(points: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits, targets) + l1 * points.abs().mean(dim=-1)
-
-    def probes(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Probe inward at the upper bound, so that no probe leaves the box.
-        sizes = torch.where(point + _PROBE > high, -_PROBE, _PROBE)
-        return point + torch.diag(sizes), sizes
-
     def scored_with_derivative(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        around, sizes = probes(point)
+        around, sizes = _probes(point, high)
         scored = mixture.answer_logits(torch.cat([point[None], around]), ids, labels).double()
         return scored[0], (scored[1:] - scored[0]) / sizes[:, None, None]
 
-    starts = _starts(mixture.weights.detach().to(torch.float64), bounds, seed, spread)
-    scored = mixture.answer_logits(starts, ids, labels).double()
-    values = objective(starts, scored)
+    starts, scored, values = _scored_starts(mixture, batch, l1, bounds, seed, spread)
     initial_loss = float(cross_entropy(scored[0], targets))
     losses = [float(values[0])]
     best = int(torch.argmin(values))
@@ -611,13 +647,12 @@ def _gauss_newton_exact(
     if union is not None:
         union = union.clamp(low, high)
         union_logits, union_jacobian = scored_with_derivative(union)
-        union_value = float(objective(union[None], union_logits[None])[0])
+        union_value = float(_penalised(union[None], union_logits[None], targets, l1)[0])
         if union_value < current:
             weights, logits, current, jacobian = union, union_logits, union_value, union_jacobian
             first_damping = _MIXTURE_FIRST_DAMPING
     if jacobian is None:
-        around, sizes = probes(weights)
-        jacobian = (mixture.answer_logits(around, ids, labels).double() - logits) / sizes[:, None, None]
+        jacobian = _derivative(mixture, batch, weights, logits, high)
     losses.append(current)
     damping, rejected = first_damping, False
     for step in range(steps):
@@ -630,7 +665,7 @@ def _gauss_newton_exact(
                 progress(1.0, f"fitting weights: converged after {step} steps, objective {current:.4f}")
             break
         damped_logits, damped_jacobian = scored_with_derivative(damped)
-        value = float(objective(damped[None], damped_logits[None])[0])
+        value = float(_penalised(damped[None], damped_logits[None], targets, l1)[0])
         gain = current - value
         if gain > 0:
             weights, logits, current, jacobian = damped, damped_logits, value, damped_jacobian
@@ -643,9 +678,8 @@ def _gauss_newton_exact(
         losses.append(current)
         if progress is not None:
             progress((step + 1) / steps, f"fitting weights: step {step + 1}/{steps}, objective {current:.4f}")
-    mixture.set_weights(weights.tolist())
-    final_loss = float(cross_entropy(logits, targets))
-    return tuple(float(w) for w in weights.to(torch.float32)), tuple(losses), initial_loss, final_loss
+    fitted, final_loss = _fitted(mixture, weights, logits, targets)
+    return fitted, tuple(losses), initial_loss, final_loss
 
 
 def _too_big_for_gauss_newton(mixture: LoraMixture, labels: Any, spread: int) -> bool:

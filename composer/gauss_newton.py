@@ -36,11 +36,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits: ``(..., n, V)`` logits of the ``n`` answer tokens.
         targets: ``(n,)`` the answer tokens.
     """
+    return _token_losses(logits, targets).mean(dim=-1)
+
+
+def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(..., n)`` cross-entropy of each answer token (float64)."""
     import torch
 
     logits = logits.double()
     picked = logits.gather(-1, targets.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    return (torch.logsumexp(logits, dim=-1) - picked).mean(dim=-1)
+    return torch.logsumexp(logits, dim=-1) - picked
 
 
 def gradient_and_curvature(
@@ -133,9 +138,7 @@ def example_losses(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tens
     """
     import torch
 
-    logits = logits.double()
-    picked = logits.gather(-1, targets.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    per_token = torch.logsumexp(logits, dim=-1) - picked  # (R, n)
+    per_token = _token_losses(logits, targets)  # (R, n)
     sums = torch.zeros(logits.shape[0], examples, dtype=torch.float64).index_add_(1, rows, per_token)
     return sums / torch.bincount(rows, minlength=examples).clamp(min=1)
 
