@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -72,9 +73,8 @@ class LoraMixture:
     """A base model with bricks attached unmerged, one trainable scalar weight per brick.
 
     ``mixture.model`` is an ordinary causal LM whose forward uses the current ``weights``;
-    `loss` is the answer-only cross-entropy on examples. ``packed``: whether `answer_logits`
-    packs the examples into one row per copy (the model masks packed sequences apart; checked
-    when built). Built by `load`.
+    `loss` is the answer-only cross-entropy on examples; `packed` says how `answer_logits`
+    lays out its copies. Built by `load`.
     """
 
     def __init__(self, model: Any, tokenizer: Any, weights: torch.Tensor, handles: list[Any], state: _Points) -> None:
@@ -83,8 +83,13 @@ class LoraMixture:
         self.weights = weights
         self._handles = handles
         self._state = state
-        # Whether this model reads examples packed into one row (checked once, `_packs_examples`).
-        self.packed = _packs_examples(model)
+
+    @cached_property
+    def packed(self) -> bool:
+        """Whether `answer_logits` packs the examples into one row per copy: the model masks
+        packed sequences apart (`_packs_examples`, checked on first use, so a mixture that only
+        scores with `loss`, as the quality check's, runs no check)."""
+        return _packs_examples(self.model)
 
     @classmethod
     def load(cls, base_dir: Path, brick_dirs: Sequence[Path], *, init: Sequence[float] | None = None) -> LoraMixture:
