@@ -14,11 +14,14 @@ pair of matmuls, each copy of the examples one packed row where the model allows
 answer-token cross-entropy; LoraHub's timed region leaves out tokenizing the examples, done
 once before it, ours includes it):
 - ours (Gauss-Newton, the default, `gauss-newton-exact`): one forward scoring the uniform
-  start, each brick alone and all bricks as copies of the batch; for a mixture (different
-  bricks best alone on different examples) one forward of those bricks at 1/m each with the
-  K probes of the logits' derivative; then per step one forward scoring one damped step with
-  its K probes (damping from 0.3 at a mixture's start, else from 1), until the step forecasts
-  < 0.01 or < 5 % of the objective (at most 40 steps);
+  start, each brick alone and all bricks as copies of the batch; from those, the M bricks the
+  examples need (the best alone, each brick best alone on some example, then the next best
+  while fewer than 2: `narrow_to`); for a mixture (different bricks best alone on different
+  examples) one forward of those bricks at 1/m each with the M probes of the logits'
+  derivative; then per step one forward scoring one damped step with its M probes (damping
+  from 0.3 at a mixture's start, else from 1), until the step forecasts < 0.01 or < 5 % of
+  the objective (at most 40 steps); the bricks left out are at 0 and not computed. Also run
+  narrowed to 3, and over every brick (K probes per step: the default before narrowing);
 - the former Gauss-Newton (`gauss-newton`, Broyden-updated derivative, 4 Sobol starts, stops
   on a gain < 0.01), for reference;
 - LoraHub: 40 sequential objective evaluations, one forward each, plus nevergrad's own work;
@@ -85,10 +88,12 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
 ]
 FEW_SHOT = 5
 LORAHUB_STEPS, LORAHUB_BOUND, LORAHUB_L1 = 40, 1.5, 0.05
-# Our fits: the default (what a composition request runs), a wider search (more starting
-# points, fewer steps), and the former Adam fit for reference.
+# Our fits: the default (what a composition request runs, narrowed to 2 bricks), narrowed to 3,
+# over every brick, the former Broyden-updated fit and the former Adam fit for reference.
 FITS: dict[str, dict[str, Any]] = {
     "fit (Gauss-Newton)": {"method": "gauss-newton-exact", "steps": LORAHUB_STEPS},
+    "fit (Gauss-Newton, narrowed to 3)": {"method": "gauss-newton-exact", "steps": LORAHUB_STEPS, "narrow_to": 3},
+    "fit (Gauss-Newton, every brick)": {"method": "gauss-newton-exact", "steps": LORAHUB_STEPS, "narrow_to": None},
     "fit (former Gauss-Newton, Broyden)": {"method": "gauss-newton", "steps": LORAHUB_STEPS, "spread": 4},
     "fit (Adam, 40)": {"method": "adam", "steps": LORAHUB_STEPS},
 }

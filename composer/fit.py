@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,12 +35,16 @@ from composer.errors import InvalidAdapter, InvalidParams
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FIT_METHODS", "FitResult", "LoraMixture", "examples_hash", "fit_weights"]
+__all__ = ["FIT_METHODS", "NARROW_TO", "FitResult", "LoraMixture", "examples_hash", "fit_weights"]
 
 ProgressCallback = Callable[[float, str], None]
 FitMethod = Literal["gauss-newton-exact", "gauss-newton", "adam"]
 FIT_METHODS: tuple[str, ...] = ("gauss-newton-exact", "gauss-newton", "adam")
 Example = tuple[str, str]
+# How many bricks the default fit keeps at least (`fit_weights`' ``narrow_to``): the bricks
+# the examples need, then the best alone, up to this many. Chosen on the full test bed
+# (8 candidate bricks), seeds 0-2: see bench/compose_quality.py.
+NARROW_TO = 2
 
 
 def examples_hash(examples: Sequence[Example]) -> str:
@@ -206,7 +210,8 @@ class LoraMixture:
         ``packed``, a copy is one row of the examples end to end (no padding computed), else
         the padded batch; either way without the columns after the last answer token. On a
         small model much of a pass is fixed cost (small test bed, one thread: about 2 ms a
-        pass plus 1.3 ms a copy of 5 examples), so R points cost far less than R passes.
+        pass plus 1.3 ms a copy of 5 examples), so R points cost far less than R passes. A
+        brick at weight 0 in every point of a chunk is not computed at all.
 
         Args:
             points: ``(R, K)`` weight vectors (K = number of bricks).
@@ -240,11 +245,13 @@ class LoraMixture:
             for start in range(0, points.shape[0], per_chunk):
                 chunk = points[start : start + per_chunk].to(torch.float32)
                 self._state.points = chunk
+                used = torch.nonzero(chunk.ne(0).any(dim=0)).flatten()
+                self._state.used = None if used.numel() == chunk.shape[1] else tuple(used.tolist())
                 extra = {} if position_ids is None else {"position_ids": position_ids.expand(chunk.shape[0], -1)}
                 try:
                     logits = self.model(input_ids=inputs.repeat(chunk.shape[0], 1), use_cache=False, **extra).logits
                 finally:
-                    self._state.points = None
+                    self._state.points, self._state.used = None, None
                 logits = logits.unflatten(0, (chunk.shape[0], copy_rows))
                 chunks.append((logits[:, 0, columns] if self.packed else logits[:, rows, columns]).float())
         return torch.cat(chunks)
@@ -291,6 +298,9 @@ class _Points:
     def __init__(self, weights: torch.Tensor) -> None:
         self.weights = weights
         self.points: torch.Tensor | None = None
+        # The bricks at a weight other than 0 in some row of ``points`` (None: all of them);
+        # the hooks compute nothing for the others.
+        self.used: tuple[int, ...] | None = None
 
 
 def _delta_hook(entries: list[tuple[int, torch.Tensor, torch.Tensor, float]], state: _Points) -> Any:
@@ -307,18 +317,34 @@ def _delta_hook(entries: list[tuple[int, torch.Tensor, torch.Tensor, float]], st
     scaling = torch.cat([torch.full((a.shape[0],), s, dtype=torch.float32) for _, a, _, s in entries])
 
     b_all_t = b_all.T.contiguous()  # (sum r, out)
+    # The factors of the bricks in use (`_Points.used`), kept for the last few sets asked for:
+    # a fit narrowed to a few bricks asks for the same set at every step.
+    subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def factors(used: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if used is None:
+            return a_all, b_all_t, brick_of_rank, scaling
+        if used not in subsets:
+            if len(subsets) >= 4:
+                subsets.clear()
+            keep = torch.isin(brick_of_rank, torch.tensor(used, dtype=torch.long))
+            subsets[used] = (a_all[keep], b_all_t[keep], brick_of_rank[keep], scaling[keep])
+        return subsets[used]
 
     def hook(_module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        middle = inputs[0] @ a_all.T
         points = state.points
         if points is None:
-            middle = middle * (state.weights[brick_of_rank] * scaling)
+            middle = (inputs[0] @ a_all.T) * (state.weights[brick_of_rank] * scaling)
             return output + middle @ b_all.T
+        a_used, b_used_t, bricks_used, scaling_used = factors(state.used)
+        if bricks_used.numel() == 0:  # no brick of this module is in use
+            return output
+        middle = inputs[0] @ a_used.T
         # Copy c of the batch (rows c*n .. c*n+n-1) uses the weights points[c]: folded into a
         # copy of B^T (sum r x out, small), so that one batched GEMM scales, projects and adds
         # (scaling the (rows, sum r) middle and adding separately cost 4-5 % of a fit).
         # Rows are copy-major whether the input is (batch, seq, in) or flattened to (tokens, in).
-        per_copy = (points[:, brick_of_rank] * scaling)[:, :, None] * b_all_t  # (copies, sum r, out)
+        per_copy = (points[:, bricks_used] * scaling_used)[:, :, None] * b_used_t  # (copies, sum r, out)
         copies = points.shape[0]
         flat_middle = middle.reshape(copies, -1, middle.shape[-1])
         flat_output = output.reshape(copies, -1, output.shape[-1])
@@ -335,12 +361,15 @@ def _check_fit(
     method: str,
     tolerance: float,
     spread: int,
+    narrow_to: int | None,
 ) -> None:
     problems = []
     if not tolerance >= 0:
         problems.append(f"tolerance must be >= 0, got {tolerance}")
     if spread < 0:
         problems.append(f"spread must be >= 0, got {spread}")
+    if narrow_to is not None and narrow_to < 1:
+        problems.append(f"narrow_to must be >= 1 or None, got {narrow_to}")
     if method not in FIT_METHODS:
         problems.append(f"method must be one of {', '.join(FIT_METHODS)}, got {method!r}")
     if not examples:
@@ -458,22 +487,30 @@ def _penalised(points: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
     return cross_entropy(logits, targets) + l1 * points.abs().mean(dim=-1)
 
 
-def _probes(point: torch.Tensor, high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K points around ``point`` whose logits give the derivative by forward differences,
-    and their step sizes: inward at the upper bound, so that no probe leaves the box."""
+def _probes(point: torch.Tensor, high: float, active: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points around ``point`` whose logits give the derivative by forward differences,
+    one per weight (or per weight of ``active``), and their step sizes: inward at the upper
+    bound, so that no probe leaves the box."""
     import torch
 
     sizes = torch.where(point + _PROBE > high, -_PROBE, _PROBE)
-    return point + torch.diag(sizes), sizes
+    around = point + torch.diag(sizes)
+    return (around, sizes) if active is None else (around[active], sizes[active])
 
 
 def _derivative(
-    mixture: LoraMixture, batch: tuple[Any, Any], point: torch.Tensor, logits: torch.Tensor, high: float
+    mixture: LoraMixture,
+    batch: tuple[Any, Any],
+    point: torch.Tensor,
+    logits: torch.Tensor,
+    high: float,
+    active: list[int] | None = None,
 ) -> torch.Tensor:
-    """``(K, n, V)`` derivative of the answer logits in each weight at ``point`` (whose logits
-    are ``logits``), by forward differences: its K probes (`_probes`) in one forward."""
+    """``(K, n, V)`` derivative of the answer logits in each weight (or in each of ``active``)
+    at ``point`` (whose logits are ``logits``), by forward differences: its probes (`_probes`)
+    in one forward."""
     ids, labels = batch
-    around, sizes = _probes(point, high)
+    around, sizes = _probes(point, high, active)
     return (mixture.answer_logits(around, ids, labels).double() - logits) / sizes[:, None, None]
 
 
@@ -599,20 +636,25 @@ def _gauss_newton_exact(
     tolerance: float,
     seed: int,
     spread: int,
+    narrow_to: int | None,
     progress: ProgressCallback | None,
 ) -> tuple[tuple[float, ...], tuple[float, ...], float, float]:
     """Levenberg-Marquardt with the exact Gauss-Newton model at every point, from the mixture's
     current weights (the default fit). Returns what `_adam` returns.
 
     1. One forward scores the start, each brick alone, all bricks at 1 and ``spread`` Sobol
-       points (`_starts`); the best is kept.
-    2. If different bricks are the best alone on different examples (a mixture), their
-       `union_start` is scored together with the K probes of its derivative in one forward,
-       and taken when it beats the best of step 1 (else one forward probes that point).
-    3. Each step scores one damped candidate together with the K probes around it (one
-       forward of K + 1 copies), so an accepted point comes with its exact derivative; the
-       damping starts at `_FIRST_DAMPING` (`_MIXTURE_FIRST_DAMPING` from the union start),
-       follows the ratio of gain to forecast, and grows tenfold on a rejected step.
+       points (`_starts`).
+    2. With ``narrow_to``, only the bricks the examples need (`needed_bricks`: each brick that
+       is the best alone on some example, then the best by mean loss, up to ``narrow_to``)
+       are fitted; the others stay at 0 and are not computed. The best scored point among
+       those with the other bricks at 0 is kept (all points without narrowing).
+    3. If different bricks are the best alone on different examples (a mixture), their
+       `union_start` is scored together with the probes of its derivative in one forward,
+       and taken when it beats the best of step 2 (else one forward probes that point).
+    4. Each step scores one damped candidate together with the probes around it (one forward
+       of M + 1 copies, M fitted bricks), so an accepted point comes with its exact
+       derivative; the damping starts at `_FIRST_DAMPING` (`_MIXTURE_FIRST_DAMPING` from the
+       union start), follows the ratio of gain to forecast, and grows tenfold on a rejected step.
     Stops after ``steps`` steps, or when the step it would take forecasts a gain below
     ``tolerance`` or below `_RELATIVE_STOP` times the objective (with the exact model, about
     ``g (H + lambda s I)^-1 g / 2``: a norm of the gradient), but never right after a rejected
@@ -627,6 +669,7 @@ def _gauss_newton_exact(
         damped_steps,
         forecast_decrease,
         gradient_and_curvature,
+        needed_bricks,
         union_start,
     )
 
@@ -636,19 +679,26 @@ def _gauss_newton_exact(
     low, high = bounds
     count = mixture.weights.numel()
 
-    def scored_with_derivative(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        around, sizes = _probes(point, high)
-        scored = mixture.answer_logits(torch.cat([point[None], around]), ids, labels).double()
-        return scored[0], (scored[1:] - scored[0]) / sizes[:, None, None]
-
     starts, scored, values = _scored_starts(mixture, batch, l1, bounds, seed, spread)
     initial_loss = float(cross_entropy(scored[0], targets))
     losses = [float(values[0])]
-    best = int(torch.argmin(values))
+    alone = scored[1 : count + 1]
+    needed = range(count) if narrow_to is None else needed_bricks(alone, targets, rows, ids.shape[0], narrow_to)
+    active = list(needed)
+    others = [brick for brick in range(count) if brick not in active]
+    # Only points with the bricks left out at 0 can be starts of the narrowed fit.
+    allowed = starts[:, others].eq(0).all(dim=1)
+    best = int(torch.argmin(values.masked_fill(~allowed, float("inf"))))
     weights, logits, current = starts[best], scored[best], float(values[best])
+
+    def scored_with_derivative(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        around, sizes = _probes(point, high, active)
+        scored = mixture.answer_logits(torch.cat([point[None], around]), ids, labels).double()
+        return scored[0], (scored[1:] - scored[0]) / sizes[:, None, None]
+
     jacobian: torch.Tensor | None = None
     first_damping = _FIRST_DAMPING
-    union = union_start(scored[1 : count + 1], targets, rows, ids.shape[0])
+    union = union_start(alone, targets, rows, ids.shape[0])
     if union is not None:
         union = union.clamp(low, high)
         union_logits, union_jacobian = scored_with_derivative(union)
@@ -657,14 +707,16 @@ def _gauss_newton_exact(
             weights, logits, current, jacobian = union, union_logits, union_value, union_jacobian
             first_damping = _MIXTURE_FIRST_DAMPING
     if jacobian is None:
-        jacobian = _derivative(mixture, batch, weights, logits, high)
+        jacobian = _derivative(mixture, batch, weights, logits, high, active)
     losses.append(current)
     damping, rejected = first_damping, False
     for step in range(steps):
         gradient, curvature = gradient_and_curvature(logits, jacobian, targets)
-        gradient = gradient + l1 / count * torch.sign(weights)
-        damped = (weights + damped_steps(gradient, curvature, [damping])[0]).clamp(low, high)
-        forecast = forecast_decrease(gradient, curvature, damped - weights)
+        gradient = gradient + l1 / count * torch.sign(weights[active])
+        damped = weights.clone()
+        damped[active] += damped_steps(gradient, curvature, [damping])[0]
+        damped = damped.clamp(low, high)
+        forecast = forecast_decrease(gradient, curvature, (damped - weights)[active])
         if forecast < max(tolerance, _RELATIVE_STOP * current) and not rejected:
             if progress is not None:
                 progress(1.0, f"fitting weights: converged after {step} steps, objective {current:.4f}")
@@ -713,6 +765,7 @@ def fit_weights(
     method: FitMethod = "gauss-newton-exact",
     tolerance: float = 1e-2,
     spread: int = 0,
+    narrow_to: int | None = NARROW_TO,
 ) -> FitResult:
     """Fit one weight per brick to ``examples`` on the unmerged bricks.
 
@@ -724,6 +777,7 @@ def fit_weights(
     all the examples, each from the exact K x K Gauss-Newton model of the cross-entropy (logit
     derivatives by forward differences at every point), from the best of a few structured
     starting points and, for a mixture, the bricks each example needs (`_gauss_newton_exact`);
+    with ``narrow_to`` only the bricks the examples need are fitted (the others stay at 0);
     it stops when its next step forecasts a gain below ``tolerance`` or below 5 % of the
     objective (`_RELATIVE_STOP`), and needs a few
     forward passes where Adam needs tens of forward and backward passes.
@@ -750,6 +804,11 @@ def fit_weights(
         spread: Sobol starting points scored with the structured ones (Gauss-Newton; `_starts`;
             0 by default: on the tuning beds they changed no result of the exact method and
             cost 4 copies of the batch in its first forward).
+        narrow_to: (exact Gauss-Newton) fit only the bricks that are, alone, the best on some
+            example, and the best alone by mean loss while fewer than ``narrow_to`` are chosen
+            (`composer.gauss_newton.needed_bricks`); the others keep weight 0. Each step then
+            scores M + 1 copies of the examples (M bricks chosen) instead of K + 1. None fits
+            every brick (recipes written before narrowing). Default `NARROW_TO`.
         seed: the Sobol starting points (Gauss-Newton); the mini-batch order (Adam).
         prompt_template: how an input becomes a prompt (``"{input}"`` by default).
         progress: ``progress(fraction, message)`` after every step (and 1.0 on convergence).
@@ -765,11 +824,12 @@ def fit_weights(
 
     Raises:
         InvalidParams: no examples, a non-positive step count or batch size, empty bounds,
-            an unknown method, a negative tolerance or spread, ``init`` or ``brick_dirs`` of
+            an unknown method, a negative tolerance or spread, ``narrow_to`` below 1,
+            ``init`` or ``brick_dirs`` of
             the wrong length for a mixture.
         InvalidAdapter: see `LoraMixture.load`.
     """
-    _check_fit(examples, steps, batch_size, bounds, method, tolerance, spread)
+    _check_fit(examples, steps, batch_size, bounds, method, tolerance, spread, narrow_to)
     started = time.perf_counter()
     if isinstance(base_dir, LoraMixture):
         mixture, owned = base_dir, False
@@ -800,7 +860,11 @@ def fit_weights(
                 progress=progress,
             )
         else:
-            descent = _gauss_newton_exact if method == "gauss-newton-exact" else _gauss_newton_broyden
+            descent = (
+                partial(_gauss_newton_exact, narrow_to=narrow_to)
+                if method == "gauss-newton-exact"
+                else _gauss_newton_broyden
+            )
             weights, losses, initial_loss, final_loss = descent(
                 mixture,
                 batch,

@@ -25,6 +25,7 @@ __all__ = [
     "example_losses",
     "forecast_decrease",
     "gradient_and_curvature",
+    "needed_bricks",
     "union_start",
 ]
 
@@ -169,3 +170,32 @@ def union_start(alone: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, 
     start = torch.zeros(alone.shape[0], dtype=torch.float64)
     start[chosen] = 1.0 / chosen.numel()
     return start
+
+
+def needed_bricks(
+    alone: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, examples: int, limit: int
+) -> list[int]:
+    """The bricks a fit needs, read from each brick alone: the best brick alone (lowest
+    cross-entropy over every answer token), every brick that is the best of the bricks on at
+    least one example (the bricks of `union_start`), then the others by their cross-entropy,
+    best first, while fewer than ``limit`` are chosen.
+
+    With many candidate bricks most do nothing for the examples; fitting only these makes
+    each step score ``len(result) + 1`` copies of the examples instead of ``K + 1``.
+
+    Args:
+        alone: ``(K, n, V)`` answer logits with brick k alone at weight 1 (row k).
+        targets, rows, examples: as in `example_losses`.
+        limit: how many bricks to choose at least (fewer when there are fewer than ``limit``;
+            more when more bricks are each the best on some example).
+
+    Returns:
+        Indices of the chosen bricks, ascending.
+    """
+    ranking = cross_entropy(alone, targets).argsort(stable=True).tolist()
+    chosen = {ranking[0], *example_losses(alone, targets, rows, examples).argmin(dim=0).tolist()}
+    for brick in ranking:
+        if len(chosen) >= limit:
+            break
+        chosen.add(brick)
+    return sorted(chosen)

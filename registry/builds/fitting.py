@@ -13,7 +13,9 @@ build; the composer does the math (`composer.fit_weights`). New recipes name the
 (``method``: Gauss-Newton, with its ``tolerance`` and ``spread``); a recipe written before
 that field existed has none and is fitted with Adam, as it was then, so it builds the same;
 one that names ``"gauss-newton"`` (the Broyden-updated fit, before ``"gauss-newton-exact"``)
-is fitted by that method, with its recorded settings.
+is fitted by that method, with its recorded settings; one that names ``"gauss-newton-exact"``
+without ``narrow_to`` (written before the fit was narrowed to the bricks its examples need)
+fits every brick, as it did then.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "FIT_FRACTION",
     "LEARNING_RATE",
     "METHOD",
+    "NARROW_TO",
     "SPREAD",
     "TOLERANCE",
     "fit_recipe",
@@ -47,6 +50,7 @@ LEARNING_RATE = 0.1
 METHOD = "gauss-newton-exact"
 TOLERANCE = 1e-2
 SPREAD = 0
+NARROW_TO = 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -64,6 +68,7 @@ def fit_section(fit: FitRequest) -> dict[str, Any]:
         "method": METHOD,
         "tolerance": TOLERANCE,
         "spread": SPREAD,
+        "narrow_to": NARROW_TO,
         "seed": fit.seed,
         "prompt": fit.prompt,
     }
@@ -130,6 +135,8 @@ def fit_recipe(
         method=fit.get("method", "adam"),
         tolerance=fit.get("tolerance", TOLERANCE),
         spread=fit.get("spread", SPREAD),
+        # Recipes from before narrowing fitted every brick.
+        narrow_to=fit.get("narrow_to"),
         init=[brick["weight"] for brick in recipe["bricks"]],
         seed=fit["seed"],
         prompt_template=fit["prompt"],

@@ -122,6 +122,35 @@ def test_answer_logits_compute_no_padding_and_nothing_after_the_last_answer(
 
 
 @pytest.mark.slow
+def test_a_brick_at_zero_in_every_point_is_not_computed(small_testbed: TestBed, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A brick whose factors are NaN poisons any forward that computes it, even at weight 0
+    (0 x NaN is NaN): the logits of points that leave it at 0 are finite and equal those of a
+    mixture loaded without it; a point that uses it gives NaN."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    first, *others = [task.brick_dir for task in small_testbed.tasks.values()]
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(first, poisoned)
+    tensors = load_file(str(poisoned / "adapter_model.safetensors"))
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, str(poisoned / "adapter_model.safetensors")
+    )
+    mixture = LoraMixture.load(small_testbed.base_dir, [poisoned, *others])
+    without = LoraMixture.load(small_testbed.base_dir, others)
+    ids, labels = mixture.batch(_mixture_examples(small_testbed), prompt_template=format_prompt("{input}"))
+    points = torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.2, -1.0]])
+    logits = mixture.answer_logits(points, ids, labels)
+    assert torch.isfinite(logits).all()
+    assert torch.allclose(logits, without.answer_logits(points[:, 1:], ids, labels), atol=1e-5)
+    assert torch.isnan(mixture.answer_logits(torch.tensor([[0.1, 1.0, 0.5]]), ids, labels)).any()
+    mixture.detach()
+    without.detach()
+
+
+@pytest.mark.slow
 def test_a_model_that_ignores_positions_is_not_packed(small_testbed: TestBed) -> None:
     """Packing is used only where it gives the padded logits: a model that does not restart
     positions (here, one that drops ``position_ids``) attends across examples and is refused."""
@@ -347,6 +376,7 @@ def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_i
         tolerance=1e-9,
         seed=0,
         spread=0,
+        narrow_to=None,
         progress=None,
     )
     reference = _LinearMixture()
@@ -374,6 +404,7 @@ def _exact_fit_of_linear(tolerance: float):  # type: ignore[no-untyped-def]
         tolerance=tolerance,
         seed=0,
         spread=0,
+        narrow_to=None,
         progress=None,
     )
 
@@ -438,6 +469,7 @@ def test_exact_gauss_newton_takes_a_mixtures_first_step_at_the_mixture_damping(
         tolerance=0.0,
         seed=0,
         spread=0,
+        narrow_to=None,
         progress=None,
     )
     union = torch.full((3,), 1 / 3, dtype=torch.float64)
@@ -450,3 +482,70 @@ def test_exact_gauss_newton_takes_a_mixtures_first_step_at_the_mixture_damping(
     first_step = mixture.scored[2][0]
     assert torch.allclose(first_step, expected, atol=1e-3)
     assert float((first_step - at_one).abs().max()) > 1e-2
+
+
+class _ManyBricksMixture(_LinearMixture):
+    """Four bricks, linear logits: brick 0 raises every answer token by 1.5, brick 1 by 1, and
+    bricks 2 and 3 only add noise (as much as each of the others), so alone brick 0 is the best
+    on every example and brick 1 the next best: narrowed to 2, the fit is over bricks 0 and 1
+    (whose minimum is inside the bounds). Every scored point is recorded."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__()
+        generator = torch.Generator().manual_seed(4)
+        self.jacobian = torch.randn(4, 9, 6, generator=generator, dtype=torch.float64)
+        self.jacobian[0, torch.arange(9), self.targets] += 1.5
+        self.jacobian[1, torch.arange(9), self.targets] += 1.0
+        self.weights = torch.full((4,), 0.25)
+        self.scored: list[torch.Tensor] = []
+
+    def answer_logits(self, points, ids, labels):  # type: ignore[no-untyped-def]
+        self.scored.append(points.double().clone())
+        return super().answer_logits(points, ids, labels)
+
+
+def test_a_narrowed_fit_moves_only_the_needed_bricks_and_reaches_their_minimum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the first forward (which scores every brick alone), every point has bricks 2 and 3
+    at 0, each step scores 3 points (the candidate and 2 probes, not 5), and the fit ends at the
+    minimum over bricks 0 and 1 (found by L-BFGS on that plane, independently of the fit)."""
+    import torch
+
+    from composer.fit import _gauss_newton_exact
+
+    monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
+    mixture = _ManyBricksMixture()
+    weights, _losses, _initial, final = _gauss_newton_exact(
+        mixture,  # type: ignore[arg-type]
+        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
+        steps=40,
+        l1=0.0,
+        bounds=(-5.0, 5.0),
+        tolerance=1e-9,
+        seed=0,
+        spread=0,
+        narrow_to=2,
+        progress=None,
+    )
+    first, probes, *steps = mixture.scored
+    assert first.shape[0] == 4 + 2  # the start, each brick alone, all at 1
+    assert probes.shape[0] == 2  # the derivative at brick 0 alone, in bricks 0 and 1
+    assert steps and all(points.shape[0] == 3 for points in steps)
+    assert all(bool((points[:, 2:] == 0).all()) for points in [probes, *steps])
+    assert weights[2:] == (0.0, 0.0)
+
+    plane = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([plane], max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():  # type: ignore[no-untyped-def]
+        optimizer.zero_grad()
+        value = mixture.loss(torch.cat([plane, torch.zeros(2, dtype=torch.float64)]))
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    assert torch.allclose(torch.tensor(weights[:2], dtype=torch.float64), plane.detach(), atol=1e-3)
+    assert final == pytest.approx(float(closure().detach()), abs=1e-5)

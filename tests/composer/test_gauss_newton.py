@@ -12,6 +12,7 @@ from composer.gauss_newton import (
     example_losses,
     forecast_decrease,
     gradient_and_curvature,
+    needed_bricks,
     union_start,
 )
 
@@ -142,3 +143,28 @@ def test_union_start_weighs_equally_the_bricks_the_examples_need() -> None:
     assert every is not None and torch.allclose(every, torch.full((3,), 1 / 3, dtype=torch.float64))
     # One brick best on every example: no mixture start (that brick alone is already a start).
     assert union_start(_alone_logits([1, 1, 1], targets, rows), targets, rows, 3) is None
+
+
+def _alone_by_example(values: list[list[float]], rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Logits of bricks alone: brick k puts ``values[k][example]`` on the answer tokens of that
+    example, 0 everywhere else (a higher value, a lower loss)."""
+    logits = torch.zeros(len(values), rows.numel(), 5, dtype=torch.float64)
+    for token, (row, target) in enumerate(zip(rows.tolist(), targets.tolist(), strict=True)):
+        for brick, by_example in enumerate(values):
+            logits[brick, token, target] = by_example[row]
+    return logits
+
+
+def test_needed_bricks_are_the_best_alone_those_best_on_an_example_then_the_next_best() -> None:
+    _logits, targets, rows = _examples_problem()
+    # Brick 3 is second best on every example and so the best over all of them (4 on every
+    # answer token; brick 2 has 0 on the first example's two tokens), though the best on none;
+    # brick 0 is the best on example 0, brick 2 on examples 1 and 2.
+    mixture = _alone_by_example([[6, 0, 0], [1, 1, 1], [0, 6, 6], [4, 4, 4]], rows, targets)
+    assert needed_bricks(mixture, targets, rows, 3, limit=2) == [0, 2, 3]
+    assert needed_bricks(mixture, targets, rows, 3, limit=4) == [0, 1, 2, 3]
+    # One task: brick 1 is the best everywhere; then the next best by loss (brick 0, then 3).
+    single = _alone_by_example([[3, 3, 3], [6, 6, 6], [1, 1, 1], [2, 2, 2]], rows, targets)
+    assert needed_bricks(single, targets, rows, 3, limit=1) == [1]
+    assert needed_bricks(single, targets, rows, 3, limit=2) == [0, 1]
+    assert needed_bricks(single, targets, rows, 3, limit=3) == [0, 1, 3]

@@ -1,5 +1,6 @@
-"""The recipe's ``fit`` section: new recipes name the optimiser, and a recipe written before
-that field existed is fitted with Adam, as it was then, so it builds the same weights."""
+"""The recipe's ``fit`` section: new recipes name the optimiser and its settings, and a recipe
+written before a field existed is fitted as it was then (Adam before ``method``, every brick
+before ``narrow_to``), so it builds the same weights."""
 
 from __future__ import annotations
 
@@ -7,40 +8,65 @@ from pathlib import Path
 
 import pytest
 
-from registry.builds.fitting import LEARNING_RATE, METHOD, SPREAD, TOLERANCE, fit_recipe, fit_section
+from registry.builds.fitting import LEARNING_RATE, METHOD, NARROW_TO, SPREAD, TOLERANCE, fit_recipe, fit_section
 from registry.inputs import FitRequest, IOPair
 
 EXAMPLES = [("the battery lasts", "positive"), ("broke after a day", "negative")]
 
 
 def _recipe(section: dict) -> dict:  # type: ignore[type-arg]
-    return {"bricks": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.5}], "fit": section}
+    return {"bricks": [{"name": name, "weight": 1 / 3} for name in "abc"], "fit": section}
 
 
 def test_new_sections_name_the_method_and_its_settings() -> None:
     section = fit_section(FitRequest(examples=[IOPair(input=i, output=o) for i, o in EXAMPLES], steps=5))
-    assert (section["method"], section["tolerance"], section["spread"]) == ("gauss-newton-exact", 0.01, 0)
-    assert (METHOD, TOLERANCE, SPREAD) == ("gauss-newton-exact", 0.01, 0)
+    settings = (section["method"], section["tolerance"], section["spread"], section["narrow_to"])
+    assert settings == ("gauss-newton-exact", 0.01, 0, 2)
+    assert settings == (METHOD, TOLERANCE, SPREAD, NARROW_TO)
 
 
 # A recipe written with the Broyden-updated Gauss-Newton fit recorded its settings (spread 4).
 OLD_SETTINGS = {"gauss-newton": {"method": "gauss-newton", "tolerance": 0.01, "spread": 4}}
+# The fields each kind of older recipe lacks.
+MISSING = {
+    "adam": ("method", "tolerance", "spread", "narrow_to"),
+    "gauss-newton": ("narrow_to",),
+    "all": ("narrow_to",),
+}
+
+
+# What each kind of recipe is fitted with: its own settings, or those of its time.
+EXPECTED = {
+    "adam": {"method": "adam", "spread": 0, "narrow_to": None},
+    "gauss-newton": {"method": "gauss-newton", "spread": 4, "narrow_to": None},
+    "all": {"method": "gauss-newton-exact", "spread": 0, "narrow_to": None},
+    "gauss-newton-exact": {"method": "gauss-newton-exact", "spread": 0, "narrow_to": 2},
+}
 
 
 @pytest.mark.parametrize(
-    "method", [None, "gauss-newton", "gauss-newton-exact"], ids=["before-the-field", "broyden", "exact"]
+    "kind",
+    ["adam", "gauss-newton", "all", "gauss-newton-exact"],
+    ids=["before-the-field", "broyden", "exact-before-narrowing", "exact"],
 )
 def test_fit_recipe_uses_the_recipes_method(
-    method: str | None, llama_base: Path, loras: dict[str, Path], tmp_path: Path
+    kind: str, llama_base: Path, loras: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from composer import fit_weights
+    import composer
 
-    bricks = [loras["r4"], loras["r8"]]
+    fit_weights = composer.fit_weights
+    calls: list[dict] = []  # type: ignore[type-arg]
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs)
+        return fit_weights(*args, **kwargs)
+
+    monkeypatch.setattr(composer, "fit_weights", spy)
+    bricks = [loras["r4"], loras["r8"], loras["rslora"]]
     section = fit_section(FitRequest(examples=[IOPair(input=i, output=o) for i, o in EXAMPLES], steps=4))
-    if method is None:
-        for key in ("method", "tolerance", "spread"):
-            del section[key]
-    section.update(OLD_SETTINGS.get(method or "", {}))
+    for key in MISSING.get(kind, ()):
+        del section[key]
+    section.update(OLD_SETTINGS.get(kind, {}))
     built = fit_recipe(
         _recipe(section),
         llama_base,
@@ -48,19 +74,7 @@ def test_fit_recipe_uses_the_recipes_method(
         lambda _fraction, _message: None,
         scratch=tmp_path,
     )
-    direct = {
-        name: fit_weights(
-            llama_base,
-            bricks,
-            EXAMPLES,
-            steps=4,
-            lr=LEARNING_RATE,
-            init=[0.5, 0.5],
-            method=name,  # type: ignore[arg-type]
-            spread=OLD_SETTINGS.get(name, {}).get("spread", 0),
-        )
-        for name in ("adam", "gauss-newton", "gauss-newton-exact")
-    }
-    expected = direct[method or "adam"]
-    assert built["fit"]["weights"] == pytest.approx(list(expected.weights), abs=1e-6)
-    assert len({direct[name].weights for name in direct}) == 3
+    (call,) = calls
+    assert {key: call[key] for key in EXPECTED[kind]} == EXPECTED[kind]
+    direct = fit_weights(llama_base, bricks, EXAMPLES, steps=4, lr=LEARNING_RATE, init=[1 / 3] * 3, **EXPECTED[kind])
+    assert built["fit"]["weights"] == pytest.approx(list(direct.weights), abs=1e-6)
