@@ -121,6 +121,31 @@ def test_answer_logits_compute_no_padding_and_nothing_after_the_last_answer(
     mixture.detach()
 
 
+def test_bricks_alone_computed_one_brick_per_copy_give_the_plain_forwards_logits(
+    llama_base,
+    loras,  # type: ignore[no-untyped-def]
+) -> None:
+    """Bricks of different ranks and targets (rank 4 everywhere; rank 8 on q and k only; a rank
+    pattern up to 8): scored alone (their own pass, each copy computing only its brick) and
+    together with other points, the logits equal the plain forward at each point's weights."""
+    import torch
+
+    bricks = [loras["r4"], loras["r8"], loras["pattern"]]
+    mixture = LoraMixture.load(llama_base, bricks)
+    mixture.packed = False  # the plain forward below is the padded batch
+    ids, labels = mixture.batch([("abc", "de"), ("fghij", "k")])
+    points = torch.cat(
+        [torch.eye(3) * torch.tensor([0.7, -1.2, 1.5]), torch.tensor([[0.3, 0.9, -0.4], [0.0, 0.0, 0.0]])]
+    )
+    got = mixture.answer_logits(points, ids, labels)
+    for point, logits in zip(points, got, strict=True):
+        mixture.set_weights(point.tolist())
+        with torch.no_grad():
+            plain = mixture.model(input_ids=ids).logits[:, :-1][labels[:, 1:] != -100]
+        assert torch.allclose(logits, plain, atol=1e-5)
+    mixture.detach()
+
+
 @pytest.mark.slow
 def test_a_brick_at_zero_in_every_point_is_not_computed(small_testbed: TestBed, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A brick whose factors are NaN poisons any forward that computes it, even at weight 0
