@@ -504,10 +504,12 @@ _MIXTURE_FIRST_DAMPING = 0.3
 _RELATIVE_STOP = 0.05
 
 
-def _starts(start: torch.Tensor, bounds: tuple[float, float], seed: int, spread: int) -> torch.Tensor:
+def _starts(
+    start: torch.Tensor, bounds: tuple[float, float], seed: int, spread: int, *, all_at_one: bool = True
+) -> torch.Tensor:
     """Points scored together before the descent: the given start, each brick alone at weight 1,
-    all bricks at 1, and ``spread`` scrambled Sobol points (drawn with ``seed``) in the central
-    60 % of ``bounds``, everything clamped to ``bounds``.
+    all bricks at 1 (unless not ``all_at_one``), and ``spread`` scrambled Sobol points (drawn
+    with ``seed``) in the central 60 % of ``bounds``, everything clamped to ``bounds``.
 
     A brick trained for the task does it at weight 1, so for one task one of the structured
     points is usually in the basin of the fit; a mixture's best weights are often elsewhere
@@ -519,7 +521,9 @@ def _starts(start: torch.Tensor, bounds: tuple[float, float], seed: int, spread:
 
     count = start.numel()
     low, high = bounds
-    structured = [start[None], torch.eye(count, dtype=start.dtype), torch.ones(1, count, dtype=start.dtype)]
+    structured = [start[None], torch.eye(count, dtype=start.dtype)]
+    if all_at_one:
+        structured.append(torch.ones(1, count, dtype=start.dtype))
     if spread == 0:  # SobolEngine cannot draw zero points
         return torch.cat(structured).clamp(low, high)
     engine = torch.quasirandom.SobolEngine(count, scramble=True, seed=seed)  # type: ignore[no-untyped-call]
@@ -563,14 +567,21 @@ def _derivative(
 
 
 def _scored_starts(
-    mixture: LoraMixture, batch: tuple[Any, Any], l1: float, bounds: tuple[float, float], seed: int, spread: int
+    mixture: LoraMixture,
+    batch: tuple[Any, Any],
+    l1: float,
+    bounds: tuple[float, float],
+    seed: int,
+    spread: int,
+    *,
+    all_at_one: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The starting points of a Gauss-Newton fit (`_starts`, row 0 the mixture's own weights),
     scored in one forward: ``(points, their answer logits in float64, their objective)``."""
     import torch
 
     ids, labels = batch
-    starts = _starts(mixture.weights.detach().to(torch.float64), bounds, seed, spread)
+    starts = _starts(mixture.weights.detach().to(torch.float64), bounds, seed, spread, all_at_one=all_at_one)
     scored = mixture.answer_logits(starts, ids, labels).double()
     return starts, scored, _penalised(starts, scored, mixture.answer_targets(labels), l1)
 
@@ -690,8 +701,8 @@ def _gauss_newton_exact(
     """Levenberg-Marquardt with the exact Gauss-Newton model at every point, from the mixture's
     current weights (the default fit). Returns what `_adam` returns.
 
-    1. One forward scores the start, each brick alone, all bricks at 1 and ``spread`` Sobol
-       points (`_starts`).
+    1. One forward scores the start, each brick alone, all bricks at 1 (unless narrowing can
+       leave a brick out, which that point never does) and ``spread`` Sobol points (`_starts`).
     2. With ``narrow_to``, only the bricks the examples need (`needed_bricks`: each brick that
        is the best alone on some example, then the best by mean loss, up to ``narrow_to``)
        are fitted; the others stay at 0 and are not computed. The best scored point among
@@ -727,7 +738,9 @@ def _gauss_newton_exact(
     low, high = bounds
     count = mixture.weights.numel()
 
-    starts, scored, values = _scored_starts(mixture, batch, l1, bounds, seed, spread)
+    # All bricks at 1 can be a start only when no brick can be left out.
+    all_at_one = narrow_to is None or count <= narrow_to
+    starts, scored, values = _scored_starts(mixture, batch, l1, bounds, seed, spread, all_at_one=all_at_one)
     initial_loss = float(cross_entropy(scored[0], targets))
     losses = [float(values[0])]
     alone = scored[1 : count + 1]

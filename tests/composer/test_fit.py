@@ -556,7 +556,7 @@ def test_a_narrowed_fit_moves_only_the_needed_bricks_and_reaches_their_minimum(
         progress=None,
     )
     first, probes, *steps = mixture.scored
-    assert first.shape[0] == 4 + 2  # the start, each brick alone, all at 1
+    assert first.shape[0] == 1 + 4  # the start and each brick alone (all at 1 could not be a start)
     assert probes.shape[0] == 2  # the derivative at brick 0 alone, in bricks 0 and 1
     assert steps and all(points.shape[0] == 3 for points in steps)
     assert all(bool((points[:, 2:] == 0).all()) for points in [probes, *steps])
