@@ -14,14 +14,15 @@ pair of matmuls, each copy of the examples one packed row where the model allows
 answer-token cross-entropy; LoraHub's timed region leaves out tokenizing the examples, done
 once before it, ours includes it):
 - ours (Gauss-Newton, the default, `gauss-newton-exact`): one forward scoring the uniform
-  start, each brick alone and all bricks as copies of the batch; from those, the M bricks the
-  examples need (the best alone, each brick best alone on some example, then the next best
+  start and each brick alone as copies of the batch (the bricks alone in a pass of their own,
+  each copy computing only its brick); from those, the M bricks the examples need (the best alone, each brick best alone on some example, then the next best
   while fewer than 2: `narrow_to`); for a mixture (different bricks best alone on different
   examples) one forward of those bricks at 1/m each with the M probes of the logits'
   derivative; then per step one forward scoring one damped step with its M probes (damping
   from 0.3 at a mixture's start, else from 1), until the step forecasts < 0.01 or < 5 % of
   the objective (at most 40 steps); the bricks left out are at 0 and not computed. Also run
-  narrowed to 3, and over every brick (K probes per step: the default before narrowing);
+  narrowed to 3, and over every brick (K probes per step, and all bricks at 1 among the
+  starts: the default before narrowing);
 - the former Gauss-Newton (`gauss-newton`, Broyden-updated derivative, 4 Sobol starts, stops
   on a gain < 0.01), for reference;
 - LoraHub: 40 sequential objective evaluations, one forward each, plus nevergrad's own work;
