@@ -15,8 +15,9 @@ answer-token cross-entropy; LoraHub's timed region leaves out tokenizing the exa
 once before it, ours includes it):
 - ours (Gauss-Newton, the default, `gauss-newton-exact`): one forward scoring the uniform
   start and each brick alone as copies of the batch (the bricks alone in a pass of their own,
-  each copy computing only its brick); from those, the M bricks the examples need (the best alone, each brick best alone on some example, then the next best
-  while fewer than 2: `narrow_to`); for a mixture (different bricks best alone on different
+  each copy computing only its brick); from those, the M bricks the examples need (the best
+  alone, each brick best alone on some example, then the next best while fewer than 2:
+  `narrow_to`); for a mixture (different bricks best alone on different
   examples) one forward of those bricks at 1/m each with the M probes of the logits'
   derivative; then per step one forward scoring one damped step with its M probes (damping
   from 0.3 at a mixture's start, else from 1), until the step forecasts < 0.01 or < 5 % of
