@@ -322,7 +322,9 @@ def parse_json_model(model: type[M], raw: str | bytes | dict[str, Any], *, what:
 
 class FitRequest(BaseModel):
     """Fit the bricks' weights to a few examples before merging (Gauss-Newton on one scalar
-    per brick; see `composer.fit_weights`). Starts from uniform weights ``1 / n``."""
+    per brick; see `composer.fit_weights`). Starts from uniform weights ``1 / n``; only the
+    bricks the examples need are fitted (the best brick alone, each brick that alone is the
+    best on some example, and the next best until there are 2), the others get weight 0."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
