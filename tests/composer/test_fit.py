@@ -314,7 +314,8 @@ class _LinearMixture:
     """A stand-in for `LoraMixture` whose answer logits are linear in the weights (``z + J w``):
     the cross-entropy is then convex, so its minimum can be found independently. The forward
     passes numbered in ``sabotaged`` score their first point far worse than it is, the way a
-    step that overshoots is scored (a rejected step)."""
+    step that overshoots is scored (a rejected step). Every scored point is recorded (``scored``,
+    one tensor per pass)."""
 
     def __init__(self, sabotaged: set[int] = frozenset()) -> None:  # type: ignore[assignment]
         import torch
@@ -326,6 +327,7 @@ class _LinearMixture:
         self.rows = torch.arange(3).repeat_interleave(3)
         self.weights = torch.zeros(3)
         self.sabotaged, self.passes = set(sabotaged), 0
+        self.scored: list[torch.Tensor] = []
 
     def batch(self, examples, *, prompt_template):  # type: ignore[no-untyped-def]
         import torch
@@ -341,6 +343,7 @@ class _LinearMixture:
     def answer_logits(self, points, _ids, _labels):  # type: ignore[no-untyped-def]
         import torch
 
+        self.scored.append(points.double().clone())
         logits = self.base + torch.einsum("rk,knv->rnv", points.double(), self.jacobian)
         if self.passes in self.sabotaged:
             logits[0, torch.arange(9), self.targets] -= 50.0
@@ -359,21 +362,48 @@ class _LinearMixture:
         return torch.nn.functional.cross_entropy(logits, self.targets)
 
 
-def _minimum(mixture: _LinearMixture):  # type: ignore[no-untyped-def]
-    """The convex problem's minimum by L-BFGS on autograd, independent of the fit."""
+def _minimum(mixture: _LinearMixture, fitted: int = 3):  # type: ignore[no-untyped-def]
+    """The convex problem's minimum over the first ``fitted`` weights (the others at 0) by
+    L-BFGS on autograd, independent of the fit: those weights."""
     import torch
 
-    weights = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    weights = torch.zeros(fitted, dtype=torch.float64, requires_grad=True)
+    rest = torch.zeros(mixture.jacobian.shape[0] - fitted, dtype=torch.float64)
     optimizer = torch.optim.LBFGS([weights], max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
 
     def closure():  # type: ignore[no-untyped-def]
         optimizer.zero_grad()
-        value = mixture.loss(weights)
+        value = mixture.loss(torch.cat([weights, rest]))
         value.backward()
         return value
 
     optimizer.step(closure)
     return weights.detach()
+
+
+def _exact_fit(  # type: ignore[no-untyped-def]
+    mixture: _LinearMixture,
+    *,
+    steps: int = 40,
+    l1: float = 0.0,
+    tolerance: float = 1e-9,
+    narrow_to: int | None = None,
+):
+    """`_gauss_newton_exact` on a stand-in, within bounds (-5, 5) that hold its minimum."""
+    from composer.fit import _gauss_newton_exact
+
+    return _gauss_newton_exact(
+        mixture,  # type: ignore[arg-type]
+        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
+        steps=steps,
+        l1=l1,
+        bounds=(-5.0, 5.0),
+        tolerance=tolerance,
+        seed=0,
+        spread=0,
+        narrow_to=narrow_to,
+        progress=None,
+    )
 
 
 @pytest.mark.parametrize("sabotaged", [set(), {2, 3, 4}], ids=["plain", "three-rejected-steps"])
@@ -385,25 +415,12 @@ def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_i
     (the relative stop off, so that only ``tolerance`` decides)."""
     import torch
 
-    from composer.fit import _gauss_newton_exact
-
     monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
 
     mixture = _LinearMixture(sabotaged)
     best = _minimum(_LinearMixture())
     assert float(best.abs().max()) < 5.0  # inside the bounds below: the unconstrained minimum
-    weights, losses, initial, final = _gauss_newton_exact(
-        mixture,  # type: ignore[arg-type]
-        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
-        steps=40,
-        l1=0.0,
-        bounds=(-5.0, 5.0),
-        tolerance=1e-9,
-        seed=0,
-        spread=0,
-        narrow_to=None,
-        progress=None,
-    )
+    weights, losses, initial, final = _exact_fit(mixture)
     reference = _LinearMixture()
     assert final == pytest.approx(float(reference.loss(best)), abs=1e-5)
     assert torch.allclose(torch.tensor(weights, dtype=torch.float64), best, atol=1e-3)
@@ -416,32 +433,14 @@ def test_exact_gauss_newton_reaches_the_minimum_and_rejected_steps_do_not_stop_i
     assert unchanged == len({p for p in sabotaged if p >= 2})
 
 
-def _exact_fit_of_linear(tolerance: float):  # type: ignore[no-untyped-def]
-    from composer.fit import _gauss_newton_exact
-
-    mixture = _LinearMixture()
-    return _gauss_newton_exact(
-        mixture,  # type: ignore[arg-type]
-        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
-        steps=40,
-        l1=0.0,
-        bounds=(-5.0, 5.0),
-        tolerance=tolerance,
-        seed=0,
-        spread=0,
-        narrow_to=None,
-        progress=None,
-    )
-
-
 def test_exact_gauss_newton_stops_when_the_forecast_is_a_small_part_of_the_objective(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With a tolerance that never stops it, the relative stop still ends the fit: in fewer
     steps than the fit to the minimum, at an objective near the minimum's."""
-    _weights, relative_losses, _initial, relative_final = _exact_fit_of_linear(1e-9)
+    _weights, relative_losses, _initial, relative_final = _exact_fit(_LinearMixture())
     monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
-    _weights, full_losses, _initial, full_final = _exact_fit_of_linear(1e-9)
+    _weights, full_losses, _initial, full_final = _exact_fit(_LinearMixture())
     minimum = float(_LinearMixture().loss(_minimum(_LinearMixture())))
     assert full_final == pytest.approx(minimum, abs=1e-5)
     assert len(relative_losses) < len(full_losses)
@@ -452,8 +451,7 @@ def test_exact_gauss_newton_stops_when_the_forecast_is_a_small_part_of_the_objec
 class _TwoSkillMixture(_LinearMixture):
     """Three bricks, each raising its own example's answer and lowering the others': alone each
     does one example of three, all at 1 they cancel out, so the mixture's union start (each at
-    1/3) is the best starting point; it starts from weights that do every example badly. Every
-    scored point is recorded."""
+    1/3) is the best starting point; it starts from weights that do every example badly."""
 
     def __init__(self) -> None:
         import torch
@@ -464,11 +462,6 @@ class _TwoSkillMixture(_LinearMixture):
         self.jacobian = torch.zeros(3, 9, 6, dtype=torch.float64)
         self.jacobian[:, torch.arange(9), self.targets] = torch.where(own, 4.0, -1.5).double()
         self.weights = -torch.ones(3)
-        self.scored: list[torch.Tensor] = []
-
-    def answer_logits(self, points, ids, labels):  # type: ignore[no-untyped-def]
-        self.scored.append(points.double().clone())
-        return super().answer_logits(points, ids, labels)
 
 
 def test_exact_gauss_newton_takes_a_mixtures_first_step_at_the_mixture_damping(
@@ -479,24 +472,12 @@ def test_exact_gauss_newton_takes_a_mixtures_first_step_at_the_mixture_damping(
     (the relative stop off: this start is near enough to its minimum to stop there)."""
     import torch
 
-    from composer.fit import _gauss_newton_exact
     from composer.gauss_newton import damped_steps, gradient_and_curvature
 
     monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
     mixture = _TwoSkillMixture()
     l1 = 1.0
-    _gauss_newton_exact(
-        mixture,  # type: ignore[arg-type]
-        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
-        steps=1,
-        l1=l1,
-        bounds=(-5.0, 5.0),
-        tolerance=0.0,
-        seed=0,
-        spread=0,
-        narrow_to=None,
-        progress=None,
-    )
+    _exact_fit(mixture, steps=1, l1=l1, tolerance=0.0)
     union = torch.full((3,), 1 / 3, dtype=torch.float64)
     # Passes: the starting points, the union start with its probes, then the first step.
     assert torch.allclose(mixture.scored[1][0], union)
@@ -513,7 +494,7 @@ class _ManyBricksMixture(_LinearMixture):
     """Four bricks, linear logits: brick 0 raises every answer token by 1.5, brick 1 by 1, and
     bricks 2 and 3 only add noise (as much as each of the others), so alone brick 0 is the best
     on every example and brick 1 the next best: narrowed to 2, the fit is over bricks 0 and 1
-    (whose minimum is inside the bounds). Every scored point is recorded."""
+    (whose minimum is inside the bounds)."""
 
     def __init__(self) -> None:
         import torch
@@ -524,11 +505,6 @@ class _ManyBricksMixture(_LinearMixture):
         self.jacobian[0, torch.arange(9), self.targets] += 1.5
         self.jacobian[1, torch.arange(9), self.targets] += 1.0
         self.weights = torch.full((4,), 0.25)
-        self.scored: list[torch.Tensor] = []
-
-    def answer_logits(self, points, ids, labels):  # type: ignore[no-untyped-def]
-        self.scored.append(points.double().clone())
-        return super().answer_logits(points, ids, labels)
 
 
 def test_a_narrowed_fit_moves_only_the_needed_bricks_and_reaches_their_minimum(
@@ -539,22 +515,9 @@ def test_a_narrowed_fit_moves_only_the_needed_bricks_and_reaches_their_minimum(
     minimum over bricks 0 and 1 (found by L-BFGS on that plane, independently of the fit)."""
     import torch
 
-    from composer.fit import _gauss_newton_exact
-
     monkeypatch.setattr("composer.fit._RELATIVE_STOP", 0.0)
     mixture = _ManyBricksMixture()
-    weights, _losses, _initial, final = _gauss_newton_exact(
-        mixture,  # type: ignore[arg-type]
-        mixture.batch([("x", "y")] * 3, prompt_template="{input}"),
-        steps=40,
-        l1=0.0,
-        bounds=(-5.0, 5.0),
-        tolerance=1e-9,
-        seed=0,
-        spread=0,
-        narrow_to=2,
-        progress=None,
-    )
+    weights, _losses, _initial, final = _exact_fit(mixture, narrow_to=2)
     first, probes, *steps = mixture.scored
     assert first.shape[0] == 1 + 4  # the start and each brick alone (all at 1 could not be a start)
     assert probes.shape[0] == 2  # the derivative at brick 0 alone, in bricks 0 and 1
@@ -562,15 +525,8 @@ def test_a_narrowed_fit_moves_only_the_needed_bricks_and_reaches_their_minimum(
     assert all(bool((points[:, 2:] == 0).all()) for points in [probes, *steps])
     assert weights[2:] == (0.0, 0.0)
 
-    plane = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([plane], max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():  # type: ignore[no-untyped-def]
-        optimizer.zero_grad()
-        value = mixture.loss(torch.cat([plane, torch.zeros(2, dtype=torch.float64)]))
-        value.backward()
-        return value
-
-    optimizer.step(closure)
-    assert torch.allclose(torch.tensor(weights[:2], dtype=torch.float64), plane.detach(), atol=1e-3)
-    assert final == pytest.approx(float(closure().detach()), abs=1e-5)
+    plane = _minimum(mixture, fitted=2)
+    assert torch.allclose(torch.tensor(weights[:2], dtype=torch.float64), plane, atol=1e-3)
+    assert final == pytest.approx(
+        float(mixture.loss(torch.cat([plane, torch.zeros(2, dtype=torch.float64)]))), abs=1e-5
+    )
