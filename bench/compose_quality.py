@@ -33,7 +33,7 @@ load average is printed at the start and the end: on a busy machine wall times a
 CPU times of this process much less so.
 
     python bench/compose_quality.py [--seeds 0 1 2] [--small] [--cache DIR | --testbed DIR...]
-        [--quick] [--few-shot-only]
+        [--quick] [--few-shot-only] [--mixtures 2]
 
 ``--testbed`` takes one built test bed per seed (in the order of ``--seeds``), e.g. beds built
 by an earlier version of the test bed's code, which the cache would build again.
@@ -206,7 +206,7 @@ def groups(
                 rows[(f"group of {size}", label, output)].append(statistics.mean(normalised))
 
 
-def few_shot(bed: TestBed, seed: int, rows: dict[tuple[str, ...], list[float]]) -> None:
+def few_shot(bed: TestBed, seed: int, rows: dict[tuple[str, ...], list[float]], mixtures: int = 2) -> None:
     """Uniform weights vs our fit (Gauss-Newton, and the former Adam for reference) vs LoraHub's
     NGOpt on 5 examples per task or mixture; accuracy, objective, wall and CPU seconds."""
     import nevergrad as ng
@@ -219,7 +219,7 @@ def few_shot(bed: TestBed, seed: int, rows: dict[tuple[str, ...], list[float]]) 
     names = list(bed.tasks)
     bricks = [bed.tasks[n].brick_dir for n in names]
     rng = random.Random(seed)
-    targets = [[n] for n in names] + [rng.sample(names, 2) for _ in range(2)]
+    targets = [[n] for n in names] + [rng.sample(names, 2) for _ in range(mixtures)]
     template = format_prompt("{input}")
     mixture = LoraMixture.load(bed.base_dir, bricks)
 
@@ -321,6 +321,12 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="full output and default parameters only")
     parser.add_argument("--few-shot-only", action="store_true", help="only the few-shot weights table")
+    parser.add_argument(
+        "--mixtures",
+        type=int,
+        default=2,
+        help="random pairs of tasks per seed in the few-shot table (the first 2 fixed)",
+    )
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()}")
     torch.set_num_threads(int(os.environ.get("BRICKYARD_TESTBED_THREADS", "1")))
@@ -349,7 +355,7 @@ def main() -> int:
                 print(f"seed {seed}: per-task done")
                 groups(bed, merger, seed, group_rows, outputs, methods)
                 print(f"seed {seed}: groups done")
-        few_shot(bed, seed, fit_rows)
+        few_shot(bed, seed, fit_rows, args.mixtures)
         print(f"seed {seed}: few-shot done ({time.perf_counter() - started:.0f} s)")
         # Tables after every seed (over the seeds so far): a long run is readable while it goes.
         if not args.few_shot_only:
