@@ -502,12 +502,32 @@ def greedy_answers(model: Any, inputs: Sequence[str], *, max_new_tokens: int = 1
     return answers
 
 
-def exact_match(model: Any, pairs: Sequence[tuple[str, str]]) -> float:
-    """Fraction of ``(input, answer)`` pairs whose greedy answer equals ``answer`` exactly."""
+def exact_match(model: Any, pairs: Sequence[tuple[str, str]], *, batch: int = 128) -> float:
+    """Fraction of ``(input, answer)`` pairs whose greedy answer equals ``answer`` exactly.
+
+    Read from one forward pass of each prompt followed by its answer: greedy decoding writes
+    the answer exactly when, at every answer position and at the end of it, the model's most
+    likely next token is the answer's next token (then EOS), given the answer so far, which
+    is then its own output so far. So no decoding loop (`greedy_answers` runs up to
+    ``len(answer) + 2`` forwards of growing prompts); the validation checks of a brick's
+    training spent 8-10 % of its time decoding. Rows are right-padded, which a causal model
+    never reads before the answer ends.
+    """
+    import torch
+
     if not pairs:
         raise ValueError("no pairs to score")
-    answers = greedy_answers(model, [text for text, _ in pairs], max_new_tokens=max(len(a) for _, a in pairs) + 2)
-    return sum(got == want for got, (_, want) in zip(answers, pairs, strict=True)) / len(pairs)
+    rows = [encode_example(format_prompt(text), answer) for text, answer in pairs]
+    hits = 0
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            ids, labels = _batch(chunk, answer_only=True)
+            predicted = model(input_ids=ids).logits[:, :-1].argmax(dim=-1)
+            answer = labels[:, 1:] != -100
+            right = (predicted == labels[:, 1:]) | ~answer
+            hits += int(right.all(dim=1).sum())
+    return hits / len(pairs)
 
 
 # -- build ---------------------------------------------------------------------------------
