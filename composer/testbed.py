@@ -235,6 +235,10 @@ class _Recipe:
     base_runs: float = 0.0
     # validation pairs a brick's early stop is decided on (`_train_brick`)
     validation_size: int = 64
+    # torch threads the base trains with: nothing else runs until it is saved (the bricks wait
+    # for it), so the full variant's takes both cores of a 2-core machine. A fixed number, not
+    # the machine's: the base's bytes depend on it (and are the same from run to run with it).
+    base_threads: int = 1
 
 
 # Every brick of the small variant, seeds 0-5 (parity 0-11), reached 0.975-1.00 on its eval set with
@@ -267,6 +271,8 @@ VARIANTS: Mapping[str, _Recipe] = {
         brick=replace(_BRICK_PLAN, rank=32, lr=1e-3, max_steps=1500),
         base_runs=0.25,
         validation_size=200,
+        # 500 steps on a quiet 2-core machine: 128 s with one thread, about 70 with two.
+        base_threads=2,
     ),
     "small": _Recipe(
         ("sentiment", "maximum", "parity"),
@@ -805,9 +811,10 @@ def build_testbed(
     staging = out_dir.parent / f".{out_dir.name}.building-{uuid.uuid4().hex[:12]}"
     (staging / "bricks").mkdir(parents=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see _workers
     try:
+        torch.set_num_threads(recipe.base_threads)
         base = _trained_base(seed, recipe, say)
+        torch.set_num_threads(1)  # see _workers
         base_dir = staging / "base"
         base.save_pretrained(base_dir)
         _save_tokenizer(base_dir)
@@ -834,7 +841,8 @@ def build_testbed(
             # CPU time of this process and its workers: what the build costs free cores.
             "build_cpu_seconds": round(time.process_time() - cpu_started + children_cpu, 1),
             "workers": chosen,
-            "torch_threads": 1,
+            "torch_threads": 1,  # of each brick's worker
+            "base_threads": recipe.base_threads,
             # the phases: the base (trained in this process), each brick in its worker
             "base_seconds": round(base_seconds, 1),
             "brick_seconds": brick_seconds,
