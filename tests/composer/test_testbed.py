@@ -5,6 +5,7 @@ file is the one its hash list names, and refused otherwise."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -170,6 +171,57 @@ def test_small_build_is_reproduced_byte_for_byte(small_testbed: TestBed, tmp_pat
     assert hashes == file_hashes(small_testbed.root)
     assert any(name.endswith("adapter_model.safetensors") for name in hashes)
     assert "base/model.safetensors" in hashes
+
+
+def test_exact_match_is_the_match_of_the_greedy_answers(small_testbed: TestBed) -> None:
+    """Read from one forward of each prompt and its answer, exact match is what decoding the
+    greedy answer and comparing it gives, on pairs some of which each model gets right and some
+    wrong (every task's eval inputs, for the base and for each brick)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from composer.testbed import greedy_answers
+
+    pairs = [pair for task in small_testbed.tasks.values() for pair in task.eval_set]
+    models = {"base": LlamaForCausalLM.from_pretrained(small_testbed.base_dir)}
+    for name, task in small_testbed.tasks.items():
+        models[name] = PeftModel.from_pretrained(
+            LlamaForCausalLM.from_pretrained(small_testbed.base_dir), task.brick_dir
+        )
+    scores = []
+    for name, model in models.items():
+        model.eval()
+        answers = greedy_answers(model, [text for text, _ in pairs], max_new_tokens=max(len(a) for _, a in pairs) + 2)
+        decoded = sum(got == want for got, (_, want) in zip(answers, pairs, strict=True)) / len(pairs)
+        assert exact_match(model, pairs) == decoded, name
+        assert exact_match(model, pairs, batch=7) == decoded, name  # and whatever the batches
+        scores.append(decoded)
+    assert min(scores[1:]) > 0 and max(scores) < 1  # each brick does its task, not the others
+
+
+class _BaseTrained(Exception):
+    pass
+
+
+def test_the_base_trains_with_its_recipes_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base trains with the recipe's thread count (the full variant's: 2), whatever the
+    caller's; the caller's count is back afterwards, and a failed build leaves nothing."""
+    import torch
+
+    seen: list[int] = []
+
+    def record_threads(*_args: object) -> None:
+        seen.append(torch.get_num_threads())
+        raise _BaseTrained
+
+    monkeypatch.setattr(composer.testbed, "_trained_base", record_threads)
+    monkeypatch.setitem(composer.testbed.VARIANTS, "small", dataclasses.replace(VARIANTS["small"], base_threads=3))
+    before = torch.get_num_threads()
+    with pytest.raises(_BaseTrained):
+        build_testbed(tmp_path / "bed", seed=0, variant="small")
+    assert seen == [3]
+    assert torch.get_num_threads() == before
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- shipped builds (a copy of the session's small build, shipped the way `ship_testbed` does) --
