@@ -27,9 +27,9 @@ torch, transformers and peft are imported when a build or an evaluation runs; br
 to 2 worker processes (``$BRICKYARD_TESTBED_WORKERS``), one torch thread each, ended by the kernel
 when the build's process ends (Linux). Every brick follows one plan (3e-3, batches of 64, early
 stop; the full variant's from 1e-3 with rank 32); the small variant's bricks reach 0.97-1.00 at
-seeds 0-2, the full variant's 0.90-1.00 at seeds 0-2, 4 and 5 (not at seed 3: parity 0.54;
-seed 6: add 0.63; seed 7: add 0.87, date 0.68), in 331-482 s of wall time on 2 busy cores
-(356 s for the slowest seed on a quiet machine; README, "The trained test bed").
+seeds 0-2, the full variant's 0.93-1.00 at seeds 0-7 (its base trained with 2 torch threads),
+in 228-323 s of wall time at seven of them and 429 s at seed 6, on 2 cores with nothing else
+running (README, "The trained test bed").
 """
 
 from __future__ import annotations
