@@ -257,7 +257,7 @@ class LoraMixture:
                 nonzero = chunk.ne(0)
                 used = torch.nonzero(nonzero.any(dim=0)).flatten()
                 self._state.used = None if used.numel() == chunk.shape[1] else tuple(used.tolist())
-                if chunk.shape[1] > 1 and bool((nonzero.sum(dim=1) <= 1).all()):
+                if group is groups[0]:  # a pass of bricks alone
                     self._state.single = nonzero.float().argmax(dim=1)
                 extra = {} if position_ids is None else {"position_ids": position_ids.expand(chunk.shape[0], -1)}
                 try:
