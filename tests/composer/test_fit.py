@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,16 @@ def test_gauss_newton_fit_lowers_loss_from_uniform_and_is_deterministic(small_te
     mixture.detach()
 
 
+def _plain_answer_logits(mixture: LoraMixture, point: Any, ids: Any, labels: Any) -> Any:
+    """The answer logits of the mixture's plain forward (its own weights set to ``point``), in
+    the order `LoraMixture.answer_logits` gives them."""
+    import torch
+
+    mixture.set_weights(point.tolist())
+    with torch.no_grad():
+        return mixture.model(input_ids=ids).logits[:, :-1][labels[:, 1:] != -100]
+
+
 @pytest.mark.slow
 def test_batched_weight_vectors_equal_one_forward_each(small_testbed: TestBed) -> None:
     import torch
@@ -75,9 +86,8 @@ def test_batched_weight_vectors_equal_one_forward_each(small_testbed: TestBed) -
     targets = mixture.answer_targets(labels)
     assert together.shape[:2] == (3, int((labels != -100).sum()))
     for point, logits in zip(points, together, strict=True):
-        mixture.set_weights(point.tolist())
+        alone = _plain_answer_logits(mixture, point, ids, labels)
         with torch.no_grad():
-            alone = mixture.model(input_ids=ids).logits[:, :-1][labels[:, 1:] != -100]
             loss = float(mixture.loss(ids, labels))
         assert torch.allclose(logits, alone, atol=1e-5)
         assert torch.nn.functional.cross_entropy(logits, targets).item() == pytest.approx(loss, abs=1e-5)
@@ -114,10 +124,7 @@ def test_answer_logits_compute_no_padding_and_nothing_after_the_last_answer(
     needed = [max(c for c, label in enumerate(row.tolist()) if label != -100) for row in labels]
     assert shapes == ([(2, sum(needed))] if packed else [(2 * len(needed), max(needed))])
     for point, logits in zip(points, cut, strict=True):
-        mixture.set_weights(point.tolist())
-        with torch.no_grad():
-            full = mixture.model(input_ids=padded_ids).logits[:, :-1][padded_labels[:, 1:] != -100]
-        assert torch.allclose(logits, full, atol=1e-5)
+        assert torch.allclose(logits, _plain_answer_logits(mixture, point, padded_ids, padded_labels), atol=1e-5)
     mixture.detach()
 
 
@@ -139,10 +146,7 @@ def test_bricks_alone_computed_one_brick_per_copy_give_the_plain_forwards_logits
     )
     got = mixture.answer_logits(points, ids, labels)
     for point, logits in zip(points, got, strict=True):
-        mixture.set_weights(point.tolist())
-        with torch.no_grad():
-            plain = mixture.model(input_ids=ids).logits[:, :-1][labels[:, 1:] != -100]
-        assert torch.allclose(logits, plain, atol=1e-5)
+        assert torch.allclose(logits, _plain_answer_logits(mixture, point, ids, labels), atol=1e-5)
     mixture.detach()
 
 
